@@ -1,0 +1,67 @@
+"""Verification rules: given the target's distributions at the candidate positions, what is committed.
+
+Terms (as in vLLM's rejection sampler and Timor et al., ICML 2025, arXiv 2502.05202):
+- candidates  c_0..c_{n-1}: target token ids proposed for positions pos..pos+n-1
+- accepted    the longest prefix of the candidates the rule keeps
+- recovered   the target's own token at the first rejected position
+- bonus       the target's token after all n candidates were accepted
+Every rule returns (a, y): a candidates accepted, then the target's token y (recovered or bonus),
+so each verification pass commits a + 1 tokens.
+
+Randomness: the coin and the sample at absolute position i use `uniform(seed, i, stream)`. The
+decision at a position uses only its own uniforms, never reused for another committed decision,
+so the output distribution is exact (see README, "Why it is lossless").
+
+Never: runs models or tokenizers; I/O and timing live in the engine.
+"""
+from __future__ import annotations
+
+import torch
+
+from .sampling import ACCEPT, TARGET, sample, uniform
+
+
+def verify_greedy(logits: torch.Tensor, cands: list) -> tuple:
+    """logits [n+1, V]. Accept while the candidate is the target's argmax (same, tli, slem greedy)."""
+    best = logits.argmax(dim=-1).tolist()  # [n+1]
+    a = 0
+    while a < len(cands) and cands[a] == best[a]:
+        a += 1
+    return a, best[a]
+
+
+def verify_match(p: torch.Tensor, cands: list, seed: int, pos: int) -> tuple:
+    """p [n+1, V] (float64). SLEM under sampling: the target draws its own token at each position
+    with the uniform the target alone would use there; a candidate is accepted iff it equals that
+    draw. Every committed token is the target's own sample: lossless by construction."""
+    for i in range(p.shape[0]):
+        y = sample(p[i], uniform(seed, pos + i, TARGET))
+        if i >= len(cands) or y != cands[i]:
+            return i, y
+    raise AssertionError("unreachable: p has one more row than there are candidates")
+
+
+def verify_rejection(p: torch.Tensor, cands: list, q_ids: list, q_probs: list, seed: int, pos: int) -> tuple:
+    """Token-level speculative sampling (Leviathan et al. 2023) for same and tli.
+
+    p [n+1, V] float64: target distributions. Candidate c_i was drawn from the drafter's sparse
+    distribution q_i = (q_ids[i] [m] target ids, q_probs[i] [m]). Accept c_i with probability
+    min(1, p(c)/q(c)); on rejection draw from norm(max(0, p - q)); after n acceptances draw the
+    bonus from p. A candidate whose q is not a distribution it could have been drawn from (q(c) <= 0,
+    not normalised) ends the acceptance there and the target draws from p itself: still exact."""
+    for i, c in enumerate(cands):
+        ids, qp = q_ids[i], q_probs[i]
+        hit = (ids == c).nonzero()
+        qc = float(qp[hit[0, 0]]) if hit.numel() else 0.0
+        if not (qc > 0.0) or abs(float(qp.sum()) - 1.0) > 1e-6:
+            return i, sample(p[i], uniform(seed, pos + i, TARGET))
+        pc = float(p[i, c])
+        if uniform(seed, pos + i, ACCEPT) * qc < pc:  # u < p/q
+            continue
+        q = torch.zeros_like(p[i]).index_add_(0, ids, qp.to(p.dtype))  # [V]
+        residual = (p[i] - q).clamp_min_(0.0)
+        if not float(residual.sum()) > 0.0:  # p <= q everywhere means p == q: rejection had probability 0
+            residual = p[i]
+        return i, sample(residual, uniform(seed, pos + i, TARGET))
+    n = len(cands)
+    return n, sample(p[n], uniform(seed, pos + n, TARGET))

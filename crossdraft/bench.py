@@ -1,0 +1,196 @@
+"""`crossdraft bench`: every algorithm with every drafter, side by side with the baselines, in one process.
+
+Owns: the benchmark protocol. For each prompt in turn it runs every configuration (so slow drift of
+the machine hits all of them alike): the target alone through crossdraft's runner (`none`, the
+reference for speedups and for exact match), each applicable algorithm with each drafter, and
+Hugging Face transformers' `generate()`: plain, with `assistant_model` (same vocabulary) and with
+`assistant_tokenizer` (universal assisted generation). Prints a table, writes JSON.
+
+Columns:
+- tok/s: new tokens over generation seconds, summed over prompts.
+- speedup: tok/s over the target alone's (crossdraft `none`) in the same run.
+- accept: accepted candidate target tokens / candidate target tokens sent for verification.
+- acc/round: accepted candidates per verification round; tok/round adds the target's own token.
+- c: the drafter's cost per drafted token over the target's cost per token, measured in this run.
+- ideal: tok/round / (1 + drafted per round x c): the speedup if a verification pass cost what one
+  target step costs and nothing but the two models took time (Leviathan et al.'s model).
+- exact: prompts whose output is identical to the target alone's (greedy).
+
+Never: asserts thresholds; numbers are reported, not judged.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from .cli import read_prompts
+from .engine import Engine
+from .errors import CrossdraftError, InvalidArgument
+from .runner import load_model, make_runner
+from .sampling import SamplingParams
+from .vocab import Vocab
+
+
+def _hf_generate(model, input_ids, max_new, params, **kw):
+    import torch
+
+    gen = dict(max_new_tokens=max_new, min_new_tokens=0, pad_token_id=kw.pop("pad_token_id", 0))
+    if params.greedy:
+        gen.update(do_sample=False)
+    else:
+        torch.manual_seed(params.seed)
+        gen.update(do_sample=True, temperature=params.temperature, top_k=params.top_k or None,
+                   top_p=params.top_p)
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        out = model.generate(input_ids, **gen, **kw)
+        dt = time.perf_counter() - t0
+    return out[0, input_ids.shape[1]:].tolist(), dt
+
+
+class Row:
+    def __init__(self, name, drafter, algorithm):
+        self.name, self.drafter, self.algorithm = name, drafter, algorithm
+        self.tokens = 0
+        self.seconds = 0.0
+        self.cands = self.acc = self.rounds = self.drafted = 0
+        self.draft_s = 0.0
+        self.exact = 0
+        self.n = 0
+        self.error = ""
+
+    def add(self, ids, seconds, ref_ids, res=None):
+        self.n += 1
+        self.tokens += len(ids)
+        self.seconds += seconds
+        self.exact += int(ref_ids is not None and ids == ref_ids)
+        if res is not None:
+            self.cands += res.draft_tokens
+            self.acc += res.accepted_tokens
+            self.rounds += res.rounds
+            self.drafted += res.drafted
+            self.draft_s += res.profile.get("draft_s", 0.0)
+
+    def tps(self):
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+def run_bench(args) -> int:
+    import torch
+
+    params = SamplingParams(temperature=args.temperature, seed=args.seed).validate()
+    if not os.path.isdir(args.target):
+        raise InvalidArgument(f"target directory not found: {args.target} (the zoo lives in ../shared/zoo)")
+    prompts = read_prompts(args.prompts_file, chars=args.prompt_chars, limit=args.num_prompts)
+    drafters = args.drafters
+    if drafters is None:
+        parent = Path(args.target).parent
+        drafters = sorted(str(p) for p in parent.glob("drafter-*") if p.is_dir())
+    algos = [a.strip() for a in args.algorithms.split(",") if a.strip()]
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+
+    log(f"loading target {args.target} and {len(drafters)} drafters ...")
+    tv = Vocab.load(args.target)
+    tmodel = load_model(args.target, args.device)
+    trunner = make_runner(tmodel, fast=not args.hf_runner)
+    base = Engine(trunner, tv)
+    pairs = []  # (drafter name, engine, [algorithms], hf drafter model, hf drafter tokenizer)
+    for d in drafters:
+        dv = Vocab.load(d)
+        dmodel = load_model(d, args.device)
+        eng = Engine(trunner, tv, make_runner(dmodel, fast=not args.hf_runner), dv)
+        same = dv.same_as(tv)
+        applicable = [a for a in algos if (a == "same") == same and a != "none"]
+        pairs.append((Path(d).name, eng, applicable, dmodel, dv.hf))
+
+    rows = {}
+
+    def row(name, drafter, algorithm):
+        key = (name, drafter)
+        if key not in rows:
+            rows[key] = Row(name, drafter, algorithm)
+        return rows[key]
+
+    with_hf = not args.no_hf
+    mode = "greedy" if params.greedy else f"sampling T={params.temperature}"
+    log(f"{len(prompts)} prompts x {args.max_new_tokens} new tokens, {mode}")
+    # warm-up: one short generation per configuration
+    for _, eng, applicable, _, _ in pairs:
+        for a in applicable:
+            eng.generate(prompts[0], 8, params, a, args.draft_tokens)
+    base.generate(prompts[0], 8, params, "none")
+
+    t_start = time.perf_counter()
+    for pi, prompt in enumerate(prompts):
+        p = SamplingParams(params.temperature, params.top_k, params.top_p, params.seed + pi)
+        ref = base.generate(prompt, args.max_new_tokens, p, "none")
+        row("target alone", "-", "none").add(ref.ids, ref.seconds, ref.ids, ref)
+        ids = torch.tensor([tv.encode_prompt(prompt)], device=trunner.device)
+        if with_hf:
+            hf_ids, dt = _hf_generate(tmodel, ids, args.max_new_tokens, p)
+            row("HF generate", "-", "hf").add(hf_ids, dt, ref.ids)
+        for name, eng, applicable, dmodel, dtok in pairs:
+            for a in applicable:
+                try:
+                    res = eng.generate(prompt, args.max_new_tokens, p, a, args.draft_tokens)
+                except CrossdraftError as e:
+                    row(a, name, a).error = str(e)
+                    continue
+                row(a, name, a).add(res.ids, res.seconds, ref.ids if p.greedy else None, res)
+            if with_hf:
+                same = "same" in applicable
+                label = "HF assistant_model" if same else "HF assistant_tokenizer"
+                kw = {"assistant_model": dmodel}
+                if not same:
+                    kw.update(tokenizer=tv.hf, assistant_tokenizer=dtok)
+                try:
+                    hf_ids, dt = _hf_generate(tmodel, ids, args.max_new_tokens, p, **kw)
+                    row(label, name, "hf").add(hf_ids, dt, ref.ids if p.greedy else None)
+                except Exception as e:  # noqa: BLE001 - HF's own failures are reported, not fatal
+                    row(label, name, "hf").error = f"{type(e).__name__}: {str(e)[:120]}"
+        el = time.perf_counter() - t_start
+        log(f"[{pi + 1}/{len(prompts)}] target alone {ref.new_tokens / ref.seconds:.1f} tok/s; "
+            f"elapsed {el:.0f}s, about {el / (pi + 1) * (len(prompts) - pi - 1):.0f}s left")
+
+    base_row = rows[("target alone", "-")]
+    step = base_row.seconds / max(base_row.tokens, 1)  # target seconds per token, alone
+    results = []
+    for r in rows.values():
+        d = {"config": r.name, "drafter": r.drafter, "prompts": r.n, "new_tokens": r.tokens,
+             "seconds": round(r.seconds, 4), "tokens_per_second": round(r.tps(), 2),
+             "speedup": round(r.tps() / base_row.tps(), 3) if base_row.tps() and r.tps() else None,
+             "exact_match": f"{r.exact}/{r.n}" if params.greedy else None, "error": r.error or None}
+        if r.rounds and r.algorithm not in ("none", "hf"):
+            c = (r.draft_s / r.drafted) / step if r.drafted else 0.0
+            tpr = r.tokens / r.rounds
+            d.update(acceptance=round(r.acc / r.cands, 4) if r.cands else None,
+                     accepted_per_round=round(r.acc / r.rounds, 3), tokens_per_round=round(tpr, 3),
+                     drafted_per_round=round(r.drafted / r.rounds, 3), cost_ratio=round(c, 4),
+                     ideal_speedup=round(tpr / (1 + r.drafted / r.rounds * c), 3))
+        results.append(d)
+
+    hdr = f"{'config':24s} {'drafter':18s} {'tok/s':>7s} {'speedup':>7s} {'accept':>6s} {'acc/rnd':>7s} {'tok/rnd':>7s} {'c':>5s} {'ideal':>5s} {'exact':>6s}"
+    print(f"\ncrossdraft bench: {len(prompts)} prompts, {args.max_new_tokens} new tokens, {mode}, "
+          f"device {trunner.device}, torch threads {torch.get_num_threads()}")
+    print(hdr)
+    print("-" * len(hdr))
+    f = lambda v, fmt: (fmt % v) if isinstance(v, (int, float)) else "-"  # noqa: E731
+    for d in results:
+        if d["error"]:
+            print(f"{d['config']:24s} {d['drafter']:18s} error: {d['error']}")
+            continue
+        print(f"{d['config']:24s} {d['drafter']:18s} {f(d['tokens_per_second'], '%7.1f')} "
+              f"{f(d['speedup'], '%6.2fx')} {f(d.get('acceptance'), '%6.2f')} {f(d.get('accepted_per_round'), '%7.2f')} "
+              f"{f(d.get('tokens_per_round'), '%7.2f')} {f(d.get('cost_ratio'), '%5.2f')} {f(d.get('ideal_speedup'), '%4.2fx')} "
+              f"{d['exact_match'] or '-':>6s}")
+    meta = {"prompts_file": args.prompts_file, "num_prompts": len(prompts), "prompt_chars": args.prompt_chars,
+            "max_new_tokens": args.max_new_tokens, "temperature": params.temperature, "seed": params.seed,
+            "device": str(trunner.device), "threads": torch.get_num_threads(), "draft_tokens": args.draft_tokens,
+            "torch": torch.__version__}
+    with open(args.json_out, "w") as fh:
+        json.dump({"meta": meta, "results": results}, fh, indent=2)
+    print(f"\nwrote {args.json_out}")
+    return 0

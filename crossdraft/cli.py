@@ -1,0 +1,208 @@
+"""The `crossdraft` command line: generate and bench.
+
+Owns: argument parsing, reading prompt files, printing, and turning every error into one line and a
+non-zero exit code (never a traceback; `--debug` shows one).
+
+Never: contains algorithm logic; everything runs through `crossdraft.engine.Engine`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .errors import CrossdraftError, InvalidArgument
+
+MAX_NEW_TOKENS_LIMIT = 100_000
+
+
+def zoo_dir() -> Path:
+    """../shared/zoo next to the checkout (or the current directory's ../shared/zoo)."""
+    for base in (Path.cwd(), Path(__file__).resolve().parents[1]):
+        cand = base.parent / "shared" / "zoo"
+        if cand.is_dir():
+            return cand
+    return Path.cwd().parent / "shared" / "zoo"
+
+
+def read_prompts(path: str, field: str = "prompt", chars: int = 0, limit: int = 0) -> list:
+    """JSON Lines with a `prompt` field (or `text`, cut to `chars` characters, as in the zoo's dev set)."""
+    if not os.path.isfile(path):
+        raise InvalidArgument(f"prompts file not found: {path}")
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InvalidArgument(f"{path}:{n}: not JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise InvalidArgument(f"{path}:{n}: expected a JSON object")
+            val = obj.get(field, obj.get("text") if field == "prompt" else None)
+            if not isinstance(val, str):
+                raise InvalidArgument(f"{path}:{n}: no string field {field!r}")
+            out.append(val[:chars] if chars else val)
+            if limit and len(out) >= limit:
+                break
+    if not out:
+        raise InvalidArgument(f"{path}: no prompts")
+    return out
+
+
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {s!r}") from None
+    if v < 1 or v > MAX_NEW_TOKENS_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be in [1, {MAX_NEW_TOKENS_LIMIT}], got {v}")
+    return v
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if available)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: all cores)")
+    p.add_argument("--hf-runner", action="store_true",
+                   help="run models through Hugging Face's own forward instead of the lean Llama runner")
+    p.add_argument("--debug", action="store_true", help="show a traceback on unexpected errors")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="crossdraft",
+        description="Lossless speculative decoding with a drafter whose tokenizer may differ from the target's "
+                    "(TLI, SLEM; Timor et al., ICML 2025).")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    g = sub.add_parser("generate", help="generate a continuation of a prompt",
+                       description="Generate with the target, sped up by the drafter. Output is exactly the "
+                                   "target's: token for token under greedy decoding, its distribution under sampling.")
+    g.add_argument("prompt", nargs="?", help="the prompt text (or use --prompts-file)")
+    g.add_argument("--prompts-file", help="JSON Lines, one object with a \"prompt\" field per line")
+    g.add_argument("--target", help="target model: a local directory or a Hugging Face Hub id")
+    g.add_argument("--drafter", help="drafter model: a local directory or a Hub id (not needed for --algorithm none)")
+    g.add_argument("--algorithm", default="auto", help="auto, same, tli, slem, slrs or none (default: auto)")
+    g.add_argument("--max-new-tokens", type=_positive_int, default=128, help="at most this many new target tokens (default: 128)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 for greedy (default), > 0 to sample")
+    g.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: off)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (1: off)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed; a seeded run is reproducible")
+    g.add_argument("--draft-tokens", type=int, default=None,
+                   help="draft length per round (drafter tokens); default: adaptive from observed acceptance")
+    g.add_argument("--json", action="store_true", help="one JSON object per prompt on stdout")
+    g.add_argument("--compare", action="store_true",
+                   help="also run the target alone on each prompt and report the speedup and whether outputs match")
+    g.add_argument("--gateway", help="HOST:PORT of a crossdraft gateway (not available yet: the services are a later issue)")
+    _add_model_args(g)
+
+    b = sub.add_parser("bench", help="benchmark every algorithm and drafter against the target alone and Hugging Face",
+                       description="Side by side in one process: the target alone, each algorithm with each drafter, "
+                                   "and Hugging Face transformers' generate() (plain, assistant_model, assistant_tokenizer). "
+                                   "Prints a table and writes JSON.")
+    z = zoo_dir()
+    b.add_argument("--target", default=str(z / "target-bpe8k"), help="target model (default: the zoo's target)")
+    b.add_argument("--drafters", nargs="*", default=None,
+                   help="drafter models (default: every drafter-* directory next to the target)")
+    b.add_argument("--prompts-file", default=str(z / "dev-prompts.jsonl"),
+                   help="JSON Lines with a \"prompt\" or \"text\" field (default: the zoo's dev prompts)")
+    b.add_argument("--num-prompts", type=int, default=6, help="how many prompts (default: 6)")
+    b.add_argument("--prompt-chars", type=int, default=800, help="cut each prompt to this many characters (default: 800)")
+    b.add_argument("--max-new-tokens", type=_positive_int, default=128)
+    b.add_argument("--temperature", type=float, default=0.0)
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--algorithms", default="same,tli,slem", help="comma-separated (default: same,tli,slem)")
+    b.add_argument("--draft-tokens", type=int, default=None, help="fixed draft length (default: adaptive)")
+    b.add_argument("--no-hf", action="store_true", help="skip the Hugging Face generate() baselines")
+    b.add_argument("--json-out", default="bench.json", help="where to write the results (default: bench.json)")
+    _add_model_args(b)
+    return ap
+
+
+def _setup_torch(args) -> None:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+
+def cmd_generate(args) -> int:
+    from .engine import Engine
+    from .sampling import SamplingParams
+
+    if args.gateway:
+        raise CrossdraftError("--gateway: the gRPC services are not implemented yet (see the README)")
+    if (args.prompt is None) == (args.prompts_file is None):
+        raise InvalidArgument("give either a PROMPT or --prompts-file, not both or neither")
+    if not args.target:
+        raise InvalidArgument("--target is required")
+    params = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed).validate()
+    prompts = read_prompts(args.prompts_file) if args.prompts_file else [args.prompt]
+    if any(not p for p in prompts):
+        raise InvalidArgument("the prompt is empty")
+    algo = args.algorithm
+    if algo not in ("auto", "same", "tli", "slem", "slrs", "none"):
+        raise InvalidArgument(f"unknown algorithm {algo!r}; choose one of auto, same, tli, slem, slrs, none")
+    if algo not in ("none", "auto") and not args.drafter:
+        raise InvalidArgument(f"algorithm {algo!r} needs --drafter")
+    if algo == "slrs":
+        from .errors import Unimplemented
+
+        raise Unimplemented("algorithm 'slrs' is not implemented yet (its own issue)")
+    _setup_torch(args)
+    engine = Engine.load(args.target, args.drafter if algo != "none" else None, device=args.device,
+                         fast=not args.hf_runner)
+    for prompt in prompts:
+        res = engine.generate(prompt, args.max_new_tokens, params, algo, args.draft_tokens)
+        out = res.as_json()
+        if args.compare and res.algorithm != "none":
+            base = engine.generate(prompt, args.max_new_tokens, params, "none")
+            out["target_alone_seconds"] = round(base.seconds, 6)
+            out["speedup"] = round(base.seconds / res.seconds * res.new_tokens / max(base.new_tokens, 1), 3) if res.seconds else None
+            out["identical_to_target_alone"] = base.ids == res.ids
+        if args.json:
+            print(json.dumps(out, ensure_ascii=False), flush=True)
+        else:
+            sys.stdout.write(res.text + "\n")
+            line = (f"[{res.algorithm}] {res.new_tokens} tokens in {res.seconds:.2f}s "
+                    f"({out['tokens_per_second']} tok/s), {res.rounds} target passes, "
+                    f"accepted {res.accepted_tokens}/{res.draft_tokens} drafted")
+            if "speedup" in out:
+                line += (f"; target alone {out['target_alone_seconds']:.2f}s -> speedup {out['speedup']}x, "
+                         f"identical: {out['identical_to_target_alone']}")
+            print(line, file=sys.stderr, flush=True)
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    try:
+        if args.command == "generate":
+            return cmd_generate(args)
+        if args.command == "bench":
+            from .bench import run_bench
+
+            _setup_torch(args)
+            return run_bench(args)
+    except CrossdraftError as e:
+        print(f"crossdraft: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("crossdraft: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the one place unexpected errors become one line
+        if getattr(args, "debug", False):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"crossdraft: internal error: {type(e).__name__}: {first} (rerun with --debug for a traceback)",
+              file=sys.stderr)
+        return 1
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

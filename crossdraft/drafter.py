@@ -1,0 +1,138 @@
+"""The drafter: a small model's side of one generation. It guesses; the verifier decides.
+
+Owns: the drafter's KV cache and its view of the committed text, and producing a `Proposal` of k
+drafter tokens:
+- `same`: the drafter shares the target's vocabulary; it drafts target ids directly.
+- `tli`:  the drafter's LM head is pruned to V_D ∩ V_T; it drafts intersection tokens, sends their
+          target ids and, under sampling, the exact distribution q' it drew them from (renormalised
+          over the intersection, after temperature/top-k/top-p).
+- `slem`: the drafter drafts its own tokens and sends the string they spell.
+Its context is its own canonical tokenization of the committed text (`TokenTrack`), updated from
+each verdict's text; only the KV past the first changed token is recomputed.
+
+Never: sees target logits, decides acceptance, imports grpc or redis.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from typing import Optional
+
+import torch
+
+from .bridge import Intersection, TokenTrack
+from .errors import FailedPrecondition
+from .protocol import TEXT, TOKENS, Proposal, Verdict
+from .runner import Runner
+from .sampling import DRAFT, SamplingParams, probs_from_logits, sample, uniform
+from .vocab import Vocab
+
+MODES = ("same", "tli", "slem")
+
+
+def _lcp(a: list, b: list) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class Drafter:
+    def __init__(self, runner: Runner, vocab: Vocab, target_vocab: Vocab, mode: str,
+                 draft_top_k: int = 0, window: int = 4):
+        if mode not in MODES:
+            raise ValueError(f"unknown drafting mode {mode!r}")
+        self.runner, self.vocab, self.target_vocab, self.mode = runner, vocab, target_vocab, mode
+        self.draft_top_k = draft_top_k
+        self.window = window
+        self.inter: Optional[Intersection] = None
+        if mode == "same":
+            if not vocab.same_as(target_vocab):
+                raise FailedPrecondition("algorithm 'same' needs the drafter to share the target's tokenizer; "
+                                         "these tokenizers differ (use tli or slem)")
+            runner.prune_head(None)
+        elif mode == "tli":
+            self.inter = Intersection(vocab, target_vocab)
+            runner.prune_head(self.inter.rows)
+        else:
+            runner.prune_head(None)
+        self.kv_ids: list = []  # drafter ids whose KV is in the runner, in order
+
+    # --- session ------------------------------------------------------------------------------
+    def start(self, prompt: str, prompt_target_ids: list, params: SamplingParams) -> None:
+        self.params = params
+        dp = params
+        if draft_top_k := self.draft_top_k:
+            dp = replace(params, top_k=min(params.top_k, draft_top_k) if params.top_k else draft_top_k)
+        self.draft_params = dp
+        self.committed = len(prompt_target_ids)  # target positions committed
+        self.runner.reset()
+        self.kv_ids = []
+        if self.mode == "same":
+            self.ctx = list(prompt_target_ids)
+        else:
+            self.track = TokenTrack(self.vocab, self.window)
+            self.track.reset(self.target_vocab.bytes_of(prompt_target_ids))
+            self.bos = [self.vocab.bos_id] if self.vocab.prompt_bos else []
+            self.ctx = self.bos + self.track.ids
+
+    def observe(self, verdict: Verdict) -> None:
+        """Move the context to the committed text; the KV is fixed lazily at the next draft."""
+        self.committed += len(verdict.ids)
+        if self.mode == "same":
+            self.ctx.extend(verdict.ids)
+        else:
+            self.track.extend(verdict.text)
+            self.ctx = self.bos + self.track.ids
+
+    # --- drafting -----------------------------------------------------------------------------
+    def _logits_after_ctx(self) -> torch.Tensor:
+        ctx = self.ctx
+        keep = _lcp(self.kv_ids, ctx)
+        if keep == len(ctx):
+            keep -= 1  # the last context token must be run again for its logits
+        self.runner.truncate(keep)
+        logits = self.runner.forward(ctx[keep:], last_only=True, pruned=self.mode == "tli")
+        self.kv_ids = list(ctx)
+        return logits[0]
+
+    def propose(self, k: int) -> Proposal:
+        t0 = time.perf_counter_ns()
+        k = max(0, min(k, self.runner.max_length - len(self.ctx) - 1))
+        if k == 0 or not self.ctx:
+            return Proposal(seq=self.committed, kind=TEXT if self.mode == "slem" else TOKENS)
+        logits = self._logits_after_ctx()
+        greedy = self.params.greedy
+        pos0 = self.committed if self.mode != "slem" else len(self.ctx)
+        rows, q_ids, q_probs = [], [], []
+        eos = False
+        inter = self.inter
+        for i in range(k):
+            if greedy:
+                r = int(logits.argmax())
+            else:
+                q = probs_from_logits(logits[None], self.draft_params)[0]  # [V_D or |∩|]
+                r = sample(q, uniform(self.params.seed, pos0 + i, DRAFT))
+                if self.mode != "slem":
+                    nz = q.nonzero()[:, 0]
+                    q_ids.append(inter.target_ids[nz] if inter is not None else nz)
+                    q_probs.append(q[nz])
+            rows.append(r)
+            d_id = int(inter.rows[r]) if inter is not None else r
+            if d_id in self.vocab.eos_ids:
+                eos = True
+                break
+            if i + 1 < k:
+                logits = self.runner.forward([d_id], last_only=True, pruned=self.mode == "tli")[0]
+                self.kv_ids.append(d_id)
+        drafted = len(rows)
+        ns = time.perf_counter_ns() - t0
+        if self.mode == "slem":
+            ids = rows[:-1] if eos else rows
+            return Proposal(seq=self.committed, kind=TEXT, text=self.vocab.bytes_of(ids), eos=eos,
+                            drafted=drafted, draft_ns=ns)
+        tids = [inter.target_list[r] for r in rows] if inter is not None else rows
+        return Proposal(seq=self.committed, kind=TOKENS, target_ids=tids,
+                        q_ids=None if greedy else q_ids, q_probs=None if greedy else q_probs,
+                        drafted=drafted, draft_ns=ns)

@@ -1,0 +1,173 @@
+"""The in-process engine: one target, optionally one drafter, and the draft -> verify -> commit loop.
+
+Owns: choosing the algorithm (`auto`), the draft length (fixed or adaptive), the loop, and the
+statistics of a generation. The drafter and the verifier only exchange `Proposal`s and `Verdict`s,
+so the services run the same two objects on two machines with the same results.
+
+Never: parses command lines, prints, imports grpc or redis.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+from .drafter import Drafter
+from .errors import FailedPrecondition, InvalidArgument, Unimplemented
+from .runner import Runner, load_model, make_runner
+from .sampling import SamplingParams
+from .verifier import Verifier
+from .vocab import Vocab
+
+ALGORITHMS = ("auto", "same", "tli", "slem", "slrs", "none")
+
+
+@dataclass
+class GenerationResult:
+    text: str  # the generated continuation only
+    ids: list  # its target token ids
+    new_tokens: int
+    seconds: float  # generation wall time (model loading excluded)
+    algorithm: str  # the one actually used
+    rounds: int  # target forward passes after the prompt's prefill
+    draft_tokens: int  # candidate target tokens sent for verification
+    accepted_tokens: int  # of those, accepted by the target
+    drafted: int = 0  # drafter tokens drafted (drafter forward passes)
+    finish_reason: str = ""
+    why: str = ""  # why `auto` chose the algorithm
+    profile: dict = field(default_factory=dict)  # seconds in draft, verify (of which bridge), bookkeeping
+    accepted_by_position: list = field(default_factory=list)  # [i]: rounds whose i-th candidate was accepted
+
+    def as_json(self) -> dict:
+        return {
+            "text": self.text, "new_tokens": self.new_tokens, "seconds": round(self.seconds, 6),
+            "tokens_per_second": round(self.new_tokens / self.seconds, 3) if self.seconds > 0 else None,
+            "algorithm": self.algorithm, "rounds": self.rounds, "draft_tokens": self.draft_tokens,
+            "accepted_tokens": self.accepted_tokens,
+            "acceptance": round(self.accepted_tokens / self.draft_tokens, 4) if self.draft_tokens else None,
+            "drafted": self.drafted, "finish_reason": self.finish_reason, "why": self.why,
+            "profile": {k: round(v, 6) for k, v in self.profile.items()},
+        }
+
+
+class DraftLength:
+    """Draft length per round: fixed, or adaptive from observed acceptance only (so that a seeded
+    sampled run stays reproducible): +2 after a round that accepted every candidate, -1 otherwise."""
+
+    def __init__(self, fixed: Optional[int] = None, start: int = 5, lo: int = 1, hi: int = 16):
+        self.fixed = fixed
+        self.k = fixed if fixed is not None else start
+        self.lo, self.hi = lo, hi
+
+    def update(self, candidates: int, accepted: int) -> None:
+        if self.fixed is not None or candidates == 0:
+            return
+        self.k = min(self.hi, self.k + 2) if accepted == candidates else max(self.lo, self.k - 1)
+
+
+class Engine:
+    def __init__(self, target_runner: Runner, target_vocab: Vocab,
+                 drafter_runner: Optional[Runner] = None, drafter_vocab: Optional[Vocab] = None,
+                 window: int = 4, draft_top_k: int = 0):
+        self.target_vocab = target_vocab
+        self.verifier = Verifier(target_runner, target_vocab, window)
+        self.drafter_runner, self.drafter_vocab = drafter_runner, drafter_vocab
+        self.window, self.draft_top_k = window, draft_top_k
+        self._drafters: dict = {}
+
+    @classmethod
+    def load(cls, target: str, drafter: Optional[str] = None, device: Optional[str] = None,
+             dtype=None, fast: bool = True, **kw) -> "Engine":
+        tv = Vocab.load(target)
+        tr = make_runner(load_model(target, device, dtype), fast=fast)
+        dr = dv = None
+        if drafter:
+            dv = Vocab.load(drafter)
+            dr = make_runner(load_model(drafter, device, dtype), fast=fast)
+        return cls(tr, tv, dr, dv, **kw)
+
+    def drafter(self, mode: str) -> Drafter:
+        if self.drafter_runner is None:
+            raise InvalidArgument(f"algorithm {mode!r} needs a drafter")
+        d = self._drafters.get(mode)
+        if d is None:
+            d = Drafter(self.drafter_runner, self.drafter_vocab, self.target_vocab, mode,
+                        self.draft_top_k, self.window)
+            self._drafters[mode] = d
+        return d
+
+    def resolve(self, algorithm: str, params: SamplingParams) -> tuple:
+        """(algorithm, why). The `auto` rule is static for now (a later issue measures and adapts):
+        identical tokenizers -> same; otherwise greedy -> slem (exact match on text works for any
+        pair and keeps the drafter's own long tokens); sampling -> tli when the intersection covers
+        most of the target's vocabulary (token-level rejection sampling accepts on agreement in
+        probability, exact match only on an identical draw), else slem."""
+        if algorithm not in ALGORITHMS:
+            raise InvalidArgument(f"unknown algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
+        if algorithm == "slrs":
+            raise Unimplemented("algorithm 'slrs' is not implemented yet (its own issue)")
+        if algorithm != "auto":
+            if algorithm == "same" and self.drafter_vocab is not None and not self.drafter_vocab.same_as(self.target_vocab):
+                raise FailedPrecondition("algorithm 'same' needs the drafter to share the target's tokenizer; "
+                                         "these tokenizers differ (use tli or slem)")
+            return algorithm, "asked for"
+        if self.drafter_runner is None:
+            return "none", "no drafter"
+        if self.drafter_vocab.same_as(self.target_vocab):
+            return "same", "identical tokenizers"
+        if params.greedy:
+            return "slem", "different tokenizers, greedy"
+        cov = self.drafter("tli").inter.target_coverage
+        if cov >= 0.5:
+            return "tli", f"different tokenizers, sampling, intersection covers {cov:.0%} of the target vocabulary"
+        return "slem", f"different tokenizers, sampling, intersection covers only {cov:.0%} of the target vocabulary"
+
+    def generate(self, prompt: str, max_new_tokens: int = 128, params: SamplingParams = SamplingParams(),
+                 algorithm: str = "auto", draft_tokens: Optional[int] = None) -> GenerationResult:
+        params = params.validate()
+        if not isinstance(prompt, str) or not prompt:
+            raise InvalidArgument("the prompt is empty")
+        if draft_tokens is not None and not 1 <= draft_tokens <= 64:
+            raise InvalidArgument(f"draft tokens must be in [1, 64], got {draft_tokens}")
+        algo, why = self.resolve(algorithm, params)
+        prompt_ids = self.target_vocab.encode_prompt(prompt)
+        v = self.verifier
+        v.start(prompt_ids, max_new_tokens, params)
+        drafter = self.drafter(algo) if algo != "none" else None
+        t0 = time.perf_counter()
+        if drafter is not None:
+            drafter.start(prompt, prompt_ids, params)
+        k = DraftLength(draft_tokens)
+        rounds = cands = acc = drafted = 0
+        draft_ns = verify_ns = bridge_ns = 0
+        by_pos: list = []
+        while not v.finished:
+            if drafter is None:
+                verdict = v.step()
+            else:
+                prop = drafter.propose(k.k)
+                draft_ns += prop.draft_ns
+                drafted += prop.drafted
+                verdict = v.verify(prop)
+            rounds += 1
+            cands += verdict.candidates
+            acc += verdict.accepted
+            verify_ns += verdict.verify_ns
+            bridge_ns += verdict.bridge_ns
+            while len(by_pos) < verdict.accepted:
+                by_pos.append(0)
+            for i in range(verdict.accepted):
+                by_pos[i] += 1
+            if drafter is not None and not verdict.finished:
+                drafter.observe(verdict)
+                k.update(verdict.candidates, verdict.accepted)
+        seconds = time.perf_counter() - t0
+        new = v.new_ids
+        text = self.target_vocab.bytes_of(new).decode("utf-8", errors="replace")
+        other = seconds - (draft_ns + verify_ns) / 1e9
+        return GenerationResult(
+            text=text, ids=new, new_tokens=len(new), seconds=seconds, algorithm=algo, rounds=rounds,
+            draft_tokens=cands, accepted_tokens=acc, drafted=drafted, finish_reason=v.finish_reason, why=why,
+            profile={"draft_s": draft_ns / 1e9, "verify_s": verify_ns / 1e9, "bridge_s": bridge_ns / 1e9,
+                     "other_s": other},
+            accepted_by_position=by_pos)

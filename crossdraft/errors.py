@@ -1,0 +1,49 @@
+"""Typed errors of the core library. Each maps to one gRPC status code (in the services' interceptor)
+and to one CLI exit code; the message is for the user, one line, no traceback.
+
+Never: imports grpc; the mapping to status codes lives with the services.
+"""
+from __future__ import annotations
+
+
+class CrossdraftError(Exception):
+    """Base class: a problem the user can act on, with a one-line message."""
+
+    code = "INTERNAL"  # the gRPC status name this error maps to
+    exit_code = 1
+
+
+class InvalidArgument(CrossdraftError):
+    """A request field is wrong: empty prompt, bad sampling parameter, prompt too long."""
+
+    code = "INVALID_ARGUMENT"
+    exit_code = 2
+
+
+class NotFound(CrossdraftError):
+    code = "NOT_FOUND"
+    exit_code = 2
+
+
+class FailedPrecondition(CrossdraftError):
+    """The request is well formed but cannot apply: `same` with different tokenizers, an unbridgeable pair."""
+
+    code = "FAILED_PRECONDITION"
+    exit_code = 2
+
+
+class ModelLoadError(CrossdraftError):
+    """A model or tokenizer directory is missing, unreadable or of an unsupported kind."""
+
+    code = "FAILED_PRECONDITION"
+    exit_code = 2
+
+
+class Unimplemented(CrossdraftError):
+    code = "UNIMPLEMENTED"
+    exit_code = 2
+
+
+class ResourceExhausted(CrossdraftError):
+    code = "RESOURCE_EXHAUSTED"
+    exit_code = 2

@@ -1,0 +1,41 @@
+"""The messages between a drafter and a verifier, in process and (later) on the wire.
+
+Owns: `Proposal` (drafter -> verifier) and `Verdict` (verifier -> drafter). They carry plain Python
+values so that the gRPC layer converts them field by field, and they are the only thing the two
+sides share: the drafter never sees target logits, the verifier never sees drafter state.
+
+Never: imports torch models, grpc or redis.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+TOKENS = "tokens"  # same, tli: candidates are target ids, with q under sampling
+TEXT = "text"  # slem: candidates are a string the verifier re-tokenizes
+
+
+@dataclass
+class Proposal:
+    seq: int  # which committed length this was drafted after (the verifier rejects stale ones)
+    kind: str  # TOKENS or TEXT
+    target_ids: list = field(default_factory=list)  # TOKENS: candidate target ids
+    q_ids: Optional[list] = None  # TOKENS, sampling: per candidate, the target ids with q > 0 (LongTensor)
+    q_probs: Optional[list] = None  # TOKENS, sampling: per candidate, q of those ids (DoubleTensor, sums to 1)
+    text: bytes = b""  # TEXT: the drafted string (bytes; may end inside a character)
+    eos: bool = False  # TEXT: the drafter drafted its end-of-sequence after the text
+    drafted: int = 0  # drafter tokens drafted (drafter forward passes)
+    draft_ns: int = 0
+
+
+@dataclass
+class Verdict:
+    seq: int  # committed length before this verdict
+    ids: list  # newly committed target ids: accepted candidates, then the target's own token
+    text: bytes  # the bytes those ids stand for
+    candidates: int  # candidate target tokens verified
+    accepted: int  # candidates accepted
+    finished: bool = False
+    finish_reason: str = ""  # "length" or "eos"
+    verify_ns: int = 0
+    bridge_ns: int = 0  # of verify_ns: re-tokenization and alignment (SLEM)

@@ -1,0 +1,135 @@
+"""The verifier: the target model's side of one generation. It alone decides what is committed.
+
+Owns: the committed target ids of a session, the target's KV cache, and turning a `Proposal` into a
+`Verdict` with one target forward pass over [last committed token] + candidates. It is the trust
+boundary: a proposal can only make a round commit fewer tokens, never different ones.
+
+Never: drafts, imports grpc or redis, or keeps anything but this session's state.
+"""
+from __future__ import annotations
+
+import time
+
+from .algorithms import verify_greedy, verify_match, verify_rejection
+from .bridge import slem_candidates
+from .errors import InvalidArgument
+from .protocol import TEXT, TOKENS, Proposal, Verdict
+from .runner import Runner
+from .sampling import TARGET, SamplingParams, probs_from_logits, sample, uniform
+from .vocab import Vocab
+
+MAX_CANDIDATES = 64  # per round; more is never useful and bounds the work a proposal can ask for
+
+
+class Verifier:
+    def __init__(self, runner: Runner, vocab: Vocab, window: int = 4):
+        self.runner = runner
+        self.vocab = vocab
+        self.window = window
+
+    # --- session ------------------------------------------------------------------------------
+    def start(self, prompt_ids: list, max_new_tokens: int, params: SamplingParams) -> None:
+        """Prefill everything but the last prompt token (its logits come with the first round)."""
+        if not prompt_ids:
+            raise InvalidArgument("the prompt is empty")
+        room = self.runner.max_length - len(prompt_ids)
+        if room <= 0:
+            raise InvalidArgument(f"the prompt is {len(prompt_ids)} target tokens; the target's context is {self.runner.max_length}")
+        if max_new_tokens < 1 or max_new_tokens > room:
+            raise InvalidArgument(f"max_new_tokens must be in [1, {room}] for this prompt (context {self.runner.max_length}), got {max_new_tokens}")
+        bad = [t for t in prompt_ids if not 0 <= t < self.runner.vocab_size]
+        if bad:
+            raise InvalidArgument(f"prompt token id {bad[0]} is outside the target's vocabulary")
+        self.params = params
+        self.ids = list(prompt_ids)
+        self.n_prompt = len(prompt_ids)
+        self.max_new = max_new_tokens
+        tb = self.vocab.token_bytes
+        self.ends, off = [], 0
+        for t in self.ids:
+            off += len(tb[t]) if tb[t] is not None else 0
+            self.ends.append(off)
+        self.text = self.vocab.bytes_of(self.ids)
+        self.finished = False
+        self.finish_reason = ""
+        self.runner.reset()
+        if len(prompt_ids) > 1:
+            self.runner.forward(prompt_ids[:-1], last_only=True)
+
+    @property
+    def new_ids(self) -> list:
+        return self.ids[self.n_prompt:]
+
+    @property
+    def remaining(self) -> int:
+        return self.max_new - (len(self.ids) - self.n_prompt)
+
+    # --- rounds -------------------------------------------------------------------------------
+    def step(self) -> Verdict:
+        """The target alone: one forward pass, one token."""
+        return self.verify(None)
+
+    def verify(self, proposal: "Proposal | None") -> Verdict:
+        t0 = time.perf_counter_ns()
+        seq = len(self.ids)
+        cands, bridge_ns = self._candidates(proposal)
+        cands = cands[: min(MAX_CANDIDATES, self.remaining - 1)]
+        logits = self.runner.forward([self.ids[-1]] + cands)  # [n+1, V]
+        p = self.params
+        if p.greedy:
+            a, y = verify_greedy(logits, cands)
+        else:
+            probs = probs_from_logits(logits, p)  # [n+1, V]
+            if proposal is not None and proposal.kind == TOKENS and proposal.q_ids is not None:
+                a, y = verify_rejection(probs, cands, proposal.q_ids, proposal.q_probs, p.seed, seq)
+            elif cands:
+                a, y = verify_match(probs, cands, p.seed, seq)
+            else:
+                a, y = 0, sample(probs[0], uniform(p.seed, seq, TARGET))
+        # keep the KV of the last committed token and of the accepted candidates
+        self.runner.truncate(seq + a)
+        new = self._commit(cands[:a] + [y])
+        return Verdict(seq=seq, ids=new, text=self.vocab.bytes_of(new), candidates=len(cands), accepted=a,
+                       finished=self.finished, finish_reason=self.finish_reason,
+                       verify_ns=time.perf_counter_ns() - t0, bridge_ns=bridge_ns)
+
+    def _candidates(self, proposal) -> tuple:
+        if proposal is None:
+            return [], 0
+        if proposal.seq != len(self.ids):
+            return [], 0  # stale: drafted after another committed length
+        if proposal.kind == TOKENS:
+            V = self.runner.vocab_size
+            ids = list(proposal.target_ids)
+            for i, t in enumerate(ids):
+                if not (isinstance(t, int) and 0 <= t < V):
+                    return ids[:i], 0
+            return ids, 0
+        if proposal.kind == TEXT:
+            t0 = time.perf_counter_ns()
+            text = proposal.text[: 16 * MAX_CANDIDATES]
+            cands = slem_candidates(self.vocab, self.ids, self.ends, self.text, text, self.window)
+            if proposal.eos and self.vocab.eos_ids and len(text) == len(proposal.text):
+                if self.vocab.bytes_of(cands) == text:
+                    cands = cands + [min(self.vocab.eos_ids)]
+            return cands, time.perf_counter_ns() - t0
+        return [], 0
+
+    def _commit(self, new: list) -> list:
+        out = []
+        tb = self.vocab.token_bytes
+        for t in new:
+            if self.remaining <= 0:
+                break
+            self.ids.append(t)
+            b = tb[t]
+            if b:
+                self.text += b
+            self.ends.append(len(self.text))
+            out.append(t)
+            if t in self.vocab.eos_ids:
+                self.finished, self.finish_reason = True, "eos"
+                break
+        if not self.finished and self.remaining <= 0:
+            self.finished, self.finish_reason = True, "length"
+        return out
