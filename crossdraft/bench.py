@@ -58,6 +58,7 @@ class Row:
         self.seconds = 0.0
         self.cands = self.acc = self.rounds = self.drafted = 0
         self.draft_s = 0.0
+        self.prof = {}
         self.exact = 0
         self.n = 0
         self.error = ""
@@ -73,6 +74,8 @@ class Row:
             self.rounds += res.rounds
             self.drafted += res.drafted
             self.draft_s += res.profile.get("draft_s", 0.0)
+            for k, v in res.profile.items():
+                self.prof[k] = self.prof.get(k, 0.0) + v
 
     def tps(self):
         return self.tokens / self.seconds if self.seconds else 0.0
@@ -84,7 +87,7 @@ def run_bench(args) -> int:
     params = SamplingParams(temperature=args.temperature, seed=args.seed).validate()
     if not os.path.isdir(args.target):
         raise InvalidArgument(f"target directory not found: {args.target} (the zoo lives in ../shared/zoo)")
-    prompts = read_prompts(args.prompts_file, chars=args.prompt_chars, limit=args.num_prompts)
+    prompts = read_prompts(args.prompts_file, chars=args.prompt_chars, limit=args.num_prompts, min_chars=args.min_chars)
     drafters = args.drafters
     if drafters is None:
         parent = Path(args.target).parent
@@ -169,7 +172,8 @@ def run_bench(args) -> int:
             d.update(acceptance=round(r.acc / r.cands, 4) if r.cands else None,
                      accepted_per_round=round(r.acc / r.rounds, 3), tokens_per_round=round(tpr, 3),
                      drafted_per_round=round(r.drafted / r.rounds, 3), cost_ratio=round(c, 4),
-                     ideal_speedup=round(tpr / (1 + r.drafted / r.rounds * c), 3))
+                     ideal_speedup=round(tpr / (1 + r.drafted / r.rounds * c), 3),
+                     round_ms={k[:-2]: round(v / r.rounds * 1e3, 3) for k, v in r.prof.items()})
         results.append(d)
 
     hdr = f"{'config':24s} {'drafter':18s} {'tok/s':>7s} {'speedup':>7s} {'accept':>6s} {'acc/rnd':>7s} {'tok/rnd':>7s} {'c':>5s} {'ideal':>5s} {'exact':>6s}"
@@ -186,7 +190,14 @@ def run_bench(args) -> int:
               f"{f(d['speedup'], '%6.2fx')} {f(d.get('acceptance'), '%6.2f')} {f(d.get('accepted_per_round'), '%7.2f')} "
               f"{f(d.get('tokens_per_round'), '%7.2f')} {f(d.get('cost_ratio'), '%5.2f')} {f(d.get('ideal_speedup'), '%4.2fx')} "
               f"{d['exact_match'] or '-':>6s}")
-    meta = {"prompts_file": args.prompts_file, "num_prompts": len(prompts), "prompt_chars": args.prompt_chars,
+    print("\nwhere a round's time goes (ms per round; bridge is part of verify):")
+    for d in results:
+        if d.get("round_ms"):
+            rm = d["round_ms"]
+            print(f"  {d['config']:6s} {d['drafter']:18s} draft {rm.get('draft', 0):6.2f}  verify {rm.get('verify', 0):6.2f}"
+                  f"  (bridge {rm.get('bridge', 0):5.2f})  bookkeeping {rm.get('other', 0):5.2f}"
+                  f"  | target alone {step * 1e3:5.2f} ms/token")
+    meta = {"prompts_file": args.prompts_file, "num_prompts": len(prompts), "prompt_chars": args.prompt_chars, "min_chars": args.min_chars,
             "max_new_tokens": args.max_new_tokens, "temperature": params.temperature, "seed": params.seed,
             "device": str(trunner.device), "threads": torch.get_num_threads(), "draft_tokens": args.draft_tokens,
             "torch": torch.__version__}

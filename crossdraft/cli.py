@@ -27,8 +27,9 @@ def zoo_dir() -> Path:
     return Path.cwd().parent / "shared" / "zoo"
 
 
-def read_prompts(path: str, field: str = "prompt", chars: int = 0, limit: int = 0) -> list:
-    """JSON Lines with a `prompt` field (or `text`, cut to `chars` characters, as in the zoo's dev set)."""
+def read_prompts(path: str, field: str = "prompt", chars: int = 0, limit: int = 0, min_chars: int = 0) -> list:
+    """JSON Lines with a `prompt` field (or `text`, cut to `chars` characters, as in the zoo's dev set);
+    records shorter than `min_chars` are skipped (a prompt needs a continuation to be worth timing)."""
     if not os.path.isfile(path):
         raise InvalidArgument(f"prompts file not found: {path}")
     out = []
@@ -45,6 +46,8 @@ def read_prompts(path: str, field: str = "prompt", chars: int = 0, limit: int = 
             val = obj.get(field, obj.get("text") if field == "prompt" else None)
             if not isinstance(val, str):
                 raise InvalidArgument(f"{path}:{n}: no string field {field!r}")
+            if len(val) < min_chars:
+                continue
             out.append(val[:chars] if chars else val)
             if limit and len(out) >= limit:
                 break
@@ -111,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="JSON Lines with a \"prompt\" or \"text\" field (default: the zoo's dev prompts)")
     b.add_argument("--num-prompts", type=int, default=6, help="how many prompts (default: 6)")
     b.add_argument("--prompt-chars", type=int, default=800, help="cut each prompt to this many characters (default: 800)")
+    b.add_argument("--min-chars", type=int, default=2000,
+                   help="skip documents shorter than this, so every prompt has a real continuation (default: 2000)")
     b.add_argument("--max-new-tokens", type=_positive_int, default=128)
     b.add_argument("--temperature", type=float, default=0.0)
     b.add_argument("--seed", type=int, default=0)

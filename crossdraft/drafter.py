@@ -40,23 +40,24 @@ def _lcp(a: list, b: list) -> int:
 
 class Drafter:
     def __init__(self, runner: Runner, vocab: Vocab, target_vocab: Vocab, mode: str,
-                 draft_top_k: int = 0, window: int = 4):
+                 draft_top_k: int = 0, window: int = 4, min_confidence: float = 0.0):
         if mode not in MODES:
             raise ValueError(f"unknown drafting mode {mode!r}")
         self.runner, self.vocab, self.target_vocab, self.mode = runner, vocab, target_vocab, mode
         self.draft_top_k = draft_top_k
         self.window = window
+        # Stop a draft after a token the drafter itself gave less than this probability (as Hugging
+        # Face's assistant_confidence_threshold): an unsure guess is rarely accepted, and every
+        # token after it costs a drafter step and a verified position. Depends only on the drafter's
+        # logits, so seeded runs stay reproducible.
+        self.min_confidence = min_confidence
         self.inter: Optional[Intersection] = None
         if mode == "same":
             if not vocab.same_as(target_vocab):
                 raise FailedPrecondition("algorithm 'same' needs the drafter to share the target's tokenizer; "
                                          "these tokenizers differ (use tli or slem)")
-            runner.prune_head(None)
         elif mode == "tli":
             self.inter = Intersection(vocab, target_vocab)
-            runner.prune_head(self.inter.rows)
-        else:
-            runner.prune_head(None)
         self.kv_ids: list = []  # drafter ids whose KV is in the runner, in order
 
     # --- session ------------------------------------------------------------------------------
@@ -67,6 +68,9 @@ class Drafter:
             dp = replace(params, top_k=min(params.top_k, draft_top_k) if params.top_k else draft_top_k)
         self.draft_params = dp
         self.committed = len(prompt_target_ids)  # target positions committed
+        rows = self.inter.rows if self.inter is not None else None
+        if self.runner.pruned_rows is not rows:  # the runner may be shared by drafters of several modes
+            self.runner.prune_head(rows)
         self.runner.reset()
         self.kv_ids = []
         if self.mode == "same":
@@ -111,9 +115,11 @@ class Drafter:
         for i in range(k):
             if greedy:
                 r = int(logits.argmax())
+                conf = float(torch.softmax(logits.float(), -1)[r]) if self.min_confidence > 0 else 1.0
             else:
                 q = probs_from_logits(logits[None], self.draft_params)[0]  # [V_D or |∩|]
                 r = sample(q, uniform(self.params.seed, pos0 + i, DRAFT))
+                conf = float(q[r])
                 if self.mode != "slem":
                     nz = q.nonzero()[:, 0]
                     q_ids.append(inter.target_ids[nz] if inter is not None else nz)
@@ -122,6 +128,8 @@ class Drafter:
             d_id = int(inter.rows[r]) if inter is not None else r
             if d_id in self.vocab.eos_ids:
                 eos = True
+                break
+            if conf < self.min_confidence:
                 break
             if i + 1 < k:
                 logits = self.runner.forward([d_id], last_only=True, pruned=self.mode == "tli")[0]

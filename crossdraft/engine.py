@@ -68,11 +68,11 @@ class DraftLength:
 class Engine:
     def __init__(self, target_runner: Runner, target_vocab: Vocab,
                  drafter_runner: Optional[Runner] = None, drafter_vocab: Optional[Vocab] = None,
-                 window: int = 4, draft_top_k: int = 0):
+                 window: int = 4, draft_top_k: int = 0, min_confidence: float = 0.4):
         self.target_vocab = target_vocab
         self.verifier = Verifier(target_runner, target_vocab, window)
         self.drafter_runner, self.drafter_vocab = drafter_runner, drafter_vocab
-        self.window, self.draft_top_k = window, draft_top_k
+        self.window, self.draft_top_k, self.min_confidence = window, draft_top_k, min_confidence
         self._drafters: dict = {}
 
     @classmethod
@@ -92,7 +92,7 @@ class Engine:
         d = self._drafters.get(mode)
         if d is None:
             d = Drafter(self.drafter_runner, self.drafter_vocab, self.target_vocab, mode,
-                        self.draft_top_k, self.window)
+                        self.draft_top_k, self.window, self.min_confidence)
             self._drafters[mode] = d
         return d
 
