@@ -91,8 +91,7 @@ class Drafter:
             self.ctx = self.bos + self.track.ids
 
     # --- drafting -----------------------------------------------------------------------------
-    def _logits_after_ctx(self) -> torch.Tensor:
-        ctx = self.ctx
+    def _logits_after(self, ctx: list) -> torch.Tensor:
         keep = _lcp(self.kv_ids, ctx)
         if keep == len(ctx):
             keep -= 1  # the last context token must be run again for its logits
@@ -106,7 +105,7 @@ class Drafter:
         k = max(0, min(k, self.runner.max_length - len(self.ctx) - 1))
         if k == 0 or not self.ctx:
             return Proposal(seq=self.committed, kind=TEXT if self.mode == "slem" else TOKENS)
-        logits = self._logits_after_ctx()
+        logits = self._logits_after(self.ctx)
         greedy = self.params.greedy
         pos0 = self.committed if self.mode != "slem" else len(self.ctx)
         rows, q_ids, q_probs = [], [], []
