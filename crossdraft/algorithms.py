@@ -50,15 +50,14 @@ def verify_rejection(p: torch.Tensor, cands: list, q_ids: list, q_probs: list, s
     bonus from p. A candidate whose q is not a distribution it could have been drawn from (q(c) <= 0,
     not normalised) ends the acceptance there and the target draws from p itself: still exact."""
     for i, c in enumerate(cands):
-        ids, qp = q_ids[i], q_probs[i]
-        hit = (ids == c).nonzero()
-        qc = float(qp[hit[0, 0]]) if hit.numel() else 0.0
-        if not (qc > 0.0) or abs(float(qp.sum()) - 1.0) > 1e-6:
+        # q over the target vocabulary [V]; index_add sums drafter tokens that stand for the same
+        # target token (SentencePiece's "a" and "<0x61>"), so q(c) is the probability of drafting c
+        q = torch.zeros_like(p[i]).index_add_(0, q_ids[i], q_probs[i].to(p.dtype))
+        qc = float(q[c])
+        if not (qc > 0.0) or abs(float(q.sum()) - 1.0) > 1e-6 or not bool(torch.isfinite(q).all()) or float(q.min()) < 0.0:
             return i, sample(p[i], uniform(seed, pos + i, TARGET))
-        pc = float(p[i, c])
-        if uniform(seed, pos + i, ACCEPT) * qc < pc:  # u < p/q
+        if uniform(seed, pos + i, ACCEPT) * qc < float(p[i, c]):  # u < p/q
             continue
-        q = torch.zeros_like(p[i]).index_add_(0, ids, qp.to(p.dtype))  # [V]
         residual = (p[i] - q).clamp_min_(0.0)
         if not float(residual.sum()) > 0.0:  # p <= q everywhere means p == q: rejection had probability 0
             residual = p[i]

@@ -79,10 +79,17 @@ class Vocab:
     prompt_bos: bool = False  # whether encoding a prompt puts BOS first
     name: str = ""
     prefix: bytes = b""  # bytes the encoder prepends to a text (SentencePiece's "▁" at the start)
+    fallback_ids: frozenset = frozenset()  # byte-fallback tokens (<0xNN>)
 
     def __post_init__(self):
+        # bytes -> the token that stands for them; an ordinary token wins over a byte-fallback one
+        # (SentencePiece has both "a" and "<0x61>", and generates the first)
         self.by_bytes = {}
         for i, b in enumerate(self.token_bytes):
+            if b is not None and i not in self.fallback_ids and b not in self.by_bytes:
+                self.by_bytes[b] = i
+        for i in sorted(self.fallback_ids):
+            b = self.token_bytes[i]
             if b is not None and b not in self.by_bytes:
                 self.by_bytes[b] = i
         self.prefix = self._detect_prefix()
@@ -110,7 +117,7 @@ class Vocab:
                 special_ids.add(t[0])
         n = len(tok)
         strings = tok.convert_ids_to_tokens(list(range(n)))
-        tb, specials = [], {}
+        tb, specials, fallback = [], {}, set()
         for i, s in enumerate(strings):
             if i in special_ids or s is None:
                 tb.append(None)
@@ -119,6 +126,7 @@ class Vocab:
             m = _BYTE_TOKEN.match(s) if byte_fallback else None
             if m:
                 tb.append(bytes([int(m.group(1), 16)]))
+                fallback.add(i)
             elif byte_level and all(c in dec for c in s):
                 tb.append(bytes(dec[c] for c in s))
             elif metaspace:
@@ -136,7 +144,8 @@ class Vocab:
                 return _t.encode(text, add_special_tokens=False)
         with_special = tok.encode("a", add_special_tokens=True)
         prompt_bos = tok.bos_token_id is not None and len(with_special) > 0 and with_special[0] == tok.bos_token_id
-        return cls(tb, encode_fn, eos_ids, tok.bos_token_id, specials, prompt_bos, name)
+        return cls(tb, encode_fn, eos_ids, tok.bos_token_id, specials, prompt_bos, name,
+                   fallback_ids=frozenset(fallback))
 
     @classmethod
     def load(cls, name_or_path: str) -> "Vocab":

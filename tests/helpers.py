@@ -124,12 +124,13 @@ def bytelevel_bpe(vocab_size: int = 400, specials: tuple = (EOT,), seed: int = 0
 
 
 @functools.lru_cache(maxsize=None)
-def sentencepiece_bpe(vocab_size: int = 450, seed: int = 1):
+def sentencepiece_bpe(vocab_size: int = 450, seed: int = 1, add_bos: bool = False):
     """Llama-2 / Mistral style: Metaspace (a "▁" prepended to the text), BPE with byte fallback
-    (`<0xNN>` tokens), a decoder that strips one leading space; specials <unk> <s> </s>."""
+    (`<0xNN>` tokens), a decoder that strips one leading space; specials <unk> <s> </s>.
+    add_bos: a post-processor puts <s> first when special tokens are added (Llama-2's prompts)."""
     import json
 
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     specials = ["<unk>", "<s>", "</s>"]
     tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
@@ -152,6 +153,9 @@ def sentencepiece_bpe(vocab_size: int = 450, seed: int = 1):
     tok2.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=True)
     tok2.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
                                       decoders.Strip(" ", 1, 0)])
+    if add_bos:
+        tok2.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                            special_tokens=[("<s>", 1)])
     return _hf(tok2, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
@@ -173,6 +177,7 @@ def ascii_bpe(vocab_size: int = 160, seed: int = 2):
 TOKENIZERS = {
     "bpe": lambda: bytelevel_bpe(400, (EOT,), 0),  # the target's
     "spm": lambda: sentencepiece_bpe(450, 1),
+    "spm_bos": lambda: sentencepiece_bpe(450, 1, add_bos=True),  # the same, BOS first in prompts
     "bpe_alt": lambda: bytelevel_bpe(300, ("<s>", "</s>"), 3),
     "ascii": lambda: ascii_bpe(160, 2),
 }
@@ -190,7 +195,7 @@ def vocab(name: str):
 # --------------------------------------------------------------------------------------------------
 
 def tiny_llama(vocab_size: int, seed: int = 0, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
-               max_pos: int = 128, model_type: str = "llama", bias: bool = False, tie: bool = False,
+               max_pos: int = 256, model_type: str = "llama", bias: bool = False, tie: bool = False,
                bos: Optional[int] = None, eos: Optional[int] = None):
     """A random-weight decoder in float64 (eval mode)."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
@@ -228,7 +233,7 @@ def train_tiny(model, hf_tok, steps: int = 150, seq: int = 48, batch: int = 16, 
         loss.backward()
         opt.step()
     model.eval()
-    return model.to(torch.float64), float(loss)
+    return model.to(torch.float64), float(loss.detach())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -305,8 +310,8 @@ def longest_match_encoder(tokens: Sequence[Optional[str]]) -> Callable[[str], li
                     out.append(tid)
                     i += len(t)
                     break
-            else:
-                raise ValueError(f"cannot encode {text[i]!r}")
+            else:  # a character the vocabulary cannot spell is dropped (like an unknown token)
+                i += 1
         return out
 
     return encode

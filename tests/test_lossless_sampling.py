@@ -1,0 +1,365 @@
+"""Exact-distribution tests of sampled speculative decoding (same, tli, slem) on tiny vocabularies.
+
+Setting: the alphabet {a, b}; the target's tokenizer is {a, b, ab, EOS} and the drafter's
+{a, b, ba, EOS} (canonical encoding: greedy longest match), so the drafter's context is a genuinely
+different tokenization of the text ("b" + "a" is one drafter token) and the target's "ab" is outside
+the TLI intersection. Both models are table runners: float64 logits that are a pure function of the
+context. For the prompt "b" and max_new_tokens = 3 (generation stops at EOS) there are 40 possible
+outcomes; their exact probabilities under the target alone are enumerated with the library's own
+`probs_from_logits`, the engine is run with one seed per sample, and a chi-square goodness-of-fit
+test over the outcomes (rare ones merged) must not reject: p > 1e-4.
+
+Two families of tables:
+- FAR: independent pseudo-random p and q. They differ a lot (about half the candidates are
+  rejected, residuals spread over several tokens): strong against wrong residuals, wrong q, wrong
+  contexts or reused uniforms, but weak against a subtle 1% bias.
+- CLOSE: q is nearly proportional to p on the tokens the drafter can propose, and the target puts
+  about 10% on a token the drafter does not propose (TLI: "ab" is not in the drafter's vocabulary;
+  same: the drafter under-weights it). About 10% of candidates are rejected. This is where a 1% bias
+  in the acceptance rule is most visible (the mass it moves lands on a ~10%-probability token).
+
+Power (negative control): the acceptance coin is biased by 1% (accept with probability
+min(1, 1.01 p/q), by scaling the ACCEPT-stream uniform that crossdraft.algorithms uses). An exact
+dynamic program over the rounds of speculative sampling gives the biased output distribution, hence
+the non-centrality of the chi-square statistic at N samples: lambda ~ 98 with 39 degrees of freedom
+for the CLOSE tables at N = 60,000 (with the engine's default confidence stop; ~105 without), a
+power of ~0.998 at p < 1e-4. The test asserts that power (> 0.99), that the biased run is rejected
+(p < 1e-4; observed chi2 ~ 136, p ~ 1e-12), and that the biased run fits the DP's own prediction
+of it.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import pytest
+import torch
+from scipy import stats
+
+import crossdraft.algorithms as algorithms
+from crossdraft.bridge import Intersection
+from crossdraft.engine import Engine
+from crossdraft.sampling import ACCEPT, SamplingParams, probs_from_logits
+from crossdraft.sampling import uniform as true_uniform
+from crossdraft.vocab import Vocab
+from helpers import TableRunner, hashed_logits, longest_match_encoder
+
+T_TOKENS = ["a", "b", "ab", None]  # target: id 3 is EOS
+D_TOKENS = ["a", "b", "ba", None]  # drafter: id 3 is EOS
+D_DUP = ["a", "b", "ba", None, "a"]  # id 4 stands for the same bytes as id 0 (like "<0x61>" next to "a")
+EOS = 3
+MAX_NEW = 3
+PROMPT = "b"  # the drafter's tokenization of "b" + "a" is the single token "ba"
+ALPHA = 1e-4
+N_POWER = 60_000  # CLOSE tables: the test the negative control is run against (~18 s each on one core)
+N = 20_000  # FAR tables
+BIAS = 1.01  # the negative control's acceptance bias
+T1 = SamplingParams(temperature=1.0)
+
+
+def make_vocab(tokens, eos=EOS):
+    return Vocab.from_tokens(tokens, longest_match_encoder(tokens), [eos], name="".join(t or "#" for t in tokens))
+
+
+def far_engine(drafter_tokens=None) -> Engine:
+    """Independent pseudo-random target and drafter tables (functions of the id contexts)."""
+    tv = make_vocab(T_TOKENS)
+    tr = TableRunner(lambda c: hashed_logits(c, 4, salt=11, scale=1.5), 4, 64)
+    if drafter_tokens is None:
+        return Engine(tr, tv)
+    V = len(drafter_tokens)
+    dr = TableRunner(lambda c: hashed_logits(c, V, salt=22, scale=1.5), V, 64)
+    return Engine(tr, tv, dr, make_vocab(drafter_tokens))
+
+
+def _text_logits(text: bytes) -> torch.Tensor:
+    """CLOSE tables' shared part, a function of the text: logits over the target's 4 tokens with
+    P("ab") = 0.1 and EOS made rarer (most outcomes have 3 tokens)."""
+    x = hashed_logits(text, 4, salt=5, scale=1.0)
+    x[EOS] -= 1.5
+    x[2] = torch.logsumexp(x[[0, 1, EOS]], 0) + math.log(0.1 / 0.9)
+    return x
+
+
+def close_engine(drafter_tokens=None) -> Engine:
+    """Target: the text's logits plus a small term of its own id context (so it depends on the ids it
+    generated, not only on the text). Drafter: the same text logits for the tokens it shares with the
+    target (a drafter token with no target counterpart gets the largest logit; "ab" is lowered by 2)."""
+    tv = make_vocab(T_TOKENS)
+    tr = TableRunner(lambda c: _text_logits(tv.bytes_of(c)) + 0.05 * hashed_logits(c, 4, salt=6), 4, 64)
+    if drafter_tokens is None:
+        return Engine(tr, tv)
+    dv = make_vocab(drafter_tokens)
+
+    def drafter_fn(ctx):
+        base = _text_logits(dv.bytes_of(ctx))
+        out = torch.empty(len(drafter_tokens), dtype=torch.float64)
+        for i, t in enumerate(drafter_tokens):
+            out[i] = base[T_TOKENS.index(t)] if t in T_TOKENS else base.max()
+            if t == "ab":
+                out[i] -= 2.0
+        return out
+
+    return Engine(tr, tv, TableRunner(drafter_fn, len(drafter_tokens), 64), dv)
+
+
+# --------------------------------------------------------------------------------------------------
+# exact distributions by enumeration
+# --------------------------------------------------------------------------------------------------
+
+def exact_distribution(engine: Engine, params: SamplingParams, mode: str = "none", k: int = 0,
+                       factor: float = 1.0) -> dict:
+    """Outcome (tuple of new target ids) -> probability.
+
+    mode "none": the target alone (every token drawn from p). mode "same"/"tli": token-level
+    speculative sampling with draft length k as the engine runs it (a round verifies at most
+    remaining - 1 candidates), the acceptance probability min(1, factor * p/Q) where Q(t) is the
+    drafter's total probability of target token t, the residual norm(max(0, p - Q)). factor 1 is the
+    exact algorithm (its output must be the target's distribution), factor 1.01 the biased one.
+    The drafter's context follows the engine's drafter: its canonical tokenization of the committed
+    text at the start of a round, then its own drafted tokens; and like the engine's drafter it stops
+    drafting after a token it drew with probability below its `min_confidence` (that token is still a
+    candidate)."""
+    tv = engine.target_vocab
+    min_conf = getattr(engine, "min_confidence", 0.0)
+    prompt = tuple(tv.encode_prompt(PROMPT))
+    t_runner = engine.verifier.runner
+
+    def p_of(ids):
+        return probs_from_logits(t_runner.logits_at(ids)[None], params)[0]
+
+    if mode == "none":
+        k = 0
+    if k:
+        dv, d_runner = engine.drafter_vocab, engine.drafter_runner
+        if mode == "tli":
+            inter = Intersection(dv, tv)
+            rows, tids = inter.rows.tolist(), inter.target_list
+        else:
+            rows = tids = list(range(len(dv)))
+
+        def canon(ids):
+            return tuple(ids) if mode == "same" else tuple(dv.encode_prompt(tv.bytes_of(ids).decode()))
+
+        def q_rows(dctx):  # [(drafter id, target id, q)] over the rows the drafter samples from
+            q = probs_from_logits(d_runner.logits_at(dctx)[rows][None], params)[0]
+            return [(rows[i], tids[i], float(q[i])) for i in range(len(rows)) if q[i] > 0]
+
+    out: Counter = Counter()
+
+    def rec(ids, dctx, j, n_c, prob):
+        new = ids[len(prompt):]
+        if len(new) == MAX_NEW or (new and new[-1] in tv.eos_ids):
+            out[new] += prob
+            return
+        if j == 0:  # a round starts
+            n_c = min(k, MAX_NEW - len(new) - 1)
+            if n_c:
+                dctx = canon(ids)
+        p = p_of(ids)
+        if j >= n_c:  # no candidate here: the target draws from p (bonus, or no drafter)
+            for t in range(len(p)):
+                if p[t] > 0:
+                    rec(ids + (t,), None, 0, 0, prob * float(p[t]))
+            return
+        qr = q_rows(dctx)
+        Q = torch.zeros_like(p)
+        for _, t, qv in qr:
+            Q[t] += qv
+        acc_total = 0.0
+        for d, t, qv in qr:
+            a = qv * min(1.0, factor * float(p[t]) / float(Q[t]))
+            acc_total += a
+            rec(ids + (t,), dctx + (d,), j + 1, j + 1 if qv < min_conf else n_c, prob * a)
+        residual = (p - Q).clamp_min(0.0)
+        if not float(residual.sum()) > 0.0:
+            residual = p
+        residual = residual / residual.sum()
+        rej = max(0.0, 1.0 - acc_total)
+        for t in range(len(p)):
+            if residual[t] > 0 and rej > 0:
+                rec(ids + (t,), None, 0, 0, prob * rej * float(residual[t]))
+
+    rec(prompt, None, 0, 0, 1.0)
+    total = sum(out.values())
+    assert abs(total - 1.0) < 1e-9, total
+    return dict(out)
+
+
+def run_counts(engine, params: SamplingParams, algorithm: str, n: int, k=None, seed0: int = 0) -> tuple:
+    """(Counter of outcomes, candidates verified, candidates accepted) over n runs with seeds seed0.."""
+    c: Counter = Counter()
+    cands = acc = 0
+    for s in range(seed0, seed0 + n):
+        r = engine.generate(PROMPT, MAX_NEW, SamplingParams(params.temperature, params.top_k, params.top_p, s),
+                            algorithm, draft_tokens=k)
+        c[tuple(r.ids)] += 1
+        cands += r.draft_tokens
+        acc += r.accepted_tokens
+    return c, cands, acc
+
+
+def _bins(expected: dict, min_expected: float, n: int) -> list:
+    """Outcome groups: every outcome with n * P >= min_expected alone; the rest merged, rarest first,
+    into groups of at least min_expected expected counts (a remainder joins the last group)."""
+    order = sorted(expected, key=lambda o: (-expected[o], o))
+    bins = [[o] for o in order if n * expected[o] >= min_expected]
+    group, acc = [], 0.0
+    for o in reversed([o for o in order if n * expected[o] < min_expected]):
+        group.append(o)
+        acc += n * expected[o]
+        if acc >= min_expected:
+            bins.append(group)
+            group, acc = [], 0.0
+    if group:
+        if bins:
+            bins[-1] = bins[-1] + group
+        else:
+            bins.append(group)
+    return bins
+
+
+def chi_square(counts: Counter, expected: dict, min_expected: float = 5.0) -> tuple:
+    """(statistic, p-value, df). Outcomes of probability 0 must never be sampled."""
+    n = sum(counts.values())
+    impossible = [o for o in counts if expected.get(o, 0.0) <= 0.0]
+    assert not impossible, f"outcomes of probability 0 were sampled: {impossible[:5]}"
+    bins = _bins(expected, min_expected, n)
+    obs = [sum(counts.get(o, 0) for o in b) for b in bins]
+    exp = [n * sum(expected[o] for o in b) for b in bins]
+    stat, p = stats.chisquare(obs, exp)
+    return float(stat), float(p), len(bins) - 1
+
+
+def noncentrality(expected: dict, alternative: dict, n: int, min_expected: float = 5.0) -> tuple:
+    """(lambda, df, power at ALPHA) of the binned chi-square test when the truth is `alternative`."""
+    bins = _bins(expected, min_expected, n)
+    lam = 0.0
+    for b in bins:
+        p0 = sum(expected[o] for o in b)
+        p1 = sum(alternative.get(o, 0.0) for o in b)
+        lam += n * (p1 - p0) ** 2 / p0
+    df = len(bins) - 1
+    return lam, df, float(stats.ncx2.sf(stats.chi2.isf(ALPHA, df), df, lam))
+
+
+def biased_uniform(seed, position, stream):
+    """Accept iff u/1.01 * q < p: with probability min(1, 1.01 p/q). Other streams untouched."""
+    u = true_uniform(seed, position, stream)
+    return u / BIAS if stream == ACCEPT else u
+
+
+# --------------------------------------------------------------------------------------------------
+# tests
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("make", [far_engine, close_engine])
+def test_enumeration_and_dp_agree(make):
+    """The DP at factor 1 reproduces the target's distribution for both drafters and k = 1, 2: an
+    independent check that the DP models speculative sampling (which the power figure relies on)."""
+    none = exact_distribution(make(), T1)
+    assert len(none) == 40  # 27 sequences of 3 non-EOS tokens + 13 ending in EOS
+    for tokens, mode in ((T_TOKENS, "same"), (D_TOKENS, "tli")):
+        for k in (1, 2):
+            spec = exact_distribution(make(tokens), T1, mode, k)
+            assert set(spec) == set(none)
+            assert max(abs(spec[o] - none[o]) for o in none) < 1e-12
+        biased = exact_distribution(make(tokens), T1, mode, 2, BIAS)
+        assert max(abs(biased[o] - none[o]) for o in none) > 1e-4  # the bias shows in the outcomes
+
+
+CASES = [
+    # (tables, algorithm, drafter tokens, params, draft_tokens, N)
+    ("close", "tli", D_TOKENS, T1, 2, N_POWER),
+    ("close", "same", T_TOKENS, T1, None, N),
+    ("far", "same", T_TOKENS, T1, 1, N),
+    ("far", "tli", D_TOKENS, T1, None, N),
+    ("far", "tli", D_TOKENS, SamplingParams(temperature=1.0, top_k=3, top_p=0.9), 2, N // 2),
+    ("far", "same", T_TOKENS, SamplingParams(temperature=1.3, top_k=2), 1, N // 2),
+    ("far", "slem", D_TOKENS, T1, None, N // 2),
+]
+
+
+@pytest.mark.parametrize("tables,algorithm,tokens,params,k,n", CASES,
+                         ids=[f"{c[0]}-{c[1]}-k{c[4]}-t{c[3].temperature}-topk{c[3].top_k}-topp{c[3].top_p}"
+                              for c in CASES])
+def test_output_distribution_is_the_targets(tables, algorithm, tokens, params, k, n):
+    engine = (close_engine if tables == "close" else far_engine)(tokens)
+    expected = exact_distribution(engine, params)
+    counts, cands, acc = run_counts(engine, params, algorithm, n, k, seed0=1_000_000)
+    stat, p, df = chi_square(counts, expected)
+    print(f"{tables} {algorithm} k={k} {params}: chi2={stat:.1f} df={df} p={p:.3g}; "
+          f"{acc}/{cands} candidates accepted")
+    # both branches of the rule ran many times
+    assert cands > 0.5 * n and acc > 0.1 * cands and cands - acc > 0.05 * cands, (cands, acc)
+    assert p > ALPHA, (f"{algorithm}: the output distribution is not the target's "
+                       f"(chi2={stat:.1f}, df={df}, p={p:.3g})")
+
+
+def test_negative_control_detects_a_one_percent_acceptance_bias(monkeypatch):
+    engine = close_engine(D_TOKENS)
+    expected = exact_distribution(engine, T1)
+    biased = exact_distribution(engine, T1, "tli", 2, BIAS)
+    lam, df, power = noncentrality(expected, biased, N_POWER)
+    print(f"negative control at N={N_POWER}: non-centrality {lam:.1f}, df {df}, power at p<{ALPHA}: {power:.4f}")
+    assert power > 0.99, (lam, df, power)
+    monkeypatch.setattr(algorithms, "uniform", biased_uniform)
+    counts, _, _ = run_counts(engine, T1, "tli", N_POWER, 2, seed0=1_000_000)  # the seeds of the real test
+    stat, p, df = chi_square(counts, expected)
+    print(f"negative control: chi2={stat:.1f} df={df} p={p:.3g}")
+    assert p < ALPHA, f"a 1% acceptance bias went undetected (chi2={stat:.1f}, df={df}, p={p:.3g})"
+    stat_b, p_b, _ = chi_square(counts, biased)  # and the biased engine is what the DP predicts
+    assert p_b > ALPHA, (f"the biased engine does not follow the DP (chi2={stat_b:.1f}, p={p_b:.3g}): "
+                         "if the drafting rule changed (draft length, confidence stop), update exact_distribution")
+
+
+def test_tli_sampling_with_duplicate_drafter_tokens_is_exact():
+    engine = far_engine(D_DUP)
+    expected = exact_distribution(engine, T1)
+    counts, _, _ = run_counts(engine, T1, "tli", N // 2, 2, seed0=1_000_000)
+    stat, p, df = chi_square(counts, expected)
+    print(f"duplicate drafter tokens: chi2={stat:.1f} df={df} p={p:.3g}")
+    assert p > ALPHA, (stat, p, df)
+
+
+def test_slem_sample_equals_the_targets_own_sample_for_each_seed():
+    """SLEM commits the target's own draw at every position, made with the uniform the target alone
+    uses there: for every seed the output is identical to algorithm none's."""
+    engine = far_engine(D_TOKENS)
+    accepted = 0
+    for s in range(1500):
+        params = SamplingParams(temperature=1.0, seed=s)
+        ref = engine.generate(PROMPT, MAX_NEW, params, "none")
+        for k in (None, 1):
+            r = engine.generate(PROMPT, MAX_NEW, params, "slem", draft_tokens=k)
+            assert r.ids == ref.ids, (s, k, r.ids, ref.ids)
+            accepted += r.accepted_tokens
+    assert accepted > 300
+
+
+@pytest.mark.parametrize("algorithm,tokens", [("none", None), ("same", T_TOKENS), ("tli", D_TOKENS),
+                                              ("slem", D_TOKENS), ("auto", D_TOKENS)])
+def test_sampled_runs_are_reproducible_for_a_seed(algorithm, tokens):
+    params = [SamplingParams(temperature=1.0, top_k=3, seed=s) for s in range(200)]
+    first = [far_engine(tokens).generate(PROMPT, MAX_NEW, p, algorithm).ids for p in params]
+    engine = far_engine(tokens)  # a fresh engine, and then the same engine twice more
+    for _ in range(2):
+        assert [engine.generate(PROMPT, MAX_NEW, p, algorithm).ids for p in params] == first
+    assert len({tuple(x) for x in first}) > 5  # the seed matters
+
+
+def test_sampling_longer_generations_only_emits_possible_tokens():
+    """Longer runs (24 tokens, draft lengths 1..5) with a top-k/top-p target: every committed token is
+    in the target's top-k/top-p set at its position (never a token the target gives probability 0)."""
+    params_list = [SamplingParams(temperature=1.0, top_k=2, seed=s) for s in range(60)] + \
+                  [SamplingParams(temperature=0.9, top_p=0.6, seed=s) for s in range(60)]
+    for tokens, algorithm in ((T_TOKENS, "same"), (D_TOKENS, "tli"), (D_TOKENS, "slem")):
+        engine = far_engine(tokens)
+        tr = engine.verifier.runner
+        for i, params in enumerate(params_list):
+            r = engine.generate("ab", 24, params, algorithm, draft_tokens=1 + i % 5)
+            ctx = tuple(engine.target_vocab.encode_prompt("ab"))
+            for t in r.ids:
+                p = probs_from_logits(tr.logits_at(ctx)[None], params)[0]
+                assert p[t] > 0, (algorithm, params, ctx, t)
+                ctx += (t,)

@@ -1,0 +1,165 @@
+"""crossdraft.runner: LlamaRunner's lean forward and HFRunner must compute exactly the Hugging Face
+model's logits (float64: to 1e-9) whatever the block structure of the calls: prefill, block
+extensions, single tokens, truncation and re-extension; and greedy decoding must be identical."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from crossdraft.runner import HFRunner, LlamaRunner, make_runner
+from helpers import tiny_llama
+
+V = 300
+MODELS = {
+    "llama-gqa": dict(model_type="llama", kv_heads=2),
+    "llama-mha-bias-tied": dict(model_type="llama", kv_heads=4, bias=True, tie=True),
+    "qwen2-gqa-bias": dict(model_type="qwen2", kv_heads=2),
+}
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def model(request):
+    return tiny_llama(V, seed=7, **MODELS[request.param])
+
+
+def full_logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits[0]
+
+
+def _ids(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, V, (n,), generator=g).tolist()
+
+
+RUNNERS = {"llama": LlamaRunner, "hf": HFRunner}
+
+
+def test_make_runner_picks_the_lean_runner_for_llama_family(model):
+    assert isinstance(make_runner(model, 64), LlamaRunner)
+    assert isinstance(make_runner(model, 64, fast=False), HFRunner)
+    attn = model.model.layers[0].self_attn
+    if model.config.model_type == "qwen2":
+        assert attn.q_proj.bias is not None  # the qkv-bias path is exercised
+    if getattr(model.config, "attention_bias", False):
+        assert attn.o_proj.bias is not None  # and the output-bias path
+
+
+@pytest.mark.parametrize("kind", list(RUNNERS))
+def test_logits_equal_hf_for_blocks_truncate_and_reextend(model, kind):
+    runner = RUNNERS[kind](model, 128)
+    assert runner.vocab_size == V and runner.max_length == 128 and runner.length == 0
+    ids = _ids(100, seed=1)
+    ref = full_logits(model, ids)  # [100, V]
+    assert ref.dtype == torch.float64
+
+    def check(got, lo, hi):
+        assert got.shape == (hi - lo, V)
+        torch.testing.assert_close(got, ref[lo:hi], rtol=0, atol=1e-9)
+
+    check(runner.forward(ids[:17]), 0, 17)  # prefill
+    assert runner.length == 17
+    check(runner.forward(ids[17:18]), 17, 18)  # one token
+    check(runner.forward(ids[18:25]), 18, 25)  # a block (a verification pass)
+    last = runner.forward(ids[25:31], last_only=True)  # last position only
+    check(last, 30, 31)
+    assert runner.length == 31
+    runner.truncate(22)  # reject a suffix
+    assert runner.length == 22
+    check(runner.forward(ids[22:40]), 22, 40)  # and re-extend over the stale cache entries
+    runner.truncate(40)  # a no-op truncate
+    check(runner.forward(ids[40:41]), 40, 41)
+
+    # a different continuation after truncation: logits of the new sequence, not the old one
+    runner.truncate(30)
+    other = ids[:30] + _ids(20, seed=2)
+    ref2 = full_logits(model, other)
+    torch.testing.assert_close(runner.forward(other[30:50]), ref2[30:50], rtol=0, atol=1e-9)
+    # many small rollbacks, like rounds of speculative decoding
+    pos = 50
+    for step in range(12):
+        block = _ids(5, seed=10 + step)
+        out = runner.forward(block)
+        seq = other[:pos] + block
+        torch.testing.assert_close(out, full_logits(model, seq)[pos:pos + 5], rtol=0, atol=1e-9)
+        keep = pos + step % 4
+        runner.truncate(keep)
+        other = seq[:keep]
+        pos = keep
+    runner.reset()
+    assert runner.length == 0
+    check(runner.forward(ids[:5]), 0, 5)
+
+
+@pytest.mark.parametrize("kind", list(RUNNERS))
+def test_pruned_head(model, kind):
+    runner = RUNNERS[kind](model, 64)
+    ids = _ids(12, seed=3)
+    ref = full_logits(model, ids)
+    rows = torch.tensor([5, 0, 299, 17, 17, 3])
+    runner.prune_head(rows)
+    torch.testing.assert_close(runner.pruned_rows, rows)
+    out = runner.forward(ids[:8], pruned=True)
+    torch.testing.assert_close(out, ref[:8, rows], rtol=0, atol=1e-9)
+    out = runner.forward(ids[8:], last_only=True, pruned=True)
+    torch.testing.assert_close(out, ref[11:12, rows], rtol=0, atol=1e-9)
+    runner.truncate(4)
+    torch.testing.assert_close(runner.forward(ids[4:6]), ref[4:6], rtol=0, atol=1e-9)  # unpruned still full
+    runner.prune_head(None)
+    assert runner.pruned_rows is None
+    torch.testing.assert_close(runner.forward(ids[6:8]), ref[6:8], rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("kind", list(RUNNERS))
+def test_context_limits(model, kind):
+    runner = RUNNERS[kind](model, 16)
+    runner.forward(_ids(10))
+    with pytest.raises(ValueError):
+        runner.forward(_ids(7))
+    assert runner.length == 10
+    runner.forward(_ids(6))
+    assert runner.length == 16
+    with pytest.raises(ValueError):
+        runner.truncate(17)
+    with pytest.raises(ValueError):
+        runner.truncate(-1)
+
+
+def greedy_with_runner(runner, prompt, n):
+    runner.reset()
+    logits = runner.forward(prompt, last_only=True)
+    out = []
+    for _ in range(n):
+        t = int(logits[0].argmax())
+        out.append(t)
+        logits = runner.forward([t], last_only=True)
+    return out
+
+
+def test_greedy_decoding_identical_to_hf_generate(model):
+    prompt = _ids(9, seed=4)
+    with torch.no_grad():
+        hf = model.generate(torch.tensor([prompt]), max_new_tokens=40, do_sample=False, min_new_tokens=40,
+                            eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+    for kind, cls in RUNNERS.items():
+        assert greedy_with_runner(cls(model, 128), prompt, 40) == hf, kind
+
+
+def test_float32_model_close_to_hf():
+    """In float32 the lean forward is the same computation up to rounding."""
+    model = tiny_llama(V, seed=8).float()
+    ids = _ids(60, seed=5)
+    ref = full_logits(model, ids)
+    runner = LlamaRunner(model, 64)
+    got = torch.cat([runner.forward(ids[:20]), runner.forward(ids[20:21]), runner.forward(ids[21:60])])
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_unsupported_configs_fall_back_to_hf_runner():
+    model = tiny_llama(V, seed=9)
+    model.config.rope_parameters = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+    assert not LlamaRunner.supports(model)
+    assert isinstance(make_runner(model, 32), HFRunner)
+    model = tiny_llama(V, seed=9)
+    model.config.hidden_act = "gelu"
+    assert isinstance(make_runner(model, 32), HFRunner)
