@@ -97,11 +97,12 @@ class Engine:
         return d
 
     def resolve(self, algorithm: str, params: SamplingParams) -> tuple:
-        """(algorithm, why). The `auto` rule is static for now (a later issue measures and adapts):
-        identical tokenizers -> same; otherwise greedy -> slem (exact match on text works for any
-        pair and keeps the drafter's own long tokens); sampling -> tli when the intersection covers
-        most of the target's vocabulary (token-level rejection sampling accepts on agreement in
-        probability, exact match only on an identical draw), else slem."""
+        """(algorithm, why). The `auto` rule is static for now (issue 4 makes it measure and adapt):
+        identical tokenizers -> same; otherwise greedy -> slem, sampling -> tli (slem if the
+        vocabularies share too little for tli). On the zoo (README, "Measured") slem beat tli greedy
+        with every drafter, tli beat slem at temperature 1 with every drafter: exact match of a
+        string only pays when the target's choice is predictable, rejection sampling accepts on
+        agreement in probability."""
         if algorithm not in ALGORITHMS:
             raise InvalidArgument(f"unknown algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
         if algorithm == "slrs":
@@ -116,11 +117,12 @@ class Engine:
         if self.drafter_vocab.same_as(self.target_vocab):
             return "same", "identical tokenizers"
         if params.greedy:
-            return "slem", "different tokenizers, greedy"
-        cov = self.drafter("tli").inter.target_coverage
-        if cov >= 0.5:
-            return "tli", f"different tokenizers, sampling, intersection covers {cov:.0%} of the target vocabulary"
-        return "slem", f"different tokenizers, sampling, intersection covers only {cov:.0%} of the target vocabulary"
+            return "slem", "different tokenizers, greedy: exact match on text"
+        try:
+            self.drafter("tli")
+        except FailedPrecondition as e:
+            return "slem", f"different tokenizers, sampling, tli cannot apply ({e})"
+        return "tli", "different tokenizers, sampling: token-level rejection sampling over the intersection"
 
     def generate(self, prompt: str, max_new_tokens: int = 128, params: SamplingParams = SamplingParams(),
                  algorithm: str = "auto", draft_tokens: Optional[int] = None) -> GenerationResult:

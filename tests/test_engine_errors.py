@@ -164,3 +164,11 @@ def test_missing_model_directory(tmp_path):
         load_model(str(tmp_path / "no-such-model"))
     with pytest.raises(ModelLoadError):
         Engine.load(str(tmp_path / "no-such-model"))
+
+
+def test_auto_rule():
+    """The documented static rule: identical tokenizers -> same; different: greedy -> slem, sampling -> tli."""
+    assert engine(T_TOKENS).generate("ab", 4, algorithm="auto").algorithm == "same"
+    assert engine(D_TOKENS).generate("ab", 4, algorithm="auto").algorithm == "slem"
+    r = engine(D_TOKENS).generate("ab", 4, SamplingParams(temperature=1.0, seed=3), algorithm="auto")
+    assert r.algorithm == "tli" and r.why
