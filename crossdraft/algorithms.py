@@ -52,7 +52,7 @@ def verify_rejection(p: torch.Tensor, cands: list, q_ids: list, q_probs: list, s
     for i, c in enumerate(cands):
         # q over the target vocabulary [V]; index_add sums drafter tokens that stand for the same
         # target token (SentencePiece's "a" and "<0x61>"), so q(c) is the probability of drafting c
-        q = torch.zeros_like(p[i]).index_add_(0, q_ids[i], q_probs[i].to(p.dtype))
+        q = torch.zeros_like(p[i]).index_add_(0, q_ids[i].to(p.device), q_probs[i].to(p.device, p.dtype))
         qc = float(q[c])
         if not (qc > 0.0) or abs(float(q.sum()) - 1.0) > 1e-6 or not bool(torch.isfinite(q).all()) or float(q.min()) < 0.0:
             return i, sample(p[i], uniform(seed, pos + i, TARGET))

@@ -120,9 +120,9 @@ class Drafter:
                 r = sample(q, uniform(self.params.seed, pos0 + i, DRAFT))
                 conf = float(q[r])
                 if self.mode != "slem":
-                    nz = q.nonzero()[:, 0]
+                    nz = q.nonzero()[:, 0].cpu()  # sparse q, on the CPU: it is what goes on the wire
                     q_ids.append(inter.target_ids[nz] if inter is not None else nz)
-                    q_probs.append(q[nz])
+                    q_probs.append(q.cpu()[nz])
             rows.append(r)
             d_id = int(inter.rows[r]) if inter is not None else r
             if d_id in self.vocab.eos_ids:

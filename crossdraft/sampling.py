@@ -76,7 +76,7 @@ def sample(probs: torch.Tensor, u: float) -> int:
     total = float(cdf[-1])
     if not total > 0.0:
         raise ValueError("cannot sample from an all-zero distribution")
-    i = int(torch.searchsorted(cdf, torch.tensor([u * total], dtype=cdf.dtype), right=True)[0])
+    i = int(torch.searchsorted(cdf, torch.tensor([u * total], dtype=cdf.dtype, device=cdf.device), right=True)[0])
     if i >= probs.shape[0]:  # u * total rounded up to the total: take the last token with weight
         i = int(torch.nonzero(probs > 0)[-1, 0])
     return i
