@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .sampling import ACCEPT, TARGET, sample, uniform
+from .sampling import ACCEPT, DRAFT, TARGET, sample, uniform
 
 
 def verify_greedy(logits: torch.Tensor, cands: list) -> tuple:
@@ -48,13 +48,23 @@ def verify_rejection(p: torch.Tensor, cands: list, q_ids: list, q_probs: list, s
     distribution q_i = (q_ids[i] [m] target ids, q_probs[i] [m]). Accept c_i with probability
     min(1, p(c)/q(c)); on rejection draw from norm(max(0, p - q)); after n acceptances draw the
     bonus from p. A candidate whose q is not a distribution it could have been drawn from (q(c) <= 0,
-    not normalised) ends the acceptance there and the target draws from p itself: still exact."""
+    not normalised, or the seeded draw from q is not c) ends the acceptance there and the target draws
+    from p itself: still exact, since that decision does not depend on the target's uniform.
+
+    Limit: exactness needs the candidate to be a draw from the reported q. The draw check catches a
+    drafter that is wrong; a malicious drafter that knows the seed could still craft q around the
+    uniform. Where drafters are untrusted, use slem (every token is the target's own draw)."""
     for i, c in enumerate(cands):
         # q over the target vocabulary [V]; index_add sums drafter tokens that stand for the same
         # target token (SentencePiece's "a" and "<0x61>"), so q(c) is the probability of drafting c
         q = torch.zeros_like(p[i]).index_add_(0, q_ids[i].to(p.device), q_probs[i].to(p.device, p.dtype))
         qc = float(q[c])
         if not (qc > 0.0) or abs(float(q.sum()) - 1.0) > 1e-6 or not bool(torch.isfinite(q).all()) or float(q.min()) < 0.0:
+            return i, sample(p[i], uniform(seed, pos + i, TARGET))
+        # The drafter draws c from q with the uniform of (seed, position, DRAFT); redo the draw on the
+        # sparse q it sent (same order, so the same index) and refuse a candidate it does not give.
+        # An honest drafter always passes; a buggy one (wrong temperature, stale q) cannot bias the output.
+        if int(q_ids[i][sample(q_probs[i].to(torch.float64), uniform(seed, pos + i, DRAFT))]) != c:
             return i, sample(p[i], uniform(seed, pos + i, TARGET))
         if uniform(seed, pos + i, ACCEPT) * qc < float(p[i, c]):  # u < p/q
             continue

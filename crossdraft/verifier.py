@@ -101,6 +101,8 @@ class Verifier:
         if proposal.kind == TOKENS:
             V = self.runner.vocab_size
             ids = list(proposal.target_ids)
+            if proposal.q_ids is not None:  # under sampling every candidate needs its q
+                ids = ids[: min(len(proposal.q_ids), len(proposal.q_probs or []))]
             for i, t in enumerate(ids):
                 if not (isinstance(t, int) and 0 <= t < V):
                     return ids[:i], 0
