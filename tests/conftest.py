@@ -36,3 +36,7 @@ def trained_models():
         model = helpers.tiny_llama(len(hf), seed=seed, hidden=hidden, eos=hf.eos_token_id)
         out[key], _ = helpers.train_tiny(model, hf, steps=steps, seed=seed)
     return out
+
+
+# `redis_server`: a real redis-server for the session store and the services (tests/redis_fixture.py)
+pytest_plugins = ["redis_fixture"]
