@@ -1,9 +1,10 @@
-"""The `crossdraft` command line: generate and bench.
+"""The `crossdraft` command line: generate, bench and serve.
 
 Owns: argument parsing, reading prompt files, printing, and turning every error into one line and a
 non-zero exit code (never a traceback; `--debug` shows one).
 
-Never: contains algorithm logic; everything runs through `crossdraft.engine.Engine`.
+Never: contains algorithm logic; everything runs through `crossdraft.engine.Engine` or, for `serve`,
+the service packages (imported lazily, so that the core command line never imports grpc).
 """
 from __future__ import annotations
 
@@ -96,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="sampling seed; a seeded run is reproducible")
     g.add_argument("--draft-tokens", type=int, default=None,
                    help="draft length per round (drafter tokens); default: adaptive from observed acceptance")
+    g.add_argument("--draft-top-k", type=int, default=0,
+                   help="same/tli under sampling: the drafter samples from its top-k renormalised distribution, "
+                        "which it then sends exactly (sparse); 0: its whole distribution (default)")
     g.add_argument("--json", action="store_true", help="one JSON object per prompt on stdout")
     g.add_argument("--compare", action="store_true",
                    help="also run the target alone on each prompt and report the speedup and whether outputs match")
@@ -124,6 +128,23 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-hf", action="store_true", help="skip the Hugging Face generate() baselines")
     b.add_argument("--json-out", default="bench.json", help="where to write the results (default: bench.json)")
     _add_model_args(b)
+
+    s = sub.add_parser("serve", help="run a crossdraft gRPC service (verifier or drafter)",
+                       description="Run one crossdraft service over gRPC. It listens at once with health "
+                                   "NOT_SERVING, loads and warms its model, then reports SERVING (grpc.health.v1) "
+                                   "and logs 'serving on HOST:PORT'. SIGTERM stops it gracefully.")
+    roles = s.add_subparsers(dest="role", required=True, metavar="ROLE")
+    for role, what in (("verifier", "the target model: verifies the proposals of drafters (VerifierService)"),
+                       ("drafter", "a drafter model: runs sessions against a verifier (DrafterService)")):
+        r = roles.add_parser(role, help=what, description=f"Serve {what}.")
+        r.add_argument("--model", required=True, help="model directory or Hugging Face Hub id")
+        r.add_argument("--port", type=int, required=True, help="TCP port to listen on (0: any free port)")
+        r.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0: all)")
+        r.add_argument("--max-sessions", type=int, default=16,
+                       help="sessions served at once; more are answered RESOURCE_EXHAUSTED (default: 16)")
+        r.add_argument("--grace", type=float, default=10.0,
+                       help="seconds in-flight calls get to finish after SIGTERM (default: 10)")
+        _add_model_args(r)
     return ap
 
 
@@ -158,8 +179,10 @@ def cmd_generate(args) -> int:
 
         raise Unimplemented("algorithm 'slrs' is not implemented yet (its own issue)")
     _setup_torch(args)
+    if args.draft_top_k < 0:
+        raise InvalidArgument(f"--draft-top-k must be >= 0, got {args.draft_top_k}")
     engine = Engine.load(args.target, args.drafter if algo != "none" else None, device=args.device,
-                         fast=not args.hf_runner)
+                         fast=not args.hf_runner, draft_top_k=args.draft_top_k)
     for prompt in prompts:
         res = engine.generate(prompt, args.max_new_tokens, params, algo, args.draft_tokens)
         out = res.as_json()
@@ -182,6 +205,22 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    if not 1 <= args.max_sessions <= 4096:
+        raise InvalidArgument(f"--max-sessions must be in [1, 4096], got {args.max_sessions}")
+    if not 0 <= args.port <= 65535:
+        raise InvalidArgument(f"--port must be in [0, 65535], got {args.port}")
+    from .runner import check_local
+
+    check_local(args.model)
+    _setup_torch(args)
+    if args.role == "verifier":
+        from verifier_service.server import serve
+    else:
+        from drafter_service.server import serve
+    return serve(args)
+
+
 def main(argv=None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
@@ -193,6 +232,8 @@ def main(argv=None) -> int:
 
             _setup_torch(args)
             return run_bench(args)
+        if args.command == "serve":
+            return cmd_serve(args)
     except CrossdraftError as e:
         print(f"crossdraft: error: {e}", file=sys.stderr)
         return e.exit_code

@@ -363,3 +363,17 @@ def test_sampling_longer_generations_only_emits_possible_tokens():
                 p = probs_from_logits(tr.logits_at(ctx)[None], params)[0]
                 assert p[t] > 0, (algorithm, params, ctx, t)
                 ctx += (t,)
+
+
+@pytest.mark.parametrize("algorithm,tokens", [("tli", D_TOKENS), ("same", T_TOKENS)])
+def test_sparse_drafter_distribution_is_exact(algorithm, tokens):
+    """--draft-top-k: the drafter samples from its top-k renormalised distribution and sends exactly
+    that sparse q; the output must still be the target's distribution."""
+    base = far_engine(tokens)
+    engine = Engine(base.verifier.runner, base.target_vocab, base.drafter_runner, base.drafter_vocab, draft_top_k=2)
+    expected = exact_distribution(base, T1)
+    counts, cands, acc = run_counts(engine, T1, algorithm, N // 2, 2, seed0=2_000_000)
+    stat, p, df = chi_square(counts, expected)
+    print(f"{algorithm} draft_top_k=2: chi2={stat:.1f} df={df} p={p:.3g}; {acc}/{cands} accepted")
+    assert cands > 0.5 * (N // 2) and 0 < acc < cands
+    assert p > ALPHA, (stat, p, df)
