@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 from .drafter import Drafter
 from .errors import FailedPrecondition, InvalidArgument, Unimplemented
@@ -65,6 +65,40 @@ class DraftLength:
         self.k = min(self.hi, self.k + 2) if accepted == candidates else max(self.lo, self.k - 1)
 
 
+def resolve_algorithm(algorithm: str, params: SamplingParams, target_vocab: Vocab,
+                      drafter_vocab: Optional[Vocab], check_tli: Optional[Callable[[], object]] = None) -> tuple:
+    """(algorithm, why). The `auto` rule is static for now (issue 4 makes it measure and adapt):
+    identical tokenizers -> same; otherwise greedy -> slem, sampling -> tli (slem if the
+    vocabularies share too little for tli). On the zoo (README, "Measured") slem beat tli greedy
+    with every drafter, tli beat slem at temperature 1 with every drafter: exact match of a
+    string only pays when the target's choice is predictable, rejection sampling accepts on
+    agreement in probability.
+
+    drafter_vocab None: no drafter. check_tli raises FailedPrecondition when tli cannot apply to
+    the pair (it builds the intersection); the engine and the drafter service share this rule."""
+    if algorithm not in ALGORITHMS:
+        raise InvalidArgument(f"unknown algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
+    if algorithm == "slrs":
+        raise Unimplemented("algorithm 'slrs' is not implemented yet (its own issue)")
+    if algorithm != "auto":
+        if algorithm == "same" and drafter_vocab is not None and not drafter_vocab.same_as(target_vocab):
+            raise FailedPrecondition("algorithm 'same' needs the drafter to share the target's tokenizer; "
+                                     "these tokenizers differ (use tli or slem)")
+        return algorithm, "asked for"
+    if drafter_vocab is None:
+        return "none", "no drafter"
+    if drafter_vocab.same_as(target_vocab):
+        return "same", "identical tokenizers"
+    if params.greedy:
+        return "slem", "different tokenizers, greedy: exact match on text"
+    try:
+        if check_tli is not None:
+            check_tli()
+    except FailedPrecondition as e:
+        return "slem", f"different tokenizers, sampling, tli cannot apply ({e})"
+    return "tli", "different tokenizers, sampling: token-level rejection sampling over the intersection"
+
+
 class Engine:
     def __init__(self, target_runner: Runner, target_vocab: Vocab,
                  drafter_runner: Optional[Runner] = None, drafter_vocab: Optional[Vocab] = None,
@@ -97,32 +131,10 @@ class Engine:
         return d
 
     def resolve(self, algorithm: str, params: SamplingParams) -> tuple:
-        """(algorithm, why). The `auto` rule is static for now (issue 4 makes it measure and adapt):
-        identical tokenizers -> same; otherwise greedy -> slem, sampling -> tli (slem if the
-        vocabularies share too little for tli). On the zoo (README, "Measured") slem beat tli greedy
-        with every drafter, tli beat slem at temperature 1 with every drafter: exact match of a
-        string only pays when the target's choice is predictable, rejection sampling accepts on
-        agreement in probability."""
-        if algorithm not in ALGORITHMS:
-            raise InvalidArgument(f"unknown algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
-        if algorithm == "slrs":
-            raise Unimplemented("algorithm 'slrs' is not implemented yet (its own issue)")
-        if algorithm != "auto":
-            if algorithm == "same" and self.drafter_vocab is not None and not self.drafter_vocab.same_as(self.target_vocab):
-                raise FailedPrecondition("algorithm 'same' needs the drafter to share the target's tokenizer; "
-                                         "these tokenizers differ (use tli or slem)")
-            return algorithm, "asked for"
-        if self.drafter_runner is None:
-            return "none", "no drafter"
-        if self.drafter_vocab.same_as(self.target_vocab):
-            return "same", "identical tokenizers"
-        if params.greedy:
-            return "slem", "different tokenizers, greedy: exact match on text"
-        try:
-            self.drafter("tli")
-        except FailedPrecondition as e:
-            return "slem", f"different tokenizers, sampling, tli cannot apply ({e})"
-        return "tli", "different tokenizers, sampling: token-level rejection sampling over the intersection"
+        """(algorithm, why): `resolve_algorithm` with this engine's two vocabularies."""
+        return resolve_algorithm(algorithm, params, self.target_vocab,
+                                 self.drafter_vocab if self.drafter_runner is not None else None,
+                                 lambda: self.drafter("tli"))
 
     def generate(self, prompt: str, max_new_tokens: int = 128, params: SamplingParams = SamplingParams(),
                  algorithm: str = "auto", draft_tokens: Optional[int] = None) -> GenerationResult:

@@ -47,3 +47,24 @@ class Unimplemented(CrossdraftError):
 class ResourceExhausted(CrossdraftError):
     code = "RESOURCE_EXHAUSTED"
     exit_code = 2
+
+
+class AlreadyExists(CrossdraftError):
+    """A session with this id is already open (on this verifier)."""
+
+    code = "ALREADY_EXISTS"
+    exit_code = 2
+
+
+class Unavailable(CrossdraftError):
+    """A service cannot serve now: its model is still loading, or a peer it needs cannot be reached."""
+
+    code = "UNAVAILABLE"
+    exit_code = 1
+
+
+class Aborted(CrossdraftError):
+    """A session's two sides disagree (a verdict for another committed length): the session must restart."""
+
+    code = "ABORTED"
+    exit_code = 1

@@ -34,7 +34,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .errors import CrossdraftError, FailedPrecondition, InvalidArgument, NotFound
+from .errors import (  # noqa: F401 - AlreadyExists and Unavailable are part of this module's API
+    Aborted, AlreadyExists, CrossdraftError, FailedPrecondition, InvalidArgument, NotFound, Unavailable)
 
 STATUSES = ("queued", "running", "done", "cancelled", "failed")
 TERMINAL = frozenset({"done", "cancelled", "failed"})
@@ -44,12 +45,9 @@ _MAX_ID_LEN = 200
 _MAX_TOKEN_ID = 2**31 - 1  # ids are stored as int32
 
 
-class Conflict(CrossdraftError):
+class Conflict(Aborted):
     """A commit at a stale length that is not a replay of the last commit: another writer got there
     first, or the caller's view is out of date. Re-read the session before going on."""
-
-    code = "ABORTED"
-    exit_code = 1
 
     def __init__(self, message: str, expected: int = -1, actual: int = -1):
         super().__init__(message)
@@ -62,18 +60,6 @@ class SessionClosed(FailedPrecondition):
     def __init__(self, message: str, status: str = ""):
         super().__init__(message)
         self.status = status
-
-
-class AlreadyExists(CrossdraftError):
-    code = "ALREADY_EXISTS"
-    exit_code = 2
-
-
-class Unavailable(CrossdraftError):
-    """The store cannot be reached (Redis down, refused, timed out). Retrying later may succeed."""
-
-    code = "UNAVAILABLE"
-    exit_code = 1
 
 
 @dataclass(frozen=True)

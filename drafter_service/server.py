@@ -1,0 +1,318 @@
+"""The drafter service: a small model behind `crossdraft.v1.DrafterService`.
+
+Owns: running a session against a verifier: it opens one Verify stream (the drafter is the client),
+sends the VerifyStart, then per round `Drafter.propose(k)` -> Proposal -> Verdict ->
+`Drafter.observe`, with the engine's adaptive draft length (`engine.DraftLength`), and streams each
+committed delta back to its caller, the last one with the final statistics. The same loop as
+`Engine.generate`, with the verifier on the other end of a stream, so outputs are identical.
+
+The target's tokenizer comes from the verifier (`GetTokenizer`), is loaded with `Vocab.load` and
+cached per tokenizer fingerprint; so are the per-mode drafters built against it (the TLI
+intersection is computed once per target tokenizer). Building them is the check that the pair can be
+bridged: `same` with different tokenizers, or a pair without an intersection for `tli`, is answered
+FAILED_PRECONDITION. `auto` is resolved here with the engine's rule (`engine.resolve_algorithm`).
+
+Sessions and the KV cache: as on the verifier, the drafter runner has ONE KV cache, an LRU of size
+1; each session keeps its state in its own `Drafter` (a copy of the cached one), its drafting runs
+under one lock, and a session whose cache was taken by another rebuilds it from its own context (its
+canonical tokenization of the committed text) at its next draft.
+
+Never: decides acceptance or commits anything; the verifier alone does.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import queue
+import tempfile
+import threading
+import time
+import uuid
+from types import SimpleNamespace
+from typing import Optional
+
+import grpc
+
+from crossdraft import wire
+from crossdraft.drafter import Drafter
+from crossdraft.engine import DraftLength, resolve_algorithm
+from crossdraft.errors import (Aborted, FailedPrecondition, InvalidArgument, ResourceExhausted,
+                               Unavailable)
+from crossdraft.protocol import TOKENS, Proposal
+from crossdraft.v1 import drafter_pb2, drafter_pb2_grpc, verifier_pb2, verifier_pb2_grpc
+from verifier_service.common import CHANNEL_OPTIONS, Service, dtype_name, model_id, one_line, setup_logging
+
+log = logging.getLogger("crossdraft.drafter_service")
+
+SERVICE_NAME = drafter_pb2.DESCRIPTOR.services_by_name["DrafterService"].full_name
+ALGORITHMS = ("same", "tli", "slem")
+# The drafter's settings, as the in-process engine's defaults (Engine.__init__), so that a session
+# here drafts exactly what `crossdraft generate` drafts.
+WINDOW, DRAFT_TOP_K, MIN_CONFIDENCE = 4, 0, 0.4
+MAX_TOKENIZER_BYTES = 256 << 20
+INFO_TIMEOUT_S, TOKENIZER_TIMEOUT_S = 10.0, 60.0
+
+
+class DrafterSessions:
+    """The one drafter runner's KV cache, an LRU of size 1 (`kv_owner`), and the session count."""
+
+    def __init__(self, runner, max_sessions: int = 16):
+        self.runner, self.max_sessions = runner, max_sessions
+        self.lock = threading.Lock()
+        self.kv_owner: Optional[Drafter] = None
+        self.active = 0
+        self.misses = 0
+
+    def acquire(self) -> None:
+        with self.lock:
+            if self.active >= self.max_sessions:
+                raise ResourceExhausted(f"this drafter runs at most {self.max_sessions} sessions at once")
+            self.active += 1
+
+    def release(self, drafter: Optional[Drafter]) -> None:
+        with self.lock:
+            self.active -= 1
+            if drafter is not None and self.kv_owner is drafter:
+                self.kv_owner = None
+
+    def start(self, drafter: Drafter, prompt: str, ids: list, params) -> None:
+        with self.lock:
+            drafter.start(prompt, ids, params)
+            self.kv_owner = drafter
+
+    def propose(self, drafter: Drafter, k: int) -> Proposal:
+        with self.lock:
+            if self.kv_owner is not drafter:  # a miss: another session's drafts are in the cache
+                self.misses += 1
+                rows = drafter.inter.rows if drafter.inter is not None else None
+                if self.runner.pruned_rows is not rows:
+                    self.runner.prune_head(rows)
+                drafter.kv_ids = []  # recomputed from the session's context at this draft
+                self.kv_owner = drafter
+            return drafter.propose(k)
+
+
+class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
+    def __init__(self, model: str, max_sessions: int = 16):
+        self.model = model
+        self.max_sessions = max_sessions
+        self.sessions: Optional[DrafterSessions] = None  # set by load()
+        self._channels: dict = {}  # verifier address -> channel
+        self._vocabs: dict = {}  # target tokenizer fingerprint -> Vocab
+        self._templates: dict = {}  # (fingerprint, mode) -> Drafter (copied per session)
+        self._cache_lock = threading.Lock()
+
+    # --- lifecycle ----------------------------------------------------------------------------
+    def load(self, device: Optional[str] = None, fast: bool = True) -> None:
+        from crossdraft.runner import load_model, make_runner
+        from crossdraft.vocab import Vocab
+
+        vocab = Vocab.load(self.model)
+        runner = make_runner(load_model(self.model, device), fast=fast)
+        runner.forward([0], last_only=True)  # warm-up: one short forward
+        runner.reset()
+        self.vocab, self.runner = vocab, runner
+        self.fingerprint = vocab.fingerprint()
+        self.sessions = DrafterSessions(runner, self.max_sessions)
+
+    def _ready(self) -> DrafterSessions:
+        if self.sessions is None:
+            raise Unavailable("the drafter's model is still loading")
+        return self.sessions
+
+    # --- the verifier's side: channel, tokenizer, drafters built against it -----------------------
+    def _stub(self, address: str):
+        with self._cache_lock:
+            ch = self._channels.get(address)
+            if ch is None:
+                ch = self._channels[address] = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        return verifier_pb2_grpc.VerifierServiceStub(ch)
+
+    def _target(self, address: str):
+        """(stub, target Vocab, fingerprint) of the verifier at address."""
+        stub = self._stub(address)
+        try:
+            info = stub.GetInfo(verifier_pb2.VerifierServiceGetInfoRequest(), timeout=INFO_TIMEOUT_S)
+        except grpc.RpcError as e:
+            if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise Unavailable(f"verifier {address} cannot be reached: {one_line(e.details() or '')}") from None
+            raise
+        fp = info.tokenizer_fingerprint
+        with self._cache_lock:  # one fetch per tokenizer, even with sessions starting together
+            vocab = self._vocabs.get(fp)
+            if vocab is None:
+                vocab = self._vocabs[fp] = self._fetch_tokenizer(stub, fp, address)
+        return stub, vocab, fp
+
+    def _fetch_tokenizer(self, stub, fp: str, address: str):
+        from crossdraft.vocab import Vocab
+
+        files: dict = {}
+        total = 0
+        for chunk in stub.GetTokenizer(verifier_pb2.GetTokenizerRequest(), timeout=TOKENIZER_TIMEOUT_S):
+            name = os.path.basename(chunk.file_name)
+            if chunk.tokenizer_fingerprint != fp:
+                raise FailedPrecondition(f"verifier {address} changed its tokenizer while sending it")
+            if not name or name.startswith("."):
+                raise FailedPrecondition(f"verifier {address} sent a tokenizer file with a bad name {chunk.file_name!r}")
+            buf = files.setdefault(name, bytearray())
+            total += len(chunk.data)
+            if chunk.offset != len(buf) or total > MAX_TOKENIZER_BYTES:
+                raise FailedPrecondition(f"verifier {address} sent its tokenizer file {name!r} out of order or too large")
+            buf += chunk.data
+        if not files:
+            raise FailedPrecondition(f"verifier {address} sent no tokenizer files")
+        with tempfile.TemporaryDirectory(prefix="crossdraft-target-tokenizer-") as d:
+            for name, data in files.items():
+                with open(os.path.join(d, name), "wb") as f:
+                    f.write(data)
+            vocab = Vocab.load(d)
+        if vocab.fingerprint() != fp:
+            raise FailedPrecondition(f"the tokenizer received from verifier {address} does not match its fingerprint")
+        log.info("loaded the tokenizer of verifier %s (fingerprint %s, %d tokens)", address, fp, len(vocab))
+        return vocab
+
+    def _template(self, fp: str, mode: str, target_vocab) -> Drafter:
+        """The drafter for this target tokenizer and mode, built once: this is where an unbridgeable
+        pair is found (FailedPrecondition)."""
+        key = (fp, mode)
+        with self._cache_lock:
+            d = self._templates.get(key)
+            if d is None:
+                d = self._templates[key] = Drafter(self.runner, self.vocab, target_vocab, mode, DRAFT_TOP_K,
+                                                   WINDOW, MIN_CONFIDENCE)
+        return d
+
+    # --- RPCs ---------------------------------------------------------------------------------
+    def GetInfo(self, request, context):
+        sessions = self._ready()
+        return drafter_pb2.DrafterServiceGetInfoResponse(
+            model_id=model_id(self.model), tokenizer_fingerprint=self.fingerprint,
+            vocab_size=self.runner.vocab_size, algorithms=[wire.algorithm_to_proto(a) for a in ALGORITHMS],
+            max_context=self.runner.max_length, device=str(self.runner.device), dtype=dtype_name(self.runner),
+            active_sessions=sessions.active, max_sessions=sessions.max_sessions)
+
+    def RunSession(self, request, context):
+        sessions = self._ready()
+        sid = wire.check_session_id(request.session_id or uuid.uuid4().hex)
+        params = wire.sampling_params_from_proto(request.params if request.HasField("params") else None)
+        algorithm = wire.algorithm_from_proto(request.algorithm)
+        if not request.verifier_address:
+            raise InvalidArgument("verifier_address is required")
+        if not request.prompt_ids and not request.prompt:
+            raise InvalidArgument("the prompt is empty")
+        committed = list(request.committed_ids)
+        if not len(committed) < request.max_new_tokens <= wire.MAX_SEQUENCE_IDS:
+            raise InvalidArgument(f"max_new_tokens must be more than the {len(committed)} ids committed "
+                                  f"(and at most {wire.MAX_SEQUENCE_IDS}), got {request.max_new_tokens}")
+        if request.draft_tokens and not 1 <= request.draft_tokens <= wire.MAX_TARGET_IDS:
+            raise InvalidArgument(f"draft tokens must be in [1, {wire.MAX_TARGET_IDS}] (or 0: adaptive), "
+                                  f"got {request.draft_tokens}")
+        stub, target_vocab, fp = self._target(request.verifier_address)
+        algo, why = resolve_algorithm(algorithm, params, target_vocab, self.vocab,
+                                      lambda: self._template(fp, "tli", target_vocab))
+        drafter = copy.copy(self._template(fp, algo, target_vocab)) if algo != "none" else None
+        prompt_ids = list(request.prompt_ids) or target_vocab.encode_prompt(request.prompt)
+        n_target = len(target_vocab)
+        for t in prompt_ids + committed:
+            if not 0 <= t < n_target:
+                raise InvalidArgument(f"token id {t} is outside the target's vocabulary of {n_target}")
+        start = wire.SessionStart(sid, prompt_ids, committed, params, request.max_new_tokens, algo)
+        sessions.acquire()
+        try:
+            yield from self._run(stub, start, request.prompt, drafter, why, request.draft_tokens or None, context)
+        finally:
+            sessions.release(drafter)
+
+    def _run(self, stub, start: wire.SessionStart, prompt: str, drafter: Optional[Drafter], why: str,
+             draft_tokens: Optional[int], context):
+        """The engine's loop (`Engine.generate`) with the verifier on the other end of a stream."""
+        requests: "queue.SimpleQueue" = queue.SimpleQueue()
+
+        def request_stream():
+            while (msg := requests.get()) is not None:
+                yield msg
+
+        requests.put(verifier_pb2.VerifyRequest(start=wire.start_to_proto(start)))
+        call = stub.Verify(request_stream())
+        context.add_callback(call.cancel)  # the caller went away: end the Verify stream too
+        finished = False
+        algo_enum = wire.algorithm_to_proto(start.algorithm)
+        try:
+            committed_len = len(start.prompt_ids) + len(start.committed_ids)
+            offset = len(start.committed_ids)
+            t0 = time.perf_counter()
+            if drafter is not None:
+                self.sessions.start(drafter, prompt, start.prompt_ids + start.committed_ids, start.params)
+            k = DraftLength(draft_tokens)
+            c = SimpleNamespace(rounds=0, draft_tokens=0, accepted_tokens=0, drafted=0, accepted_by_position=[],
+                                draft_ns=0, verify_ns=0, bridge_ns=0, network_ns=0)
+            first = True
+            while not finished:
+                if drafter is None:
+                    proposal = Proposal(seq=committed_len, kind=TOKENS)  # none: the target alone
+                else:
+                    proposal = self.sessions.propose(drafter, k.k)
+                c.draft_ns += proposal.draft_ns
+                c.drafted += proposal.drafted
+                sent = time.perf_counter_ns()
+                requests.put(verifier_pb2.VerifyRequest(proposal=wire.proposal_to_proto(proposal)))
+                resp = next(call, None)
+                if resp is None:
+                    raise Unavailable("the verifier closed the session's stream before it finished")
+                rtt = time.perf_counter_ns() - sent
+                verdict = wire.verdict_from_proto(resp.verdict)
+                if verdict.seq != committed_len:
+                    raise Aborted(f"the verifier is at committed length {verdict.seq}, this drafter at {committed_len}")
+                c.rounds += 1
+                c.draft_tokens += verdict.candidates
+                c.accepted_tokens += verdict.accepted
+                c.verify_ns += verdict.verify_ns
+                c.bridge_ns += verdict.bridge_ns
+                c.network_ns += max(0, rtt - verdict.verify_ns)
+                while len(c.accepted_by_position) < verdict.accepted:
+                    c.accepted_by_position.append(0)
+                for i in range(verdict.accepted):
+                    c.accepted_by_position[i] += 1
+                committed_len += len(verdict.ids)
+                finished = verdict.finished
+                if verdict.ids or finished:
+                    seconds = time.perf_counter() - t0
+                    stats = SimpleNamespace(
+                        new_tokens=committed_len - len(start.prompt_ids) - len(start.committed_ids), rounds=c.rounds,
+                        draft_tokens=c.draft_tokens, accepted_tokens=c.accepted_tokens, drafted=c.drafted,
+                        accepted_by_position=c.accepted_by_position, seconds=seconds,
+                        profile={"draft_s": c.draft_ns / 1e9, "verify_s": c.verify_ns / 1e9,
+                                 "bridge_s": c.bridge_ns / 1e9})
+                    yield drafter_pb2.RunSessionResponse(
+                        token_offset=offset, ids=verdict.ids, text=verdict.text, finished=finished,
+                        finish_reason=wire.finish_reason_to_proto(verdict.finish_reason), algorithm=algo_enum,
+                        why=why if first else "", stats=wire.stats_to_proto(stats, network_ns=c.network_ns))
+                    first = False
+                    offset += len(verdict.ids)
+                if drafter is not None and not finished:
+                    drafter.observe(verdict)
+                    k.update(verdict.candidates, verdict.accepted)
+            log.info("session %s: %s, %d rounds, %d new tokens, %.3f s", start.session_id, start.algorithm,
+                     c.rounds, committed_len - len(start.prompt_ids) - len(start.committed_ids),
+                     time.perf_counter() - t0)
+        finally:
+            requests.put(None)  # half-close the Verify stream
+            if not finished:
+                call.cancel()
+
+
+def serve(args) -> int:
+    """`crossdraft serve drafter`: listen at once (health NOT_SERVING), load and warm the model,
+    then SERVING until SIGTERM."""
+    setup_logging()
+    servicer = DrafterServicer(args.model, max_sessions=args.max_sessions)
+    svc = Service(SERVICE_NAME, drafter_pb2_grpc.add_DrafterServiceServicer_to_server, servicer,
+                  args.host, args.port, max_workers=args.max_sessions + 8, grace_s=args.grace)
+    svc.start()
+    log.info("listening on %s, loading %s", svc.address, args.model)
+    servicer.load(args.device, fast=not args.hf_runner)
+    svc.set_serving()
+    svc.wait()
+    return 0

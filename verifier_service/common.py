@@ -1,0 +1,189 @@
+"""gRPC plumbing shared by the crossdraft services (verifier, drafter, later the gateway).
+
+Owns, in one place:
+- the mapping of errors to gRPC status codes (`status_of`, `ErrorInterceptor`): a
+  `crossdraft.errors.CrossdraftError` becomes the status named by its `code` (INVALID_ARGUMENT,
+  NOT_FOUND, FAILED_PRECONDITION, RESOURCE_EXHAUSTED, UNAVAILABLE, UNIMPLEMENTED, ABORTED,
+  ALREADY_EXISTS, ...) with its one-line message; a failed outgoing call (`grpc.RpcError`, e.g. the
+  drafter's Verify stream) keeps its status; anything else is INTERNAL with a one-line message (the
+  traceback goes to the log);
+- building a server: message size limits, the interceptor, standard health checking
+  (`grpc.health.v1`: NOT_SERVING until the model is loaded and warmed, then SERVING), server
+  reflection, and a graceful shutdown on SIGTERM/SIGINT (stop accepting, let in-flight calls finish
+  within a grace period);
+- client channel options with the same message size limits.
+
+It lives here because the core library (`crossdraft/`) must not import grpc outside its wire and
+store modules, and the top-level folders are fixed by the product card; `drafter_service` imports it.
+
+Never: touches models or algorithms.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import signal
+import threading
+from concurrent import futures
+from typing import Callable, Iterable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from crossdraft.errors import CrossdraftError
+
+MAX_MESSAGE_BYTES = 8 << 20  # per message, both directions (a Proposal with 64 full q rows is ~4 MiB)
+CHANNEL_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+PACKAGE_PREFIX = "/crossdraft.v1."  # the interceptor wraps only our own services' methods
+
+log = logging.getLogger("crossdraft.services")
+
+
+def one_line(text: str) -> str:
+    text = str(text).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def status_of(exc: BaseException) -> tuple:
+    """(grpc.StatusCode, message) for an exception raised by a handler."""
+    if isinstance(exc, CrossdraftError):
+        return getattr(grpc.StatusCode, exc.code, grpc.StatusCode.INTERNAL), one_line(exc) or exc.code.lower()
+    if isinstance(exc, grpc.RpcError) and callable(getattr(exc, "code", None)):
+        code = exc.code() or grpc.StatusCode.UNKNOWN
+        return code, one_line(exc.details() or "") or code.name.lower()
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {one_line(exc)}"
+
+
+def _abort(context, exc: BaseException, method: str):
+    code, message = status_of(exc)
+    if code == grpc.StatusCode.INTERNAL and not isinstance(exc, CrossdraftError):
+        log.exception("%s failed", method)
+    else:
+        log.info("%s: %s: %s", method, code.name, message)
+    context.abort(code, message)
+
+
+def _already_aborted(context) -> bool:
+    try:
+        return context.code() is not None  # the handler called context.abort itself
+    except Exception:  # noqa: BLE001 - older grpc without ServicerContext.code()
+        return False
+
+
+def _wrap_unary(behavior, method):
+    @functools.wraps(behavior)
+    def handler(request, context):
+        try:
+            return behavior(request, context)
+        except Exception as e:  # noqa: BLE001 - the one place handler failures become statuses
+            if _already_aborted(context):
+                raise
+            _abort(context, e, method)
+    return handler
+
+
+def _wrap_stream(behavior, method):
+    @functools.wraps(behavior)
+    def handler(request, context):
+        try:
+            yield from behavior(request, context)
+        except Exception as e:  # noqa: BLE001
+            if _already_aborted(context):
+                raise
+            _abort(context, e, method)
+    return handler
+
+
+class ErrorInterceptor(grpc.ServerInterceptor):
+    """Maps every exception of a crossdraft handler to one status code with a message (`status_of`)."""
+
+    def intercept_service(self, continuation, handler_call_details):
+        h = continuation(handler_call_details)
+        method = handler_call_details.method
+        if h is None or not method.startswith(PACKAGE_PREFIX):
+            return h
+        kw = dict(request_deserializer=h.request_deserializer, response_serializer=h.response_serializer)
+        if h.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(_wrap_unary(h.unary_unary, method), **kw)
+        if h.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(_wrap_stream(h.unary_stream, method), **kw)
+        if h.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(_wrap_unary(h.stream_unary, method), **kw)
+        return grpc.stream_stream_rpc_method_handler(_wrap_stream(h.stream_stream, method), **kw)
+
+
+class Service:
+    """A gRPC server for one crossdraft service, with health, reflection and graceful shutdown.
+
+        svc = Service("crossdraft.v1.VerifierService", add_fn, servicer, host, port, workers)
+        svc.start()          # listening, health NOT_SERVING
+        ...load and warm the model...
+        svc.set_serving()    # health SERVING, logs "serving on HOST:PORT"
+        svc.wait()           # until SIGTERM/SIGINT (or stop()), then a graceful shutdown
+    """
+
+    def __init__(self, service_name: str, add_servicer: Callable, servicer, host: str, port: int,
+                 max_workers: int = 32, grace_s: float = 10.0):
+        self.service_name, self.host, self.grace_s = service_name, host, grace_s
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
+                                  interceptors=[ErrorInterceptor()], options=CHANNEL_OPTIONS)
+        add_servicer(servicer, self.server)
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        names: Iterable[str] = (service_name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                                reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(tuple(names), self.server)
+        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        if not self.port:
+            raise CrossdraftError(f"cannot listen on {host}:{port}")
+        self._stop = threading.Event()
+        self._set(health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def _set(self, status) -> None:
+        for name in ("", self.service_name):  # "" is the whole server
+            self.health.set(name, status)
+
+    def start(self, handle_signals: bool = True) -> None:
+        if handle_signals and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: self._stop.set())
+        self.server.start()
+
+    def set_serving(self) -> None:
+        self._set(health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving on %s", self.address)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def wait(self) -> None:
+        """Block until a stop signal, then shut down: NOT_SERVING at once, no new calls, in-flight
+        calls (a round being verified, a session's stream) get grace_s to finish."""
+        while not self._stop.wait(0.5):
+            pass
+        log.info("shutting down (grace %.0f s)", self.grace_s)
+        self.health.enter_graceful_shutdown()
+        self.server.stop(self.grace_s).wait()
+        log.info("stopped")
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+def model_id(name_or_path: str) -> str:
+    """A directory's name, or the Hub id as given."""
+    import os
+
+    p = os.path.expanduser(name_or_path)
+    return os.path.basename(os.path.normpath(p)) if os.path.isdir(p) else name_or_path
+
+
+def dtype_name(runner) -> str:
+    return str(getattr(runner, "dtype", "")).replace("torch.", "")

@@ -1,0 +1,209 @@
+"""The verifier service: the target model behind `crossdraft.v1.VerifierService`.
+
+Owns: converting messages (`crossdraft.wire`) and calling the core's `crossdraft.verifier.Verifier`,
+one per session, all over the service's one target runner; the sessions table; the tokenizer files
+it hands to drafters.
+
+Sessions and the KV cache. The target runner has ONE KV cache. Each open session (one Verify stream)
+keeps its own state in a `Verifier` (committed ids and text, sampling parameters, limits) in a
+bounded table (`TargetSessions`, at most `max_sessions`, least recently used first). The KV cache is
+an LRU of size 1: it belongs to the session that ran last. A round of another session is a miss:
+the cache is rebuilt from that session's committed target ids (one prefill of all but the last
+committed token, the state `Verifier.verify` leaves behind) before verifying. Rounds of all sessions
+are served one at a time under one lock. Greedy and sampled outputs do not depend on which sessions
+interleave (a prefill computes the same keys and values as the rounds did, up to float rounding in
+the last bits); a larger KV LRU and batching are later work.
+
+A stale proposal (its seq is not the committed length) gets `wire.empty_verdict` without a forward
+pass. The trust boundary stays in the core: a proposal can make a round commit fewer tokens, never
+different ones.
+
+Never: drafts, decides acceptance itself, or imports anything of the drafter.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from typing import Optional
+
+from crossdraft import wire
+from crossdraft.errors import AlreadyExists, InvalidArgument, ResourceExhausted, Unavailable, Unimplemented
+from crossdraft.protocol import Verdict
+from crossdraft.v1 import verifier_pb2, verifier_pb2_grpc
+from crossdraft.verifier import Verifier
+
+from .common import Service, dtype_name, model_id, setup_logging
+
+log = logging.getLogger("crossdraft.verifier_service")
+
+SERVICE_NAME = verifier_pb2.DESCRIPTOR.services_by_name["VerifierService"].full_name
+CHUNK_BYTES = 1 << 20
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "spiece.model", "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json",
+                   "chat_template.jinja", "chat_template.json", "config.json")
+ALGORITHMS = ("same", "tli", "slem", "none")  # slrs: UNIMPLEMENTED
+
+
+class TargetSessions:
+    """Open sessions of the one target runner: per-session `Verifier` state in a bounded LRU table,
+    the KV cache an LRU of size 1 (`kv_owner`), every round under `lock`."""
+
+    def __init__(self, runner, vocab, max_sessions: int = 16, window: int = 4):
+        self.runner, self.vocab, self.window = runner, vocab, window
+        self.max_sessions = max_sessions
+        self.lock = threading.Lock()
+        self.sessions: "OrderedDict[str, Verifier]" = OrderedDict()
+        self.kv_owner: Optional[str] = None
+        self.misses = 0  # rounds that had to rebuild the KV cache
+
+    def __len__(self):
+        return len(self.sessions)
+
+    def open(self, start: wire.SessionStart) -> Verifier:
+        """A new session: validate against the model, prefill prompt + committed ids."""
+        with self.lock:
+            sid = start.session_id
+            if sid in self.sessions:
+                raise AlreadyExists(f"session {sid!r} already has a Verify stream open on this verifier")
+            if len(self.sessions) >= self.max_sessions:
+                raise ResourceExhausted(f"this verifier serves at most {self.max_sessions} sessions at once")
+            v = Verifier(self.runner, self.vocab, self.window)
+            self.kv_owner = None  # start() resets the cache even when it fails
+            v.start(start.prompt_ids + start.committed_ids, start.remaining, start.params)
+            self.kv_owner = sid
+            self.sessions[sid] = v
+            return v
+
+    def verify(self, sid: str, proposal) -> Verdict:
+        with self.lock:
+            v = self.sessions[sid]
+            self.sessions.move_to_end(sid)
+            committed = len(v.ids)
+            if proposal.seq != committed:
+                return wire.empty_verdict(committed)  # stale: no forward pass
+            if self.kv_owner != sid:
+                self._rebuild(v)
+                self.kv_owner = sid
+            return v.verify(proposal)
+
+    def _rebuild(self, v: Verifier) -> None:
+        """A miss: the cache holds another session's keys and values. Refill it with this session's
+        committed ids but the last (whose logits come with the next round), as `verify` leaves it."""
+        self.misses += 1
+        self.runner.reset()
+        if len(v.ids) > 1:
+            self.runner.forward(v.ids[:-1], last_only=True)
+
+    def close(self, sid: str) -> None:
+        with self.lock:
+            self.sessions.pop(sid, None)
+            if self.kv_owner == sid:
+                self.kv_owner = None
+
+
+class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
+    """Thin: messages in, the core's Verifier, messages out. Errors are raised as CrossdraftError and
+    mapped to status codes by `common.ErrorInterceptor`."""
+
+    def __init__(self, model: str, max_sessions: int = 16):
+        self.model = model
+        self.max_sessions = max_sessions
+        self.sessions: Optional[TargetSessions] = None  # set by load()
+        self._tmp = None
+
+    # --- lifecycle ----------------------------------------------------------------------------
+    def load(self, device: Optional[str] = None, fast: bool = True) -> None:
+        from crossdraft.runner import load_model, make_runner
+        from crossdraft.vocab import Vocab
+
+        vocab = Vocab.load(self.model)
+        runner = make_runner(load_model(self.model, device), fast=fast)
+        runner.forward([0], last_only=True)  # warm-up: one short forward
+        runner.reset()
+        self.vocab, self.runner = vocab, runner
+        self.fingerprint = vocab.fingerprint()
+        self.tokenizer_files = self._tokenizer_files(vocab)
+        self.sessions = TargetSessions(runner, vocab, self.max_sessions)
+
+    def _tokenizer_files(self, vocab) -> list:
+        """[(file name, path)]: the tokenizer files of the model directory, or (a Hub id) the
+        loaded tokenizer saved once to a temporary directory."""
+        d = os.path.expanduser(self.model)
+        if not (os.path.isdir(d) and os.path.isfile(os.path.join(d, "tokenizer_config.json"))):
+            self._tmp = tempfile.TemporaryDirectory(prefix="crossdraft-tokenizer-")
+            vocab.hf.save_pretrained(self._tmp.name)
+            d = self._tmp.name
+        return [(n, os.path.join(d, n)) for n in TOKENIZER_FILES if os.path.isfile(os.path.join(d, n))]
+
+    def _ready(self) -> TargetSessions:
+        if self.sessions is None:
+            raise Unavailable("the verifier's model is still loading")
+        return self.sessions
+
+    # --- RPCs ---------------------------------------------------------------------------------
+    def GetInfo(self, request, context):
+        sessions = self._ready()
+        return verifier_pb2.VerifierServiceGetInfoResponse(
+            model_id=model_id(self.model), tokenizer_fingerprint=self.fingerprint,
+            vocab_size=self.runner.vocab_size, algorithms=[wire.algorithm_to_proto(a) for a in ALGORITHMS],
+            max_context=self.runner.max_length, eos_ids=sorted(self.vocab.eos_ids),
+            device=str(self.runner.device), dtype=dtype_name(self.runner),
+            active_sessions=len(sessions), max_sessions=sessions.max_sessions)
+
+    def GetTokenizer(self, request, context):
+        self._ready()
+        for name, path in self.tokenizer_files:
+            with open(path, "rb") as f:
+                data = f.read()
+            for off in range(0, max(len(data), 1), CHUNK_BYTES):
+                yield verifier_pb2.GetTokenizerResponse(file_name=name, offset=off, data=data[off: off + CHUNK_BYTES],
+                                                        size=len(data), tokenizer_fingerprint=self.fingerprint)
+
+    def Verify(self, request_iterator, context):
+        sessions = self._ready()
+        first = next(request_iterator, None)
+        if first is None:
+            return
+        if first.WhichOneof("message") != "start":
+            raise InvalidArgument("the first request of a Verify stream must carry a start")
+        start = wire.start_from_proto(first.start)
+        if start.algorithm not in ALGORITHMS:
+            raise Unimplemented(f"algorithm {start.algorithm!r} is not implemented yet")
+        t0 = time.perf_counter()
+        v = sessions.open(start)
+        rounds = 0
+        try:
+            for req in request_iterator:
+                if req.WhichOneof("message") != "proposal":
+                    raise InvalidArgument("every request after the first of a Verify stream must carry a proposal")
+                proposal = wire.proposal_from_proto(req.proposal, vocab_size=self.runner.vocab_size)
+                verdict = sessions.verify(start.session_id, proposal)
+                rounds += 1
+                yield verifier_pb2.VerifyResponse(verdict=wire.verdict_to_proto(verdict))
+                if verdict.finished:
+                    break
+        finally:
+            sessions.close(start.session_id)
+            log.info("session %s: %d rounds, %d new tokens, %s, %.3f s", start.session_id, rounds,
+                     len(v.ids) - len(start.prompt_ids) - len(start.committed_ids),
+                     v.finish_reason or "not finished", time.perf_counter() - t0)
+
+
+def serve(args) -> int:
+    """`crossdraft serve verifier`: listen at once (health NOT_SERVING), load and warm the model,
+    then SERVING until SIGTERM."""
+    setup_logging()
+    servicer = VerifierServicer(args.model, max_sessions=args.max_sessions)
+    svc = Service(SERVICE_NAME, verifier_pb2_grpc.add_VerifierServiceServicer_to_server, servicer,
+                  args.host, args.port, max_workers=args.max_sessions + 8, grace_s=args.grace)
+    svc.start()
+    log.info("listening on %s, loading %s", svc.address, args.model)
+    servicer.load(args.device, fast=not args.hf_runner)
+    svc.set_serving()
+    svc.wait()
+    return 0
+
