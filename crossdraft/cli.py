@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="one JSON object per prompt on stdout")
     g.add_argument("--compare", action="store_true",
                    help="also run the target alone on each prompt and report the speedup and whether outputs match")
-    g.add_argument("--gateway", help="HOST:PORT of a crossdraft gateway (not available yet: the services are a later issue)")
+    g.add_argument("--gateway", help="HOST:PORT of a crossdraft gateway: generate there over gRPC (--target and "
+                                     "--drafter are then the gateway's; --compare is in-process only)")
     _add_model_args(g)
 
     b = sub.add_parser("bench", help="benchmark every algorithm and drafter against the target alone and Hugging Face",
@@ -144,7 +145,36 @@ def build_parser() -> argparse.ArgumentParser:
                        help="sessions served at once; more are answered RESOURCE_EXHAUSTED (default: 16)")
         r.add_argument("--grace", type=float, default=10.0,
                        help="seconds in-flight calls get to finish after SIGTERM (default: 10)")
+        r.add_argument("--metrics-port", type=int, default=0,
+                       help="serve Prometheus metrics over HTTP at HOST:PORT/metrics (default: 0, off)")
         _add_model_args(r)
+    gw = roles.add_parser("gateway", help="the client-facing GatewayService over pools of drafters and verifiers",
+                          description="Serve the client-facing GatewayService: sessions in Redis (or in memory "
+                                      "without --redis), a drafter per session by least load, a verifier by "
+                                      "session affinity.")
+    gw.add_argument("--drafters", required=True, help="drafter addresses, HOST:PORT[,HOST:PORT...]")
+    gw.add_argument("--verifiers", required=True, help="verifier addresses, HOST:PORT[,HOST:PORT...]")
+    al = roles.add_parser("all", help="the embedded default: verifier, drafter and gateway in one process",
+                          description="Run the verifier and the drafter on loopback ports picked automatically "
+                                      "and the gateway on --port, in one process; sessions in memory unless "
+                                      "--redis is given.")
+    al.add_argument("--target", required=True, help="target model: directory or Hugging Face Hub id")
+    al.add_argument("--drafter", required=True, help="drafter model: directory or Hugging Face Hub id")
+    for r in (gw, al):
+        r.add_argument("--port", type=int, required=True, help="TCP port of the gateway (0: any free port)")
+        r.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0: all)")
+        r.add_argument("--redis", default=None, help="session store URL, redis://HOST:PORT/DB (default: in memory)")
+        r.add_argument("--ttl", type=float, default=24 * 3600.0, help="seconds a session is kept (default: 1 day)")
+        r.add_argument("--max-sessions", type=int, default=64,
+                       help="sessions run at once; more are answered RESOURCE_EXHAUSTED (default: 64)")
+        r.add_argument("--max-prompt-bytes", type=int, default=256 << 10,
+                       help="longest prompt accepted, in UTF-8 bytes (default: 262144)")
+        r.add_argument("--grace", type=float, default=10.0,
+                       help="seconds in-flight calls get to finish after SIGTERM (default: 10)")
+        if r is al:
+            _add_model_args(r)
+        else:
+            r.add_argument("--debug", action="store_true", help="show a traceback on unexpected errors")
     return ap
 
 
@@ -155,12 +185,51 @@ def _setup_torch(args) -> None:
         torch.set_num_threads(args.threads)
 
 
+def _print_result(args, out: dict) -> None:
+    if args.json:
+        print(json.dumps(out, ensure_ascii=False), flush=True)
+        return
+    sys.stdout.write(out["text"] + "\n")
+    print(f"[{out['algorithm']}] {out['new_tokens']} tokens in {out['seconds']:.2f}s "
+          f"({out['tokens_per_second']} tok/s), {out['rounds']} target passes, "
+          f"accepted {out['accepted_tokens']}/{out['draft_tokens']} drafted", file=sys.stderr, flush=True)
+
+
+def _generate_via_gateway(args) -> int:
+    """`generate --gateway HOST:PORT`: the same flags and output, the generation run by a gateway
+    (`crossdraft.client`); a gRPC error becomes one line and exit code 2 (the request) or 1 (the service)."""
+    if (args.prompt is None) == (args.prompts_file is None):
+        raise InvalidArgument("give either a PROMPT or --prompts-file, not both or neither")
+    if args.compare:
+        raise InvalidArgument("--compare runs in-process only (not with --gateway)")
+    prompts = read_prompts(args.prompts_file) if args.prompts_file else [args.prompt]
+    import grpc
+
+    from .client import Client
+
+    try:
+        with Client(args.gateway) as client:
+            for prompt in prompts:
+                out = client.generate(prompt, args.max_new_tokens, args.temperature, args.seed, args.algorithm,
+                                      args.draft_tokens, args.top_k, args.top_p)
+                out.pop("ids"), out.pop("session_id")
+                _print_result(args, out)
+    except grpc.RpcError as e:
+        code = e.code()
+        err = CrossdraftError(f"gateway {args.gateway}: {code.name if code else 'UNKNOWN'}: "
+                              f"{(e.details() or '').strip().splitlines()[0] if (e.details() or '').strip() else ''}")
+        err.exit_code = 2 if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
+                                      grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.NOT_FOUND) else 1
+        raise err from None
+    return 0
+
+
 def cmd_generate(args) -> int:
     from .engine import Engine
     from .sampling import SamplingParams
 
     if args.gateway:
-        raise CrossdraftError("--gateway: the gRPC services are not implemented yet (see the README)")
+        return _generate_via_gateway(args)
     if (args.prompt is None) == (args.prompts_file is None):
         raise InvalidArgument("give either a PROMPT or --prompts-file, not both or neither")
     if not args.target:
@@ -210,8 +279,21 @@ def cmd_serve(args) -> int:
         raise InvalidArgument(f"--max-sessions must be in [1, 4096], got {args.max_sessions}")
     if not 0 <= args.port <= 65535:
         raise InvalidArgument(f"--port must be in [0, 65535], got {args.port}")
+    if not 0 <= getattr(args, "metrics_port", 0) <= 65535:
+        raise InvalidArgument(f"--metrics-port must be in [0, 65535], got {args.metrics_port}")
+    if args.role == "gateway":
+        from gateway.server import serve as serve_gateway
+
+        return serve_gateway(args)
     from .runner import check_local
 
+    if args.role == "all":
+        check_local(args.target)
+        check_local(args.drafter)
+        _setup_torch(args)
+        from gateway.server import serve_all
+
+        return serve_all(args)
     check_local(args.model)
     _setup_torch(args)
     if args.role == "verifier":

@@ -42,6 +42,7 @@ from crossdraft.errors import (Aborted, FailedPrecondition, InvalidArgument, Res
 from crossdraft.protocol import TOKENS, Proposal
 from crossdraft.v1 import drafter_pb2, drafter_pb2_grpc, verifier_pb2, verifier_pb2_grpc
 from verifier_service.common import CHANNEL_OPTIONS, Service, dtype_name, model_id, one_line, setup_logging
+from verifier_service.metrics import ServiceMetrics
 
 log = logging.getLogger("crossdraft.drafter_service")
 
@@ -57,8 +58,9 @@ INFO_TIMEOUT_S, TOKENIZER_TIMEOUT_S = 10.0, 60.0
 class DrafterSessions:
     """The one drafter runner's KV cache, an LRU of size 1 (`kv_owner`), and the session count."""
 
-    def __init__(self, runner, max_sessions: int = 16):
+    def __init__(self, runner, max_sessions: int = 16, metrics: Optional[ServiceMetrics] = None):
         self.runner, self.max_sessions = runner, max_sessions
+        self.metrics = metrics
         self.lock = threading.Lock()
         self.kv_owner: Optional[Drafter] = None
         self.active = 0
@@ -85,6 +87,8 @@ class DrafterSessions:
         with self.lock:
             if self.kv_owner is not drafter:  # a miss: another session's drafts are in the cache
                 self.misses += 1
+                if self.metrics is not None:
+                    self.metrics.kv_rebuild()
                 rows = drafter.inter.rows if drafter.inter is not None else None
                 if self.runner.pruned_rows is not rows:
                     self.runner.prune_head(rows)
@@ -94,9 +98,10 @@ class DrafterSessions:
 
 
 class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
-    def __init__(self, model: str, max_sessions: int = 16):
+    def __init__(self, model: str, max_sessions: int = 16, metrics: Optional[ServiceMetrics] = None):
         self.model = model
         self.max_sessions = max_sessions
+        self.metrics = metrics if metrics is not None else ServiceMetrics("drafter")
         self.sessions: Optional[DrafterSessions] = None  # set by load()
         self._channels: dict = {}  # verifier address -> channel
         self._vocabs: dict = {}  # target tokenizer fingerprint -> Vocab
@@ -114,7 +119,7 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
         runner.reset()
         self.vocab, self.runner = vocab, runner
         self.fingerprint = vocab.fingerprint()
-        self.sessions = DrafterSessions(runner, self.max_sessions)
+        self.sessions = DrafterSessions(runner, self.max_sessions, metrics=self.metrics)
 
     def _ready(self) -> DrafterSessions:
         if self.sessions is None:
@@ -220,14 +225,21 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
                 raise InvalidArgument(f"token id {t} is outside the target's vocabulary of {n_target}")
         start = wire.SessionStart(sid, prompt_ids, committed, params, request.max_new_tokens, algo)
         sessions.acquire()
+        self.metrics.session_started()
+        done = SimpleNamespace(new_tokens=0, seconds=0.0, finished=False)  # filled in by _run
         try:
-            yield from self._run(stub, start, request.prompt, drafter, why, request.draft_tokens or None, context)
+            yield from self._run(stub, start, request.prompt, drafter, why, request.draft_tokens or None, context,
+                                 done)
         finally:
             sessions.release(drafter)
+            self.metrics.session_finished(done.new_tokens, done.seconds, done.finished)
 
     def _run(self, stub, start: wire.SessionStart, prompt: str, drafter: Optional[Drafter], why: str,
-             draft_tokens: Optional[int], context):
-        """The engine's loop (`Engine.generate`) with the verifier on the other end of a stream."""
+             draft_tokens: Optional[int], context, done: Optional[SimpleNamespace] = None):
+        """The engine's loop (`Engine.generate`) with the verifier on the other end of a stream; `done`
+        gets the session's new_tokens, seconds and finished (for the metrics)."""
+        m = self.metrics
+        done = done if done is not None else SimpleNamespace()
         requests: "queue.SimpleQueue" = queue.SimpleQueue()
 
         def request_stream():
@@ -271,12 +283,16 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
                 c.verify_ns += verdict.verify_ns
                 c.bridge_ns += verdict.bridge_ns
                 c.network_ns += max(0, rtt - verdict.verify_ns)
+                m.round(verdict.candidates, verdict.accepted, len(verdict.ids), draft_ns=proposal.draft_ns,
+                        network_ns=rtt - verdict.verify_ns, round_ns=proposal.draft_ns + rtt)
                 while len(c.accepted_by_position) < verdict.accepted:
                     c.accepted_by_position.append(0)
                 for i in range(verdict.accepted):
                     c.accepted_by_position[i] += 1
                 committed_len += len(verdict.ids)
                 finished = verdict.finished
+                done.new_tokens = committed_len - len(start.prompt_ids) - len(start.committed_ids)
+                done.seconds, done.finished = time.perf_counter() - t0, finished
                 if verdict.ids or finished:
                     seconds = time.perf_counter() - t0
                     stats = SimpleNamespace(
@@ -309,10 +325,17 @@ def serve(args) -> int:
     setup_logging()
     servicer = DrafterServicer(args.model, max_sessions=args.max_sessions)
     svc = Service(SERVICE_NAME, drafter_pb2_grpc.add_DrafterServiceServicer_to_server, servicer,
-                  args.host, args.port, max_workers=args.max_sessions + 8, grace_s=args.grace)
+                  args.host, args.port, max_workers=args.max_sessions + 8, grace_s=args.grace,
+                  on_error=servicer.metrics.error)
     svc.start()
+    metrics_port = servicer.metrics.serve(getattr(args, "metrics_port", 0), args.host)
+    if metrics_port:
+        log.info("metrics on http://%s:%d/metrics", args.host, metrics_port)
     log.info("listening on %s, loading %s", svc.address, args.model)
-    servicer.load(args.device, fast=not args.hf_runner)
-    svc.set_serving()
-    svc.wait()
+    try:
+        servicer.load(args.device, fast=not args.hf_runner)
+        svc.set_serving()
+        svc.wait()
+    finally:
+        servicer.metrics.stop()
     return 0

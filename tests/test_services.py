@@ -50,12 +50,12 @@ class Servers:
     def __init__(self, log_dir: Path):
         self.log_dir, self.procs = log_dir, {}
 
-    def start(self, name: str, role: str, model: Path) -> str:
+    def start(self, name: str, role: str, model: Path, extra=()) -> str:
         port = free_port()
         log = open(self.log_dir / f"{name}.log", "wb")
         env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         cmd = [sys.executable, "-m", "crossdraft.cli", "serve", role, "--model", str(model), "--port", str(port),
-               "--threads", "1", "--grace", "2"]
+               "--threads", "1", "--grace", "2", *extra]
         self.procs[name] = (subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log)
         return f"127.0.0.1:{port}"
 

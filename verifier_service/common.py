@@ -25,7 +25,7 @@ import logging
 import signal
 import threading
 from concurrent import futures
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Optional
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -56,13 +56,22 @@ def status_of(exc: BaseException) -> tuple:
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {one_line(exc)}"
 
 
-def _abort(context, exc: BaseException, method: str):
+def _abort(context, exc: BaseException, method: str, on_error=None):
     code, message = status_of(exc)
+    _report(on_error, code)
     if code == grpc.StatusCode.INTERNAL and not isinstance(exc, CrossdraftError):
         log.exception("%s failed", method)
     else:
         log.info("%s: %s: %s", method, code.name, message)
     context.abort(code, message)
+
+
+def _report(on_error, code) -> None:
+    if on_error is not None:
+        try:
+            on_error(code)
+        except Exception:  # noqa: BLE001 - counting an error must never hide it
+            log.exception("on_error failed")
 
 
 def _already_aborted(context) -> bool:
@@ -72,32 +81,38 @@ def _already_aborted(context) -> bool:
         return False
 
 
-def _wrap_unary(behavior, method):
+def _wrap_unary(behavior, method, on_error=None):
     @functools.wraps(behavior)
     def handler(request, context):
         try:
             return behavior(request, context)
         except Exception as e:  # noqa: BLE001 - the one place handler failures become statuses
             if _already_aborted(context):
+                _report(on_error, context.code())
                 raise
-            _abort(context, e, method)
+            _abort(context, e, method, on_error)
     return handler
 
 
-def _wrap_stream(behavior, method):
+def _wrap_stream(behavior, method, on_error=None):
     @functools.wraps(behavior)
     def handler(request, context):
         try:
             yield from behavior(request, context)
         except Exception as e:  # noqa: BLE001
             if _already_aborted(context):
+                _report(on_error, context.code())
                 raise
-            _abort(context, e, method)
+            _abort(context, e, method, on_error)
     return handler
 
 
 class ErrorInterceptor(grpc.ServerInterceptor):
-    """Maps every exception of a crossdraft handler to one status code with a message (`status_of`)."""
+    """Maps every exception of a crossdraft handler to one status code with a message (`status_of`);
+    `on_error(code)`, if given, is told each status so answered (the services' error counter)."""
+
+    def __init__(self, on_error: Optional[Callable] = None):
+        self.on_error = on_error
 
     def intercept_service(self, continuation, handler_call_details):
         h = continuation(handler_call_details)
@@ -105,13 +120,14 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         if h is None or not method.startswith(PACKAGE_PREFIX):
             return h
         kw = dict(request_deserializer=h.request_deserializer, response_serializer=h.response_serializer)
+        on = self.on_error
         if h.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(_wrap_unary(h.unary_unary, method), **kw)
+            return grpc.unary_unary_rpc_method_handler(_wrap_unary(h.unary_unary, method, on), **kw)
         if h.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(_wrap_stream(h.unary_stream, method), **kw)
+            return grpc.unary_stream_rpc_method_handler(_wrap_stream(h.unary_stream, method, on), **kw)
         if h.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(_wrap_unary(h.stream_unary, method), **kw)
-        return grpc.stream_stream_rpc_method_handler(_wrap_stream(h.stream_stream, method), **kw)
+            return grpc.stream_unary_rpc_method_handler(_wrap_unary(h.stream_unary, method, on), **kw)
+        return grpc.stream_stream_rpc_method_handler(_wrap_stream(h.stream_stream, method, on), **kw)
 
 
 class Service:
@@ -125,10 +141,10 @@ class Service:
     """
 
     def __init__(self, service_name: str, add_servicer: Callable, servicer, host: str, port: int,
-                 max_workers: int = 32, grace_s: float = 10.0):
+                 max_workers: int = 32, grace_s: float = 10.0, on_error: Optional[Callable] = None):
         self.service_name, self.host, self.grace_s = service_name, host, grace_s
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
-                                  interceptors=[ErrorInterceptor()], options=CHANNEL_OPTIONS)
+                                  interceptors=[ErrorInterceptor(on_error)], options=CHANNEL_OPTIONS)
         add_servicer(servicer, self.server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

@@ -37,6 +37,7 @@ from crossdraft.v1 import verifier_pb2, verifier_pb2_grpc
 from crossdraft.verifier import Verifier
 
 from .common import Service, dtype_name, model_id, setup_logging
+from .metrics import ServiceMetrics
 
 log = logging.getLogger("crossdraft.verifier_service")
 
@@ -52,8 +53,10 @@ class TargetSessions:
     """Open sessions of the one target runner: per-session `Verifier` state in a bounded LRU table,
     the KV cache an LRU of size 1 (`kv_owner`), every round under `lock`."""
 
-    def __init__(self, runner, vocab, max_sessions: int = 16, window: int = 4):
+    def __init__(self, runner, vocab, max_sessions: int = 16, window: int = 4,
+                 metrics: Optional[ServiceMetrics] = None):
         self.runner, self.vocab, self.window = runner, vocab, window
+        self.metrics = metrics
         self.max_sessions = max_sessions
         self.lock = threading.Lock()
         self.sessions: "OrderedDict[str, Verifier]" = OrderedDict()
@@ -94,6 +97,8 @@ class TargetSessions:
         """A miss: the cache holds another session's keys and values. Refill it with this session's
         committed ids but the last (whose logits come with the next round), as `verify` leaves it."""
         self.misses += 1
+        if self.metrics is not None:
+            self.metrics.kv_rebuild()
         self.runner.reset()
         if len(v.ids) > 1:
             self.runner.forward(v.ids[:-1], last_only=True)
@@ -109,9 +114,10 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
     """Thin: messages in, the core's Verifier, messages out. Errors are raised as CrossdraftError and
     mapped to status codes by `common.ErrorInterceptor`."""
 
-    def __init__(self, model: str, max_sessions: int = 16):
+    def __init__(self, model: str, max_sessions: int = 16, metrics: Optional[ServiceMetrics] = None):
         self.model = model
         self.max_sessions = max_sessions
+        self.metrics = metrics if metrics is not None else ServiceMetrics("verifier")
         self.sessions: Optional[TargetSessions] = None  # set by load()
         self._tmp = None
 
@@ -127,7 +133,7 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
         self.vocab, self.runner = vocab, runner
         self.fingerprint = vocab.fingerprint()
         self.tokenizer_files = self._tokenizer_files(vocab)
-        self.sessions = TargetSessions(runner, vocab, self.max_sessions)
+        self.sessions = TargetSessions(runner, vocab, self.max_sessions, metrics=self.metrics)
 
     def _tokenizer_files(self, vocab) -> list:
         """[(file name, path)]: the tokenizer files of the model directory, or (a Hub id) the
@@ -175,6 +181,8 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
             raise Unimplemented(f"algorithm {start.algorithm!r} is not implemented yet")
         t0 = time.perf_counter()
         v = sessions.open(start)
+        m = self.metrics
+        m.session_started()
         rounds = 0
         try:
             for req in request_iterator:
@@ -183,11 +191,14 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
                 proposal = wire.proposal_from_proto(req.proposal, vocab_size=self.runner.vocab_size)
                 verdict = sessions.verify(start.session_id, proposal)
                 rounds += 1
+                m.round(verdict.candidates, verdict.accepted, len(verdict.ids), verify_ns=verdict.verify_ns)
                 yield verifier_pb2.VerifyResponse(verdict=wire.verdict_to_proto(verdict))
                 if verdict.finished:
                     break
         finally:
             sessions.close(start.session_id)
+            m.session_finished(len(v.ids) - len(start.prompt_ids) - len(start.committed_ids),
+                               time.perf_counter() - t0, finished=bool(v.finish_reason))
             log.info("session %s: %d rounds, %d new tokens, %s, %.3f s", start.session_id, rounds,
                      len(v.ids) - len(start.prompt_ids) - len(start.committed_ids),
                      v.finish_reason or "not finished", time.perf_counter() - t0)
@@ -199,11 +210,18 @@ def serve(args) -> int:
     setup_logging()
     servicer = VerifierServicer(args.model, max_sessions=args.max_sessions)
     svc = Service(SERVICE_NAME, verifier_pb2_grpc.add_VerifierServiceServicer_to_server, servicer,
-                  args.host, args.port, max_workers=args.max_sessions + 8, grace_s=args.grace)
+                  args.host, args.port, max_workers=args.max_sessions + 8, grace_s=args.grace,
+                  on_error=servicer.metrics.error)
     svc.start()
+    metrics_port = servicer.metrics.serve(getattr(args, "metrics_port", 0), args.host)
+    if metrics_port:
+        log.info("metrics on http://%s:%d/metrics", args.host, metrics_port)
     log.info("listening on %s, loading %s", svc.address, args.model)
-    servicer.load(args.device, fast=not args.hf_runner)
-    svc.set_serving()
-    svc.wait()
+    try:
+        servicer.load(args.device, fast=not args.hf_runner)
+        svc.set_serving()
+        svc.wait()
+    finally:
+        servicer.metrics.stop()
     return 0
 

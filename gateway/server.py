@@ -1,0 +1,411 @@
+"""The gateway: `crossdraft.v1.GatewayService`, the client-facing API.
+
+Owns: validating a client's request (before anything is written), placing a session (a drafter by
+least load, a verifier by session affinity: `pool.py`), creating it in the session store, running it
+(one `DrafterService.RunSession` call per session, in a background thread, so that a generation goes
+on when its client goes away), appending every committed delta to the session with
+`store.commit(expected_len, ...)`, and serving the session's event stream from the store to clients
+(`Generate`, `AttachSession`: both follow the store's events, so any gateway replica can serve them).
+
+Session state lives in the store only. This process keeps, besides its pools' load counts, the
+handles of the RunSession calls it runs (so `CancelSession` can stop them at once; a session run by
+another replica stops at its next commit, which the cancelled status refuses) and a bounded cache of
+the final statistics of the sessions it ran (resolved algorithm, why, timings), which the store has no
+field for: a session that finished elsewhere ends with the store's counters and its requested algorithm.
+
+A request refused by validation writes nothing: the gateway's own checks (prompt size,
+max_new_tokens, algorithm, sampling parameters, draft length, session id, concurrent sessions) run
+before the session is created, and a refusal by the drafter or the verifier before the first commit
+(INVALID_ARGUMENT, FAILED_PRECONDITION, UNIMPLEMENTED: a prompt longer than the target's context, a
+pair that cannot be bridged) deletes the session again and returns that status. Any other failure
+before the first commit returns its status and leaves the session `failed`; a failure after it ends
+the stream with FINISH_REASON_ERROR and its message.
+
+Text: the drafter commits raw bytes; clients get valid UTF-8 (an incomplete character held back, an
+invalid byte replaced as the engine's `decode(errors="replace")` does), and byte offsets count the
+UTF-8 of that text.
+
+Never: drafts, verifies, or touches models.
+"""
+from __future__ import annotations
+
+import codecs
+import logging
+import os
+import socket
+import threading
+import uuid
+from collections import OrderedDict
+from concurrent.futures import Future
+from typing import Optional
+
+import grpc
+
+from crossdraft import wire
+from crossdraft.errors import (Aborted, CrossdraftError, InvalidArgument, NotFound, ResourceExhausted,
+                               Unavailable, Unimplemented)
+from crossdraft.store import COUNTERS, AlreadyExists, MemoryStore, SessionClosed, SessionStore
+from crossdraft.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from verifier_service.common import Service, setup_logging, status_of
+
+from .pool import Pool, parse_addresses
+
+log = logging.getLogger("crossdraft.gateway")
+
+SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name
+MAX_PROMPT_BYTES = 256 << 10
+MAX_NEW_TOKENS = 100_000  # as the CLI's limit; the verifier checks the target's context too
+REFUSALS = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNIMPLEMENTED)
+FOLLOW_BLOCK_MS = 500  # how long one read of the event stream waits before checking the client is still there
+ENDS_CACHE = 1024
+_STATUS = {"queued": gateway_pb2.SESSION_STATUS_PENDING, "running": gateway_pb2.SESSION_STATUS_RUNNING}
+
+
+def _reason(name: str) -> int:
+    try:
+        return wire.finish_reason_to_proto(name)
+    except InvalidArgument:
+        return common_pb2.FINISH_REASON_UNSPECIFIED
+
+
+class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
+    def __init__(self, store: SessionStore, drafters: Pool, verifiers: Pool, max_sessions: int = 64,
+                 max_prompt_bytes: int = MAX_PROMPT_BYTES, max_new_tokens: int = MAX_NEW_TOKENS,
+                 owner: str = ""):
+        self.store, self.drafters, self.verifiers = store, drafters, verifiers
+        self.max_sessions, self.max_prompt_bytes, self.max_new_tokens = max_sessions, max_prompt_bytes, max_new_tokens
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}"
+        self._lock = threading.Lock()
+        self._active = 0
+        self._calls: dict = {}  # session id -> its RunSession call, while this process runs it
+        self._ends: "OrderedDict[str, tuple]" = OrderedDict()  # session id -> (algorithm, why, Stats)
+
+    # --- validation -----------------------------------------------------------------------------
+    def _request(self, spec: gateway_pb2.GenerationSpec) -> dict:
+        """A GenerationSpec -> the request dict stored with the session; raises before anything is written."""
+        prompt_bytes = len(spec.prompt.encode("utf-8"))
+        if not spec.prompt:
+            raise InvalidArgument("the prompt is empty")
+        if prompt_bytes > self.max_prompt_bytes:
+            raise InvalidArgument(f"the prompt is {prompt_bytes} bytes, at most {self.max_prompt_bytes} allowed")
+        if not 1 <= spec.max_new_tokens <= self.max_new_tokens:
+            raise InvalidArgument(f"max_new_tokens must be in [1, {self.max_new_tokens}], got {spec.max_new_tokens}")
+        algorithm = wire.algorithm_from_proto(spec.algorithm)
+        if algorithm == "slrs":
+            raise Unimplemented("algorithm 'slrs' is not implemented yet (its own issue)")
+        params = wire.sampling_params_from_proto(spec.params if spec.HasField("params") else None)
+        if spec.draft_tokens and not 1 <= spec.draft_tokens <= wire.MAX_TARGET_IDS:
+            raise InvalidArgument(f"draft_tokens must be in [1, {wire.MAX_TARGET_IDS}] (or 0: adaptive), "
+                                  f"got {spec.draft_tokens}")
+        return {"prompt": spec.prompt, "max_new_tokens": spec.max_new_tokens, "algorithm": algorithm,
+                "params": {"temperature": params.temperature, "top_k": params.top_k, "top_p": params.top_p,
+                           "seed": params.seed},
+                "draft_tokens": spec.draft_tokens, "model": spec.model, "drafter": spec.drafter}
+
+    @staticmethod
+    def _spec(req: dict) -> gateway_pb2.GenerationSpec:
+        p = req.get("params", {})
+        return gateway_pb2.GenerationSpec(
+            prompt=req.get("prompt", ""), max_new_tokens=req.get("max_new_tokens", 0),
+            params=common_pb2.SamplingParams(temperature=p.get("temperature", 0.0), top_k=p.get("top_k", 0),
+                                             top_p=p.get("top_p", 1.0), seed=p.get("seed", 0)),
+            algorithm=wire.algorithm_to_proto(req.get("algorithm", "auto")),
+            draft_tokens=req.get("draft_tokens", 0), model=req.get("model", ""), drafter=req.get("drafter", ""))
+
+    # --- running a session ----------------------------------------------------------------------
+    def _start(self, session_id: str, req: dict) -> Future:
+        """Place and create the session, start its run; the future resolves at its first commit (or end),
+        or raises the refusal/failure that happened before it."""
+        with self._lock:
+            if self._active >= self.max_sessions:
+                raise ResourceExhausted(f"this gateway runs at most {self.max_sessions} sessions at once")
+            self._active += 1
+        drafter = None
+        try:
+            verifier = self.verifiers.pick_by_affinity(session_id, req["model"])
+            drafter = self.drafters.pick_least_loaded(req["drafter"])
+            req = dict(req, drafter_address=drafter, verifier_address=verifier)
+            self.store.create(session_id, req, owner=self.owner)
+        except BaseException:
+            if drafter is not None:
+                self.drafters.release(drafter)
+            with self._lock:
+                self._active -= 1
+            raise
+        started: Future = Future()
+        threading.Thread(target=self._run, args=(session_id, req, started), name=f"session-{session_id}",
+                         daemon=True).start()
+        return started
+
+    def _run(self, sid: str, req: dict, started: Future) -> None:
+        drafter = req["drafter_address"]
+        p = req["params"]
+        from crossdraft.sampling import SamplingParams
+        from drafter_service.client import session_request
+
+        run = session_request(req["verifier_address"], req["prompt"], req["max_new_tokens"],
+                              SamplingParams(p["temperature"], p["top_k"], p["top_p"], p["seed"]),
+                              req["algorithm"], req["draft_tokens"] or None, session_id=sid)
+        call, finished, length = None, False, 0
+        try:
+            call = self.drafters.drafter_stub(drafter).RunSession(run)
+            with self._lock:
+                self._calls[sid] = call
+            if self.store.cancelled(sid):  # cancelled while being placed
+                call.cancel()
+            prev = dict.fromkeys(COUNTERS, 0)
+            why, last = "", None
+            for msg in call:
+                if msg.token_offset != length:
+                    raise Aborted(f"drafter {drafter} sent a delta at offset {msg.token_offset}, expected {length}")
+                now = {k: getattr(msg.stats, k) for k in COUNTERS}
+                inc = {k: max(0, now[k] - prev[k]) for k in COUNTERS}
+                prev = now
+                why = why or msg.why
+                reason = wire.finish_reason_from_proto(msg.finish_reason) if msg.finished else ""
+                if msg.finished:  # the end's statistics, before the final event that clients wait for
+                    self._remember(sid, msg.algorithm, why, msg.stats)
+                length = self.store.commit(sid, length, list(msg.ids), msg.text, inc, msg.finished, reason)
+                finished = msg.finished
+                last = msg
+                if not started.done():
+                    started.set_result(None)
+            if last is None or not last.finished:
+                raise Unavailable(f"drafter {drafter} ended the session's stream before it finished")
+        except SessionClosed:  # cancelled (here or on another replica): the store has its final event
+            pass
+        except Exception as e:  # noqa: BLE001 - every failure ends the session with a status
+            cancelled = isinstance(e, grpc.RpcError) and e.code() == grpc.StatusCode.CANCELLED
+            if not (cancelled and self._is_cancelled(sid)):
+                self._fail(sid, e, started)
+        finally:
+            if call is not None and not finished:
+                call.cancel()
+            with self._lock:
+                self._calls.pop(sid, None)
+                self._active -= 1
+            self.drafters.release(drafter)
+            if not started.done():
+                started.set_result(None)
+
+    def _is_cancelled(self, sid: str) -> bool:
+        try:
+            return self.store.cancelled(sid)
+        except CrossdraftError:
+            return False
+
+    def _fail(self, sid: str, e: Exception, started: Future) -> None:
+        code, message = status_of(e)
+        log.info("session %s: %s: %s", sid, code.name, message)
+        try:
+            if not started.done() and code in REFUSALS:
+                self.store.delete(sid)  # a refused request leaves nothing behind
+            else:
+                self.store.set_status(sid, "failed", error=message, finish_reason="error")
+        except CrossdraftError as e2:  # closed meanwhile, or the store is down: the status still goes out
+            log.warning("session %s: could not record the failure: %s", sid, e2)
+        if not started.done():
+            started.set_exception(e)
+
+    def _remember(self, sid: str, algorithm: int, why: str, stats) -> None:
+        with self._lock:
+            self._ends[sid] = (algorithm, why, stats)
+            while len(self._ends) > ENDS_CACHE:
+                self._ends.popitem(last=False)
+
+    # --- reading a session ----------------------------------------------------------------------
+    def _get(self, sid: str, include_output: bool = True):
+        wire.check_session_id(sid)
+        s = self.store.get(sid, include_output)
+        if s is None:
+            raise NotFound(f"session {sid!r} not found")
+        return s
+
+    def _end(self, s) -> gateway_pb2.GenerationEnd:
+        text_bytes = len(s.text.decode("utf-8", errors="replace").encode("utf-8"))
+        with self._lock:
+            cached = self._ends.get(s.id)
+        if cached is not None and s.status == "done":
+            algorithm, why, stats = cached
+        else:
+            algorithm, why, stats = wire.algorithm_to_proto(s.request.get("algorithm", "auto")), "", self._stats(s)
+        return gateway_pb2.GenerationEnd(finish_reason=_reason(s.finish_reason), algorithm=algorithm, why=why,
+                                         stats=stats, error_message=s.error, text_bytes=text_bytes)
+
+    @staticmethod
+    def _stats(s) -> common_pb2.Stats:
+        end = s.finished if s.finished is not None else s.updated
+        return common_pb2.Stats(new_tokens=s.length, total_ns=max(0, int((end - s.created) * 1e9)),
+                                **{k: s.counters.get(k, 0) for k in COUNTERS})
+
+    def _session(self, s, include_output: bool) -> gateway_pb2.Session:
+        msg = gateway_pb2.Session(
+            session_id=s.id, status=_STATUS.get(s.status, gateway_pb2.SESSION_STATUS_FINISHED),
+            spec=self._spec(s.request), new_tokens=s.length, stats=self._stats(s),
+            created_unix_ns=int(s.created * 1e9), updated_unix_ns=int(s.updated * 1e9),
+            drafter_address=s.request.get("drafter_address", ""), verifier_address=s.request.get("verifier_address", ""))
+        if include_output:
+            dec = codecs.getincrementaldecoder("utf-8")("replace")
+            text = dec.decode(s.text, final=s.terminal)
+            msg.text, msg.text_bytes = text, len(text.encode("utf-8"))
+            msg.ids.extend(s.ids)
+        if s.terminal:
+            msg.end.CopyFrom(self._end(s))
+            msg.text_bytes = msg.end.text_bytes
+            if s.status == "done" and self._ends.get(s.id) is not None:
+                msg.stats.CopyFrom(msg.end.stats)
+        return msg
+
+    def _follow(self, sid: str, offset: int, context):
+        """('delta', TextDelta) ... ('end', GenerationEnd): the session's output from byte `offset` on,
+        read from the store's event stream until its final event."""
+        dec = codecs.getincrementaldecoder("utf-8")("replace")
+        at_bytes = at_ids = 0
+        while True:
+            events = self.store.read_events(sid, at_ids, block_ms=FOLLOW_BLOCK_MS)
+            if not events and context is not None and not context.is_active():
+                return
+            for ev in events:
+                skip = at_ids - ev.start  # > 0 only if an event straddles where we are
+                ids = list(ev.ids[skip:]) if skip > 0 else list(ev.ids)
+                token_offset = at_ids
+                at_ids = ev.offset
+                data = dec.decode(ev.text, final=ev.final).encode("utf-8")
+                start, at_bytes = at_bytes, at_bytes + len(data)
+                if at_bytes > offset or offset == 0:
+                    cut = max(0, offset - start)
+                    if cut and cut < len(data) and 0x80 <= data[cut] < 0xC0:
+                        raise InvalidArgument(f"offset {offset} is inside a UTF-8 character")
+                    text = data[cut:].decode("utf-8")
+                    if text or ids:
+                        yield "delta", gateway_pb2.TextDelta(offset=max(start, offset), text=text,
+                                                             token_offset=token_offset, ids=ids)
+                if ev.final:
+                    yield "end", self._end(self._get(sid, include_output=True))
+                    return
+
+    def _open(self, spec, session_id: str, context):
+        """Validate, then start a new session or (a known session id) attach to it; -> (id, events)."""
+        req = self._request(spec)
+        if session_id:
+            wire.check_session_id(session_id)
+            if self.store.get(session_id, include_output=False) is not None:
+                return session_id, self._follow(session_id, 0, context)
+        sid = session_id or uuid.uuid4().hex
+        try:
+            started = self._start(sid, req)
+        except AlreadyExists:  # the same id sent twice at once: attach to the one that won
+            return sid, self._follow(sid, 0, context)
+        started.result()  # raises a refusal before the first commit
+        return sid, self._follow(sid, 0, context)
+
+    # --- RPCs -----------------------------------------------------------------------------------
+    def Generate(self, request, context):
+        sid, events = self._open(request.spec, request.session_id, context)
+        for kind, value in events:
+            yield gateway_pb2.GenerateResponse(session_id=sid, **{kind: value})
+
+    def GenerateUnary(self, request, context):
+        sid, events = self._open(request.spec, request.session_id, context)
+        out = gateway_pb2.GenerateUnaryResponse(session_id=sid)
+        text = []
+        for kind, value in events:
+            if kind == "delta":
+                text.append(value.text)
+                out.ids.extend(value.ids)
+            else:
+                out.end.CopyFrom(value)
+        out.text = "".join(text)
+        return out
+
+    def AttachSession(self, request, context):
+        s = self._get(request.session_id)
+        have = len(codecs.getincrementaldecoder("utf-8")("replace").decode(s.text, final=s.terminal).encode("utf-8"))
+        if request.offset > have:
+            raise InvalidArgument(f"offset {request.offset} is beyond the {have} bytes committed so far")
+        for kind, value in self._follow(s.id, request.offset, context):
+            yield gateway_pb2.AttachSessionResponse(session_id=s.id, **{kind: value})
+
+    def GetSession(self, request, context):
+        s = self._get(request.session_id, include_output=request.include_output)
+        return gateway_pb2.GetSessionResponse(session=self._session(s, request.include_output))
+
+    def CancelSession(self, request, context):
+        self._get(request.session_id, include_output=False)
+        cancelled = self.store.cancel(request.session_id)
+        with self._lock:
+            call = self._calls.get(request.session_id)
+        if call is not None:
+            call.cancel()
+        s = self._get(request.session_id, include_output=False)
+        return gateway_pb2.CancelSessionResponse(cancelled=cancelled, session=self._session(s, False))
+
+
+# --- serving ------------------------------------------------------------------------------------
+
+def make_store(redis_url: Optional[str], ttl_s: float):
+    if redis_url:
+        from crossdraft.store import RedisStore
+
+        store = RedisStore(redis_url, ttl_s=ttl_s)
+        store.ping()
+        log.info("sessions in redis at %s", redis_url)
+        return store
+    log.info("no --redis: sessions kept in memory (MemoryStore), lost when this process stops")
+    return MemoryStore(ttl_s=ttl_s)
+
+
+def gateway_service(args, store, drafters: list, verifiers: list, host: str, port: int, handle_signals=True):
+    servicer = GatewayServicer(store, Pool("drafter", drafters), Pool("verifier", verifiers),
+                               max_sessions=args.max_sessions, max_prompt_bytes=args.max_prompt_bytes)
+    svc = Service(SERVICE_NAME, gateway_pb2_grpc.add_GatewayServiceServicer_to_server, servicer, host, port,
+                  max_workers=2 * args.max_sessions + 8, grace_s=args.grace)
+    svc.start(handle_signals=handle_signals)
+    return svc
+
+
+def serve(args) -> int:
+    """`crossdraft serve gateway`: SERVING as soon as the store answers (it loads no model)."""
+    setup_logging()
+    drafters = parse_addresses(args.drafters, "--drafters")
+    verifiers = parse_addresses(args.verifiers, "--verifiers")
+    store = make_store(args.redis, args.ttl)
+    svc = gateway_service(args, store, drafters, verifiers, args.host, args.port)
+    log.info("drafters %s, verifiers %s", ",".join(drafters), ",".join(verifiers))
+    svc.set_serving()
+    svc.wait()
+    store.close()
+    return 0
+
+
+def serve_all(args) -> int:
+    """`crossdraft serve all`: the embedded default. One process, three gRPC servers: the verifier and
+    the drafter on loopback ports picked by the OS, the gateway on --host:--port (the only one a client
+    needs). Health SERVING on the gateway once both models are loaded and warmed; SIGTERM stops all three."""
+    from crossdraft.v1 import drafter_pb2_grpc, verifier_pb2_grpc
+    from drafter_service.server import SERVICE_NAME as DRAFTER_SERVICE, DrafterServicer
+    from verifier_service.server import SERVICE_NAME as VERIFIER_SERVICE, VerifierServicer
+
+    setup_logging()
+    store = make_store(args.redis, args.ttl)
+    verifier = VerifierServicer(args.target, max_sessions=args.max_sessions)
+    drafter = DrafterServicer(args.drafter, max_sessions=args.max_sessions)
+    vsvc = Service(VERIFIER_SERVICE, verifier_pb2_grpc.add_VerifierServiceServicer_to_server, verifier,
+                   "127.0.0.1", 0, max_workers=args.max_sessions + 8, grace_s=args.grace)
+    dsvc = Service(DRAFTER_SERVICE, drafter_pb2_grpc.add_DrafterServiceServicer_to_server, drafter,
+                   "127.0.0.1", 0, max_workers=args.max_sessions + 8, grace_s=args.grace)
+    vsvc.start(handle_signals=False)
+    dsvc.start(handle_signals=False)
+    gsvc = gateway_service(args, store, [dsvc.address], [vsvc.address], args.host, args.port)
+    log.info("listening on %s, loading %s and %s", gsvc.address, args.target, args.drafter)
+    verifier.load(args.device, fast=not args.hf_runner)
+    vsvc.set_serving()
+    drafter.load(args.device, fast=not args.hf_runner)
+    dsvc.set_serving()
+    gsvc.set_serving()
+    gsvc.wait()
+    for svc in (dsvc, vsvc):
+        svc.stop()
+        svc.wait()
+    store.close()
+    return 0

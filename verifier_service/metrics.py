@@ -1,0 +1,155 @@
+"""Prometheus metrics of the crossdraft services (verifier, drafter, later the gateway).
+
+Owns: the metric families (all named `crossdraft_*`, all with a `role` label: verifier, drafter,
+gateway), one `ServiceMetrics` per service bound to its role, and the HTTP endpoint that serves
+them (`/metrics`, `--metrics-port`).
+
+Registries. Metrics never go to prometheus_client's global default registry. Each `serve` process
+makes its own `CollectorRegistry` and HTTP server (`ServiceMetrics(role)`). Several services in one
+process (the embedded `serve all`) share ONE registry and one endpoint: pass the same `registry` to
+each `ServiceMetrics(role, registry)`; the families are created once per registry and every series
+is told apart by its `role` label, so nothing clashes.
+
+    m = ServiceMetrics("verifier")          # its own registry
+    m.serve(port, host)                     # /metrics on host:port (0: off)
+    m.round(candidates=4, accepted=3, new_tokens=4, verify_ns=...)
+
+Never: touches models, gRPC handlers' logic or session state; it only counts what they report.
+"""
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import Optional
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+PREFIX = "crossdraft_"
+MAX_POSITION = 16  # accepted tokens by draft position: "1".."15", then "16+"
+# Round latencies: fine between 1 and 50 ms, coarse around it.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075,
+                   0.1, 0.25, 0.5, 1.0, 2.5)
+ROLES = ("verifier", "drafter", "gateway")
+
+def position_label(i: int) -> str:
+    """The `position` label of the i-th (1-based) draft position."""
+    return f"{MAX_POSITION}+" if i >= MAX_POSITION else str(i)
+
+
+def _families(registry: CollectorRegistry) -> dict:
+    """The metric families of this registry, created on first use (names without the prefix)."""
+    r, p = registry, PREFIX
+    return {
+        "sessions_started": Counter(p + "sessions_started", "Sessions started", ["role"], registry=r),
+        "sessions_finished": Counter(p + "sessions_finished", "Sessions ended (finished, failed or cancelled)",
+                                     ["role"], registry=r),
+        "sessions_active": Gauge(p + "sessions_active", "Sessions open now", ["role"], registry=r),
+        "rounds": Counter(p + "rounds", "Verification rounds (one proposal, one verdict)", ["role"], registry=r),
+        "draft_tokens": Counter(p + "draft_tokens", "Candidate target tokens verified", ["role"], registry=r),
+        "accepted_tokens": Counter(p + "accepted_tokens", "Candidate target tokens accepted", ["role"], registry=r),
+        "accepted_by_position": Counter(
+            p + "accepted_tokens_by_position",
+            f"Accepted candidates by draft position (1-based; positions from {MAX_POSITION} on in '{MAX_POSITION}+')",
+            ["role", "position"], registry=r),
+        "generated_tokens": Counter(p + "generated_tokens", "Target tokens committed (rate() gives tokens/s)",
+                                    ["role"], registry=r),
+        "last_tps": Gauge(p + "last_session_tokens_per_second", "Tokens/s of the last session that finished",
+                          ["role"], registry=r),
+        "draft_s": Histogram(p + "round_draft_seconds", "Drafting time per round (drafter)", ["role"],
+                             buckets=LATENCY_BUCKETS, registry=r),
+        "verify_s": Histogram(p + "round_verify_seconds", "Verification time per round (verifier: the verdict's "
+                              "verify_ns)", ["role"], buckets=LATENCY_BUCKETS, registry=r),
+        "network_s": Histogram(p + "round_network_seconds", "Round trip to the verifier minus its verify time, "
+                               "per round (drafter)", ["role"], buckets=LATENCY_BUCKETS, registry=r),
+        "round_s": Histogram(p + "round_seconds", "Whole round: drafting plus the round trip (drafter)", ["role"],
+                             buckets=LATENCY_BUCKETS, registry=r),
+        "kv_rebuilds": Counter(p + "kv_cache_rebuilds", "KV cache rebuilds after another session took the cache "
+                               "(misses)", ["role"], registry=r),
+        "errors": Counter(p + "errors", "Calls answered with an error, by gRPC status code", ["role", "code"],
+                          registry=r),
+    }
+
+
+_lock = threading.Lock()
+_by_registry: "weakref.WeakKeyDictionary[CollectorRegistry, dict]" = weakref.WeakKeyDictionary()
+
+
+def families(registry: CollectorRegistry) -> dict:
+    with _lock:
+        f = _by_registry.get(registry)
+        if f is None:
+            f = _by_registry[registry] = _families(registry)
+        return f
+
+
+class ServiceMetrics:
+    """One service's metrics: the families of `registry` (a new one if None) bound to `role`."""
+
+    def __init__(self, role: str, registry: Optional[CollectorRegistry] = None):
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        self.role = role
+        self.registry = registry if registry is not None else CollectorRegistry()
+        f = families(self.registry)
+        self._f = f
+        # histograms are bound on first use, so a role shows only the latencies it measures
+        lab = {k: v.labels(role=role) for k, v in f.items()
+               if k not in ("accepted_by_position", "errors", "draft_s", "verify_s", "network_s", "round_s")}
+        self.sessions_started, self.sessions_finished = lab["sessions_started"], lab["sessions_finished"]
+        self.sessions_active, self.rounds = lab["sessions_active"], lab["rounds"]
+        self.draft_tokens, self.accepted_tokens = lab["draft_tokens"], lab["accepted_tokens"]
+        self.generated_tokens, self.last_tps = lab["generated_tokens"], lab["last_tps"]
+        self.kv_rebuilds = lab["kv_rebuilds"]
+        self.by_position = [f["accepted_by_position"].labels(role=role, position=position_label(i))
+                            for i in range(1, MAX_POSITION + 1)]
+        self._server = None
+
+    # --- endpoint -------------------------------------------------------------------------------
+    def serve(self, port: int, host: str = "127.0.0.1") -> Optional[int]:
+        """Serve /metrics over HTTP on host:port; 0 or None: off. Returns the port (or None)."""
+        if not port:
+            return None
+        self._server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        return self._server.server_port
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    # --- events ---------------------------------------------------------------------------------
+    def session_started(self) -> None:
+        self.sessions_started.inc()
+        self.sessions_active.inc()
+
+    def session_finished(self, new_tokens: int = 0, seconds: float = 0.0, finished: bool = False) -> None:
+        """A session ended (any outcome); a finished one with a duration sets the last tokens/s."""
+        self.sessions_finished.inc()
+        self.sessions_active.dec()
+        if finished and seconds > 0:
+            self.last_tps.set(new_tokens / seconds)
+
+    def round(self, candidates: int, accepted: int, new_tokens: int, *, draft_ns: Optional[int] = None,
+              verify_ns: Optional[int] = None, network_ns: Optional[int] = None,
+              round_ns: Optional[int] = None) -> None:
+        """One verification round; timings given are observed in their histograms (seconds)."""
+        self.rounds.inc()
+        self.draft_tokens.inc(candidates)
+        self.accepted_tokens.inc(accepted)
+        self.generated_tokens.inc(new_tokens)
+        for i in range(min(accepted, MAX_POSITION - 1)):
+            self.by_position[i].inc()
+        if accepted >= MAX_POSITION:
+            self.by_position[-1].inc(accepted - MAX_POSITION + 1)
+        for ns, key in ((draft_ns, "draft_s"), (verify_ns, "verify_s"), (network_ns, "network_s"),
+                        (round_ns, "round_s")):
+            if ns is not None:
+                self._f[key].labels(role=self.role).observe(max(0, ns) / 1e9)
+
+    def kv_rebuild(self) -> None:
+        self.kv_rebuilds.inc()
+
+    def error(self, code) -> None:
+        """An error answered with this status (a grpc.StatusCode or its name)."""
+        self._f["errors"].labels(role=self.role, code=getattr(code, "name", str(code))).inc()
