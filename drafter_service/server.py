@@ -41,7 +41,8 @@ from crossdraft.errors import (Aborted, FailedPrecondition, InvalidArgument, Res
                                Unavailable)
 from crossdraft.protocol import TOKENS, Proposal
 from crossdraft.v1 import drafter_pb2, drafter_pb2_grpc, verifier_pb2, verifier_pb2_grpc
-from verifier_service.common import CHANNEL_OPTIONS, Service, dtype_name, model_id, one_line, setup_logging
+from verifier_service.common import (CHANNEL_OPTIONS, dtype_name, model_id, one_line, run_model_service,
+                                     setup_logging)
 from verifier_service.metrics import ServiceMetrics
 
 log = logging.getLogger("crossdraft.drafter_service")
@@ -324,18 +325,4 @@ def serve(args) -> int:
     then SERVING until SIGTERM."""
     setup_logging()
     servicer = DrafterServicer(args.model, max_sessions=args.max_sessions)
-    svc = Service(SERVICE_NAME, drafter_pb2_grpc.add_DrafterServiceServicer_to_server, servicer,
-                  args.host, args.port, max_workers=args.max_sessions + 8, grace_s=args.grace,
-                  on_error=servicer.metrics.error)
-    svc.start()
-    metrics_port = servicer.metrics.serve(getattr(args, "metrics_port", 0), args.host)
-    if metrics_port:
-        log.info("metrics on http://%s:%d/metrics", args.host, metrics_port)
-    log.info("listening on %s, loading %s", svc.address, args.model)
-    try:
-        servicer.load(args.device, fast=not args.hf_runner)
-        svc.set_serving()
-        svc.wait()
-    finally:
-        servicer.metrics.stop()
-    return 0
+    return run_model_service(SERVICE_NAME, drafter_pb2_grpc.add_DrafterServiceServicer_to_server, servicer, args, log)

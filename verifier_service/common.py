@@ -189,6 +189,25 @@ class Service:
         log.info("stopped")
 
 
+def run_model_service(name: str, add_to_server, servicer, args, log) -> int:
+    """`crossdraft serve verifier|drafter`: listen at once (health NOT_SERVING), serve metrics on
+    `--metrics-port`, load and warm the model, then SERVING until SIGTERM."""
+    svc = Service(name, add_to_server, servicer, args.host, args.port, max_workers=args.max_sessions + 8,
+                  grace_s=args.grace, on_error=servicer.metrics.error)
+    svc.start()
+    metrics_port = servicer.metrics.serve(getattr(args, "metrics_port", 0), args.host)
+    if metrics_port:
+        log.info("metrics on http://%s:%d/metrics", args.host, metrics_port)
+    log.info("listening on %s, loading %s", svc.address, args.model)
+    try:
+        servicer.load(args.device, fast=not args.hf_runner)
+        svc.set_serving()
+        svc.wait()
+    finally:
+        servicer.metrics.stop()
+    return 0
+
+
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 

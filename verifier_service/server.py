@@ -36,7 +36,7 @@ from crossdraft.protocol import Verdict
 from crossdraft.v1 import verifier_pb2, verifier_pb2_grpc
 from crossdraft.verifier import Verifier
 
-from .common import Service, dtype_name, model_id, setup_logging
+from .common import dtype_name, model_id, run_model_service, setup_logging
 from .metrics import ServiceMetrics
 
 log = logging.getLogger("crossdraft.verifier_service")
@@ -209,19 +209,5 @@ def serve(args) -> int:
     then SERVING until SIGTERM."""
     setup_logging()
     servicer = VerifierServicer(args.model, max_sessions=args.max_sessions)
-    svc = Service(SERVICE_NAME, verifier_pb2_grpc.add_VerifierServiceServicer_to_server, servicer,
-                  args.host, args.port, max_workers=args.max_sessions + 8, grace_s=args.grace,
-                  on_error=servicer.metrics.error)
-    svc.start()
-    metrics_port = servicer.metrics.serve(getattr(args, "metrics_port", 0), args.host)
-    if metrics_port:
-        log.info("metrics on http://%s:%d/metrics", args.host, metrics_port)
-    log.info("listening on %s, loading %s", svc.address, args.model)
-    try:
-        servicer.load(args.device, fast=not args.hf_runner)
-        svc.set_serving()
-        svc.wait()
-    finally:
-        servicer.metrics.stop()
-    return 0
+    return run_model_service(SERVICE_NAME, verifier_pb2_grpc.add_VerifierServiceServicer_to_server, servicer, args, log)
 
