@@ -50,6 +50,39 @@ class GenerationResult:
         }
 
 
+@dataclass
+class RoundStats:
+    """A generation's round counters, kept the same way in process and by the drafter service."""
+
+    rounds: int = 0
+    draft_tokens: int = 0  # candidate target tokens verified
+    accepted_tokens: int = 0
+    drafted: int = 0  # drafter tokens drafted
+    draft_ns: int = 0
+    verify_ns: int = 0
+    bridge_ns: int = 0
+    network_ns: int = 0  # the services only: round trip minus the verifier's time
+    accepted_by_position: list = field(default_factory=list)  # [i]: rounds whose i-th candidate was accepted
+
+    def add(self, proposal, verdict) -> None:
+        """Count one round (proposal None: the target alone)."""
+        if proposal is not None:
+            self.draft_ns += proposal.draft_ns
+            self.drafted += proposal.drafted
+        self.rounds += 1
+        self.draft_tokens += verdict.candidates
+        self.accepted_tokens += verdict.accepted
+        self.verify_ns += verdict.verify_ns
+        self.bridge_ns += verdict.bridge_ns
+        by_pos = self.accepted_by_position
+        by_pos.extend([0] * (verdict.accepted - len(by_pos)))
+        for i in range(verdict.accepted):
+            by_pos[i] += 1
+
+    def profile(self) -> dict:
+        return {"draft_s": self.draft_ns / 1e9, "verify_s": self.verify_ns / 1e9, "bridge_s": self.bridge_ns / 1e9}
+
+
 class DraftLength:
     """Draft length per round: fixed, or adaptive from observed acceptance only (so that a seeded
     sampled run stays reproducible): +2 after a round that accepted every candidate, -1 otherwise."""
@@ -152,36 +185,21 @@ class Engine:
         if drafter is not None:
             drafter.start(prompt, prompt_ids, params)
         k = DraftLength(draft_tokens)
-        rounds = cands = acc = drafted = 0
-        draft_ns = verify_ns = bridge_ns = 0
-        by_pos: list = []
+        stats = RoundStats()
         while not v.finished:
-            if drafter is None:
-                verdict = v.step()
-            else:
-                prop = drafter.propose(k.k)
-                draft_ns += prop.draft_ns
-                drafted += prop.drafted
-                verdict = v.verify(prop)
-            rounds += 1
-            cands += verdict.candidates
-            acc += verdict.accepted
-            verify_ns += verdict.verify_ns
-            bridge_ns += verdict.bridge_ns
-            while len(by_pos) < verdict.accepted:
-                by_pos.append(0)
-            for i in range(verdict.accepted):
-                by_pos[i] += 1
+            prop = drafter.propose(k.k) if drafter is not None else None
+            verdict = v.verify(prop)  # None: the target alone, one token
+            stats.add(prop, verdict)
             if drafter is not None and not verdict.finished:
                 drafter.observe(verdict)
                 k.update(verdict.candidates, verdict.accepted)
         seconds = time.perf_counter() - t0
         new = v.new_ids
         text = self.target_vocab.bytes_of(new).decode("utf-8", errors="replace")
-        other = seconds - (draft_ns + verify_ns) / 1e9
+        profile = stats.profile()
+        profile["other_s"] = seconds - (stats.draft_ns + stats.verify_ns) / 1e9
         return GenerationResult(
-            text=text, ids=new, new_tokens=len(new), seconds=seconds, algorithm=algo, rounds=rounds,
-            draft_tokens=cands, accepted_tokens=acc, drafted=drafted, finish_reason=v.finish_reason, why=why,
-            profile={"draft_s": draft_ns / 1e9, "verify_s": verify_ns / 1e9, "bridge_s": bridge_ns / 1e9,
-                     "other_s": other},
-            accepted_by_position=by_pos)
+            text=text, ids=new, new_tokens=len(new), seconds=seconds, algorithm=algo, rounds=stats.rounds,
+            draft_tokens=stats.draft_tokens, accepted_tokens=stats.accepted_tokens, drafted=stats.drafted,
+            finish_reason=v.finish_reason, why=why, profile=profile,
+            accepted_by_position=stats.accepted_by_position)

@@ -36,12 +36,12 @@ import grpc
 
 from crossdraft import wire
 from crossdraft.drafter import Drafter
-from crossdraft.engine import DraftLength, resolve_algorithm
+from crossdraft.engine import DraftLength, RoundStats, resolve_algorithm
 from crossdraft.errors import (Aborted, FailedPrecondition, InvalidArgument, ResourceExhausted,
                                Unavailable)
 from crossdraft.protocol import TOKENS, Proposal
 from crossdraft.v1 import drafter_pb2, drafter_pb2_grpc, verifier_pb2, verifier_pb2_grpc
-from verifier_service.common import (CHANNEL_OPTIONS, dtype_name, model_id, one_line, run_model_service,
+from verifier_service.common import (CHANNEL_OPTIONS, dtype_name, load_warm, model_id, one_line, run_model_service,
                                      setup_logging)
 from verifier_service.metrics import ServiceMetrics
 
@@ -111,13 +111,7 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
 
     # --- lifecycle ----------------------------------------------------------------------------
     def load(self, device: Optional[str] = None, fast: bool = True) -> None:
-        from crossdraft.runner import load_model, make_runner
-        from crossdraft.vocab import Vocab
-
-        vocab = Vocab.load(self.model)
-        runner = make_runner(load_model(self.model, device), fast=fast)
-        runner.forward([0], last_only=True)  # warm-up: one short forward
-        runner.reset()
+        vocab, runner = load_warm(self.model, device, fast)
         self.vocab, self.runner = vocab, runner
         self.fingerprint = vocab.fingerprint()
         self.sessions = DrafterSessions(runner, self.max_sessions, metrics=self.metrics)
@@ -259,16 +253,13 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
             if drafter is not None:
                 self.sessions.start(drafter, prompt, start.prompt_ids + start.committed_ids, start.params)
             k = DraftLength(draft_tokens)
-            c = SimpleNamespace(rounds=0, draft_tokens=0, accepted_tokens=0, drafted=0, accepted_by_position=[],
-                                draft_ns=0, verify_ns=0, bridge_ns=0, network_ns=0)
+            c = RoundStats()
             first = True
             while not finished:
                 if drafter is None:
                     proposal = Proposal(seq=committed_len, kind=TOKENS)  # none: the target alone
                 else:
                     proposal = self.sessions.propose(drafter, k.k)
-                c.draft_ns += proposal.draft_ns
-                c.drafted += proposal.drafted
                 sent = time.perf_counter_ns()
                 requests.put(verifier_pb2.VerifyRequest(proposal=wire.proposal_to_proto(proposal)))
                 resp = next(call, None)
@@ -278,18 +269,10 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
                 verdict = wire.verdict_from_proto(resp.verdict)
                 if verdict.seq != committed_len:
                     raise Aborted(f"the verifier is at committed length {verdict.seq}, this drafter at {committed_len}")
-                c.rounds += 1
-                c.draft_tokens += verdict.candidates
-                c.accepted_tokens += verdict.accepted
-                c.verify_ns += verdict.verify_ns
-                c.bridge_ns += verdict.bridge_ns
+                c.add(proposal, verdict)
                 c.network_ns += max(0, rtt - verdict.verify_ns)
                 m.round(verdict.candidates, verdict.accepted, len(verdict.ids), draft_ns=proposal.draft_ns,
                         network_ns=rtt - verdict.verify_ns, round_ns=proposal.draft_ns + rtt)
-                while len(c.accepted_by_position) < verdict.accepted:
-                    c.accepted_by_position.append(0)
-                for i in range(verdict.accepted):
-                    c.accepted_by_position[i] += 1
                 committed_len += len(verdict.ids)
                 finished = verdict.finished
                 done.new_tokens = committed_len - len(start.prompt_ids) - len(start.committed_ids)
@@ -299,9 +282,7 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
                     stats = SimpleNamespace(
                         new_tokens=committed_len - len(start.prompt_ids) - len(start.committed_ids), rounds=c.rounds,
                         draft_tokens=c.draft_tokens, accepted_tokens=c.accepted_tokens, drafted=c.drafted,
-                        accepted_by_position=c.accepted_by_position, seconds=seconds,
-                        profile={"draft_s": c.draft_ns / 1e9, "verify_s": c.verify_ns / 1e9,
-                                 "bridge_s": c.bridge_ns / 1e9})
+                        accepted_by_position=c.accepted_by_position, seconds=seconds, profile=c.profile())
                     yield drafter_pb2.RunSessionResponse(
                         token_offset=offset, ids=verdict.ids, text=verdict.text, finished=finished,
                         finish_reason=wire.finish_reason_to_proto(verdict.finish_reason), algorithm=algo_enum,

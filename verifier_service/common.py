@@ -189,6 +189,18 @@ class Service:
         log.info("stopped")
 
 
+def load_warm(model: str, device=None, fast: bool = True) -> tuple:
+    """(Vocab, Runner) of a model, warmed up by one short forward: what a service loads before SERVING."""
+    from crossdraft.runner import load_model, make_runner
+    from crossdraft.vocab import Vocab
+
+    vocab = Vocab.load(model)
+    runner = make_runner(load_model(model, device), fast=fast)
+    runner.forward([0], last_only=True)
+    runner.reset()
+    return vocab, runner
+
+
 def run_model_service(name: str, add_to_server, servicer, args, log) -> int:
     """`crossdraft serve verifier|drafter`: listen at once (health NOT_SERVING), serve metrics on
     `--metrics-port`, load and warm the model, then SERVING until SIGTERM."""

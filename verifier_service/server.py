@@ -36,7 +36,7 @@ from crossdraft.protocol import Verdict
 from crossdraft.v1 import verifier_pb2, verifier_pb2_grpc
 from crossdraft.verifier import Verifier
 
-from .common import dtype_name, model_id, run_model_service, setup_logging
+from .common import dtype_name, load_warm, model_id, run_model_service, setup_logging
 from .metrics import ServiceMetrics
 
 log = logging.getLogger("crossdraft.verifier_service")
@@ -123,13 +123,7 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
 
     # --- lifecycle ----------------------------------------------------------------------------
     def load(self, device: Optional[str] = None, fast: bool = True) -> None:
-        from crossdraft.runner import load_model, make_runner
-        from crossdraft.vocab import Vocab
-
-        vocab = Vocab.load(self.model)
-        runner = make_runner(load_model(self.model, device), fast=fast)
-        runner.forward([0], last_only=True)  # warm-up: one short forward
-        runner.reset()
+        vocab, runner = load_warm(self.model, device, fast)
         self.vocab, self.runner = vocab, runner
         self.fingerprint = vocab.fingerprint()
         self.tokenizer_files = self._tokenizer_files(vocab)
