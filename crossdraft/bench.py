@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from .cli import read_prompts
+from .cli import model_dtype, read_prompts
 from .engine import Engine
 from .errors import CrossdraftError, InvalidArgument
 from .runner import load_model, make_runner
@@ -97,13 +97,13 @@ def run_bench(args) -> int:
 
     log(f"loading target {args.target} and {len(drafters)} drafters ...")
     tv = Vocab.load(args.target)
-    tmodel = load_model(args.target, args.device)
+    tmodel = load_model(args.target, args.device, model_dtype(args))
     trunner = make_runner(tmodel, fast=not args.hf_runner)
     base = Engine(trunner, tv)
     pairs = []  # (drafter name, engine, [algorithms], hf drafter model, hf drafter tokenizer)
     for d in drafters:
         dv = Vocab.load(d)
-        dmodel = load_model(d, args.device)
+        dmodel = load_model(d, args.device, model_dtype(args))
         eng = Engine(trunner, tv, make_runner(dmodel, fast=not args.hf_runner), dv)
         same = dv.same_as(tv)
         applicable = [a for a in algos if (a == "same") == same and a != "none"]
@@ -178,7 +178,7 @@ def run_bench(args) -> int:
 
     hdr = f"{'config':24s} {'drafter':18s} {'tok/s':>7s} {'speedup':>7s} {'accept':>6s} {'acc/rnd':>7s} {'tok/rnd':>7s} {'c':>5s} {'ideal':>5s} {'exact':>6s}"
     print(f"\ncrossdraft bench: {len(prompts)} prompts, {args.max_new_tokens} new tokens, {mode}, "
-          f"device {trunner.device}, torch threads {torch.get_num_threads()}")
+          f"device {trunner.device} {str(trunner.dtype).replace('torch.', '')}, torch threads {torch.get_num_threads()}")
     print(hdr)
     print("-" * len(hdr))
     f = lambda v, fmt: (fmt % v) if isinstance(v, (int, float)) else "-"  # noqa: E731
@@ -199,7 +199,7 @@ def run_bench(args) -> int:
                   f"  | target alone {step * 1e3:5.2f} ms/token")
     meta = {"prompts_file": args.prompts_file, "num_prompts": len(prompts), "prompt_chars": args.prompt_chars, "min_chars": args.min_chars,
             "max_new_tokens": args.max_new_tokens, "temperature": params.temperature, "seed": params.seed,
-            "device": str(trunner.device), "threads": torch.get_num_threads(), "draft_tokens": args.draft_tokens,
+            "device": str(trunner.device), "dtype": str(trunner.dtype), "threads": torch.get_num_threads(), "draft_tokens": args.draft_tokens,
             "torch": torch.__version__}
     with open(args.json_out, "w") as fh:
         json.dump({"meta": meta, "results": results}, fh, indent=2)

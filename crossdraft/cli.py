@@ -67,8 +67,20 @@ def _positive_int(s: str) -> int:
     return v
 
 
+def model_dtype(args):
+    """--dtype as a torch dtype; None lets the runner pick by device."""
+    name = getattr(args, "dtype", "auto")
+    if name in (None, "auto"):
+        return None
+    import torch
+
+    return getattr(torch, name)
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if available)")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="weights and activations (default: float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: all cores)")
     p.add_argument("--hf-runner", action="store_true",
                    help="run models through Hugging Face's own forward instead of the lean Llama runner")
@@ -250,7 +262,7 @@ def cmd_generate(args) -> int:
     _setup_torch(args)
     if args.draft_top_k < 0:
         raise InvalidArgument(f"--draft-top-k must be >= 0, got {args.draft_top_k}")
-    engine = Engine.load(args.target, args.drafter if algo != "none" else None, device=args.device,
+    engine = Engine.load(args.target, args.drafter if algo != "none" else None, device=args.device, dtype=model_dtype(args),
                          fast=not args.hf_runner, draft_top_k=args.draft_top_k)
     for prompt in prompts:
         res = engine.generate(prompt, args.max_new_tokens, params, algo, args.draft_tokens)
