@@ -41,7 +41,7 @@ from crossdraft.errors import (Aborted, FailedPrecondition, InvalidArgument, Res
                                Unavailable)
 from crossdraft.protocol import TOKENS, Proposal
 from crossdraft.v1 import drafter_pb2, drafter_pb2_grpc, verifier_pb2, verifier_pb2_grpc
-from verifier_service.common import (CHANNEL_OPTIONS, dtype_name, load_warm, model_id, one_line, run_model_service,
+from verifier_service.common import (CHANNEL_OPTIONS, decoupled, dtype_name, load_warm, model_id, one_line, run_model_service,
                                      setup_logging)
 from verifier_service.metrics import ServiceMetrics
 
@@ -54,6 +54,7 @@ ALGORITHMS = ("same", "tli", "slem")
 WINDOW, DRAFT_TOP_K, MIN_CONFIDENCE = 4, 0, 0.4
 MAX_TOKENIZER_BYTES = 256 << 20
 INFO_TIMEOUT_S, TOKENIZER_TIMEOUT_S = 10.0, 60.0
+DELTA_BUFFER = 64  # committed deltas queued for a caller that reads slowly, then the session waits
 
 
 class DrafterSessions:
@@ -223,14 +224,19 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
         self.metrics.session_started()
         done = SimpleNamespace(new_tokens=0, seconds=0.0, finished=False)  # filled in by _run
         try:
-            yield from self._run(stub, start, request.prompt, drafter, why, request.draft_tokens or None, context,
-                                 done)
+            # The round loop runs in a worker thread: sending a delta to the caller (which blocks until
+            # the transport takes it) overlaps the next round instead of delaying it.
+            yield from decoupled(
+                lambda stop: self._run(stub, start, request.prompt, drafter, why, request.draft_tokens or None,
+                                       context, done, stop),
+                maxsize=DELTA_BUFFER, name=f"draft-{sid[:16]}")
         finally:
             sessions.release(drafter)
             self.metrics.session_finished(done.new_tokens, done.seconds, done.finished)
 
     def _run(self, stub, start: wire.SessionStart, prompt: str, drafter: Optional[Drafter], why: str,
-             draft_tokens: Optional[int], context, done: Optional[SimpleNamespace] = None):
+             draft_tokens: Optional[int], context, done: Optional[SimpleNamespace] = None,
+             stop: Optional[threading.Event] = None):
         """The engine's loop (`Engine.generate`) with the verifier on the other end of a stream; `done`
         gets the session's new_tokens, seconds and finished (for the metrics)."""
         m = self.metrics
@@ -289,6 +295,8 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
                         why=why if first else "", stats=wire.stats_to_proto(stats, network_ns=c.network_ns))
                     first = False
                     offset += len(verdict.ids)
+                if stop is not None and stop.is_set():
+                    break  # the caller went away
                 if drafter is not None and not finished:
                     drafter.observe(verdict)
                     k.update(verdict.candidates, verdict.accepted)

@@ -36,7 +36,7 @@ from crossdraft.protocol import Verdict
 from crossdraft.v1 import verifier_pb2, verifier_pb2_grpc
 from crossdraft.verifier import Verifier
 
-from .common import dtype_name, load_warm, model_id, run_model_service, setup_logging
+from .common import decoupled, dtype_name, load_warm, model_id, run_model_service, setup_logging
 from .metrics import ServiceMetrics
 
 log = logging.getLogger("crossdraft.verifier_service")
@@ -47,6 +47,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "spiece.model", "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json",
                    "chat_template.jinja", "chat_template.json", "config.json")
 ALGORITHMS = ("same", "tli", "slem", "none")  # slrs: UNIMPLEMENTED
+# Verdicts computed but not yet sent, per stream: a drafter that sends proposals without reading
+# verdicts stalls its own session here instead of growing the verifier's memory.
+VERDICT_BUFFER = 8
 
 
 class TargetSessions:
@@ -178,7 +181,11 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
         m = self.metrics
         m.session_started()
         rounds = 0
-        try:
+
+        def verdicts(stop):
+            """The rounds, in a worker thread (`decoupled`): sending a verdict overlaps waiting for
+            the next proposal instead of delaying it."""
+            nonlocal rounds
             for req in request_iterator:
                 if req.WhichOneof("message") != "proposal":
                     raise InvalidArgument("every request after the first of a Verify stream must carry a proposal")
@@ -187,8 +194,11 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
                 rounds += 1
                 m.round(verdict.candidates, verdict.accepted, len(verdict.ids), verify_ns=verdict.verify_ns)
                 yield verifier_pb2.VerifyResponse(verdict=wire.verdict_to_proto(verdict))
-                if verdict.finished:
+                if verdict.finished or stop.is_set():
                     break
+
+        try:
+            yield from decoupled(verdicts, maxsize=VERDICT_BUFFER, name=f"verify-{start.session_id[:16]}")
         finally:
             sessions.close(start.session_id)
             m.session_finished(len(v.ids) - len(start.prompt_ids) - len(start.committed_ids),
