@@ -81,6 +81,65 @@ class Row:
         return self.tokens / self.seconds if self.seconds else 0.0
 
 
+def _distributed(client, r, prompt, max_new, p, algorithm, draft_tokens, drafter, in_process_ids):
+    """One generation through the gateway; its row's exact column compares with the in-process
+    output of the same configuration (greedy and sampled: same seed, same output)."""
+    from types import SimpleNamespace
+
+    t0 = time.perf_counter()
+    try:
+        d = client.generate(prompt, max_new, p.temperature, p.seed, algorithm, draft_tokens, p.top_k, p.top_p,
+                            drafter=drafter)
+    except Exception as e:  # noqa: BLE001 - reported in the table
+        r.error = f"{type(e).__name__}: {str(e)[:160]}"
+        return
+    dt = time.perf_counter() - t0  # the client's wall time: gRPC, the gateway and Redis included
+    res = SimpleNamespace(draft_tokens=d["draft_tokens"], accepted_tokens=d["accepted_tokens"], rounds=d["rounds"],
+                          drafted=d["drafted"], profile=d["profile"])
+    r.add(d["ids"], dt, in_process_ids, res)
+
+
+def _run_prompts(args, prompts, params, pairs, base, tv, trunner, tmodel, with_hf, row, client, log) -> None:
+    """Each prompt: the target alone, HF's generate, then each configuration (and, with a client, the
+    same configuration through the gateway right after it)."""
+    import torch
+
+    t_start = time.perf_counter()
+    for pi, prompt in enumerate(prompts):
+        p = SamplingParams(params.temperature, params.top_k, params.top_p, params.seed + pi)
+        ref = base.generate(prompt, args.max_new_tokens, p, "none")
+        row("target alone", "-", "none").add(ref.ids, ref.seconds, ref.ids, ref)
+        ids = torch.tensor([tv.encode_prompt(prompt)], device=trunner.device)
+        if with_hf:
+            hf_ids, dt = _hf_generate(tmodel, ids, args.max_new_tokens, p)
+            row("HF generate", "-", "hf").add(hf_ids, dt, ref.ids)
+        for name, eng, applicable, dmodel, dtok in pairs:
+            for a in applicable:
+                try:
+                    res = eng.generate(prompt, args.max_new_tokens, p, a, args.draft_tokens)
+                except CrossdraftError as e:
+                    row(a, name, a).error = str(e)
+                    continue
+                row(a, name, a).add(res.ids, res.seconds, ref.ids if p.greedy else None, res)
+                if client is not None:
+                    _distributed(client, row(f"{a} distributed", name, a), prompt, args.max_new_tokens, p, a,
+                                 args.draft_tokens, name, res.ids)
+            if with_hf:
+                same = "same" in applicable
+                label = "HF assistant_model" if same else "HF assistant_tokenizer"
+                kw = {"assistant_model": dmodel}
+                if not same:
+                    kw.update(tokenizer=tv.hf, assistant_tokenizer=dtok)
+                try:
+                    hf_ids, dt = _hf_generate(tmodel, ids, args.max_new_tokens, p, **kw)
+                    row(label, name, "hf").add(hf_ids, dt, ref.ids if p.greedy else None)
+                except Exception as e:  # noqa: BLE001 - HF's own failures are reported, not fatal
+                    row(label, name, "hf").error = f"{type(e).__name__}: {str(e)[:120]}"
+        el = time.perf_counter() - t_start
+        log(f"[{pi + 1}/{len(prompts)}] target alone {ref.new_tokens / ref.seconds:.1f} tok/s; "
+            f"elapsed {el:.0f}s, about {el / (pi + 1) * (len(prompts) - pi - 1):.0f}s left")
+
+
 def run_bench(args) -> int:
     import torch
 
@@ -126,37 +185,26 @@ def run_bench(args) -> int:
             eng.generate(prompts[0], 8, params, a, args.draft_tokens)
     base.generate(prompts[0], 8, params, "none")
 
-    t_start = time.perf_counter()
-    for pi, prompt in enumerate(prompts):
-        p = SamplingParams(params.temperature, params.top_k, params.top_p, params.seed + pi)
-        ref = base.generate(prompt, args.max_new_tokens, p, "none")
-        row("target alone", "-", "none").add(ref.ids, ref.seconds, ref.ids, ref)
-        ids = torch.tensor([tv.encode_prompt(prompt)], device=trunner.device)
-        if with_hf:
-            hf_ids, dt = _hf_generate(tmodel, ids, args.max_new_tokens, p)
-            row("HF generate", "-", "hf").add(hf_ids, dt, ref.ids)
-        for name, eng, applicable, dmodel, dtok in pairs:
+    cluster = client = None
+    if args.distributed:
+        from .client import Client
+        from .local_cluster import LocalCluster
+
+        threads = args.threads or 1
+        log(f"starting redis-server, a verifier, {len(pairs)} drafters and a gateway "
+            f"({threads} torch thread(s) each) ...")
+        cluster = LocalCluster(args.target, list(drafters), threads=threads).start()
+        client = Client(cluster.gateway)
+        for name, _, applicable, _, _ in pairs:  # warm-up, as in process
             for a in applicable:
-                try:
-                    res = eng.generate(prompt, args.max_new_tokens, p, a, args.draft_tokens)
-                except CrossdraftError as e:
-                    row(a, name, a).error = str(e)
-                    continue
-                row(a, name, a).add(res.ids, res.seconds, ref.ids if p.greedy else None, res)
-            if with_hf:
-                same = "same" in applicable
-                label = "HF assistant_model" if same else "HF assistant_tokenizer"
-                kw = {"assistant_model": dmodel}
-                if not same:
-                    kw.update(tokenizer=tv.hf, assistant_tokenizer=dtok)
-                try:
-                    hf_ids, dt = _hf_generate(tmodel, ids, args.max_new_tokens, p, **kw)
-                    row(label, name, "hf").add(hf_ids, dt, ref.ids if p.greedy else None)
-                except Exception as e:  # noqa: BLE001 - HF's own failures are reported, not fatal
-                    row(label, name, "hf").error = f"{type(e).__name__}: {str(e)[:120]}"
-        el = time.perf_counter() - t_start
-        log(f"[{pi + 1}/{len(prompts)}] target alone {ref.new_tokens / ref.seconds:.1f} tok/s; "
-            f"elapsed {el:.0f}s, about {el / (pi + 1) * (len(prompts) - pi - 1):.0f}s left")
+                client.generate(prompts[0], 8, params.temperature, params.seed, a, args.draft_tokens, drafter=name)
+    try:
+        _run_prompts(args, prompts, params, pairs, base, tv, trunner, tmodel, with_hf, row, client, log)
+    finally:
+        if client is not None:
+            client.close()
+        if cluster is not None:
+            cluster.stop()
 
     base_row = rows[("target alone", "-")]
     step = base_row.seconds / max(base_row.tokens, 1)  # target seconds per token, alone
@@ -165,7 +213,11 @@ def run_bench(args) -> int:
         d = {"config": r.name, "drafter": r.drafter, "prompts": r.n, "new_tokens": r.tokens,
              "seconds": round(r.seconds, 4), "tokens_per_second": round(r.tps(), 2),
              "speedup": round(r.tps() / base_row.tps(), 3) if base_row.tps() and r.tps() else None,
-             "exact_match": f"{r.exact}/{r.n}" if params.greedy else None, "error": r.error or None}
+             "exact_match": f"{r.exact}/{r.n}" if params.greedy or r.name.endswith(" distributed") else None,
+             "error": r.error or None}
+        if r.name.endswith(" distributed"):  # against the same configuration in process, same run
+            inproc = rows.get((r.algorithm, r.drafter))
+            d["vs_in_process"] = round(r.tps() / inproc.tps(), 3) if inproc and inproc.tps() and r.tps() else None
         if r.rounds and r.algorithm not in ("none", "hf"):
             c = (r.draft_s / r.drafted) / step if r.drafted else 0.0
             tpr = r.tokens / r.rounds
@@ -190,17 +242,25 @@ def run_bench(args) -> int:
               f"{f(d['speedup'], '%6.2fx')} {f(d.get('acceptance'), '%6.2f')} {f(d.get('accepted_per_round'), '%7.2f')} "
               f"{f(d.get('tokens_per_round'), '%7.2f')} {f(d.get('cost_ratio'), '%5.2f')} {f(d.get('ideal_speedup'), '%4.2fx')} "
               f"{d['exact_match'] or '-':>6s}")
+    dist = [d for d in results if "vs_in_process" in d]
+    if dist:
+        print(f"\ndistributed (redis-server, verifier, drafters, gateway: separate processes on loopback, "
+              f"{args.threads or 1} torch thread(s) each) against the same configuration in process:")
+        for d in dist:
+            print(f"  {d['config']:24s} {d['drafter']:18s} {f(d['vs_in_process'], '%5.2fx')}  "
+                  f"output identical to in-process {d['exact_match']}")
     print("\nwhere a round's time goes (ms per round; bridge is part of verify):")
     for d in results:
         if d.get("round_ms"):
             rm = d["round_ms"]
-            print(f"  {d['config']:6s} {d['drafter']:18s} draft {rm.get('draft', 0):6.2f}  verify {rm.get('verify', 0):6.2f}"
-                  f"  (bridge {rm.get('bridge', 0):5.2f})  bookkeeping {rm.get('other', 0):5.2f}"
+            rest = (f"network {rm['network']:5.2f}" if "network" in rm else f"bookkeeping {rm.get('other', 0):5.2f}")
+            print(f"  {d['config']:18s} {d['drafter']:18s} draft {rm.get('draft', 0):6.2f}  verify {rm.get('verify', 0):6.2f}"
+                  f"  (bridge {rm.get('bridge', 0):5.2f})  {rest}"
                   f"  | target alone {step * 1e3:5.2f} ms/token")
     meta = {"prompts_file": args.prompts_file, "num_prompts": len(prompts), "prompt_chars": args.prompt_chars, "min_chars": args.min_chars,
             "max_new_tokens": args.max_new_tokens, "temperature": params.temperature, "seed": params.seed,
             "device": str(trunner.device), "dtype": str(trunner.dtype), "threads": torch.get_num_threads(), "draft_tokens": args.draft_tokens,
-            "torch": torch.__version__}
+            "torch": torch.__version__, "distributed_threads": (args.threads or 1) if args.distributed else None}
     with open(args.json_out, "w") as fh:
         json.dump({"meta": meta, "results": results}, fh, indent=2)
     print(f"\nwrote {args.json_out}")

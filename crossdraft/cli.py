@@ -138,6 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--algorithms", default="same,tli,slem", help="comma-separated (default: same,tli,slem)")
     b.add_argument("--draft-tokens", type=int, default=None, help="fixed draft length (default: adaptive)")
+    b.add_argument("--distributed", action="store_true",
+                   help="also run each configuration through redis-server, a verifier, the drafters and a gateway "
+                        "started here as separate processes on loopback (started and stopped by the bench; each "
+                        "gets --threads torch threads, default 1), and report its tokens/s against the same "
+                        "configuration in process and whether the outputs are identical")
     b.add_argument("--no-hf", action="store_true", help="skip the Hugging Face generate() baselines")
     b.add_argument("--json-out", default="bench.json", help="where to write the results (default: bench.json)")
     _add_model_args(b)

@@ -256,6 +256,31 @@ def test_cli_generate_gateway(stack, engines, tmp_path):
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "UNIMPLEMENTED" in bad.stderr
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_bench_distributed_column(stack, tmp_path, temperature):
+    """`crossdraft bench --distributed` starts its own redis-server, verifier, drafters and gateway,
+    runs each configuration through them right after it runs in process, and reports the ratio and
+    whether the outputs are identical (greedy and sampled: same seed, same output); then stops them."""
+    d = stack["dirs"]
+    f = tmp_path / "p.jsonl"
+    f.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in (PROMPT, "def parse(self, value")))
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "crossdraft.cli", "bench", "--target", str(d["target"]), "--drafters", str(d["spm"]),
+           str(d["same"]), "--algorithms", "same,slem", "--prompts-file", str(f), "--min-chars", "0",
+           "--num-prompts", "2", "--max-new-tokens", "12", "--temperature", str(temperature), "--no-hf",
+           "--threads", "1", "--distributed", "--json-out", str(out)]
+    p = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = {(r["config"], r["drafter"]): r for r in json.loads(out.read_text())["results"]}
+    for algo, drafter in (("slem", "drafter-spm"), ("same", "drafter-same")):
+        dist = rows[(f"{algo} distributed", drafter)]
+        assert dist["error"] is None and dist["exact_match"] == "2/2"  # identical to in process
+        assert dist["new_tokens"] == rows[(algo, drafter)]["new_tokens"] == 24
+        assert dist["vs_in_process"] > 0 and "network" in dist["round_ms"]
+    assert "against the same configuration in process" in p.stdout
+
+
 def test_grpcurl_through_reflection(stack):
     binary = shutil.which("grpcurl") or shutil.which("grpcurl", path=os.path.dirname(sys.executable))
     if binary is None:

@@ -1,0 +1,150 @@
+"""The four processes of a distributed deployment on this machine, for benchmarks and tests.
+
+Owns: starting redis-server, one verifier (the target), one drafter per drafter model and a gateway
+as child processes on loopback, each in its own process group; waiting until every service answers
+`grpc.health.v1` SERVING; stopping them all (SIGTERM, then SIGKILL) whatever happened. Each child's
+output goes to a log file in a temporary directory; a child that dies or never becomes healthy is
+reported with the tail of its log.
+
+    with LocalCluster(target, [drafter_dir, ...], threads=1) as cluster:
+        Client(cluster.gateway).generate(...)
+
+Never: generates anything itself. grpc is imported lazily (the core library must not need it).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+from .errors import FailedPrecondition, Unavailable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalCluster:
+    def __init__(self, target: str, drafters: list, threads: int = 1, redis: bool = True,
+                 python: Optional[str] = None, env: Optional[dict] = None):
+        self.target, self.drafter_dirs, self.threads, self.use_redis = target, list(drafters), threads, redis
+        self.python = python or sys.executable
+        self.env = dict(os.environ, **(env or {}))
+        self.procs: list = []  # (name, Popen, log path)
+        self.logdir = ""
+        self.gateway = self.verifier = ""
+        self.drafters: dict = {}  # drafter directory name -> address
+
+    def _spawn(self, name: str, cmd: list) -> None:
+        path = os.path.join(self.logdir, f"{name}.log")
+        with open(path, "wb") as out:
+            p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                 start_new_session=True, env=self.env)
+        self.procs.append((name, p, path))
+
+    def _serve(self, role: str, *args: str) -> list:
+        return [self.python, "-m", "crossdraft.cli", "serve", role, *args]
+
+    def start(self, timeout: float = 300.0) -> "LocalCluster":
+        self.logdir = tempfile.mkdtemp(prefix="crossdraft-cluster-")
+        try:
+            redis_url = ""
+            if self.use_redis:
+                exe = shutil.which("redis-server")
+                if exe is None:
+                    raise FailedPrecondition("redis-server is not on PATH (apt-get install redis-server)")
+                rport = free_port()
+                self._spawn("redis", [exe, "--port", str(rport), "--bind", "127.0.0.1", "--save", "",
+                                      "--appendonly", "no"])
+                redis_url = f"redis://127.0.0.1:{rport}/0"
+            t = str(self.threads)
+            vport = free_port()
+            self.verifier = f"127.0.0.1:{vport}"
+            self._spawn("verifier", self._serve("verifier", "--model", self.target, "--port", str(vport),
+                                                "--threads", t))
+            for d in self.drafter_dirs:
+                port = free_port()
+                self.drafters[Path(d).name] = f"127.0.0.1:{port}"
+                self._spawn(f"drafter-{Path(d).name}", self._serve("drafter", "--model", d, "--port", str(port),
+                                                                   "--threads", t))
+            gport = free_port()
+            self.gateway = f"127.0.0.1:{gport}"
+            gw = ["--port", str(gport), "--drafters", ",".join(self.drafters.values()), "--verifiers", self.verifier]
+            if redis_url:
+                gw += ["--redis", redis_url]
+            self._spawn("gateway", self._serve("gateway", *gw))
+            deadline = time.monotonic() + timeout
+            for name, addr in [("verifier", self.verifier),
+                               *((f"drafter-{n}", a) for n, a in self.drafters.items()), ("gateway", self.gateway)]:
+                self._wait_healthy(name, addr, deadline)
+            return self
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_healthy(self, name: str, address: str, deadline: float) -> None:
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        with grpc.insecure_channel(address) as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            while True:
+                self._check_alive()
+                try:
+                    if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise Unavailable(f"{name} at {address} not SERVING in time; its log:\n{self._tail(name)}")
+                time.sleep(0.25)
+
+    def _check_alive(self) -> None:
+        for name, p, _ in self.procs:
+            if p.poll() is not None:
+                raise Unavailable(f"{name} exited with code {p.returncode}; its log:\n{self._tail(name)}")
+
+    def _tail(self, name: str, n: int = 15) -> str:
+        for nm, _, path in self.procs:
+            if nm == name:
+                try:
+                    with open(path, "rb") as f:
+                        return "\n".join(f.read().decode("utf-8", "replace").splitlines()[-n:])
+                except OSError:
+                    return ""
+        return ""
+
+    def stop(self) -> None:
+        for _, p, _ in self.procs:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except (ProcessLookupError, PermissionError):
+                pass
+        for _, p, _ in self.procs:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                p.wait(timeout=5)
+        self.procs = []
+        if self.logdir:
+            shutil.rmtree(self.logdir, ignore_errors=True)
+            self.logdir = ""
+
+    def __enter__(self) -> "LocalCluster":
+        return self.start() if not self.procs else self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
