@@ -160,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
         r.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0: all)")
         r.add_argument("--max-sessions", type=int, default=16,
                        help="sessions served at once; more are answered RESOURCE_EXHAUSTED (default: 16)")
+        r.add_argument("--kv-slots", type=int, default=4,
+                       help="per-session KV caches kept in memory, least recently used evicted; a session whose "
+                            "cache was evicted rebuilds it from its committed ids (default: 4)")
         r.add_argument("--grace", type=float, default=10.0,
                        help="seconds in-flight calls get to finish after SIGTERM (default: 10)")
         r.add_argument("--metrics-port", type=int, default=0,
@@ -296,6 +299,8 @@ def cmd_serve(args) -> int:
         raise InvalidArgument(f"--max-sessions must be in [1, 4096], got {args.max_sessions}")
     if not 0 <= args.port <= 65535:
         raise InvalidArgument(f"--port must be in [0, 65535], got {args.port}")
+    if not 1 <= getattr(args, "kv_slots", 1) <= 1024:
+        raise InvalidArgument(f"--kv-slots must be in [1, 1024], got {args.kv_slots}")
     if not 0 <= getattr(args, "metrics_port", 0) <= 65535:
         raise InvalidArgument(f"--metrics-port must be in [0, 65535], got {args.metrics_port}")
     if args.role == "gateway":

@@ -22,6 +22,7 @@ Never: knows about tokenizers, sampling or speculation.
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from typing import Optional
 
 import torch
@@ -102,6 +103,15 @@ class Runner:
 
     def reset(self) -> None:
         self.truncate(0)
+
+    def new_cache(self):
+        """A fresh, empty KV cache of this runner's shape, not installed (see `swap_cache`)."""
+        raise NotImplementedError
+
+    def swap_cache(self, cache):
+        """Install `cache` (from `new_cache` or an earlier `swap_cache`) with its length; return the
+        cache that was installed, with its length, so it can be swapped back later unchanged."""
+        raise NotImplementedError
 
     def _check_room(self, n: int) -> None:
         if self.length + n > self.max_length:
@@ -247,6 +257,14 @@ class LlamaRunner(Runner):
             raise ValueError(f"cannot truncate a cache of {self.length} positions to {length}")
         self.length = length  # stale entries beyond `length` are overwritten before they are read
 
+    def new_cache(self):
+        return (torch.zeros_like(self.k_cache), torch.zeros_like(self.v_cache), 0)
+
+    def swap_cache(self, cache):
+        old = (self.k_cache, self.v_cache, self.length)
+        self.k_cache, self.v_cache, self.length = cache
+        return old
+
 
 class HFRunner(Runner):
     """Any causal LM through its own forward with a `DynamicCache` that is cropped on rollback."""
@@ -290,3 +308,80 @@ class HFRunner(Runner):
         elif length < self.length:
             self.cache.crop(length - self.length)
         self.length = length
+
+    def new_cache(self):
+        return (self._cache_cls(config=self.model.config), 0)
+
+    def swap_cache(self, cache):
+        old = (self.cache, self.length)
+        self.cache, self.length = cache
+        return old
+
+
+class KVPool:
+    """Per-session KV caches of one runner: at most `slots` of them, least recently used evicted.
+
+    The runner computes with one installed cache at a time; the others are parked. `activate(key)`
+    installs the cache of `key`: True if it was kept (installed or parked), False if `key` had none
+    (never had one, or it was evicted): then the installed cache is empty and the caller rebuilds it
+    from the session's committed ids. With `slots` = 1 every switch between sessions is a rebuild.
+    Memory: each slot is one runner cache (for a Llama runner, layers x 2 x kv heads x max length x
+    head dim values). Not thread-safe: callers hold their own lock.
+
+    Never: knows what the sessions are or how to rebuild them."""
+
+    def __init__(self, runner: Runner, slots: int = 1):
+        if slots < 1:
+            raise ValueError(f"a KV pool needs at least one slot, got {slots}")
+        self.runner, self.slots = runner, slots
+        self.owner = None  # the key whose cache is installed
+        self.parked: "OrderedDict" = OrderedDict()  # key -> cache, least recently used first
+        self.free: list = []  # caches of no session
+        self.count = 1  # caches allocated: the runner's own to begin with
+        self.hits = self.misses = self.evictions = 0
+
+    def activate(self, key) -> bool:
+        if self.owner == key:
+            self.hits += 1
+            return True
+        cache = self.parked.pop(key, None)
+        if cache is not None:
+            self._install(key, cache)
+            self.hits += 1
+            return True
+        self.misses += 1
+        if self.free:
+            cache = self.free.pop()
+        elif self.count < self.slots:
+            cache = self.runner.new_cache()
+            self.count += 1
+        elif self.parked:
+            _, cache = self.parked.popitem(last=False)
+            self.evictions += 1
+        if cache is None:  # one slot: the installed cache changes hands
+            if self.owner is not None:
+                self.evictions += 1
+        else:
+            self._install(key, cache)
+        self.owner = key
+        self.runner.reset()
+        return False
+
+    def _install(self, key, cache) -> None:
+        previous = self.runner.swap_cache(cache)
+        if self.owner is not None:
+            self.parked[self.owner] = previous
+        else:
+            self.free.append(previous)
+        self.owner = key
+
+    def release(self, key) -> None:
+        """The session ended: its cache holds nobody's state any more."""
+        if self.owner == key:
+            self.owner = None
+        elif key in self.parked:
+            self.free.append(self.parked.pop(key))
+
+    def __contains__(self, key) -> bool:
+        return key == self.owner or key in self.parked
+

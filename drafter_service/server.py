@@ -12,10 +12,10 @@ intersection is computed once per target tokenizer). Building them is the check 
 bridged: `same` with different tokenizers, or a pair without an intersection for `tli`, is answered
 FAILED_PRECONDITION. `auto` is resolved here with the engine's rule (`engine.resolve_algorithm`).
 
-Sessions and the KV cache: as on the verifier, the drafter runner has ONE KV cache, an LRU of size
-1; each session keeps its state in its own `Drafter` (a copy of the cached one), its drafting runs
-under one lock, and a session whose cache was taken by another rebuilds it from its own context (its
-canonical tokenization of the committed text) at its next draft.
+Sessions and the KV cache: as on the verifier, per-session KV caches live in a `runner.KVPool` of
+`--kv-slots` caches (least recently used evicted); each session keeps its state in its own `Drafter`
+(a copy of the cached one), its drafting runs under one lock, and a session whose cache was evicted
+rebuilds it from its own context (its canonical tokenization of the committed text) at its next draft.
 
 Never: decides acceptance or commits anything; the verifier alone does.
 """
@@ -40,6 +40,7 @@ from crossdraft.engine import DraftLength, RoundStats, resolve_algorithm
 from crossdraft.errors import (Aborted, FailedPrecondition, InvalidArgument, ResourceExhausted,
                                Unavailable)
 from crossdraft.protocol import TOKENS, Proposal
+from crossdraft.runner import KVPool
 from crossdraft.v1 import drafter_pb2, drafter_pb2_grpc, verifier_pb2, verifier_pb2_grpc
 from verifier_service.common import (CHANNEL_OPTIONS, decoupled, dtype_name, load_warm, model_id, one_line, run_model_service,
                                      setup_logging)
@@ -54,17 +55,19 @@ ALGORITHMS = ("same", "tli", "slem")
 WINDOW, DRAFT_TOP_K, MIN_CONFIDENCE = 4, 0, 0.4
 MAX_TOKENIZER_BYTES = 256 << 20
 INFO_TIMEOUT_S, TOKENIZER_TIMEOUT_S = 10.0, 60.0
+DEFAULT_KV_SLOTS = 4  # per-session KV caches kept
 DELTA_BUFFER = 64  # committed deltas queued for a caller that reads slowly, then the session waits
 
 
 class DrafterSessions:
-    """The one drafter runner's KV cache, an LRU of size 1 (`kv_owner`), and the session count."""
+    """The drafter runner's per-session KV caches (`KVPool`, `kv_slots`) and the session count."""
 
-    def __init__(self, runner, max_sessions: int = 16, metrics: Optional[ServiceMetrics] = None):
+    def __init__(self, runner, max_sessions: int = 16, metrics: Optional[ServiceMetrics] = None,
+                 kv_slots: int = DEFAULT_KV_SLOTS):
         self.runner, self.max_sessions = runner, max_sessions
         self.metrics = metrics
         self.lock = threading.Lock()
-        self.kv_owner: Optional[Drafter] = None
+        self.kv = KVPool(runner, kv_slots)
         self.active = 0
         self.misses = 0
 
@@ -77,32 +80,32 @@ class DrafterSessions:
     def release(self, drafter: Optional[Drafter]) -> None:
         with self.lock:
             self.active -= 1
-            if drafter is not None and self.kv_owner is drafter:
-                self.kv_owner = None
+            if drafter is not None:
+                self.kv.release(drafter)
 
     def start(self, drafter: Drafter, prompt: str, ids: list, params) -> None:
         with self.lock:
+            self.kv.activate(drafter)  # an empty cache for it; the previous owner's is parked or evicted
             drafter.start(prompt, ids, params)
-            self.kv_owner = drafter
 
     def propose(self, drafter: Drafter, k: int) -> Proposal:
         with self.lock:
-            if self.kv_owner is not drafter:  # a miss: another session's drafts are in the cache
+            rows = drafter.inter.rows if drafter.inter is not None else None
+            if self.runner.pruned_rows is not rows:  # sessions of other modes share the runner
+                self.runner.prune_head(rows)
+            if not self.kv.activate(drafter):  # a miss: its cache was evicted by other sessions
                 self.misses += 1
                 if self.metrics is not None:
                     self.metrics.kv_rebuild()
-                rows = drafter.inter.rows if drafter.inter is not None else None
-                if self.runner.pruned_rows is not rows:
-                    self.runner.prune_head(rows)
                 drafter.kv_ids = []  # recomputed from the session's context at this draft
-                self.kv_owner = drafter
             return drafter.propose(k)
 
 
 class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
-    def __init__(self, model: str, max_sessions: int = 16, metrics: Optional[ServiceMetrics] = None):
+    def __init__(self, model: str, max_sessions: int = 16, metrics: Optional[ServiceMetrics] = None,
+                 kv_slots: int = DEFAULT_KV_SLOTS):
         self.model = model
-        self.max_sessions = max_sessions
+        self.max_sessions, self.kv_slots = max_sessions, kv_slots
         self.metrics = metrics if metrics is not None else ServiceMetrics("drafter")
         self.sessions: Optional[DrafterSessions] = None  # set by load()
         self._channels: dict = {}  # verifier address -> channel
@@ -115,7 +118,7 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
         vocab, runner = load_warm(self.model, device, fast)
         self.vocab, self.runner = vocab, runner
         self.fingerprint = vocab.fingerprint()
-        self.sessions = DrafterSessions(runner, self.max_sessions, metrics=self.metrics)
+        self.sessions = DrafterSessions(runner, self.max_sessions, metrics=self.metrics, kv_slots=self.kv_slots)
 
     def _ready(self) -> DrafterSessions:
         if self.sessions is None:
@@ -313,5 +316,5 @@ def serve(args) -> int:
     """`crossdraft serve drafter`: listen at once (health NOT_SERVING), load and warm the model,
     then SERVING until SIGTERM."""
     setup_logging()
-    servicer = DrafterServicer(args.model, max_sessions=args.max_sessions)
+    servicer = DrafterServicer(args.model, max_sessions=args.max_sessions, kv_slots=args.kv_slots)
     return run_model_service(SERVICE_NAME, drafter_pb2_grpc.add_DrafterServiceServicer_to_server, servicer, args, log)

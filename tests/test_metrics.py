@@ -35,7 +35,8 @@ def metered(trained_models, tmp_path_factory):
         out = {}
         for name, role, model in (("verifier", "verifier", target), ("drafter", "drafter", spm)):
             mport = free_port()
-            out[name] = servers.start(name, role, model, extra=("--metrics-port", str(mport)))
+            # one KV slot: every switch between sessions is a rebuild, which the rebuild test counts
+            out[name] = servers.start(name, role, model, extra=("--metrics-port", str(mport), "--kv-slots", "1"))
             out[f"{name}_metrics"] = f"http://127.0.0.1:{mport}/metrics"
         servers.wait_serving({"verifier": out["verifier"], "drafter": out["drafter"]})
         yield out

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from crossdraft.runner import HFRunner, LlamaRunner, make_runner
+from crossdraft.runner import HFRunner, KVPool, LlamaRunner, make_runner
 from helpers import tiny_llama
 
 V = 300
@@ -163,3 +163,46 @@ def test_unsupported_configs_fall_back_to_hf_runner():
     model = tiny_llama(V, seed=9)
     model.config.hidden_act = "gelu"
     assert isinstance(make_runner(model, 32), HFRunner)
+
+
+@pytest.mark.parametrize("kind", list(RUNNERS))
+@pytest.mark.parametrize("slots", [1, 2, 3])
+def test_kv_pool_sessions_interleaved(model, kind, slots):
+    """Three sessions extend their own contexts in turns through one runner and a KVPool: every step's
+    logits equal HF's full forward of that session's context; a session whose cache was kept (parked
+    or installed) continues from it, an evicted one is rebuilt; hits and misses are what LRU predicts."""
+    runner = RUNNERS[kind](model, 96)
+    pool = KVPool(runner, slots)
+    ctx = {s: _ids(10 + 3 * s, seed=20 + s) for s in range(3)}
+    cached = {s: 0 for s in range(3)}  # positions of each session's context in its cache
+    order = [0, 1, 0, 2, 1, 0, 2, 2, 1, 0, 1, 2]
+    lru: list = []  # the expected LRU order of sessions holding a cache, most recent last
+    for step, s in enumerate(order):
+        expect_hit = s in lru
+        if not expect_hit and len(lru) == slots:
+            lru.pop(0)
+        if s in lru:
+            lru.remove(s)
+        lru.append(s)
+        hit = pool.activate(s)
+        assert hit == expect_hit, (step, s)
+        if not hit:
+            assert runner.length == 0
+            cached[s] = 0
+        else:
+            assert runner.length == cached[s]
+        new = _ids(2, seed=100 + step)
+        feed = ctx[s][cached[s]:] + new
+        got = runner.forward(feed)
+        ctx[s] = ctx[s] + new
+        cached[s] = len(ctx[s])
+        torch.testing.assert_close(got[-1], full_logits(model, ctx[s])[-1], rtol=0, atol=1e-9)
+    assert pool.hits + pool.misses == len(order) and pool.count <= slots
+    for s in range(3):
+        pool.release(s)
+    assert pool.owner is None and not pool.parked
+
+
+def test_kv_pool_rejects_no_slots(model):
+    with pytest.raises(ValueError):
+        KVPool(LlamaRunner(model, 16), 0)

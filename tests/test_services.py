@@ -337,8 +337,9 @@ def test_verify_stream_errors(services):
 
 
 def test_interleaved_sessions_rebuild_the_kv_cache(services, engines):
-    """Two sessions on one verifier, rounds alternating: every round is a KV-cache miss, rebuilt from
-    the session's committed ids; each output is still the target alone's."""
+    """Two sessions on one verifier, rounds alternating (the verifier keeps both caches in its KV pool;
+    with one slot every round is a rebuild, counted in tests/test_metrics.py): each output is still
+    the target alone's."""
     tv = engines["same"].target_vocab
     refs = [engines["same"].generate(p, 12, GREEDY, "none").ids for p in PROMPTS]
     streams = [VerifyStream(services["verifier"], wire.SessionStart(f"mix-{i}", tv.encode_prompt(p), [], GREEDY, 12, "none"))

@@ -4,15 +4,16 @@ Owns: converting messages (`crossdraft.wire`) and calling the core's `crossdraft
 one per session, all over the service's one target runner; the sessions table; the tokenizer files
 it hands to drafters.
 
-Sessions and the KV cache. The target runner has ONE KV cache. Each open session (one Verify stream)
-keeps its own state in a `Verifier` (committed ids and text, sampling parameters, limits) in a
-bounded table (`TargetSessions`, at most `max_sessions`, least recently used first). The KV cache is
-an LRU of size 1: it belongs to the session that ran last. A round of another session is a miss:
-the cache is rebuilt from that session's committed target ids (one prefill of all but the last
-committed token, the state `Verifier.verify` leaves behind) before verifying. Rounds of all sessions
-are served one at a time under one lock. Greedy and sampled outputs do not depend on which sessions
-interleave (a prefill computes the same keys and values as the rounds did, up to float rounding in
-the last bits); a larger KV LRU and batching are later work.
+Sessions and the KV cache. Each open session (one Verify stream) keeps its own state in a `Verifier`
+(committed ids and text, sampling parameters, limits) in a bounded table (`TargetSessions`, at most
+`max_sessions`). KV caches are per session in a `runner.KVPool` of `--kv-slots` caches, least
+recently used evicted: switching between sessions that hold a slot swaps caches without copying; a
+round of a session whose cache was evicted is a miss, and the cache is rebuilt from that session's
+committed target ids (one prefill of all but the last committed token, the state `Verifier.verify`
+leaves behind) before verifying. Rounds of all sessions are served one at a time under one lock.
+Greedy and sampled outputs do not depend on which sessions interleave (a prefill computes the same
+keys and values as the rounds did, up to float rounding in the last bits); batching rounds of several
+sessions into one forward pass is later work.
 
 A stale proposal (its seq is not the committed length) gets `wire.empty_verdict` without a forward
 pass. The trust boundary stays in the core: a proposal can make a round commit fewer tokens, never
@@ -33,6 +34,7 @@ from typing import Optional
 from crossdraft import wire
 from crossdraft.errors import AlreadyExists, InvalidArgument, ResourceExhausted, Unavailable, Unimplemented
 from crossdraft.protocol import Verdict
+from crossdraft.runner import KVPool
 from crossdraft.v1 import verifier_pb2, verifier_pb2_grpc
 from crossdraft.verifier import Verifier
 
@@ -50,20 +52,21 @@ ALGORITHMS = ("same", "tli", "slem", "none")  # slrs: UNIMPLEMENTED
 # Verdicts computed but not yet sent, per stream: a drafter that sends proposals without reading
 # verdicts stalls its own session here instead of growing the verifier's memory.
 VERDICT_BUFFER = 8
+DEFAULT_KV_SLOTS = 4  # per-session KV caches kept (each one runner cache: max length x layers x kv width)
 
 
 class TargetSessions:
     """Open sessions of the one target runner: per-session `Verifier` state in a bounded LRU table,
-    the KV cache an LRU of size 1 (`kv_owner`), every round under `lock`."""
+    per-session KV caches in a `KVPool` of `kv_slots`, every round under `lock`."""
 
     def __init__(self, runner, vocab, max_sessions: int = 16, window: int = 4,
-                 metrics: Optional[ServiceMetrics] = None):
+                 metrics: Optional[ServiceMetrics] = None, kv_slots: int = DEFAULT_KV_SLOTS):
         self.runner, self.vocab, self.window = runner, vocab, window
         self.metrics = metrics
         self.max_sessions = max_sessions
         self.lock = threading.Lock()
         self.sessions: "OrderedDict[str, Verifier]" = OrderedDict()
-        self.kv_owner: Optional[str] = None
+        self.kv = KVPool(runner, kv_slots)
         self.misses = 0  # rounds that had to rebuild the KV cache
 
     def __len__(self):
@@ -78,9 +81,12 @@ class TargetSessions:
             if len(self.sessions) >= self.max_sessions:
                 raise ResourceExhausted(f"this verifier serves at most {self.max_sessions} sessions at once")
             v = Verifier(self.runner, self.vocab, self.window)
-            self.kv_owner = None  # start() resets the cache even when it fails
-            v.start(start.prompt_ids + start.committed_ids, start.remaining, start.params)
-            self.kv_owner = sid
+            self.kv.activate(sid)  # an empty cache for it; the previous owner's is parked or evicted
+            try:
+                v.start(start.prompt_ids + start.committed_ids, start.remaining, start.params)
+            except BaseException:
+                self.kv.release(sid)
+                raise
             self.sessions[sid] = v
             return v
 
@@ -91,35 +97,33 @@ class TargetSessions:
             committed = len(v.ids)
             if proposal.seq != committed:
                 return wire.empty_verdict(committed)  # stale: no forward pass
-            if self.kv_owner != sid:
+            if not self.kv.activate(sid):
                 self._rebuild(v)
-                self.kv_owner = sid
             return v.verify(proposal)
 
     def _rebuild(self, v: Verifier) -> None:
-        """A miss: the cache holds another session's keys and values. Refill it with this session's
+        """A miss: the session's cache was evicted. Refill the (empty) installed cache with its
         committed ids but the last (whose logits come with the next round), as `verify` leaves it."""
         self.misses += 1
         if self.metrics is not None:
             self.metrics.kv_rebuild()
-        self.runner.reset()
         if len(v.ids) > 1:
             self.runner.forward(v.ids[:-1], last_only=True)
 
     def close(self, sid: str) -> None:
         with self.lock:
             self.sessions.pop(sid, None)
-            if self.kv_owner == sid:
-                self.kv_owner = None
+            self.kv.release(sid)
 
 
 class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
     """Thin: messages in, the core's Verifier, messages out. Errors are raised as CrossdraftError and
     mapped to status codes by `common.ErrorInterceptor`."""
 
-    def __init__(self, model: str, max_sessions: int = 16, metrics: Optional[ServiceMetrics] = None):
+    def __init__(self, model: str, max_sessions: int = 16, metrics: Optional[ServiceMetrics] = None,
+                 kv_slots: int = DEFAULT_KV_SLOTS):
         self.model = model
-        self.max_sessions = max_sessions
+        self.max_sessions, self.kv_slots = max_sessions, kv_slots
         self.metrics = metrics if metrics is not None else ServiceMetrics("verifier")
         self.sessions: Optional[TargetSessions] = None  # set by load()
         self._tmp = None
@@ -130,7 +134,8 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
         self.vocab, self.runner = vocab, runner
         self.fingerprint = vocab.fingerprint()
         self.tokenizer_files = self._tokenizer_files(vocab)
-        self.sessions = TargetSessions(runner, vocab, self.max_sessions, metrics=self.metrics)
+        self.sessions = TargetSessions(runner, vocab, self.max_sessions, metrics=self.metrics,
+                                      kv_slots=self.kv_slots)
 
     def _tokenizer_files(self, vocab) -> list:
         """[(file name, path)]: the tokenizer files of the model directory, or (a Hub id) the
@@ -212,6 +217,6 @@ def serve(args) -> int:
     """`crossdraft serve verifier`: listen at once (health NOT_SERVING), load and warm the model,
     then SERVING until SIGTERM."""
     setup_logging()
-    servicer = VerifierServicer(args.model, max_sessions=args.max_sessions)
+    servicer = VerifierServicer(args.model, max_sessions=args.max_sessions, kv_slots=args.kv_slots)
     return run_model_service(SERVICE_NAME, verifier_pb2_grpc.add_VerifierServiceServicer_to_server, servicer, args, log)
 
