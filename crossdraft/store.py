@@ -1,7 +1,9 @@
 """Session store: the state of a generation that outlives one process (gateway, drafter, verifier).
 
 Owns: per session the request (as JSON), status, owner, committed target token ids, committed text
-(bytes), counters, timestamps, finish reason, error message, a TTL on all of it, and an append-only
+(bytes), counters, timestamps, finish reason, error message, the result the final commit records
+(JSON: for the gateway, the resolved algorithm, why, and the drafter's statistics, so any replica can
+report them), a TTL on all of it, and an append-only
 stream of output events a client can re-attach to from any offset. Two implementations with the same
 semantics: `MemoryStore` (in-process, thread-safe: the embedded single-process mode) and `RedisStore`.
 
@@ -14,7 +16,8 @@ applied) returns the same new length without applying twice; any other commit at
 Redis layout (prefix `crossdraft:` by default; `{id}` is a literal hash tag, so all of a session's
 keys live in one Redis Cluster slot and the scripts may touch them together):
     crossdraft:session:{id}          hash: request (JSON), owner, status, counters, timestamps,
-                                     finish_reason, error, event_seq, last_expected, last_digest
+                                     finish_reason, error, result (JSON), event_seq, last_expected,
+                                     last_digest
     crossdraft:session:{id}:ids      string: committed target ids, little-endian int32, APPENDed
     crossdraft:session:{id}:text     string: committed text bytes, APPENDed
     crossdraft:session:{id}:events   stream: one entry per output event, entry id `{offset}-{seq}`
@@ -41,6 +44,7 @@ STATUSES = ("queued", "running", "done", "cancelled", "failed")
 TERMINAL = frozenset({"done", "cancelled", "failed"})
 COUNTERS = ("rounds", "draft_tokens", "accepted_tokens", "drafted")
 DEFAULT_TTL_S = 24 * 3600.0
+MAX_RESULT_BYTES = 16 << 10  # the final commit's result (algorithm, why, statistics), as JSON
 _MAX_ID_LEN = 200
 _MAX_TOKEN_ID = 2**31 - 1  # ids are stored as int32
 
@@ -94,6 +98,7 @@ class Session:
     finished: Optional[float] = None
     finish_reason: str = ""
     error: str = ""
+    result: dict = field(default_factory=dict)  # what the final commit recorded (e.g. algorithm, why, stats)
 
     @property
     def terminal(self) -> bool:
@@ -143,7 +148,8 @@ class SessionStore(ABC):
 
     @abstractmethod
     def commit(self, session_id: str, expected_len: int, ids: list, text: bytes = b"",
-               counters: Optional[dict] = None, finished: bool = False, finish_reason: str = "") -> int: ...
+               counters: Optional[dict] = None, finished: bool = False, finish_reason: str = "",
+               result: Optional[dict] = None) -> int: ...
 
     def set_status(self, session_id: str, status: str, error: str = "", finish_reason: str = "") -> str:
         return self._set_status(session_id, status, error, finish_reason)[1]
@@ -211,8 +217,9 @@ class SessionStore(ABC):
         return finish_reason
 
     @staticmethod
-    def _pack_commit(expected_len, ids, text, counters, finished, finish_reason):
-        """Validate a commit; return (ids as int32 LE bytes, text, counter increments, digest)."""
+    def _pack_commit(expected_len, ids, text, counters, finished, finish_reason, result=None):
+        """Validate a commit; return (ids as int32 LE bytes, text, counter increments, finished,
+        finish_reason, result as JSON or "", digest)."""
         if isinstance(expected_len, bool) or not isinstance(expected_len, int) or expected_len < 0:
             raise InvalidArgument(f"expected_len must be an int >= 0, got {expected_len!r}")
         ids = list(ids)
@@ -236,26 +243,36 @@ class SessionStore(ABC):
         finished = bool(finished)
         if finished and not finish_reason:
             finish_reason = "stop"
+        result_json = ""
+        if result:
+            if not finished:
+                raise InvalidArgument("a result is recorded by the final commit only")
+            try:
+                result_json = json.dumps(result, sort_keys=True, separators=(",", ":"))
+            except (TypeError, ValueError) as e:
+                raise InvalidArgument(f"the result must be JSON-serialisable: {e}") from None
+            if len(result_json) > MAX_RESULT_BYTES:
+                raise InvalidArgument(f"the result is {len(result_json)} bytes of JSON, at most {MAX_RESULT_BYTES}")
         blob = struct.pack(f"<{len(ids)}i", *ids)
         h = hashlib.sha1()
         for part in (str(expected_len).encode(), blob, text, ",".join(map(str, inc)).encode(),
-                     b"1" if finished else b"0", finish_reason.encode()):
+                     b"1" if finished else b"0", finish_reason.encode(), result_json.encode()):
             h.update(len(part).to_bytes(8, "little"))
             h.update(part)
-        return blob, text, inc, finished, finish_reason, h.hexdigest()
+        return blob, text, inc, finished, finish_reason, result_json, h.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------------------
 class _Rec:
     __slots__ = ("request", "owner", "status", "ids", "text", "counters", "created", "updated",
-                 "finished", "finish_reason", "error", "events", "last", "expires")
+                 "finished", "finish_reason", "error", "result", "events", "last", "expires")
 
     def __init__(self, request_json, owner, now, expires):
         self.request, self.owner, self.status = request_json, owner, "queued"
         self.ids, self.text = [], bytearray()
         self.counters = dict.fromkeys(COUNTERS, 0)
         self.created = self.updated = now
-        self.finished, self.finish_reason, self.error = None, "", ""
+        self.finished, self.finish_reason, self.error, self.result = None, "", "", ""
         self.events: list = []
         self.last = None  # (expected_len, digest) of the last commit applied
         self.expires = expires
@@ -302,7 +319,8 @@ class MemoryStore(SessionStore):
                        length=len(rec.ids), ids=list(rec.ids) if include_output else [],
                        text=bytes(rec.text) if include_output else b"", counters=dict(rec.counters),
                        created=rec.created, updated=rec.updated, finished=rec.finished,
-                       finish_reason=rec.finish_reason, error=rec.error)
+                       finish_reason=rec.finish_reason, error=rec.error,
+                       result=json.loads(rec.result) if rec.result else {})
 
     def get(self, session_id, include_output=True):
         self._check_id(session_id)
@@ -310,10 +328,11 @@ class MemoryStore(SessionStore):
             rec = self._live(session_id)
             return None if rec is None else self._snapshot(session_id, rec, include_output)
 
-    def commit(self, session_id, expected_len, ids, text=b"", counters=None, finished=False, finish_reason=""):
+    def commit(self, session_id, expected_len, ids, text=b"", counters=None, finished=False, finish_reason="",
+               result=None):
         self._check_id(session_id)
-        blob, text, inc, finished, finish_reason, digest = self._pack_commit(
-            expected_len, ids, text, counters, finished, finish_reason)
+        blob, text, inc, finished, finish_reason, result_json, digest = self._pack_commit(
+            expected_len, ids, text, counters, finished, finish_reason, result)
         ids = list(struct.unpack(f"<{len(blob) // 4}i", blob))
         now = time.time()
         with self._cond:
@@ -333,7 +352,7 @@ class MemoryStore(SessionStore):
                 rec.counters[k] += v
             rec.status = "done" if finished else "running"
             if finished:
-                rec.finished, rec.finish_reason = now, finish_reason
+                rec.finished, rec.finish_reason, rec.result = now, finish_reason, result_json
             rec.last = (expected_len, digest)
             rec.events.append(Event(len(rec.ids), tuple(ids), text, finished, finish_reason if finished else ""))
             self._touch(rec, now)
@@ -414,7 +433,7 @@ local bad = corrupt()
 if bad then return {'corrupt', bad} end
 redis.call('HSET', KEYS[1], 'request', ARGV[1], 'owner', ARGV[2], 'status', 'queued',
   'rounds', 0, 'draft_tokens', 0, 'accepted_tokens', 0, 'drafted', 0,
-  'created', ARGV[3], 'updated', ARGV[3], 'finished', '', 'finish_reason', '', 'error', '',
+  'created', ARGV[3], 'updated', ARGV[3], 'finished', '', 'finish_reason', '', 'error', '', 'result', '',
   'event_seq', 0, 'last_expected', '', 'last_digest', '')
 redis.call('SET', KEYS[2], '')
 redis.call('SET', KEYS[3], '')
@@ -423,7 +442,7 @@ return {'ok', 0}
 """
 
 # ARGV: expected_len, ids (int32 LE), text, rounds, draft_tokens, accepted_tokens, drafted,
-#       finished ('1'/'0'), finish_reason, digest, now, ttl_ms
+#       finished ('1'/'0'), finish_reason, digest, now, ttl_ms, result (JSON, final commit only)
 _LUA_COMMIT = _LUA_TTL + """
 local h = KEYS[1]
 if redis.call('EXISTS', h) == 0 then return {'missing', 0} end
@@ -450,7 +469,7 @@ redis.call('HINCRBY', h, 'accepted_tokens', ARGV[6])
 redis.call('HINCRBY', h, 'drafted', ARGV[7])
 redis.call('HSET', h, 'event_seq', seq)
 if ARGV[8] == '1' then
-  redis.call('HSET', h, 'status', 'done', 'finished', ARGV[11], 'finish_reason', reason)
+  redis.call('HSET', h, 'status', 'done', 'finished', ARGV[11], 'finish_reason', reason, 'result', ARGV[13])
 else
   redis.call('HSET', h, 'status', 'running')
 end
@@ -580,14 +599,16 @@ class RedisStore(SessionStore):
                        counters={k: int(f.get(k, 0)) for k in COUNTERS},
                        created=float(f["created"]), updated=float(f["updated"]),
                        finished=float(f["finished"]) if f.get("finished") else None,
-                       finish_reason=s("finish_reason"), error=s("error"))
+                       finish_reason=s("finish_reason"), error=s("error"),
+                       result=json.loads(f["result"]) if f.get("result") else {})
 
-    def commit(self, session_id, expected_len, ids, text=b"", counters=None, finished=False, finish_reason=""):
+    def commit(self, session_id, expected_len, ids, text=b"", counters=None, finished=False, finish_reason="",
+               result=None):
         self._check_id(session_id)
-        blob, text, inc, finished, finish_reason, digest = self._pack_commit(
-            expected_len, ids, text, counters, finished, finish_reason)
+        blob, text, inc, finished, finish_reason, result_json, digest = self._pack_commit(
+            expected_len, ids, text, counters, finished, finish_reason, result)
         args = [str(expected_len), blob, text, *map(str, inc), "1" if finished else "0", finish_reason,
-                digest, repr(time.time()), self._ttl_ms]
+                digest, repr(time.time()), self._ttl_ms, result_json]
         tag, val = self._script(self._commit, session_id, args)
         if tag in ("ok", "replay"):
             return int(val)

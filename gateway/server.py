@@ -7,11 +7,10 @@ on when its client goes away), appending every committed delta to the session wi
 `store.commit(expected_len, ...)`, and serving the session's event stream from the store to clients
 (`Generate`, `AttachSession`: both follow the store's events, so any gateway replica can serve them).
 
-Session state lives in the store only. This process keeps, besides its pools' load counts, the
-handles of the RunSession calls it runs (so `CancelSession` can stop them at once; a session run by
-another replica stops at its next commit, which the cancelled status refuses) and a bounded cache of
-the final statistics of the sessions it ran (resolved algorithm, why, timings), which the store has no
-field for: a session that finished elsewhere ends with the store's counters and its requested algorithm.
+Session state lives in the store only, the final statistics too (resolved algorithm, why, timings:
+the final commit's `result`), so any replica reports the same end. This process keeps, besides its
+pools' load counts, only the handles of the RunSession calls it runs (so `CancelSession` can stop them
+at once; a session run by another replica stops at its next commit, which the cancelled status refuses).
 
 A request refused by validation writes nothing: the gateway's own checks (prompt size,
 max_new_tokens, algorithm, sampling parameters, draft length, session id, concurrent sessions) run
@@ -35,11 +34,11 @@ import os
 import socket
 import threading
 import uuid
-from collections import OrderedDict
 from concurrent.futures import Future
 from typing import Optional
 
 import grpc
+from google.protobuf import json_format
 
 from crossdraft import wire
 from crossdraft.errors import (Aborted, CrossdraftError, InvalidArgument, NotFound, ResourceExhausted,
@@ -57,7 +56,6 @@ MAX_PROMPT_BYTES = 256 << 10
 MAX_NEW_TOKENS = 100_000  # as the CLI's limit; the verifier checks the target's context too
 REFUSALS = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNIMPLEMENTED)
 FOLLOW_BLOCK_MS = 500  # how long one read of the event stream waits before checking the client is still there
-ENDS_CACHE = 1024
 _STATUS = {"queued": gateway_pb2.SESSION_STATUS_PENDING, "running": gateway_pb2.SESSION_STATUS_RUNNING}
 
 
@@ -78,7 +76,6 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self._lock = threading.Lock()
         self._active = 0
         self._calls: dict = {}  # session id -> its RunSession call, while this process runs it
-        self._ends: "OrderedDict[str, tuple]" = OrderedDict()  # session id -> (algorithm, why, Stats)
 
     # --- validation -----------------------------------------------------------------------------
     def _request(self, spec: gateway_pb2.GenerationSpec) -> dict:
@@ -163,9 +160,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                 prev = now
                 why = why or msg.why
                 reason = wire.finish_reason_from_proto(msg.finish_reason) if msg.finished else ""
-                if msg.finished:  # the end's statistics, before the final event that clients wait for
-                    self._remember(sid, msg.algorithm, why, msg.stats)
-                length = self.store.commit(sid, length, list(msg.ids), msg.text, inc, msg.finished, reason)
+                result = None
+                if msg.finished:  # the end's algorithm, why and statistics go with the final commit
+                    result = {"algorithm": wire.algorithm_from_proto(msg.algorithm), "why": why,
+                              "stats": json_format.MessageToDict(msg.stats, preserving_proto_field_name=True)}
+                length = self.store.commit(sid, length, list(msg.ids), msg.text, inc, msg.finished, reason, result)
                 finished = msg.finished
                 last = msg
                 if not started.done():
@@ -207,12 +206,6 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         if not started.done():
             started.set_exception(e)
 
-    def _remember(self, sid: str, algorithm: int, why: str, stats) -> None:
-        with self._lock:
-            self._ends[sid] = (algorithm, why, stats)
-            while len(self._ends) > ENDS_CACHE:
-                self._ends.popitem(last=False)
-
     # --- reading a session ----------------------------------------------------------------------
     def _get(self, sid: str, include_output: bool = True):
         wire.check_session_id(sid)
@@ -223,10 +216,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
 
     def _end(self, s) -> gateway_pb2.GenerationEnd:
         text_bytes = len(s.text.decode("utf-8", errors="replace").encode("utf-8"))
-        with self._lock:
-            cached = self._ends.get(s.id)
-        if cached is not None and s.status == "done":
-            algorithm, why, stats = cached
+        if s.status == "done" and s.result:  # recorded by the final commit, whichever replica made it
+            r = s.result
+            algorithm, why = wire.algorithm_to_proto(r.get("algorithm", "auto")), r.get("why", "")
+            stats = json_format.ParseDict(r.get("stats", {}), common_pb2.Stats(), ignore_unknown_fields=True)
         else:
             algorithm, why, stats = wire.algorithm_to_proto(s.request.get("algorithm", "auto")), "", self._stats(s)
         return gateway_pb2.GenerationEnd(finish_reason=_reason(s.finish_reason), algorithm=algorithm, why=why,
@@ -252,7 +245,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         if s.terminal:
             msg.end.CopyFrom(self._end(s))
             msg.text_bytes = msg.end.text_bytes
-            if s.status == "done" and self._ends.get(s.id) is not None:
+            if s.status == "done" and s.result:
                 msg.stats.CopyFrom(msg.end.stats)
         return msg
 

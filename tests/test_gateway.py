@@ -167,6 +167,26 @@ def test_session_in_redis_and_get_session(stack, engines, rdb):
         assert "".join(c.attach(sid, k)) == ref.text.encode()[k:].decode()
 
 
+def test_another_replica_reports_the_same_end(stack, engines, rdb):
+    """The final statistics live in Redis with the final commit: a second gateway replica on the same
+    Redis, which did not run the session, reports the same resolved algorithm, why and statistics."""
+    sid = "replica-end-1"
+    r = stub(stack["gateway"]).GenerateUnary(
+        gateway_pb2.GenerateUnaryRequest(spec=spec(algorithm=common_pb2.ALGORITHM_AUTO), session_id=sid), timeout=60)
+    assert r.end.algorithm == common_pb2.ALGORITHM_SLEM and r.end.why and r.end.stats.verify_ns > 0
+    result = json.loads(rdb.hget(f"crossdraft:session:{{{sid}}}".encode(), "result"))
+    assert result["algorithm"] == "slem" and result["why"] == r.end.why
+    other = stack["procs"].start_cmd("gateway-2", [
+        "gateway", "--redis", stack["redis"], "--drafters", stack["spm"], "--verifiers", stack["verifier"]])
+    stack["procs"].wait_serving({"gateway-2": other})
+    s = stub(other).GetSession(gateway_pb2.GetSessionRequest(session_id=sid), timeout=10).session
+    assert s.end.algorithm == r.end.algorithm and s.end.why == r.end.why and s.end.stats == r.end.stats
+    assert s.stats == r.end.stats
+    ended = [m for m in stub(other).AttachSession(gateway_pb2.AttachSessionRequest(session_id=sid), timeout=10)
+             if m.WhichOneof("event") == "end"]
+    assert len(ended) == 1 and ended[0].end == r.end
+
+
 def wire_reason(name):
     from crossdraft import wire
 

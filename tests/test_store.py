@@ -12,7 +12,7 @@ import uuid
 import pytest
 
 from crossdraft.errors import CrossdraftError, InvalidArgument, NotFound
-from crossdraft.store import (COUNTERS, AlreadyExists, Conflict, MemoryStore, RedisStore, SessionClosed,
+from crossdraft.store import (COUNTERS, MAX_RESULT_BYTES, AlreadyExists, Conflict, MemoryStore, RedisStore, SessionClosed,
                               Unavailable)
 from redis_fixture import start_redis, stop
 
@@ -100,6 +100,29 @@ def test_commit_appends_and_counts(store):
     got = store.get(s)
     assert got.ids[4:] == big and got.status == "done" and got.finish_reason == "length"
     assert got.finished is not None and got.finished >= got.created
+
+
+def test_final_commit_records_a_result(store):
+    """The final commit may record a JSON result (the gateway's algorithm, why and statistics), read
+    back by any reader; only a final commit may, it is part of a replay's identity, and it is bounded."""
+    s = sid()
+    store.create(s, REQUEST)
+    assert store.get(s).result == {}
+    with pytest.raises(InvalidArgument):  # not final
+        store.commit(s, 0, [1], b"a", result={"algorithm": "slem"})
+    with pytest.raises(InvalidArgument):  # too large
+        store.commit(s, 0, [1], b"a", finished=True, result={"why": "x" * (MAX_RESULT_BYTES + 1)})
+    with pytest.raises(InvalidArgument):  # not JSON
+        store.commit(s, 0, [1], b"a", finished=True, result={"x": object()})
+    assert store.get(s).length == 0  # refused commits applied nothing
+    result = {"algorithm": "slem", "why": "greedy: slem", "stats": {"rounds": 3, "verify_ns": "123456789"}}
+    assert store.commit(s, 0, [1], b"a", finished=True, finish_reason="eos", result=result) == 1
+    assert store.commit(s, 0, [1], b"a", finished=True, finish_reason="eos", result=result) == 1  # replay
+    with pytest.raises(SessionClosed):  # a different result is not a replay of the final commit
+        store.commit(s, 0, [1], b"a", finished=True, finish_reason="eos", result=dict(result, why="other"))
+    got = store.get(s)
+    assert got.result == result and got.status == "done"
+    assert store.get(s, include_output=False).result == result
 
 
 def test_expected_length_check(store):
