@@ -658,3 +658,85 @@ def test_bundled_redis_command_and_the_gateway_password_path(tmp_path, caplog):
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
+
+
+# --- what the chart relies on in the services: a pool behind one DNS name ---------------------------------
+
+class _NamedDrafter:
+    """A DrafterService that answers GetInfo with its name and streams RunSession for `stream_s` seconds,
+    recording the client connection (peer) of each call."""
+
+    def __init__(self, name: str, stream_s: float = 0.0):
+        self.name, self.stream_s, self.peers = name, stream_s, []
+
+    def servicer(self):
+        from crossdraft.v1 import drafter_pb2, drafter_pb2_grpc
+
+        outer = self
+
+        class Servicer(drafter_pb2_grpc.DrafterServiceServicer):
+            metrics = None
+
+            def GetInfo(self, request, context):
+                outer.peers.append(context.peer())
+                return drafter_pb2.DrafterServiceGetInfoResponse(model_id=outer.name)
+
+            def RunSession(self, request, context):
+                for _ in range(int(outer.stream_s / 0.05)):
+                    time.sleep(0.05)
+                    yield drafter_pb2.RunSessionResponse()
+
+        return Servicer()
+
+
+def _serve(fake):
+    from crossdraft.v1 import drafter_pb2_grpc
+    from verifier_service.common import Service
+
+    svc = Service("crossdraft.v1.DrafterService", drafter_pb2_grpc.add_DrafterServiceServicer_to_server,
+                  fake.servicer(), "127.0.0.1", 0, grace_s=0)
+    svc.start(handle_signals=False)
+    return svc
+
+
+def test_gateway_pool_spreads_sessions_over_the_replicas_behind_one_address():
+    """A drafter pool is one headless Service name with several pods behind it: the gateway's channel must
+    use them all (round_robin), not only the first (gRPC's default pick_first)."""
+    from crossdraft.v1 import drafter_pb2
+    from gateway.pool import Pool
+
+    fakes = [_NamedDrafter("a"), _NamedDrafter("b")]
+    svcs = [_serve(f) for f in fakes]
+    try:
+        address = "ipv4:" + ",".join(f"127.0.0.1:{s.port}" for s in svcs)  # one name, two addresses, as DNS gives
+        pool = Pool("drafter", [address])
+        answers = [pool.drafter_stub(address).GetInfo(drafter_pb2.DrafterServiceGetInfoRequest(), timeout=5).model_id
+                   for _ in range(10)]
+        pool.close()
+        assert min(answers.count("a"), answers.count("b")) >= 3, answers  # pick_first: all "a"
+    finally:
+        for s in svcs:
+            s.server.stop(0).wait()
+
+
+def test_services_recycle_connections_so_clients_find_new_replicas(monkeypatch):
+    """A client reconnects (and so re-resolves a pool's DNS name) after MAX_CONNECTION_AGE_S, while a
+    call in flight, such as a session's stream, runs to its end."""
+    import grpc
+
+    import verifier_service.common as common
+    from crossdraft.v1 import drafter_pb2, drafter_pb2_grpc
+
+    monkeypatch.setattr(common, "MAX_CONNECTION_AGE_S", 0.3)
+    fake = _NamedDrafter("a", stream_s=1.2)
+    svc = _serve(fake)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{svc.port}") as ch:
+            stub = drafter_pb2_grpc.DrafterServiceStub(ch)
+            stub.GetInfo(drafter_pb2.DrafterServiceGetInfoRequest(), timeout=5)
+            streamed = sum(1 for _ in stub.RunSession(drafter_pb2.RunSessionRequest(), timeout=10))  # 4x the age
+            stub.GetInfo(drafter_pb2.DrafterServiceGetInfoRequest(), timeout=5)
+        assert streamed == int(1.2 / 0.05)
+        assert len(fake.peers) == 2 and fake.peers[0] != fake.peers[1]  # a new connection (client port)
+    finally:
+        svc.server.stop(0).wait()
