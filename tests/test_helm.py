@@ -740,3 +740,18 @@ def test_services_recycle_connections_so_clients_find_new_replicas(monkeypatch):
         assert len(fake.peers) == 2 and fake.peers[0] != fake.peers[1]  # a new connection (client port)
     finally:
         svc.server.stop(0).wait()
+
+
+def test_readme_values_example_renders(tmp_path):
+    """The values file the README's "Install on Kubernetes" shows is valid and does what it says."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Install on Kubernetes"):]
+    example = re.search(r"```yaml\n(.*?)```", section, re.S).group(1)
+    path = tmp_path / "my-values.yaml"
+    path.write_text(example)
+    objs = [d for d in yaml.safe_load_all(helm("template", "cd", str(CHART), "-n", "ml", "-f", str(path)).stdout) if d]
+    ws = workloads(objs)
+    assert "cd-crossdraft-drafter-smollm2" in ws  # the name `kubectl scale` uses there
+    c = ws["cd-crossdraft-verifier"]["spec"]["template"]["spec"]["containers"][0]
+    assert c["image"] == "registry.example.com/crossdraft:0.1.0-cuda" and c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert "svc/cd-crossdraft-gateway 50050:50050" in section and "cd-crossdraft-gateway" in by_kind(objs, "Service")
