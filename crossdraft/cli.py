@@ -183,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     for r in (gw, al):
         r.add_argument("--port", type=int, required=True, help="TCP port of the gateway (0: any free port)")
         r.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0: all)")
-        r.add_argument("--redis", default=None, help="session store URL, redis://HOST:PORT/DB (default: in memory)")
+        r.add_argument("--redis", default=None, help="session store URL, redis://HOST:PORT/DB (default: in memory); "
+                       f"a password in ${REDIS_PASSWORD_ENV} is added to it, so it need not be on the command line")
         r.add_argument("--ttl", type=float, default=24 * 3600.0, help="seconds a session is kept (default: 1 day)")
         r.add_argument("--max-sessions", type=int, default=64,
                        help="sessions run at once; more are answered RESOURCE_EXHAUSTED (default: 64)")
@@ -196,6 +197,24 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             r.add_argument("--debug", action="store_true", help="show a traceback on unexpected errors")
     return ap
+
+
+REDIS_PASSWORD_ENV = "CROSSDRAFT_REDIS_PASSWORD"
+
+
+def redis_url_with_password(url, environ=os.environ):
+    """`--redis` with the password of $CROSSDRAFT_REDIS_PASSWORD added (percent-encoded), if that is set:
+    how a deployment passes a password from a Secret without putting it in the command line."""
+    password = environ.get(REDIS_PASSWORD_ENV)
+    if not url or not password:
+        return url
+    from urllib.parse import quote, urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is not None:
+        raise InvalidArgument(f"--redis has a password and ${REDIS_PASSWORD_ENV} is set too: give only one")
+    user, _, host = parts.netloc.rpartition("@")
+    return urlunsplit(parts._replace(netloc=f"{user}:{quote(password, safe='')}@{host}"))
 
 
 def _setup_torch(args) -> None:
@@ -303,6 +322,8 @@ def cmd_serve(args) -> int:
         raise InvalidArgument(f"--kv-slots must be in [1, 1024], got {args.kv_slots}")
     if not 0 <= getattr(args, "metrics_port", 0) <= 65535:
         raise InvalidArgument(f"--metrics-port must be in [0, 65535], got {args.metrics_port}")
+    if args.role in ("gateway", "all"):
+        args.redis = redis_url_with_password(args.redis)
     if args.role == "gateway":
         from gateway.server import serve as serve_gateway
 

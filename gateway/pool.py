@@ -22,6 +22,9 @@ from crossdraft.v1 import drafter_pb2, drafter_pb2_grpc, verifier_pb2, verifier_
 from verifier_service.common import CHANNEL_OPTIONS, one_line
 
 INFO_TIMEOUT_S = 5.0
+# An address may be a DNS name with several replicas behind it (a Kubernetes headless Service: one drafter
+# pool): round_robin spreads the calls over all of them, where gRPC's default pick_first sends all to one.
+POOL_CHANNEL_OPTIONS = CHANNEL_OPTIONS + [("grpc.lb_policy_name", "round_robin")]
 
 
 def parse_addresses(text: str, what: str) -> list:
@@ -57,7 +60,7 @@ class Pool:
         with self._lock:
             ch = self._channels.get(address)
             if ch is None:
-                ch = self._channels[address] = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+                ch = self._channels[address] = grpc.insecure_channel(address, options=POOL_CHANNEL_OPTIONS)
             return ch
 
     def drafter_stub(self, address: str):

@@ -31,6 +31,7 @@ from __future__ import annotations
 import codecs
 import logging
 import os
+import re
 import socket
 import threading
 import uuid
@@ -342,7 +343,7 @@ def make_store(redis_url: Optional[str], ttl_s: float):
 
         store = RedisStore(redis_url, ttl_s=ttl_s)
         store.ping()
-        log.info("sessions in redis at %s", redis_url)
+        log.info("sessions in redis at %s", re.sub(r"//[^/@]*@", "//", redis_url))  # never the password
         return store
     log.info("no --redis: sessions kept in memory (MemoryStore), lost when this process stops")
     return MemoryStore(ttl_s=ttl_s)

@@ -38,6 +38,9 @@ MAX_MESSAGE_BYTES = 8 << 20  # per message, both directions (a Proposal with 64 
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
 PACKAGE_PREFIX = "/crossdraft.v1."  # the interceptor wraps only our own services' methods
+# Clients reconnect after this long (GOAWAY; calls in flight finish, without a time limit), so that a client
+# of a pool behind one DNS name (a Kubernetes headless Service) re-resolves it and finds the pods added since.
+MAX_CONNECTION_AGE_S = 300.0
 
 log = logging.getLogger("crossdraft.services")
 
@@ -196,7 +199,8 @@ class Service:
                  max_workers: int = 32, grace_s: float = 10.0, on_error: Optional[Callable] = None):
         self.service_name, self.host, self.grace_s = service_name, host, grace_s
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
-                                  interceptors=[ErrorInterceptor(on_error)], options=CHANNEL_OPTIONS)
+                                  interceptors=[ErrorInterceptor(on_error)],
+                                  options=CHANNEL_OPTIONS + [("grpc.max_connection_age_ms", int(MAX_CONNECTION_AGE_S * 1000))])
         add_servicer(servicer, self.server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

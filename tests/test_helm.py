@@ -1,0 +1,757 @@
+"""The Helm chart (helm/crossdraft): lint, render, validate against the Kubernetes schemas, and check the
+rendered objects against what the services need.
+
+Value sets: the chart's defaults and each helm/ci/*-values.yaml (an external Redis; a GPU verifier with two
+drafter pools, network policies and a ServiceMonitor; everything static). For each: `helm lint --strict`,
+`helm template`, `kubernetes-validate --strict` for two Kubernetes versions, and checks of the objects:
+drafter pools and the verifier are separate workloads with separate autoscalers, every container is probed,
+has resources and runs as non-root, no secret value appears in plain text, the gateway's pool addresses are
+the rendered Services, and every crossdraft command line parses with the real CLI. The bundled Redis's
+rendered command is run against a real redis-server, with the gateway's password path (crossdraft/cli.py).
+
+Helm comes from .tools/helm/helm (scripts/install_helm.sh) or PATH, kubernetes-validate from the test extra;
+without them these tests skip, except when CROSSDRAFT_REQUIRE_HELM=1 (.ci/run sets it), where they fail.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import re
+import runpy
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CHART = ROOT / "helm" / "crossdraft"
+CI_VALUES = ROOT / "helm" / "ci"
+RELEASE, NAMESPACE = "demo", "ml"
+FULL = f"{RELEASE}-crossdraft"
+K8S_VERSIONS = ("1.27.0", "1.35.0")  # the chart's kubeVersion floor (gRPC probes GA) and Helm 4.1's client
+VALUE_SETS = {"default": None, **{p.name[: -len("-values.yaml")]: p for p in sorted(CI_VALUES.glob("*-values.yaml"))}}
+CRD_KINDS = {"ServiceMonitor"}  # not in the Kubernetes schemas: checked by hand below
+SECRET_ENV = re.compile(r"PASSWORD|SECRET|AUTH|TOKEN$", re.I)  # not MAX_NEW_TOKENS
+
+
+def _require(what: str, hint: str):
+    msg = f"{what} not found ({hint})"
+    if os.environ.get("CROSSDRAFT_REQUIRE_HELM") == "1":
+        pytest.fail(msg + "; CROSSDRAFT_REQUIRE_HELM=1 (CI) needs it", pytrace=False)
+    pytest.skip(msg)
+
+
+@lru_cache(maxsize=1)
+def _helm_path():
+    local = ROOT / ".tools" / "helm" / "helm"
+    if os.access(local, os.X_OK):
+        return str(local)
+    return shutil.which("helm")
+
+
+def helm(*args, check=True) -> subprocess.CompletedProcess:
+    path = _helm_path()
+    if path is None:
+        _require("helm", "bash scripts/install_helm.sh puts Helm 4 in .tools/helm/")
+    proc = subprocess.run([path, *args], capture_output=True, text=True, timeout=60)
+    if check and proc.returncode != 0:
+        pytest.fail(f"helm {' '.join(args)} failed:\n{proc.stderr}", pytrace=False)
+    return proc
+
+
+def kubernetes_validate() -> str:
+    """Path of the kubernetes-validate command of this Python (the test extra of pyproject.toml)."""
+    exe = Path(sys.executable).with_name("kubernetes-validate")
+    if not exe.exists():
+        _require("kubernetes-validate", "pip install -e '.[test]'")
+    return str(exe)
+
+
+def values_args(name: str) -> list:
+    return ["-f", str(VALUE_SETS[name])] if VALUE_SETS[name] else []
+
+
+@lru_cache(maxsize=None)
+def render(name: str) -> str:
+    return helm("template", RELEASE, str(CHART), "--namespace", NAMESPACE, *values_args(name)).stdout
+
+
+def objects(name: str) -> list:
+    return [d for d in yaml.safe_load_all(render(name)) if d]
+
+
+@lru_cache(maxsize=None)
+def values(name: str) -> dict:
+    """The values of a set as Helm sees them: the chart's defaults with the file on top (maps merged)."""
+    def merge(base, top):
+        if isinstance(base, dict) and isinstance(top, dict):
+            return {k: merge(base.get(k), top[k]) if k in top else base[k] for k in {**base, **top}}
+        return top
+
+    base = yaml.safe_load((CHART / "values.yaml").read_text())
+    return merge(base, yaml.safe_load(VALUE_SETS[name].read_text())) if VALUE_SETS[name] else base
+
+
+def by_kind(objs: list, kind: str) -> dict:
+    return {o["metadata"]["name"]: o for o in objs if o["kind"] == kind}
+
+
+def workloads(objs: list) -> dict:
+    return {**by_kind(objs, "Deployment"), **by_kind(objs, "StatefulSet")}
+
+
+def component(obj: dict) -> str:
+    return obj["metadata"]["labels"]["app.kubernetes.io/component"]
+
+
+def pod_labels(workload: dict) -> dict:
+    return workload["spec"]["template"]["metadata"]["labels"]
+
+
+def matches(selector: dict, labels: dict) -> bool:
+    """A label selector (matchLabels and matchExpressions with In) against labels."""
+    sel = selector.get("matchLabels", selector if "matchExpressions" not in selector else {})
+    if any(labels.get(k) != v for k, v in sel.items()):
+        return False
+    for e in selector.get("matchExpressions", []):
+        assert e["operator"] == "In", e
+        if labels.get(e["key"]) not in e["values"]:
+            return False
+    return True
+
+
+def flag(args: list, name: str) -> str:
+    """The value of --name=VALUE in a rendered argument list."""
+    vals = [a.split("=", 1)[1] for a in args if a.startswith(f"--{name}=")]
+    assert len(vals) == 1, (name, args)
+    return vals[0]
+
+
+def crossdraft_containers(objs: list):
+    for w in workloads(objs).values():
+        for c in w["spec"]["template"]["spec"]["containers"]:
+            if c["name"] != "redis":
+                yield w, c
+
+
+# --- lint, render, validate ------------------------------------------------------------------------
+
+def test_value_sets_present():
+    assert {"default", "external-redis", "gpu-two-pools", "static"} <= set(VALUE_SETS)
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_lint_strict(name):
+    out = helm("lint", "--strict", str(CHART), *values_args(name))
+    assert "0 chart(s) failed" in out.stdout
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_kubernetes_validate_strict(name, version, tmp_path):
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(render(name))
+    proc = subprocess.run([kubernetes_validate(), "--strict", "-k", version, str(path)], capture_output=True, text=True, timeout=60)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "ERROR" not in out, out
+    objs = objects(name)
+    passed = re.findall(r"passed for resource (\S+) against version", out)
+    expected = sorted(f"{o['kind'].lower()}/{o['metadata']['name']}" for o in objs if o["kind"] not in CRD_KINDS)
+    assert sorted(passed) == expected and len(expected) >= 10  # every object validated, none skipped
+
+
+def test_kubernetes_validate_rejects_an_unknown_field(tmp_path):
+    """Negative control: the validator does reject what the API server would (a misspelt field)."""
+    path = tmp_path / "bad.yaml"
+    path.write_text(render("default").replace("terminationGracePeriodSeconds", "terminationGracePeriodSecs", 1))
+    proc = subprocess.run([kubernetes_validate(), "--strict", "-k", K8S_VERSIONS[0], str(path)], capture_output=True, text=True)
+    assert proc.returncode != 0 and "terminationGracePeriodSecs" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["--set", "gateway.replicas=two"], "/gateway/replicas"),
+    (["--set", "verifier.gpu=-1"], "/verifier/gpu"),
+    (["--set", "drafter.pools=none"], "/drafter/pools"),
+    (["--set", "metrics.port=70000"], "/metrics/port"),
+    (["--set", "gateway.autoscaling.enabled=yes"], "/gateway/autoscaling/enabled"),
+    (["--set-json", 'drafter.pools=[{"name":"Bad_Name","model":"m"}]'], "/drafter/pools/0/name"),
+    (["--set-json", 'drafter.pools=[{"name":"a"}]'], "model"),
+    (["--set", "gateway.replicaCount=2"], "replicaCount"),  # a typo is an error, not ignored
+    (["--set", "redis.auth.password=hunter2"], "password"),  # a password is never a value
+    (["--set", "redis.external.password=hunter2"], "password"),
+    (["--set", "redis.enabled=false"], "/redis/external/url"),  # external Redis needs its URL
+])
+def test_schema_rejects(sets, message):
+    proc = helm("template", RELEASE, str(CHART), *sets, check=False)
+    assert proc.returncode != 0 and "schema" in proc.stderr and message in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["--set-json", 'drafter.pools=[{"name":"a","model":"m"},{"name":"a","model":"n"}]'], "used twice"),
+    (["--set", "redis.enabled=false", "--set", "redis.external.url=redis://:pw@redis:6379/0"], "must not contain a password"),
+    (["--set", "gateway.autoscaling.targetCPUUtilizationPercentage=0"], "autoscaling needs"),
+])
+def test_template_refuses(sets, message):
+    proc = helm("template", RELEASE, str(CHART), *sets, check=False)
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr
+
+
+# --- values.yaml and its schema ---------------------------------------------------------------------
+
+def test_schema_is_generated():
+    """values.schema.json is scripts/gen_values_schema.py's output (edit the script, then run it)."""
+    gen = runpy.run_path(str(ROOT / "scripts" / "gen_values_schema.py"))
+    assert (CHART / "values.schema.json").read_text() == gen["render"](), "run python3 scripts/gen_values_schema.py"
+
+
+def _keys(node, prefix=""):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield f"{prefix}{k}"
+            if isinstance(v, dict) and v:
+                yield from _keys(v, f"{prefix}{k}.")
+
+
+def test_schema_and_values_have_the_same_options():
+    """Every option the schema names for a role is in values.yaml with its default and comment, and the
+    reverse (helm lint checks the reverse too, through additionalProperties: false)."""
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+    for role in ("gateway", "drafter", "verifier", "redis"):
+        in_schema = set(schema["properties"][role]["properties"])
+        assert in_schema == set(defaults[role]), (role, in_schema ^ set(defaults[role]))
+    pool = schema["properties"]["drafter"]["properties"]["pools"]["items"]["properties"]
+    assert set(pool) == (set(defaults["drafter"]) - {"pools"}) | {"name", "model"}
+    assert set(schema["properties"]) - {"global"} == set(defaults)
+
+
+def test_every_value_is_documented():
+    """Each key of values.yaml has a `# --` comment right above it, or sits under a key that has one
+    (a Kubernetes object passed through whole, such as resources or podSecurityContext)."""
+    undocumented, stack = [], []  # stack: (indent, documented)
+    comment = False
+    for line in (CHART / "values.yaml").read_text().splitlines():
+        text = line.strip()
+        if text.startswith("# --"):
+            comment = True
+            continue
+        if not text or text.startswith("#"):
+            continue
+        indent = len(line) - len(line.lstrip())
+        m = re.match(r"(-\s+)?([A-Za-z0-9_.\-/]+):", text)
+        if m is None:
+            continue
+        if m.group(1):  # a list item's first key belongs to the list
+            indent += len(m.group(1))
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        inherited = any(doc for _, doc in stack)
+        if not (comment or inherited):
+            is_section = not text.split(":", 1)[1].strip()  # a map whose keys are documented one by one
+            if not is_section:
+                undocumented.append(text)
+        stack.append((indent, comment or inherited))
+        comment = False
+    assert not undocumented, undocumented
+
+
+# --- rendered objects -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_drafter_pools_and_verifier_are_separate_workloads(name):
+    objs, vals = objects(name), values(name)
+    ws = workloads(objs)
+    pools = vals["drafter"]["pools"]
+    drafters = {n: w for n, w in ws.items() if component(w) == "drafter"}
+    assert all(w["kind"] == "Deployment" for w in drafters.values())
+    assert sorted(drafters) == sorted(f"{FULL}-drafter-{p['name']}" for p in pools)
+    verifiers = [w for w in ws.values() if component(w) == "verifier"]
+    assert [w["kind"] for w in verifiers] == ["StatefulSet"]
+    assert verifiers[0]["spec"]["replicas"] == vals["verifier"]["replicas"]
+    # no workload's selector picks another workload's pods: each pool scales alone
+    for n, w in ws.items():
+        for other, o in ws.items():
+            assert matches(w["spec"]["selector"], pod_labels(o)) == (n == other), (n, other)
+    hpas = by_kind(objs, "HorizontalPodAutoscaler")
+    targets = {h["spec"]["scaleTargetRef"]["name"]: h for h in hpas.values()}
+    assert len(targets) == len(hpas)  # one workload per HPA
+    for h in hpas.values():
+        ref = h["spec"]["scaleTargetRef"]
+        assert ref["kind"] == "Deployment" and ws[ref["name"]]["kind"] == "Deployment"
+        assert h["spec"]["minReplicas"] <= h["spec"]["maxReplicas"] and h["spec"]["metrics"]
+    assert verifiers[0]["metadata"]["name"] not in targets  # a fixed verifier list (see values.yaml)
+    for n, w in drafters.items():
+        pool = next(p for p in pools if n.endswith(f"-drafter-{p['name']}"))
+        scaled = pool.get("autoscaling", {}).get("enabled", vals["drafter"]["autoscaling"]["enabled"])
+        assert (n in targets) == scaled and ("replicas" in w["spec"]) == (not scaled)
+    if name == "gpu-two-pools":
+        a, b = (targets[f"{FULL}-drafter-{p}"]["spec"] for p in ("spm4k", "bpe2k"))
+        assert (a["minReplicas"], a["maxReplicas"]) == (2, 10) and a["metrics"][0]["type"] == "Resource"
+        assert b["metrics"] == [{"type": "Pods", "pods": {"metric": {"name": "crossdraft_sessions_active"},
+                                                           "target": {"type": "AverageValue", "averageValue": "8"}}}]
+    if name != "static":
+        assert f"{FULL}-gateway" in targets and len(targets) == 1 + len(pools)
+    else:
+        assert not hpas
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_pdbs_select_exactly_one_workload(name):
+    objs = objects(name)
+    ws = workloads(objs)
+    pdbs = by_kind(objs, "PodDisruptionBudget")
+    for n, pdb in pdbs.items():
+        assert [w for w, o in ws.items() if matches(pdb["spec"]["selector"], pod_labels(o))] == [n]
+        assert ("minAvailable" in pdb["spec"]) != ("maxUnavailable" in pdb["spec"])
+    expected = 0 if name == "static" else 2 + len(values(name)["drafter"]["pools"])
+    assert len(pdbs) == expected
+
+
+def _security(pod_spec: dict, container: dict) -> dict:
+    return {**pod_spec.get("securityContext", {}), **container.get("securityContext", {})}
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_every_container_has_probes_resources_and_runs_as_non_root(name):
+    objs = objects(name)
+    pods = [(w["metadata"]["name"], w["spec"]["template"]["spec"]) for w in workloads(objs).values()]
+    tests = [(p["metadata"]["name"], p["spec"]) for p in by_kind(objs, "Pod").values()]
+    assert len(pods) >= 4 - (not values(name)["redis"]["enabled"]) and len(tests) == 1
+    for owner, spec in pods + tests:
+        for c in spec["containers"] + spec.get("initContainers", []):
+            where = f"{owner}/{c['name']}"
+            res = c.get("resources", {})
+            assert {"cpu", "memory"} <= set(res.get("requests", {})) and "memory" in res.get("limits", {}), where
+            sec = _security(spec, c)
+            assert sec.get("runAsNonRoot") is True and sec.get("runAsUser", 0) != 0, where
+            assert sec.get("allowPrivilegeEscalation") is False and "ALL" in sec["capabilities"]["drop"], where
+            assert sec.get("readOnlyRootFilesystem") is True, where
+            assert spec.get("automountServiceAccountToken") is False, where
+    for owner, spec in pods:
+        for c in spec["containers"]:
+            where = f"{owner}/{c['name']}"
+            assert all(p in c for p in ("startupProbe", "livenessProbe", "readinessProbe")), where
+            if c["name"] != "redis":  # the crossdraft services answer grpc.health.v1 on their gRPC port
+                port = next(p["containerPort"] for p in c["ports"] if p["name"] == "grpc")
+                for p in ("startupProbe", "livenessProbe", "readinessProbe"):
+                    assert c[p]["grpc"] == {"port": port}, (where, p)
+                grace = float(flag(c["args"], "grace"))
+                assert spec["terminationGracePeriodSeconds"] >= grace + 10, where  # --grace fits before SIGKILL
+                budget = c["startupProbe"]["periodSeconds"] * c["startupProbe"]["failureThreshold"]
+                assert budget >= {"gateway": 60, "drafter": 300, "verifier": 900}[c["name"]], (where, budget)
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_gpu_only_where_configured(name):
+    objs, vals = objects(name), values(name)
+    sts = by_kind(objs, "StatefulSet")[f"{FULL}-verifier"]
+    c = sts["spec"]["template"]["spec"]["containers"][0]
+    gpu = vals["verifier"]["gpu"]
+    if gpu:
+        assert c["resources"]["limits"]["nvidia.com/gpu"] == gpu
+        assert flag(c["args"], "device") == "cuda" and c["image"].endswith("-cuda")
+        assert any(t["key"] == "nvidia.com/gpu" for t in sts["spec"]["template"]["spec"]["tolerations"])
+        claims = sts["spec"]["volumeClaimTemplates"]
+        assert [t["metadata"]["name"] for t in claims] == ["cache"]
+    else:
+        assert "nvidia.com/gpu" not in render(name)
+        assert flag(c["args"], "device") == "cpu" and not c["image"].endswith("-cuda")
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_no_secret_value_in_plain_text(name):
+    text, objs = render(name), objects(name)
+    for w in list(workloads(objs).values()) + list(by_kind(objs, "Pod").values()):
+        spec = w["spec"]["template"]["spec"] if "template" in w["spec"] else w["spec"]
+        for c in spec["containers"]:
+            for e in c.get("env", []):
+                if SECRET_ENV.search(e["name"]):
+                    assert "value" not in e and "secretKeyRef" in e["valueFrom"], (w["metadata"]["name"], e)
+            for arg in c.get("command", []) + c.get("args", []):
+                assert not re.search(r"://[^/@\s]*:[^/@\s]*@", str(arg)), arg  # no password in a URL
+                assert not re.search(r"--requirepass\s+(?!\"\$REDIS_PASSWORD\")", str(arg)), arg
+    assert not by_kind(objs, "ConfigMap")
+    # a generated password appears once: in its Secret
+    for s in by_kind(objs, "Secret").values():
+        for key, b64 in s["data"].items():
+            plain = base64.b64decode(b64).decode()
+            assert len(plain) >= 32 and text.count(plain) == 0 and text.count(b64) == 1, key
+    vals = values(name)
+    gw = by_kind(objs, "Deployment")[f"{FULL}-gateway"]["spec"]["template"]["spec"]["containers"][0]
+    pw = {e["name"]: e for e in gw["env"]}.get("CROSSDRAFT_REDIS_PASSWORD")
+    if vals["redis"]["enabled"]:
+        secret = vals["redis"]["auth"]["existingSecret"] or f"{FULL}-redis"
+        assert pw["valueFrom"]["secretKeyRef"] == {"name": secret, "key": "redis-password"}
+        assert bool(by_kind(objs, "Secret")) == (not vals["redis"]["auth"]["existingSecret"])
+    else:
+        ext = vals["redis"]["external"]
+        assert pw["valueFrom"]["secretKeyRef"] == {"name": ext["existingSecret"], "key": ext["existingSecretPasswordKey"]}
+        assert flag(gw["args"], "redis") == ext["url"] and not by_kind(objs, "Secret")
+    token = vals["models"]["hub"]["tokenSecret"]
+    for w, c in crossdraft_containers(objs):
+        env = {e["name"]: e for e in c["env"]}
+        if component(w) in ("drafter", "verifier") and token:
+            assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": token, "key": vals["models"]["hub"]["tokenSecretKey"]}
+        else:
+            assert "HF_TOKEN" not in env
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_every_command_line_parses_with_the_cli(name):
+    from crossdraft.cli import build_parser
+
+    parser = build_parser()
+    seen = set()
+    for w, c in crossdraft_containers(objects(name)):
+        args = parser.parse_args(c["args"])  # argparse exits (SystemExit) on an unknown or bad flag
+        assert (args.command, args.role) == ("serve", c["name"]) and args.host == "0.0.0.0"
+        assert args.port == next(p["containerPort"] for p in c["ports"] if p["name"] == "grpc")
+        if args.role != "gateway":
+            metrics = [p["containerPort"] for p in c["ports"] if p["name"] == "metrics"]
+            assert metrics == ([args.metrics_port] if args.metrics_port else [])
+            assert args.threads >= 1  # not all the node's cores in a pod with a CPU share
+        seen.add(args.role)
+    assert seen == {"gateway", "drafter", "verifier"}
+    # the helm test pod: `crossdraft generate --gateway ...` with its env substituted
+    pod = next(iter(by_kind(objects(name), "Pod").values()))
+    c = pod["spec"]["containers"][0]
+    env = {e["name"]: e["value"] for e in c["env"]}
+    line = next(part for part in c["args"][0].split(";") if "crossdraft generate" in part)
+    words = shlex.split(re.sub(r'"\$(\w+)"', lambda m: shlex.quote(env[m.group(1)]), line.split("$(", 1)[1].rstrip(")")))
+    args = parser.parse_args(words[1:])
+    assert args.command == "generate" and args.json and args.gateway == f"{FULL}-gateway.{NAMESPACE}.svc.cluster.local:50050"
+    assert args.prompt == values(name)["tests"]["prompt"]
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_gateway_is_given_the_rendered_pools(name):
+    from gateway.pool import parse_addresses
+
+    objs, vals = objects(name), values(name)
+    services, ws = by_kind(objs, "Service"), workloads(objs)
+    gw = by_kind(objs, "Deployment")[f"{FULL}-gateway"]["spec"]["template"]["spec"]["containers"][0]
+    suffix = f".{NAMESPACE}.svc.cluster.local"
+    drafters = parse_addresses(flag(gw["args"], "drafters"), "--drafters")
+    assert len(drafters) == len(vals["drafter"]["pools"])
+    for addr in drafters:
+        host, port = addr.rsplit(":", 1)
+        svc = services[host.removesuffix(suffix)]
+        assert host.endswith(suffix) and svc["spec"]["clusterIP"] == "None"
+        assert int(port) in [p["port"] for p in svc["spec"]["ports"] if p["name"] == "grpc"]
+        chosen = [n for n, w in ws.items() if matches({"matchLabels": svc["spec"]["selector"]}, pod_labels(w))]
+        assert len(chosen) == 1 and component(ws[chosen[0]]) == "drafter"
+    sts = ws[f"{FULL}-verifier"]
+    headless = services[sts["spec"]["serviceName"]]
+    assert headless["spec"]["clusterIP"] == "None" and matches({"matchLabels": headless["spec"]["selector"]}, pod_labels(sts))
+    expected = [f"{FULL}-verifier-{i}.{headless['metadata']['name']}{suffix}:{vals['verifier']['port']}"
+                for i in range(sts["spec"]["replicas"])]
+    assert parse_addresses(flag(gw["args"], "verifiers"), "--verifiers") == expected
+    if vals["redis"]["enabled"]:
+        assert flag(gw["args"], "redis") == f"redis://{FULL}-redis{suffix}:6379/0"
+        assert f"{FULL}-redis" in services
+
+
+def _allowed_sources(objs: list, target: dict, port: int) -> set:
+    """Names of the workloads whose pods the NetworkPolicies let reach `target` on `port` ('*': any)."""
+    ws = workloads(objs)
+    policies = [p for p in by_kind(objs, "NetworkPolicy").values()
+                if matches(p["spec"]["podSelector"], pod_labels(target))]
+    assert policies, target["metadata"]["name"]
+    out = set()
+    for p in policies:
+        for rule in p["spec"].get("ingress", []):
+            if "ports" in rule and port not in [r["port"] for r in rule["ports"]]:
+                continue
+            if "from" not in rule:
+                out.add("*")
+                continue
+            for peer in rule["from"]:
+                if set(peer) == {"podSelector"}:
+                    out |= {n for n, w in ws.items() if matches(peer["podSelector"], pod_labels(w))}
+                    if matches(peer["podSelector"], {**pod_labels(target), "app.kubernetes.io/component": "test"}):
+                        out.add("helm-test")
+                else:
+                    out.add("peer:" + json.dumps(peer, sort_keys=True))
+    return out
+
+
+def test_network_policies_let_only_the_right_roles_through():
+    objs = objects("gpu-two-pools")
+    ws = workloads(objs)
+    gw, redis, verifier = f"{FULL}-gateway", f"{FULL}-redis", f"{FULL}-verifier"
+    drafters = {n for n, w in ws.items() if component(w) == "drafter"}
+    assert len(drafters) == 2
+    for d in drafters:
+        assert _allowed_sources(objs, ws[d], 50052) == {gw}
+        monitoring = _allowed_sources(objs, ws[d], 9090)
+        assert len(monitoring) == 1 and "monitoring" in next(iter(monitoring))
+    assert _allowed_sources(objs, ws[verifier], 50051) == {gw} | drafters
+    assert _allowed_sources(objs, ws[redis], 6379) == {gw}
+    gateway_from = _allowed_sources(objs, ws[gw], 50050)
+    assert "helm-test" in gateway_from and any("clients" in s for s in gateway_from) and len(gateway_from) == 2
+    assert _allowed_sources(objs, ws[d], 50051) == set()  # no rule opens a drafter's other ports
+    for name in ("default", "external-redis", "static"):
+        assert not by_kind(objects(name), "NetworkPolicy")
+
+
+def test_service_monitor_scrapes_drafters_and_verifiers():
+    objs = objects("gpu-two-pools")
+    (sm,) = by_kind(objs, "ServiceMonitor").values()
+    assert sm["metadata"]["labels"]["release"] == "prometheus"
+    scraped = {n for n, s in by_kind(objs, "Service").items() if matches(sm["spec"]["selector"], s["metadata"]["labels"])}
+    assert scraped == {f"{FULL}-drafter-spm4k", f"{FULL}-drafter-bpe2k", f"{FULL}-verifier"}
+    for n in scraped:
+        assert "metrics" in [p["name"] for p in by_kind(objs, "Service")[n]["spec"]["ports"]]
+    assert sm["spec"]["endpoints"][0]["port"] == "metrics"
+    assert not by_kind(objects("default"), "ServiceMonitor")
+    for name in ("default", "gpu-two-pools"):  # pod annotations for annotation-based scraping
+        for w in workloads(objects(name)).values():
+            ann = w["spec"]["template"]["metadata"].get("annotations", {})
+            assert (ann.get("prometheus.io/scrape") == "true") == (component(w) in ("drafter", "verifier"))
+    assert "prometheus.io/scrape" not in render("static") and "--metrics-port=0" in render("static")
+
+
+def test_service_account_has_no_permissions():
+    for name in VALUE_SETS:
+        objs = objects(name)
+        assert not any(o["kind"] in ("Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding") for o in objs)
+        (sa,) = by_kind(objs, "ServiceAccount").values()
+        assert sa["automountServiceAccountToken"] is False
+        for w in workloads(objs).values():
+            assert w["spec"]["template"]["spec"]["serviceAccountName"] == sa["metadata"]["name"]
+
+
+def test_models_from_a_pvc_or_the_hub():
+    objs = objects("gpu-two-pools")
+    for w, c in crossdraft_containers(objs):
+        if component(w) == "gateway":
+            continue
+        vols = {v["name"]: v for v in w["spec"]["template"]["spec"]["volumes"]}
+        mounts = {m["name"]: m for m in c["volumeMounts"]}
+        assert vols["models"]["persistentVolumeClaim"] == {"claimName": "crossdraft-models", "readOnly": True}
+        assert mounts["models"]["mountPath"] == "/models" and mounts["models"]["readOnly"] is True
+        assert flag(c["args"], "model").startswith("/models/")
+        assert {"name": "HF_HUB_OFFLINE", "value": "1"} in c["env"]
+    for w, c in crossdraft_containers(objects("default")):
+        if component(w) != "gateway":
+            assert "models" not in {m["name"] for m in c["volumeMounts"]}
+            assert "/" in flag(c["args"], "model") and not flag(c["args"], "model").startswith("/")  # a Hub id
+            assert {"name": "HF_HOME", "value": "/cache/huggingface"} in c["env"]
+
+
+def test_notes_show_a_grpcurl_call_of_a_real_method():
+    from crossdraft.v1 import gateway_pb2
+
+    out = helm("install", RELEASE, str(CHART), "--namespace", NAMESPACE, "--dry-run=client").stdout
+    notes = out.split("NOTES:", 1)[1]
+    m = re.search(r"grpcurl -plaintext -d '(\{.*?\})'.*?\n\s*127\.0\.0\.1:50050 (\S+)/(\w+)", notes, re.S)
+    assert m, notes
+    service = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"]
+    assert m.group(2) == service.full_name and service.methods_by_name.get(m.group(3)) is not None
+    assert json.loads(m.group(1))["spec"]["prompt"]
+    assert f"port-forward svc/{FULL}-gateway 50050:50050" in notes and f"helm test {RELEASE}" in notes
+
+
+# --- the bundled Redis's command and the gateway's password, for real ---------------------------------
+
+def test_redis_url_with_password_from_env():
+    from crossdraft.cli import redis_url_with_password
+    from crossdraft.errors import InvalidArgument
+
+    env = {"CROSSDRAFT_REDIS_PASSWORD": "p@ss:/w rd%"}
+    assert redis_url_with_password("redis://h:6379/0", {}) == "redis://h:6379/0"
+    assert redis_url_with_password(None, env) is None
+    url = redis_url_with_password("rediss://alice@h:6380/2", env)
+    assert url == "rediss://alice:p%40ss%3A%2Fw%20rd%25@h:6380/2"
+    import redis
+
+    kw = redis.Redis.from_url(url).connection_pool.connection_kwargs
+    assert (kw["username"], kw["password"], kw["host"], kw["port"], kw["db"]) == ("alice", env["CROSSDRAFT_REDIS_PASSWORD"], "h", 6380, 2)
+    with pytest.raises(InvalidArgument):
+        redis_url_with_password("redis://:other@h:6379/0", env)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_bundled_redis_command_and_the_gateway_password_path(tmp_path, caplog):
+    """Runs the rendered Redis container command (with a password full of shell and URL metacharacters)
+    against a real redis-server, its probe command, and the gateway's store through
+    $CROSSDRAFT_REDIS_PASSWORD: the password works, is not in the process title, and is not logged."""
+    from redis_fixture import redis_server_binary
+
+    from crossdraft.cli import redis_url_with_password
+    from crossdraft.errors import Unavailable
+    from gateway.server import make_store
+
+    binary = redis_server_binary()
+    redis = by_kind(objects("default"), "StatefulSet")[f"{FULL}-redis"]["spec"]["template"]["spec"]["containers"][0]
+    assert redis["command"] == ["sh", "-c"]
+    script, arg0 = redis["args"][0], redis["args"][1]
+    assert "--appendonly yes" in script and '--requirepass "$REDIS_PASSWORD"' in script
+    assert "exec redis-server " in script and " --dir /data " in script  # the pod's PVC
+    script = script.replace("exec redis-server", f"exec {shlex.quote(binary)}").replace("/data", str(tmp_path))
+    password = "p@ss w:rd/$(id)`id`\"'%"
+    port = _free_port()
+    proc = subprocess.Popen(["sh", "-c", script, arg0, "--port", str(port), "--bind", "127.0.0.1"],
+                            env={**os.environ, "REDIS_PASSWORD": password}, stdout=open(tmp_path / "log", "w"), stderr=subprocess.STDOUT)
+    try:
+        import redis as redis_py
+
+        client = redis_py.Redis(host="127.0.0.1", port=port, password=password, socket_connect_timeout=1)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                assert client.ping()
+                break
+            except redis_py.exceptions.ConnectionError:
+                assert proc.poll() is None and time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.05)
+        assert client.config_get("appendonly") == {"appendonly": "yes"}
+        client.set("crossdraft:test", "1")
+        assert list(tmp_path.glob("appendonlydir/*.aof"))  # AOF persistence in the data directory
+        import socket
+
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:  # no retries, unlike redis-py
+            sock.sendall(b"PING\r\nAUTH wrong\r\n")
+            reply = b""
+            while reply.count(b"\r\n") < 2:
+                reply += sock.recv(256) or b"\r\n\r\n"
+        assert reply.startswith(b"-NOAUTH") and b"-WRONGPASS" in reply, reply
+        with open(f"/proc/{proc.pid}/cmdline", "rb") as f:
+            assert password.encode() not in f.read()  # redis-server replaced its process title
+        # the readiness probe, as rendered, with the Secret in REDISCLI_AUTH as the pod has it
+        probe = redis["readinessProbe"]["exec"]["command"]
+        if shutil.which("redis-cli"):
+            probe = [probe[0], probe[1], probe[2].replace("-p 6379", f"-p {port}")]
+            env = {**os.environ, "REDISCLI_AUTH": password}
+            assert subprocess.run(probe, env=env, timeout=10).returncode == 0
+            env.pop("REDISCLI_AUTH")
+            assert subprocess.run(probe, env=env, timeout=10).returncode != 0
+        # the gateway: --redis without a password, the password from the env var the chart sets
+        url = f"redis://127.0.0.1:{port}/0"
+        with pytest.raises(Unavailable):
+            make_store(url, 60)
+        with caplog.at_level(logging.INFO, logger="crossdraft.gateway"):
+            store = make_store(redis_url_with_password(url, {"CROSSDRAFT_REDIS_PASSWORD": password}), 60)
+        try:
+            assert store.ping()
+            assert caplog.records and all("p@ss" not in r.getMessage() and "p%40ss" not in r.getMessage()
+                                          for r in caplog.records)
+        finally:
+            store.close()
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+# --- what the chart relies on in the services: a pool behind one DNS name ---------------------------------
+
+class _NamedDrafter:
+    """A DrafterService that answers GetInfo with its name and streams RunSession for `stream_s` seconds,
+    recording the client connection (peer) of each call."""
+
+    def __init__(self, name: str, stream_s: float = 0.0):
+        self.name, self.stream_s, self.peers = name, stream_s, []
+
+    def servicer(self):
+        from crossdraft.v1 import drafter_pb2, drafter_pb2_grpc
+
+        outer = self
+
+        class Servicer(drafter_pb2_grpc.DrafterServiceServicer):
+            metrics = None
+
+            def GetInfo(self, request, context):
+                outer.peers.append(context.peer())
+                return drafter_pb2.DrafterServiceGetInfoResponse(model_id=outer.name)
+
+            def RunSession(self, request, context):
+                for _ in range(int(outer.stream_s / 0.05)):
+                    time.sleep(0.05)
+                    yield drafter_pb2.RunSessionResponse()
+
+        return Servicer()
+
+
+def _serve(fake):
+    from crossdraft.v1 import drafter_pb2_grpc
+    from verifier_service.common import Service
+
+    svc = Service("crossdraft.v1.DrafterService", drafter_pb2_grpc.add_DrafterServiceServicer_to_server,
+                  fake.servicer(), "127.0.0.1", 0, grace_s=0)
+    svc.start(handle_signals=False)
+    return svc
+
+
+def test_gateway_pool_spreads_sessions_over_the_replicas_behind_one_address():
+    """A drafter pool is one headless Service name with several pods behind it: the gateway's channel must
+    use them all (round_robin), not only the first (gRPC's default pick_first)."""
+    from crossdraft.v1 import drafter_pb2
+    from gateway.pool import Pool
+
+    fakes = [_NamedDrafter("a"), _NamedDrafter("b")]
+    svcs = [_serve(f) for f in fakes]
+    try:
+        address = "ipv4:" + ",".join(f"127.0.0.1:{s.port}" for s in svcs)  # one name, two addresses, as DNS gives
+        pool = Pool("drafter", [address])
+        answers = [pool.drafter_stub(address).GetInfo(drafter_pb2.DrafterServiceGetInfoRequest(), timeout=5).model_id
+                   for _ in range(10)]
+        pool.close()
+        assert min(answers.count("a"), answers.count("b")) >= 3, answers  # pick_first: all "a"
+    finally:
+        for s in svcs:
+            s.server.stop(0).wait()
+
+
+def test_services_recycle_connections_so_clients_find_new_replicas(monkeypatch):
+    """A client reconnects (and so re-resolves a pool's DNS name) after MAX_CONNECTION_AGE_S, while a
+    call in flight, such as a session's stream, runs to its end."""
+    import grpc
+
+    import verifier_service.common as common
+    from crossdraft.v1 import drafter_pb2, drafter_pb2_grpc
+
+    monkeypatch.setattr(common, "MAX_CONNECTION_AGE_S", 0.3)
+    fake = _NamedDrafter("a", stream_s=1.2)
+    svc = _serve(fake)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{svc.port}") as ch:
+            stub = drafter_pb2_grpc.DrafterServiceStub(ch)
+            stub.GetInfo(drafter_pb2.DrafterServiceGetInfoRequest(), timeout=5)
+            streamed = sum(1 for _ in stub.RunSession(drafter_pb2.RunSessionRequest(), timeout=10))  # 4x the age
+            stub.GetInfo(drafter_pb2.DrafterServiceGetInfoRequest(), timeout=5)
+        assert streamed == int(1.2 / 0.05)
+        assert len(fake.peers) == 2 and fake.peers[0] != fake.peers[1]  # a new connection (client port)
+    finally:
+        svc.server.stop(0).wait()
+
+
+def test_readme_values_example_renders(tmp_path):
+    """The values file the README's "Install on Kubernetes" shows is valid and does what it says."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Install on Kubernetes"):]
+    example = re.search(r"```yaml\n(.*?)```", section, re.S).group(1)
+    path = tmp_path / "my-values.yaml"
+    path.write_text(example)
+    objs = [d for d in yaml.safe_load_all(helm("template", "cd", str(CHART), "-n", "ml", "-f", str(path)).stdout) if d]
+    ws = workloads(objs)
+    assert "cd-crossdraft-drafter-smollm2" in ws  # the name `kubectl scale` uses there
+    c = ws["cd-crossdraft-verifier"]["spec"]["template"]["spec"]["containers"][0]
+    assert c["image"] == "registry.example.com/crossdraft:0.1.0-cuda" and c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert "svc/cd-crossdraft-gateway 50050:50050" in section and "cd-crossdraft-gateway" in by_kind(objs, "Service")
