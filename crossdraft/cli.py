@@ -188,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
         r.add_argument("--ttl", type=float, default=24 * 3600.0, help="seconds a session is kept (default: 1 day)")
         r.add_argument("--max-sessions", type=int, default=64,
                        help="sessions run at once; more are answered RESOURCE_EXHAUSTED (default: 64)")
+        r.add_argument("--metrics-port", type=int, default=0,
+                       help="serve Prometheus metrics over HTTP at HOST:PORT/metrics (default: 0, off; with "
+                            "`all`, one endpoint for the three roles)")
         r.add_argument("--max-prompt-bytes", type=int, default=256 << 10,
                        help="longest prompt accepted, in UTF-8 bytes (default: 262144)")
         r.add_argument("--grace", type=float, default=10.0,

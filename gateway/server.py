@@ -34,6 +34,7 @@ import os
 import re
 import socket
 import threading
+import time
 import uuid
 from concurrent.futures import Future
 from typing import Optional
@@ -47,6 +48,7 @@ from crossdraft.errors import (Aborted, CrossdraftError, InvalidArgument, NotFou
 from crossdraft.store import COUNTERS, AlreadyExists, MemoryStore, SessionClosed, SessionStore
 from crossdraft.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from verifier_service.common import Service, setup_logging, status_of
+from verifier_service.metrics import ServiceMetrics
 
 from .pool import Pool, parse_addresses
 
@@ -70,8 +72,9 @@ def _reason(name: str) -> int:
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     def __init__(self, store: SessionStore, drafters: Pool, verifiers: Pool, max_sessions: int = 64,
                  max_prompt_bytes: int = MAX_PROMPT_BYTES, max_new_tokens: int = MAX_NEW_TOKENS,
-                 owner: str = ""):
+                 owner: str = "", metrics: Optional[ServiceMetrics] = None):
         self.store, self.drafters, self.verifiers = store, drafters, verifiers
+        self.metrics = metrics if metrics is not None else ServiceMetrics("gateway")
         self.max_sessions, self.max_prompt_bytes, self.max_new_tokens = max_sessions, max_prompt_bytes, max_new_tokens
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}"
         self._lock = threading.Lock()
@@ -130,6 +133,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             with self._lock:
                 self._active -= 1
             raise
+        self.metrics.session_started()
         started: Future = Future()
         threading.Thread(target=self._run, args=(session_id, req, started), name=f"session-{session_id}",
                          daemon=True).start()
@@ -145,6 +149,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                               SamplingParams(p["temperature"], p["top_k"], p["top_p"], p["seed"]),
                               req["algorithm"], req["draft_tokens"] or None, session_id=sid)
         call, finished, length = None, False, 0
+        t0 = time.monotonic()
+        first = True
         try:
             call = self.drafters.drafter_stub(drafter).RunSession(run)
             with self._lock:
@@ -166,6 +172,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                     result = {"algorithm": wire.algorithm_from_proto(msg.algorithm), "why": why,
                               "stats": json_format.MessageToDict(msg.stats, preserving_proto_field_name=True)}
                 length = self.store.commit(sid, length, list(msg.ids), msg.text, inc, msg.finished, reason, result)
+                self.metrics.committed(len(msg.ids), inc["rounds"], inc["draft_tokens"], inc["accepted_tokens"])
+                if first and msg.ids:
+                    self.metrics.first_token(time.monotonic() - t0)
+                    first = False
                 finished = msg.finished
                 last = msg
                 if not started.done():
@@ -184,6 +194,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             with self._lock:
                 self._calls.pop(sid, None)
                 self._active -= 1
+            seconds = time.monotonic() - t0
+            self.metrics.session_finished(length, seconds, finished)
+            self.metrics.session_time(seconds)
             self.drafters.release(drafter)
             if not started.done():
                 started.set_result(None)
@@ -349,11 +362,13 @@ def make_store(redis_url: Optional[str], ttl_s: float):
     return MemoryStore(ttl_s=ttl_s)
 
 
-def gateway_service(args, store, drafters: list, verifiers: list, host: str, port: int, handle_signals=True):
+def gateway_service(args, store, drafters: list, verifiers: list, host: str, port: int, handle_signals=True,
+                    metrics: Optional[ServiceMetrics] = None):
     servicer = GatewayServicer(store, Pool("drafter", drafters), Pool("verifier", verifiers),
-                               max_sessions=args.max_sessions, max_prompt_bytes=args.max_prompt_bytes)
+                               max_sessions=args.max_sessions, max_prompt_bytes=args.max_prompt_bytes,
+                               metrics=metrics)
     svc = Service(SERVICE_NAME, gateway_pb2_grpc.add_GatewayServiceServicer_to_server, servicer, host, port,
-                  max_workers=2 * args.max_sessions + 8, grace_s=args.grace)
+                  max_workers=2 * args.max_sessions + 8, grace_s=args.grace, on_error=servicer.metrics.error)
     svc.start(handle_signals=handle_signals)
     return svc
 
@@ -364,10 +379,15 @@ def serve(args) -> int:
     drafters = parse_addresses(args.drafters, "--drafters")
     verifiers = parse_addresses(args.verifiers, "--verifiers")
     store = make_store(args.redis, args.ttl)
-    svc = gateway_service(args, store, drafters, verifiers, args.host, args.port)
+    metrics = ServiceMetrics("gateway")
+    svc = gateway_service(args, store, drafters, verifiers, args.host, args.port, metrics=metrics)
     log.info("drafters %s, verifiers %s", ",".join(drafters), ",".join(verifiers))
+    mport = metrics.serve(getattr(args, "metrics_port", 0), args.host)
+    if mport:
+        log.info("metrics on http://%s:%d/metrics", args.host, mport)
     svc.set_serving()
     svc.wait()
+    metrics.stop()
     store.close()
     return 0
 
@@ -382,15 +402,25 @@ def serve_all(args) -> int:
 
     setup_logging()
     store = make_store(args.redis, args.ttl)
-    verifier = VerifierServicer(args.target, max_sessions=args.max_sessions)
-    drafter = DrafterServicer(args.drafter, max_sessions=args.max_sessions)
+    from prometheus_client import CollectorRegistry
+
+    registry = CollectorRegistry()  # one /metrics for the three roles, told apart by their `role` label
+    gmetrics = ServiceMetrics("gateway", registry)
+    verifier = VerifierServicer(args.target, max_sessions=args.max_sessions,
+                                metrics=ServiceMetrics("verifier", registry))
+    drafter = DrafterServicer(args.drafter, max_sessions=args.max_sessions, metrics=ServiceMetrics("drafter", registry))
     vsvc = Service(VERIFIER_SERVICE, verifier_pb2_grpc.add_VerifierServiceServicer_to_server, verifier,
-                   "127.0.0.1", 0, max_workers=args.max_sessions + 8, grace_s=args.grace)
+                   "127.0.0.1", 0, max_workers=args.max_sessions + 8, grace_s=args.grace,
+                   on_error=verifier.metrics.error)
     dsvc = Service(DRAFTER_SERVICE, drafter_pb2_grpc.add_DrafterServiceServicer_to_server, drafter,
-                   "127.0.0.1", 0, max_workers=args.max_sessions + 8, grace_s=args.grace)
+                   "127.0.0.1", 0, max_workers=args.max_sessions + 8, grace_s=args.grace,
+                   on_error=drafter.metrics.error)
     vsvc.start(handle_signals=False)
     dsvc.start(handle_signals=False)
-    gsvc = gateway_service(args, store, [dsvc.address], [vsvc.address], args.host, args.port)
+    gsvc = gateway_service(args, store, [dsvc.address], [vsvc.address], args.host, args.port, metrics=gmetrics)
+    mport = gmetrics.serve(getattr(args, "metrics_port", 0), args.host)
+    if mport:
+        log.info("metrics on http://%s:%d/metrics", args.host, mport)
     log.info("listening on %s, loading %s and %s", gsvc.address, args.target, args.drafter)
     verifier.load(args.device, fast=not args.hf_runner)
     vsvc.set_serving()
@@ -401,5 +431,6 @@ def serve_all(args) -> int:
     for svc in (dsvc, vsvc):
         svc.stop()
         svc.wait()
+    gmetrics.stop()
     store.close()
     return 0

@@ -187,6 +187,54 @@ def test_another_replica_reports_the_same_end(stack, engines, rdb):
     assert len(ended) == 1 and ended[0].end == r.end
 
 
+def test_session_limit_and_gateway_metrics(stack, engines, rdb):
+    """A gateway with --max-sessions 1: while its one session runs (its drafter is held with SIGSTOP,
+    so the session cannot end), a second request gets RESOURCE_EXHAUSTED and writes nothing; the held
+    session then completes with the in-process output. The gateway's /metrics count it all."""
+    import signal
+    import threading
+    import time
+
+    from test_metrics import scrape, value
+
+    mport = free_port()
+    gw = stack["procs"].start_cmd("gateway-limit", [
+        "gateway", "--redis", stack["redis"], "--drafters", stack["spm"], "--verifiers", stack["verifier"],
+        "--max-sessions", "1", "--metrics-port", str(mport)])
+    stack["procs"].wait_serving({"gateway-limit": gw})
+    url = f"http://127.0.0.1:{mport}/metrics"
+    ref = engines["spm"].generate(PROMPT, N, SamplingParams(), "slem")
+    drafter = stack["procs"].procs["spm"][0]
+    out = {}
+    before = keys(rdb)
+    os.kill(drafter.pid, signal.SIGSTOP)
+    try:
+        t = threading.Thread(target=lambda: out.update(Client(gw, timeout=60).generate(PROMPT, N, algorithm="slem")))
+        t.start()
+        deadline = time.monotonic() + 20
+        while len(keys(rdb) - before) < 3 and time.monotonic() < deadline:  # the held session exists
+            time.sleep(0.05)
+        held = keys(rdb)
+        assert len(held - before) == 3  # its hash, ids and text (the event stream comes with the first commit)
+        with pytest.raises(grpc.RpcError) as e:
+            stub(gw).GenerateUnary(gateway_pb2.GenerateUnaryRequest(spec=spec()), timeout=10)
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "1 session" in e.value.details()
+        assert keys(rdb) == held  # the refusal wrote nothing
+    finally:
+        os.kill(drafter.pid, signal.SIGCONT)
+    t.join(timeout=60)
+    assert out["text"] == ref.text and out["ids"] == ref.ids
+    m = scrape(url)
+    assert value(m, "crossdraft_sessions_started_total") == 1 and value(m, "crossdraft_sessions_finished_total") == 1
+    assert value(m, "crossdraft_sessions_active") == 0
+    assert value(m, "crossdraft_generated_tokens_total") == N
+    assert value(m, "crossdraft_rounds_total") == ref.rounds
+    assert value(m, "crossdraft_accepted_tokens_total") == ref.accepted_tokens
+    assert value(m, "crossdraft_time_to_first_token_seconds_count") == 1
+    assert value(m, "crossdraft_session_seconds_count") == 1
+    assert value(m, "crossdraft_errors_total", code="RESOURCE_EXHAUSTED") == 1
+
+
 def wire_reason(name):
     from crossdraft import wire
 

@@ -1,4 +1,4 @@
-"""Prometheus metrics of the crossdraft services (verifier, drafter, later the gateway).
+"""Prometheus metrics of the crossdraft services (verifier, drafter, gateway).
 
 Owns: the metric families (all named `crossdraft_*`, all with a `role` label: verifier, drafter,
 gateway), one `ServiceMetrics` per service bound to its role, and the HTTP endpoint that serves
@@ -29,6 +29,8 @@ MAX_POSITION = 16  # accepted tokens by draft position: "1".."15", then "16+"
 # Round latencies: fine between 1 and 50 ms, coarse around it.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075,
                    0.1, 0.25, 0.5, 1.0, 2.5)
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+SESSION_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0)
 ROLES = ("verifier", "drafter", "gateway")
 
 def position_label(i: int) -> str:
@@ -65,6 +67,10 @@ def _families(registry: CollectorRegistry) -> dict:
                              buckets=LATENCY_BUCKETS, registry=r),
         "kv_rebuilds": Counter(p + "kv_cache_rebuilds", "KV cache rebuilds after another session took the cache "
                                "(misses)", ["role"], registry=r),
+        "ttft_s": Histogram(p + "time_to_first_token_seconds", "From a session's start to its first committed "
+                            "token (gateway)", ["role"], buckets=TTFT_BUCKETS, registry=r),
+        "session_s": Histogram(p + "session_seconds", "Whole sessions, start to end (gateway)", ["role"],
+                               buckets=SESSION_BUCKETS, registry=r),
         "errors": Counter(p + "errors", "Calls answered with an error, by gRPC status code", ["role", "code"],
                           registry=r),
     }
@@ -94,7 +100,8 @@ class ServiceMetrics:
         self._f = f
         # histograms are bound on first use, so a role shows only the latencies it measures
         lab = {k: v.labels(role=role) for k, v in f.items()
-               if k not in ("accepted_by_position", "errors", "draft_s", "verify_s", "network_s", "round_s")}
+               if k not in ("accepted_by_position", "errors", "draft_s", "verify_s", "network_s", "round_s",
+                            "ttft_s", "session_s")}
         self.sessions_started, self.sessions_finished = lab["sessions_started"], lab["sessions_finished"]
         self.sessions_active, self.rounds = lab["sessions_active"], lab["rounds"]
         self.draft_tokens, self.accepted_tokens = lab["draft_tokens"], lab["accepted_tokens"]
@@ -146,6 +153,19 @@ class ServiceMetrics:
                         (round_ns, "round_s")):
             if ns is not None:
                 self._f[key].labels(role=self.role).observe(max(0, ns) / 1e9)
+
+    def committed(self, new_tokens: int, rounds: int = 0, draft_tokens: int = 0, accepted_tokens: int = 0) -> None:
+        """The gateway: one delta committed to the session store, with the rounds it reports."""
+        self.generated_tokens.inc(new_tokens)
+        self.rounds.inc(rounds)
+        self.draft_tokens.inc(draft_tokens)
+        self.accepted_tokens.inc(accepted_tokens)
+
+    def first_token(self, seconds: float) -> None:
+        self._f["ttft_s"].labels(role=self.role).observe(max(0.0, seconds))
+
+    def session_time(self, seconds: float) -> None:
+        self._f["session_s"].labels(role=self.role).observe(max(0.0, seconds))
 
     def kv_rebuild(self) -> None:
         self.kv_rebuilds.inc()
