@@ -1,0 +1,205 @@
+"""Faults survived (issue 6), with real processes on loopback and a real redis-server: a verifier, two
+drafters of the same model and a gateway, each its own process; every fault is made by process id
+(SIGKILL, SIGSTOP/SIGCONT) after the client has received its first delta, so it lands mid-generation.
+The gateway runs with short timeouts (--drafter-timeout 2, --session-lease 2) so that each test is
+bounded to seconds.
+
+- A drafter killed: the session goes on on the other drafter from the committed ids; output identical.
+- A drafter hung (SIGSTOP): the gateway's watchdog fails it over; when it wakes, its old Verify stream
+  is refused (the verifier gave the session to the newer stream) and the stored session is unchanged.
+- The verifier killed and restarted on its port: the session resumes from Redis; greedy and sampled
+  (tli, same seed) outputs identical to an undisturbed in-process run.
+- The gateway killed and restarted: the Python client re-attaches by itself from the byte offset it
+  has; the restarted gateway takes the orphaned session over; the client gets exactly the rest.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+
+from crossdraft.client import Client
+from crossdraft.engine import Engine
+from crossdraft.sampling import SamplingParams
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from test_services import ROOT, free_port, save_model
+
+PROMPT = "class Parser:\n    def get_value(self"
+N = 160
+START_TIMEOUT_S = 120
+
+
+class Cluster:
+    """Processes started from `crossdraft serve ...` command lines, each restartable on its port."""
+
+    def __init__(self, root):
+        self.root = root
+        self.procs: dict = {}  # name -> [cmd, Popen, port]
+        self.env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+    def start(self, name: str, args: list, port: int = 0) -> str:
+        port = port or free_port()
+        cmd = [sys.executable, "-m", "crossdraft.cli", "serve", *args, "--port", str(port), "--grace", "1"]
+        log = open(self.root / f"{name}.log", "ab")
+        self.procs[name] = [cmd, subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT),
+                            port]
+        return f"127.0.0.1:{port}"
+
+    def address(self, name: str) -> str:
+        return f"127.0.0.1:{self.procs[name][2]}"
+
+    def pid(self, name: str) -> int:
+        return self.procs[name][1].pid
+
+    def kill(self, name: str) -> None:
+        p = self.procs[name][1]
+        p.send_signal(signal.SIGKILL)
+        p.wait(timeout=10)
+
+    def restart(self, name: str) -> None:
+        cmd, p, port = self.procs[name]
+        if p.poll() is None:
+            self.kill(name)
+        log = open(self.root / f"{name}.log", "ab")
+        self.procs[name][1] = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        self.wait_serving(name)
+
+    def log(self, name: str) -> str:
+        return (self.root / f"{name}.log").read_text(errors="replace")
+
+    def wait_serving(self, *names: str) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        for name in names:
+            with grpc.insecure_channel(self.address(name)) as ch:
+                stub = health_pb2_grpc.HealthStub(ch)
+                while True:
+                    assert self.procs[name][1].poll() is None, f"{name} exited:\n{self.log(name)[-2000:]}"
+                    try:
+                        if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == 1:
+                            break
+                    except grpc.RpcError:
+                        pass
+                    assert time.monotonic() < deadline, f"{name} not SERVING:\n{self.log(name)[-2000:]}"
+                    time.sleep(0.2)
+
+    def stop_all(self) -> None:
+        for _, p, _ in self.procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGCONT)
+                p.terminate()
+        for _, p, _ in self.procs.values():
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+@pytest.fixture(scope="module")
+def cluster(trained_models, tmp_path_factory, redis_server):
+    root = tmp_path_factory.mktemp("faults")
+    target = save_model(trained_models["bpe"], "bpe", root / "target")
+    spm = save_model(trained_models["spm"], "spm", root / "drafter-spm")
+    c = Cluster(root)
+    try:
+        v = c.start("verifier", ["verifier", "--model", str(target), "--threads", "1"])
+        d1 = c.start("d1", ["drafter", "--model", str(spm), "--threads", "1"])
+        d2 = c.start("d2", ["drafter", "--model", str(spm), "--threads", "1"])
+        c.wait_serving("verifier", "d1", "d2")
+        c.start("gateway", ["gateway", "--redis", redis_server, "--drafters", f"{d1},{d2}", "--verifiers", v,
+                            "--drafter-timeout", "2", "--session-lease", "2", "--failover-seconds", "60"])
+        c.wait_serving("gateway")
+        c.dirs = {"target": target, "spm": spm}
+        yield c
+    finally:
+        c.stop_all()
+
+
+@pytest.fixture(scope="module")
+def engine(cluster):
+    return Engine.load(str(cluster.dirs["target"]), str(cluster.dirs["spm"]), device="cpu")
+
+
+def generate_with_fault(cluster, fault, params=SamplingParams(), algorithm="slem"):
+    """Generate through the gateway with the Python client; call fault() right after the first delta
+    arrives. -> (the client's result: text, ids, end, session id; bytes received before the fault)."""
+    text, ids, end, before = [], [], None, None
+    with Client(cluster.address("gateway"), timeout=120, reconnect_s=60) as c:
+        for msg in c.events(PROMPT, N, params.temperature, params.seed, algorithm):
+            if msg.WhichOneof("event") == "delta":
+                text.append(msg.delta.text)
+                ids[msg.delta.token_offset:] = list(msg.delta.ids)
+                if before is None:
+                    before = len("".join(text).encode())
+                    fault()
+            else:
+                end = msg.end
+            sid = msg.session_id
+    return "".join(text), ids, end, sid, before
+
+
+def check_identical(engine, out, params=SamplingParams(), algorithm="slem"):
+    text, ids, end, sid, before = out
+    ref = engine.generate(PROMPT, N, params, algorithm)
+    assert ref.new_tokens > 60, "the prompt must give a long generation for the fault to land mid-way"
+    assert before < len(ref.text.encode()), "the fault came after the end"
+    assert ids == ref.ids and text == ref.text and not end.error_message
+    return sid
+
+
+def test_drafter_killed_mid_generation(cluster, engine):
+    out = generate_with_fault(cluster, lambda: cluster.kill("d1"))
+    sid = check_identical(engine, out)
+    assert f"session {sid}: drafter {cluster.address('d1')}" in cluster.log("gateway")  # it failed over
+    cluster.restart("d1")
+
+
+def test_drafter_hung_then_wakes(cluster, engine, rdb_client):
+    pid = cluster.pid("d1")
+    out = generate_with_fault(cluster, lambda: os.kill(pid, signal.SIGSTOP))
+    try:
+        sid = check_identical(engine, out)
+        assert f"session {sid}: drafter {cluster.address('d1')} sent nothing for 2 s" in cluster.log("gateway")
+        stored = rdb_client.get(f"crossdraft:session:{{{sid}}}:text")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    time.sleep(1.5)  # the woken drafter sends its stale round: refused, nothing changes
+    assert rdb_client.get(f"crossdraft:session:{{{sid}}}:text") == stored
+    assert rdb_client.hget(f"crossdraft:session:{{{sid}}}", "status") == b"done"
+    again = generate_with_fault(cluster, lambda: None)  # the pool works on, the woken drafter included
+    check_identical(engine, again)
+
+
+@pytest.mark.parametrize("algorithm,params", [("slem", SamplingParams()),
+                                              ("tli", SamplingParams(temperature=1.0, seed=5))])
+def test_verifier_killed_and_restarted(cluster, engine, algorithm, params):
+    def fault():
+        cluster.kill("verifier")
+        cluster.restart("verifier")
+
+    out = generate_with_fault(cluster, fault, params, algorithm)
+    sid = check_identical(engine, out, params, algorithm)
+    assert f"session {sid}: drafter" in cluster.log("gateway")  # it failed over, then resumed
+
+
+def test_gateway_killed_client_reattaches(cluster, engine):
+    def fault():
+        cluster.kill("gateway")
+        cluster.restart("gateway")
+
+    out = generate_with_fault(cluster, fault)
+    sid = check_identical(engine, out)
+    assert f"session {sid}: its gateway" in cluster.log("gateway") and "taking it over" in cluster.log("gateway")
+
+
+@pytest.fixture(scope="module")
+def rdb_client(redis_server):
+    import redis
+
+    r = redis.Redis.from_url(redis_server)
+    yield r
+    r.close()
