@@ -66,6 +66,7 @@ FAILOVER_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLIN
 DELTA_TIMEOUT_S = 10.0  # the longest a running session waits for its drafter's next delta
 FIRST_DELTA_FACTOR = 3  # ... times this for the first one (the drafter may fetch a tokenizer, both prefill)
 FAILOVER_S = 120.0
+STORE_WAIT_S = 30.0  # how long a commit is retried while the session store is unreachable
 LEASE_S = 30.0  # a running session nobody committed to for this long is taken over by a replica it is attached to
 FOLLOW_BLOCK_MS = 500  # how long one read of the event stream waits before checking the client is still there
 _STATUS = {"queued": gateway_pb2.SESSION_STATUS_PENDING, "running": gateway_pb2.SESSION_STATUS_RUNNING}
@@ -76,6 +77,11 @@ def _reason(name: str) -> int:
         return wire.finish_reason_to_proto(name)
     except InvalidArgument:
         return common_pb2.FINISH_REASON_UNSPECIFIED
+
+
+class _StoreDown(Unavailable):
+    """The session store stayed unreachable through a commit's retries: not a drafter's fault, so no
+    failover; the session stops on this replica."""
 
 
 class _Watchdog:
@@ -121,10 +127,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     def __init__(self, store: SessionStore, drafters: Pool, verifiers: Pool, max_sessions: int = 64,
                  max_prompt_bytes: int = MAX_PROMPT_BYTES, max_new_tokens: int = MAX_NEW_TOKENS,
                  owner: str = "", metrics: Optional[ServiceMetrics] = None, delta_timeout_s: float = DELTA_TIMEOUT_S,
-                 failover_s: float = FAILOVER_S, lease_s: float = LEASE_S):
+                 failover_s: float = FAILOVER_S, lease_s: float = LEASE_S, store_wait_s: float = STORE_WAIT_S):
         self.store, self.drafters, self.verifiers = store, drafters, verifiers
         self.metrics = metrics if metrics is not None else ServiceMetrics("gateway")
         self.delta_timeout_s, self.failover_s, self.lease_s = delta_timeout_s, failover_s, lease_s
+        self.store_wait_s = store_wait_s
         self.first_delta_timeout_s = FIRST_DELTA_FACTOR * delta_timeout_s
         self._watchdog = _Watchdog()
         self.max_sessions, self.max_prompt_bytes, self.max_new_tokens = max_sessions, max_prompt_bytes, max_new_tokens
@@ -242,8 +249,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                             result = {"algorithm": wire.algorithm_from_proto(msg.algorithm), "why": why,
                                       "stats": json_format.MessageToDict(msg.stats, preserving_proto_field_name=True)}
                         k_next = msg.next_draft_tokens
-                        length = self.store.commit(sid, length, list(msg.ids), msg.text, inc, msg.finished, reason,
-                                                   result, resume={"draft_tokens": k_next} if k_next else None)
+                        length = self._commit(sid, length, list(msg.ids), msg.text, inc, msg.finished, reason,
+                                              result, resume={"draft_tokens": k_next} if k_next else None)
                         ids.extend(msg.ids)
                         self.metrics.committed(len(msg.ids), inc["rounds"], inc["draft_tokens"], inc["accepted_tokens"])
                         if first and msg.ids:
@@ -257,7 +264,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                     if not finished:
                         raise Unavailable(f"drafter {drafter} ended the session's stream before it finished")
                     return
-                except (SessionClosed, Conflict):
+                except (SessionClosed, Conflict, _StoreDown):
                     raise
                 except Exception as e:  # noqa: BLE001 - decide: fail over, or fail
                     hung = entry is not None and entry[2]
@@ -290,6 +297,22 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             self.metrics.session_time(seconds)
             if not started.done():
                 started.set_result(None)
+
+    def _commit(self, sid: str, *args, **kw) -> int:
+        """store.commit, retried while the store is unreachable (a Redis restart) for up to `store_wait_s`:
+        a retried commit is applied once (the store recognises a replay), so nothing is lost or doubled.
+        Then `_StoreDown`: the session stops here; its committed part stays in the store, and a replica
+        takes it over (its lease runs out) once the store is back and a client attaches."""
+        give_up, pause = time.monotonic() + self.store_wait_s, 0.05
+        while True:
+            try:
+                return self.store.commit(sid, *args, **kw)
+            except Unavailable as e:
+                if time.monotonic() > give_up:
+                    raise _StoreDown(f"the session store is unreachable: {e}") from None
+                log.warning("session %s: the session store is unreachable, retrying the commit: %s", sid, e)
+                time.sleep(pause)
+                pause = min(1.0, pause * 2)
 
     def _fail_over(self, sid: str, drafter: str, tried: set, backoff: float, at: int, what: str,
                    model: str) -> tuple:

@@ -203,3 +203,84 @@ def rdb_client(redis_server):
     r = redis.Redis.from_url(redis_server)
     yield r
     r.close()
+
+
+class AofRedis:
+    """A redis-server with append-only persistence (fsync always) in a directory of its own, restartable
+    on its port with its data."""
+
+    def __init__(self, root):
+        from redis_fixture import redis_server_binary
+
+        self.binary, self.dir, self.port = redis_server_binary(), root, free_port()
+        self.proc = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        from redis_fixture import _answers_ping
+
+        self.proc = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
+             "--appendfsync", "always", "--dir", str(self.dir), "--daemonize", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while not _answers_ping(self.port):
+            assert self.proc.poll() is None and time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def aof(cluster, tmp_path_factory):
+    r = AofRedis(tmp_path_factory.mktemp("aof"))
+    r.start()
+    cluster.start("gateway-aof", ["gateway", "--redis", r.url, "--drafters",
+                                  f"{cluster.address('d1')},{cluster.address('d2')}",
+                                  "--verifiers", cluster.address("verifier"), "--drafter-timeout", "2",
+                                  "--session-lease", "2"])
+    cluster.wait_serving("gateway-aof")
+    yield r
+    if r.proc.poll() is None:
+        r.kill()
+
+
+def test_redis_restarted_sessions_survive_and_down_is_unavailable(cluster, engine, aof):
+    """Redis killed (SIGKILL) and restarted with its append-only file: finished sessions are all there;
+    while it is down a new request gets UNAVAILABLE with a message; a session running across a quick
+    restart waits for it (the commit is retried and applied once) and ends identical."""
+    from crossdraft.v1 import gateway_pb2, gateway_pb2_grpc
+
+    gw = cluster.address("gateway-aof")
+    ref = engine.generate(PROMPT, N, SamplingParams(), "slem")
+    with Client(gw, timeout=60, reconnect_s=0) as c:
+        done = c.generate(PROMPT, N, algorithm="slem")
+    assert done["text"] == ref.text
+    aof.kill()
+    stub = gateway_pb2_grpc.GatewayServiceStub(grpc.insecure_channel(gw))
+    with pytest.raises(grpc.RpcError) as e:
+        stub.GenerateUnary(gateway_pb2.GenerateUnaryRequest(spec=gateway_pb2.GenerationSpec(
+            prompt=PROMPT, max_new_tokens=8)), timeout=20)
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "redis" in e.value.details().lower()
+    aof.start()
+    s = stub.GetSession(gateway_pb2.GetSessionRequest(session_id=done["session_id"], include_output=True),
+                        timeout=10).session
+    assert s.text == ref.text and list(s.ids) == ref.ids and s.status == gateway_pb2.SESSION_STATUS_FINISHED
+
+    def fault():
+        aof.kill()
+        time.sleep(0.5)
+        aof.start()
+
+    old = cluster.procs["gateway"]
+    cluster.procs["gateway"] = cluster.procs["gateway-aof"]  # generate_with_fault talks to "gateway"
+    try:
+        out = generate_with_fault(cluster, fault)
+    finally:
+        cluster.procs["gateway"] = old
+    check_identical(engine, out)
