@@ -220,6 +220,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         tried: set = set()
         give_up = time.monotonic() + self.failover_s
         backoff = 0.25
+        timer = None
+        if req.get("deadline_unix"):
+            timer = threading.Timer(max(0.0, req["deadline_unix"] - time.time()), self._expire, args=(sid,))
+            timer.daemon = True
+            timer.start()
         try:
             while True:
                 call = entry = None
@@ -288,6 +293,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             if not (cancelled and self._is_cancelled(sid)):
                 self._fail(sid, e, started)
         finally:
+            if timer is not None:
+                timer.cancel()
             with self._lock:
                 self._calls.pop(sid, None)
                 self._active -= 1
@@ -366,6 +373,21 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         done.set_result(None)
         threading.Thread(target=self._run, args=(s.id, req, done, True), name=f"session-{s.id}", daemon=True).start()
         return True
+
+    def _expire(self, sid: str) -> None:
+        """The client's deadline passed: cancel the session as CancelSession does (drafter and verifier
+        end their streams and free its caches)."""
+        try:
+            if self.store.set_status(sid, "cancelled", error="the client's deadline passed",
+                                     finish_reason="cancelled") != "cancelled":
+                return
+        except CrossdraftError:
+            return
+        log.info("session %s: the client's deadline passed; cancelled", sid)
+        with self._lock:
+            call = self._calls.get(sid)
+        if call is not None:
+            call.cancel()
 
     def _is_cancelled(self, sid: str) -> bool:
         try:
@@ -469,6 +491,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                 self._adopt_if_orphaned(existing)
                 return session_id, self._follow(session_id, 0, context)
         sid = session_id or uuid.uuid4().hex
+        remaining = context.time_remaining() if context is not None else None
+        if remaining is not None:  # the client's deadline: the session is cancelled when it passes
+            req = dict(req, deadline_unix=time.time() + remaining)
         try:
             started = self._start(sid, req)
         except AlreadyExists:  # the same id sent twice at once: attach to the one that won

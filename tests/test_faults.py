@@ -106,9 +106,11 @@ def cluster(trained_models, tmp_path_factory, redis_server):
     spm = save_model(trained_models["spm"], "spm", root / "drafter-spm")
     c = Cluster(root)
     try:
-        v = c.start("verifier", ["verifier", "--model", str(target), "--threads", "1"])
-        d1 = c.start("d1", ["drafter", "--model", str(spm), "--threads", "1"])
-        d2 = c.start("d2", ["drafter", "--model", str(spm), "--threads", "1"])
+        c.metrics = {n: free_port() for n in ("verifier", "d1", "d2")}
+        v = c.start("verifier", ["verifier", "--model", str(target), "--threads", "1",
+                                 "--metrics-port", str(c.metrics["verifier"])])
+        d1 = c.start("d1", ["drafter", "--model", str(spm), "--threads", "1", "--metrics-port", str(c.metrics["d1"])])
+        d2 = c.start("d2", ["drafter", "--model", str(spm), "--threads", "1", "--metrics-port", str(c.metrics["d2"])])
         c.wait_serving("verifier", "d1", "d2")
         c.start("gateway", ["gateway", "--redis", redis_server, "--drafters", f"{d1},{d2}", "--verifiers", v,
                             "--drafter-timeout", "2", "--session-lease", "2", "--failover-seconds", "60"])
@@ -284,3 +286,56 @@ def test_redis_restarted_sessions_survive_and_down_is_unavailable(cluster, engin
     finally:
         cluster.procs["gateway"] = old
     check_identical(engine, out)
+
+
+def active_sessions(cluster, name: str) -> float:
+    from test_metrics import scrape, value
+
+    return value(scrape(f"http://127.0.0.1:{cluster.metrics[name]}/metrics"), "crossdraft_sessions_active")
+
+
+def wait_all_free(cluster, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        left = {n: active_sessions(cluster, n) for n in ("verifier", "d1", "d2")}
+        if not any(left.values()):
+            return
+        assert time.monotonic() < deadline, f"sessions still open: {left}"
+        time.sleep(0.2)
+
+
+def test_cancel_and_client_deadline_free_drafter_and_verifier(cluster, rdb_client):
+    """CancelSession mid-stream, and a client's gRPC deadline passing while its drafters hang, both end
+    the session (status cancelled in Redis) and the drafter's and the verifier's sessions (their open
+    session gauges fall to 0: their caches are released)."""
+    from crossdraft.v1 import gateway_pb2, gateway_pb2_grpc
+
+    gw = cluster.address("gateway")
+    ended = []
+    with Client(gw, timeout=60, reconnect_s=0) as c:
+        for msg in c.events(PROMPT, N, algorithm="slem"):
+            if msg.WhichOneof("event") == "delta" and not ended:
+                ended.append(c.cancel(msg.session_id))
+            elif msg.WhichOneof("event") == "end":
+                ended.append(msg.end)
+    assert ended[0] is True and ended[-1].finish_reason == 3  # FINISH_REASON_CANCELLED
+    wait_all_free(cluster)
+
+    stopped = [cluster.pid("d1"), cluster.pid("d2")]
+    for pid in stopped:
+        os.kill(pid, signal.SIGSTOP)
+    sid = "deadline-1"
+    try:
+        stub = gateway_pb2_grpc.GatewayServiceStub(grpc.insecure_channel(gw))
+        with pytest.raises(grpc.RpcError) as e:
+            stub.GenerateUnary(gateway_pb2.GenerateUnaryRequest(
+                spec=gateway_pb2.GenerationSpec(prompt=PROMPT, max_new_tokens=N), session_id=sid), timeout=1.0)
+        assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        deadline = time.monotonic() + 10
+        while rdb_client.hget(f"crossdraft:session:{{{sid}}}", "status") != b"cancelled":
+            assert time.monotonic() < deadline, "the session was not cancelled at the client's deadline"
+            time.sleep(0.1)
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+    wait_all_free(cluster)
