@@ -71,6 +71,8 @@ def _families(registry: CollectorRegistry) -> dict:
                             "token (gateway)", ["role"], buckets=TTFT_BUCKETS, registry=r),
         "session_s": Histogram(p + "session_seconds", "Whole sessions, start to end (gateway)", ["role"],
                                buckets=SESSION_BUCKETS, registry=r),
+        "bad_proposals": Counter(p + "bad_proposals", "Malformed proposals ignored (verifier)", ["role"],
+                                 registry=r),
         "failovers": Counter(p + "failovers", "Sessions resumed on another drafter (or the same one again) after "
                              "a failure (gateway)", ["role"], registry=r),
         "takeovers": Counter(p + "takeovers", "Sessions taken over from a replica that stopped (gateway)", ["role"],
@@ -105,7 +107,7 @@ class ServiceMetrics:
         # histograms are bound on first use, so a role shows only the latencies it measures
         lab = {k: v.labels(role=role) for k, v in f.items()
                if k not in ("accepted_by_position", "errors", "draft_s", "verify_s", "network_s", "round_s",
-                            "ttft_s", "session_s", "failovers", "takeovers")}
+                            "ttft_s", "session_s", "failovers", "takeovers", "bad_proposals")}
         self.sessions_started, self.sessions_finished = lab["sessions_started"], lab["sessions_finished"]
         self.sessions_active, self.rounds = lab["sessions_active"], lab["rounds"]
         self.draft_tokens, self.accepted_tokens = lab["draft_tokens"], lab["accepted_tokens"]
@@ -170,6 +172,9 @@ class ServiceMetrics:
 
     def session_time(self, seconds: float) -> None:
         self._f["session_s"].labels(role=self.role).observe(max(0.0, seconds))
+
+    def bad_proposal(self) -> None:
+        self._f["bad_proposals"].labels(role=self.role).inc()
 
     def failover(self) -> None:
         self._f["failovers"].labels(role=self.role).inc()

@@ -16,7 +16,8 @@ keys and values as the rounds did, up to float rounding in the last bits); batch
 sessions into one forward pass is later work.
 
 A stale proposal (its seq is not the committed length) gets `wire.empty_verdict` without a forward
-pass. A Verify stream opened for a session that already has one takes it over (a failover: the
+pass; a malformed one (it fails `wire.proposal_from_proto`'s checks) is ignored: that round is the
+target's own step (counted in `crossdraft_bad_proposals_total`). A Verify stream opened for a session that already has one takes it over (a failover: the
 gateway resumed the session on another drafter, from the committed ids); the older stream's next
 round is refused ABORTED, so a drafter that wakes up late cannot change anything. The trust boundary stays in the core: a proposal can make a round commit fewer tokens, never
 different ones.
@@ -35,7 +36,7 @@ from typing import Optional
 
 from crossdraft import wire
 from crossdraft.errors import Aborted, InvalidArgument, ResourceExhausted, Unavailable, Unimplemented
-from crossdraft.protocol import Verdict
+from crossdraft.protocol import TOKENS, Proposal, Verdict
 from crossdraft.runner import KVPool
 from crossdraft.v1 import verifier_pb2, verifier_pb2_grpc
 from crossdraft.verifier import Verifier
@@ -201,10 +202,21 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
             """The rounds, in a worker thread (`decoupled`): sending a verdict overlaps waiting for
             the next proposal instead of delaying it."""
             nonlocal rounds
+            bad_logged = 0
             for req in request_iterator:
                 if req.WhichOneof("message") != "proposal":
                     raise InvalidArgument("every request after the first of a Verify stream must carry a proposal")
-                proposal = wire.proposal_from_proto(req.proposal, vocab_size=self.runner.vocab_size)
+                try:
+                    proposal = wire.proposal_from_proto(req.proposal, vocab_size=self.runner.vocab_size)
+                except InvalidArgument as e:
+                    # A malformed proposal (ids out of range, NaN or unnormalised q, oversized text, ...)
+                    # is ignored, not fatal: this round is the target's own step, so a buggy or hostile
+                    # drafter slows its session down and changes nothing.
+                    m.bad_proposal()
+                    if bad_logged < 3:
+                        log.warning("session %s: ignored a malformed proposal: %s", start.session_id, e)
+                    bad_logged += 1
+                    proposal = Proposal(seq=int(req.proposal.seq), kind=TOKENS)
                 verdict = sessions.verify(start.session_id, proposal, mine=v)
                 rounds += 1
                 m.round(verdict.candidates, verdict.accepted, len(verdict.ids), verify_ns=verdict.verify_ns)
