@@ -116,6 +116,7 @@ class ServiceMetrics:
         self.by_position = [f["accepted_by_position"].labels(role=role, position=position_label(i))
                             for i in range(1, MAX_POSITION + 1)]
         self._server = None
+        self._children: dict = {}
 
     # --- endpoint -------------------------------------------------------------------------------
     def serve(self, port: int, host: str = "127.0.0.1") -> Optional[int]:
@@ -158,7 +159,15 @@ class ServiceMetrics:
         for ns, key in ((draft_ns, "draft_s"), (verify_ns, "verify_s"), (network_ns, "network_s"),
                         (round_ns, "round_s")):
             if ns is not None:
-                self._f[key].labels(role=self.role).observe(max(0, ns) / 1e9)
+                self._child(key).observe(max(0, ns) / 1e9)
+
+    def _child(self, key: str):
+        """The family's series for this role, bound on first use (a histogram a role never observes
+        does not appear in its /metrics) and then kept: no label lookup per round."""
+        c = self._children.get(key)
+        if c is None:
+            c = self._children[key] = self._f[key].labels(role=self.role)
+        return c
 
     def committed(self, new_tokens: int, rounds: int = 0, draft_tokens: int = 0, accepted_tokens: int = 0) -> None:
         """The gateway: one delta committed to the session store, with the rounds it reports."""
@@ -168,19 +177,19 @@ class ServiceMetrics:
         self.accepted_tokens.inc(accepted_tokens)
 
     def first_token(self, seconds: float) -> None:
-        self._f["ttft_s"].labels(role=self.role).observe(max(0.0, seconds))
+        self._child("ttft_s").observe(max(0.0, seconds))
 
     def session_time(self, seconds: float) -> None:
-        self._f["session_s"].labels(role=self.role).observe(max(0.0, seconds))
+        self._child("session_s").observe(max(0.0, seconds))
 
     def bad_proposal(self) -> None:
-        self._f["bad_proposals"].labels(role=self.role).inc()
+        self._child("bad_proposals").inc()
 
     def failover(self) -> None:
-        self._f["failovers"].labels(role=self.role).inc()
+        self._child("failovers").inc()
 
     def takeover(self) -> None:
-        self._f["takeovers"].labels(role=self.role).inc()
+        self._child("takeovers").inc()
 
     def kv_rebuild(self) -> None:
         self.kv_rebuilds.inc()
