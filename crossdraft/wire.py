@@ -34,6 +34,7 @@ MAX_Q_ENTRIES = 4096  # non-zero entries of one q row; a drafter with a larger s
 MAX_TEXT_BYTES = 4096  # drafted text per TEXT proposal
 MAX_VERDICT_IDS = MAX_TARGET_IDS + 1  # accepted candidates + the target's own token
 MAX_VERDICT_TEXT_BYTES = 1 << 20  # the bytes of at most 65 tokens
+MAX_PROMPT_TEXT_BYTES = 1 << 20  # VerifyStart.prompt
 MAX_SEQUENCE_IDS = 1 << 20  # prompt or committed ids of one session (far above any context)
 MAX_SESSION_ID = 128
 _INT32 = 2**31
@@ -272,6 +273,7 @@ class SessionStart:
     params: SamplingParams = SamplingParams()
     max_new_tokens: int = 128  # in the whole session, committed_ids included
     algorithm: str = "none"  # resolved: same, tli, slem or none (never auto)
+    prompt: str = ""  # the prompt as text, when prompt_ids is empty (the verifier encodes it)
 
     @property
     def remaining(self) -> int:
@@ -288,8 +290,10 @@ def check_session_id(session_id) -> str:
 
 def _check_start(s: SessionStart) -> SessionStart:
     check_session_id(s.session_id)
-    if not s.prompt_ids:
+    if not s.prompt_ids and not s.prompt:
         raise InvalidArgument("the prompt is empty")
+    if len(s.prompt.encode("utf-8")) > MAX_PROMPT_TEXT_BYTES:
+        raise InvalidArgument(f"the prompt text is more than {MAX_PROMPT_TEXT_BYTES} bytes")
     _check_ids(s.prompt_ids, "prompt ids", MAX_SEQUENCE_IDS)
     _check_ids(s.committed_ids, "committed ids", MAX_SEQUENCE_IDS)
     if isinstance(s.max_new_tokens, bool) or not isinstance(s.max_new_tokens, int) \
@@ -307,7 +311,7 @@ def start_to_proto(s: SessionStart) -> verifier_pb2.VerifyStart:
     _check_start(s)
     return verifier_pb2.VerifyStart(session_id=s.session_id, prompt_ids=s.prompt_ids, committed_ids=s.committed_ids,
                                     params=sampling_params_to_proto(s.params), max_new_tokens=s.max_new_tokens,
-                                    algorithm=_ALGORITHMS[s.algorithm])
+                                    algorithm=_ALGORITHMS[s.algorithm], prompt=s.prompt)
 
 
 def start_from_proto(msg: verifier_pb2.VerifyStart) -> SessionStart:
@@ -319,7 +323,8 @@ def start_from_proto(msg: verifier_pb2.VerifyStart) -> SessionStart:
     return _check_start(SessionStart(session_id=msg.session_id, prompt_ids=list(msg.prompt_ids),
                                      committed_ids=list(msg.committed_ids), params=params,
                                      max_new_tokens=msg.max_new_tokens,
-                                     algorithm=algorithm_from_proto(msg.algorithm)))
+                                     algorithm=algorithm_from_proto(msg.algorithm),
+                                     prompt=msg.prompt if not msg.prompt_ids else ""))
 
 
 # --- statistics -------------------------------------------------------------------------------

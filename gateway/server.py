@@ -228,6 +228,23 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         try:
             while True:
                 call = entry = None
+                if drafter is None:  # no drafter left to try: the verifier alone, one token a round
+                    try:
+                        length, finished = self._verifier_alone(sid, req, ids, length, started, t0)
+                        return
+                    except (SessionClosed, Conflict, _StoreDown):
+                        raise
+                    except Exception as e:  # noqa: BLE001 - the verifier is down too: wait, then try all again
+                        code = status_of(e)[0]
+                        if code not in FAILOVER_CODES or time.monotonic() > give_up:
+                            raise
+                        log.warning("session %s: the verifier alone failed too (%s: %s); retrying", sid, code.name,
+                                    status_of(e)[1])
+                        time.sleep(backoff)
+                        backoff = min(2.0, backoff * 2)
+                        tried.clear()
+                        drafter = self._pick_drafter(req["drafter"], tried)
+                        continue
                 try:
                     run = session_request(req["verifier_address"], req["prompt"], req["max_new_tokens"], params,
                                           req["algorithm"], req["draft_tokens"] or None, session_id=sid,
@@ -298,7 +315,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             with self._lock:
                 self._calls.pop(sid, None)
                 self._active -= 1
-            self.drafters.release(drafter)
+            if drafter is not None:
+                self.drafters.release(drafter)
             seconds = time.monotonic() - t0
             self.metrics.session_finished(length, seconds, finished)
             self.metrics.session_time(seconds)
@@ -321,58 +339,86 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                 time.sleep(pause)
                 pause = min(1.0, pause * 2)
 
+    def _pick_drafter(self, model: str, tried: set) -> Optional[str]:
+        """The least-loaded drafter (serving `model`) not in `tried`, counted; None when none is left."""
+        try:
+            return self.drafters.pick_least_loaded(model, exclude=tried)
+        except CrossdraftError:
+            return None
+
     def _fail_over(self, sid: str, drafter: str, tried: set, backoff: float, at: int, what: str,
                    model: str) -> tuple:
-        """-> (the drafter to resume on, the next backoff). Another drafter of the pool when one is
-        left untried; else, after a pause (the verifier may be restarting), all of them again."""
+        """-> (the drafter to resume on, or None: none is left, run on the verifier alone; the backoff)."""
         tried.add(drafter)
         self.drafters.release(drafter)
-        try:
-            nxt = self.drafters.pick_least_loaded(model, exclude=tried)
-        except CrossdraftError:
-            time.sleep(backoff)
-            backoff = min(2.0, backoff * 2)
-            tried.clear()
-            try:
-                nxt = self.drafters.pick_least_loaded(model)
-            except CrossdraftError:
-                nxt = drafter
-                self.drafters.hold(drafter)
+        nxt = self._pick_drafter(model, tried)
         self.metrics.failover()
-        log.warning("session %s: drafter %s %s; resuming at %d tokens on drafter %s", sid, drafter, what, at, nxt)
+        log.warning("session %s: drafter %s %s; resuming at %d tokens on %s", sid, drafter, what, at,
+                    f"drafter {nxt}" if nxt else "the verifier alone")
         try:
             self.store.touch(sid)  # this replica still owns it
         except CrossdraftError:
             pass
         return nxt, backoff
 
-    def _adopt_if_orphaned(self, s) -> bool:
-        """A queued or running session nobody has written to for `lease_s` (its gateway stopped): claim
-        it in the store (one replica wins) and run it on from its committed ids. True if taken over."""
-        if s.terminal or time.time() - s.updated <= self.lease_s:
-            return False
+    def _verifier_alone(self, sid: str, req: dict, ids: list, length: int, started: Future, t0: float) -> tuple:
+        """Run the session on with no drafter: a Verify stream of empty proposals, one target token a
+        round (the output is the target's, as always). -> (committed length, finished)."""
+        import queue
+
+        from crossdraft.v1 import verifier_pb2, verifier_pb2_grpc
+
+        p = req["params"]
+        start = verifier_pb2.VerifyStart(
+            session_id=sid, prompt=req["prompt"], committed_ids=ids, max_new_tokens=req["max_new_tokens"],
+            params=common_pb2.SamplingParams(temperature=p["temperature"], top_k=p["top_k"], top_p=p["top_p"],
+                                             seed=p["seed"]), algorithm=common_pb2.ALGORITHM_NONE)
+        q: "queue.SimpleQueue" = queue.SimpleQueue()
+        q.put(verifier_pb2.VerifyRequest(start=start))
+
+        def requests():
+            while (m := q.get()) is not None:
+                yield m
+
+        def propose(seq: int) -> None:
+            q.put(verifier_pb2.VerifyRequest(proposal=verifier_pb2.Proposal(
+                seq=seq, kind=verifier_pb2.PROPOSAL_KIND_TOKENS)))
+
+        stub = verifier_pb2_grpc.VerifierServiceStub(self.verifiers.channel(req["verifier_address"]))
+        call = stub.Verify(requests())
         with self._lock:
-            if s.id in self._calls or self._active >= self.max_sessions:
-                return False
-        if not self.store.claim(s.id, self.owner, self.lease_s):
-            return False
-        req = dict(s.request)
-        with self._lock:
-            self._active += 1
+            self._calls[sid] = call
+        entry = self._watchdog.watch(call, self.first_delta_timeout_s)
+        finished, rounds = False, 0
         try:
-            req["verifier_address"] = self.verifiers.pick_by_affinity(s.id, req.get("model", ""))
-            req["drafter_address"] = self.drafters.pick_least_loaded(req.get("drafter", ""))
-        except BaseException:
-            with self._lock:
-                self._active -= 1
-            raise
-        self.metrics.takeover()
-        self.metrics.session_started()
-        log.warning("session %s: its gateway %s stopped; taking it over at %d tokens", s.id, s.owner, s.length)
-        done: Future = Future()
-        done.set_result(None)
-        threading.Thread(target=self._run, args=(s.id, req, done, True), name=f"session-{s.id}", daemon=True).start()
-        return True
+            propose(0)  # stale on purpose: its empty verdict says the committed length (prompt included)
+            for resp in call:
+                self._watchdog.kick(entry, self.delta_timeout_s)
+                v = wire.verdict_from_proto(resp.verdict)
+                if not v.ids and not v.finished:
+                    propose(v.seq)
+                    continue
+                rounds += 1
+                finished = v.finished
+                reason = v.finish_reason if finished else ""
+                result = None
+                if finished:
+                    result = {"algorithm": "none", "why": "no drafter could be reached: the verifier alone",
+                              "stats": {"new_tokens": len(ids) + len(v.ids), "rounds": rounds}}
+                length = self._commit(sid, length, list(v.ids), v.text, {"rounds": 1}, finished, reason, result)
+                ids.extend(v.ids)
+                self.metrics.committed(len(v.ids), 1)
+                if not started.done():
+                    started.set_result(None)
+                if finished:
+                    return length, True
+                propose(v.seq + len(v.ids))
+            raise Unavailable("the verifier ended the session's stream before it finished")
+        finally:
+            q.put(None)
+            self._watchdog.unwatch(entry)
+            if not finished:
+                call.cancel()
 
     def _expire(self, sid: str) -> None:
         """The client's deadline passed: cancel the session as CancelSession does (drafter and verifier

@@ -198,6 +198,25 @@ def test_gateway_killed_client_reattaches(cluster, engine):
     assert f"session {sid}: its gateway" in cluster.log("gateway") and "taking it over" in cluster.log("gateway")
 
 
+def test_no_drafter_left_the_verifier_alone_finishes(cluster, engine):
+    """Both drafters killed mid-generation: the gateway runs the session on with the verifier alone
+    (one target token a round); output identical, and its end says so."""
+    from crossdraft.v1 import common_pb2
+
+    def fault():
+        cluster.kill("d1")
+        cluster.kill("d2")
+
+    try:
+        out = generate_with_fault(cluster, fault)
+        sid = check_identical(engine, out)
+        assert out[2].algorithm == common_pb2.ALGORITHM_NONE and "verifier alone" in out[2].why
+        assert f"session {sid}: drafter" in cluster.log("gateway") and "the verifier alone" in cluster.log("gateway")
+    finally:
+        cluster.restart("d1")
+        cluster.restart("d2")
+
+
 @pytest.fixture(scope="module")
 def rdb_client(redis_server):
     import redis

@@ -190,6 +190,10 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
         if first.WhichOneof("message") != "start":
             raise InvalidArgument("the first request of a Verify stream must carry a start")
         start = wire.start_from_proto(first.start)
+        if not start.prompt_ids:  # the prompt as text (a gateway running the session on the verifier alone)
+            start.prompt_ids = self.vocab.encode_prompt(start.prompt)
+            if not start.prompt_ids:
+                raise InvalidArgument("the prompt is empty")
         if start.algorithm not in ALGORITHMS:
             raise Unimplemented(f"algorithm {start.algorithm!r} is not implemented yet")
         t0 = time.perf_counter()
