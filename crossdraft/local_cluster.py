@@ -38,7 +38,9 @@ class LocalCluster:
                  python: Optional[str] = None, env: Optional[dict] = None):
         self.target, self.drafter_dirs, self.threads, self.use_redis = target, list(drafters), threads, redis
         self.python = python or sys.executable
-        self.env = dict(os.environ, **(env or {}))
+        # Services that share this machine's cores wait for work without spinning (an OpenMP pool
+        # spinning in an idle process takes a core from the busy one).
+        self.env = dict(os.environ, **{"OMP_WAIT_POLICY": "PASSIVE", **(env or {})})
         self.procs: list = []  # (name, Popen, log path)
         self.logdir = ""
         self.gateway = self.verifier = ""
