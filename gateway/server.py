@@ -420,6 +420,34 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             if not finished:
                 call.cancel()
 
+    def _adopt_if_orphaned(self, s) -> bool:
+        """A queued or running session nobody has written to for `lease_s` (its gateway stopped): claim
+        it in the store (one replica wins) and run it on from its committed ids. True if taken over."""
+        if s.terminal or time.time() - s.updated <= self.lease_s:
+            return False
+        with self._lock:
+            if s.id in self._calls or self._active >= self.max_sessions:
+                return False
+        if not self.store.claim(s.id, self.owner, self.lease_s):
+            return False
+        req = dict(s.request)
+        with self._lock:
+            self._active += 1
+        try:
+            req["verifier_address"] = self.verifiers.pick_by_affinity(s.id, req.get("model", ""))
+            req["drafter_address"] = self.drafters.pick_least_loaded(req.get("drafter", ""))
+        except BaseException:
+            with self._lock:
+                self._active -= 1
+            raise
+        self.metrics.takeover()
+        self.metrics.session_started()
+        log.warning("session %s: its gateway %s stopped; taking it over at %d tokens", s.id, s.owner, s.length)
+        done: Future = Future()
+        done.set_result(None)
+        threading.Thread(target=self._run, args=(s.id, req, done, True), name=f"session-{s.id}", daemon=True).start()
+        return True
+
     def _expire(self, sid: str) -> None:
         """The client's deadline passed: cancel the session as CancelSession does (drafter and verifier
         end their streams and free its caches)."""
