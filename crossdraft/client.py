@@ -26,14 +26,38 @@ _STATUS_NAMES = {1: "pending", 2: "running", 3: "finished"}
 class Client:
     """A channel to one gateway; use it as a context manager or call close()."""
 
-    def __init__(self, address: str, timeout: Optional[float] = None):
+    def __init__(self, address: str, timeout: Optional[float] = None, api_key: Optional[str] = None,
+                 tls_ca: Optional[str] = None, tls_cert: Optional[str] = None, tls_key: Optional[str] = None,
+                 tls_server_name: Optional[str] = None):
+        """`api_key`: sent with every call as `authorization: Bearer KEY` (default: $CROSSDRAFT_API_KEY);
+        `tls_ca`: connect with TLS, verifying the gateway with this CA file (PEM); `tls_cert`/`tls_key`: a
+        client certificate, for a gateway started with --tls-client-ca; `tls_server_name`: the name its
+        certificate is checked against (default: the host of `address`)."""
+        import os
+
         import grpc
 
         from .v1 import gateway_pb2_grpc
 
         self.address, self.timeout = address, timeout
-        self._channel = grpc.insecure_channel(address, options=[
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES), ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
+        key = api_key if api_key is not None else os.environ.get("CROSSDRAFT_API_KEY") or None
+        self._metadata = (("authorization", f"Bearer {key}"),) if key else None
+        options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+        if bool(tls_cert) != bool(tls_key):
+            raise ValueError("tls_cert and tls_key go together")
+        if tls_ca or tls_cert:
+            def read(path):
+                with open(path, "rb") as f:
+                    return f.read()
+            creds = grpc.ssl_channel_credentials(root_certificates=read(tls_ca) if tls_ca else None,
+                                                 private_key=read(tls_key) if tls_key else None,
+                                                 certificate_chain=read(tls_cert) if tls_cert else None)
+            if tls_server_name:
+                options.append(("grpc.ssl_target_name_override", tls_server_name))
+            self._channel = grpc.secure_channel(address, creds, options=options)
+        else:
+            self._channel = grpc.insecure_channel(address, options=options)
         self._stub = gateway_pb2_grpc.GatewayServiceStub(self._channel)
 
     def close(self) -> None:
@@ -66,7 +90,7 @@ class Client:
         spec = self._spec(prompt, max_new_tokens, temperature, seed, algorithm, draft_tokens, top_k, top_p,
                           model, drafter)
         yield from self._stub.Generate(gateway_pb2.GenerateRequest(spec=spec, session_id=session_id),
-                                       timeout=self.timeout)
+                                       timeout=self.timeout, metadata=self._metadata)
 
     def stream(self, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0, seed: int = 0,
                algorithm: str = "auto", draft_tokens: Optional[int] = None, top_k: int = 0, top_p: float = 1.0,
@@ -109,7 +133,7 @@ class Client:
         from .v1 import gateway_pb2
 
         s = self._stub.GetSession(gateway_pb2.GetSessionRequest(session_id=session_id, include_output=include_output),
-                                  timeout=self.timeout).session
+                                  timeout=self.timeout, metadata=self._metadata).session
         out = {"session_id": s.session_id, "status": _STATUS_NAMES.get(s.status, "unspecified"), "text": s.text,
                "ids": list(s.ids), "new_tokens": s.new_tokens, "text_bytes": s.text_bytes,
                "drafter_address": s.drafter_address, "verifier_address": s.verifier_address,
@@ -123,14 +147,14 @@ class Client:
         from .v1 import gateway_pb2
 
         return self._stub.CancelSession(gateway_pb2.CancelSessionRequest(session_id=session_id),
-                                        timeout=self.timeout).cancelled
+                                        timeout=self.timeout, metadata=self._metadata).cancelled
 
     def attach(self, session_id: str, offset: int = 0) -> Iterator[str]:
         """A session's text from byte `offset` on, delta by delta, until it ends."""
         from .v1 import gateway_pb2
 
         for msg in self._stub.AttachSession(gateway_pb2.AttachSessionRequest(session_id=session_id, offset=offset),
-                                            timeout=self.timeout):
+                                            timeout=self.timeout, metadata=self._metadata):
             if msg.WhichOneof("event") == "delta" and msg.delta.text:
                 yield msg.delta.text
 
