@@ -599,3 +599,22 @@ def test_no_prompt_output_or_key_in_the_logs(stack, certs):
         log = (stack["root"] / f"{name}.log").read_text(errors="replace")
         for s in secrets:
             assert s not in log, f"{name}'s log contains {s[:20]!r}"
+
+
+def test_container_healthcheck_speaks_mutual_tls(stack, certs):
+    """docker/healthcheck.py (the image's HEALTHCHECK and the chart's exec probes under TLS) reads the TLS
+    flags of the service's command line and checks it over mutual TLS."""
+    import importlib.util
+
+    spec_ = importlib.util.spec_from_file_location("healthcheck", ROOT / "docker" / "healthcheck.py")
+    hc = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(hc)
+    port = int(stack["verifier"].rsplit(":", 1)[1])
+    cmdline = ["crossdraft", "serve", "verifier", "--port", str(port), *tls_flags(certs, "verifier"),
+               "--tls-server-name", "localhost"]
+    tls = hc.tls_of(cmdline)
+    assert tls == {"cert": certs["verifier"]["cert"], "key": certs["verifier"]["key"], "ca": certs["ca"],
+                   "server_name": "localhost"}
+    assert hc.check(port, tls=tls)[0] is True
+    assert hc.check(port)[0] is False  # plaintext to the TLS port
+    assert hc.tls_of(["crossdraft", "serve", "verifier", "--port", "1"]) is None
