@@ -290,9 +290,11 @@ def test_grpcurl_health_over_mutual_tls(stack, certs):
 
 
 def test_loopback_rule():
-    for host in ("127.0.0.1", "127.1.2.3", "::1", "[::1]:50051", "localhost", "localhost:80", "127.0.0.1:5"):
+    for host in ("127.0.0.1", "127.1.2.3", "::1", "[::1]:50051", "localhost", "localhost:80", "127.0.0.1:5",
+                 "ipv4:127.0.0.1:1,127.0.0.1:2", "dns:///localhost:50051", "unix:/tmp/s.sock", "ipv6:[::1]:5"):
         assert is_loopback(host), host
-    for host in ("0.0.0.0", "::", "10.0.0.5:50051", "verifier.default.svc:50051", "example.com", "[::]:1"):
+    for host in ("0.0.0.0", "::", "10.0.0.5:50051", "verifier.default.svc:50051", "example.com", "[::]:1",
+                 "ipv4:127.0.0.1:1,10.0.0.1:2", "dns:///verifier:50051", "dns://8.8.8.8/localhost.evil.com:1"):
         assert not is_loopback(host), host
     noop = lambda servicer, server: None  # noqa: E731
     with pytest.raises(InvalidArgument, match="--insecure"):

@@ -56,8 +56,16 @@ log = logging.getLogger("crossdraft.services")
 # non-loopback address needs `--insecure` too. Every plaintext listener or channel logs a warning.
 
 def is_loopback(host: str) -> bool:
-    """True for a loopback host name or address (a HOST, or HOST:PORT with a port)."""
+    """True for a loopback host name or address: a HOST, HOST:PORT, or a gRPC target (`ipv4:A,B`,
+    `ipv6:[A]:P`, `dns:///HOST:PORT`, `unix:PATH`; a list is loopback when all its addresses are)."""
     h = host.strip()
+    if h.startswith(("unix:", "unix-abstract:")):
+        return True
+    for scheme in ("ipv4:", "ipv6:"):
+        if h.startswith(scheme):
+            return all(is_loopback(a) for a in h[len(scheme):].split(",") if a.strip())
+    if h.startswith("dns:"):
+        h = h[4:].rsplit("/", 1)[-1]
     if h.startswith("["):  # [::1]:port
         h = h[1:h.index("]")] if "]" in h else h[1:]
     elif h.count(":") == 1:  # host:port
