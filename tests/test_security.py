@@ -620,3 +620,37 @@ def test_container_healthcheck_speaks_mutual_tls(stack, certs):
     assert hc.check(port, tls=tls)[0] is True
     assert hc.check(port)[0] is False  # plaintext to the TLS port
     assert hc.tls_of(["crossdraft", "serve", "verifier", "--port", "1"]) is None
+
+
+def test_serve_all_with_tls_api_keys_and_limits_in_memory(trained_models, tmp_path, certs, engine, stack):
+    """`serve all` (one process, sessions in memory): TLS and API keys on the gateway's port, its in-process
+    hops plaintext on loopback (with the warning); the per-key request limit counted in memory."""
+    keys_file = tmp_path / "keys"
+    keys_file.write_text(f"alice:{hash_key(KEYS['alice'])}\nbob:{hash_key(KEYS['bob'])}\n")
+    procs = Procs(tmp_path)
+    try:
+        addr = {"all": procs.start_cmd("all", [
+            "all", "--target", str(stack["dirs"]["target"]), "--drafter", str(stack["dirs"]["spm"]),
+            "--threads", "1", "--tls-cert", certs["gateway"]["cert"], "--tls-key", certs["gateway"]["key"],
+            "--api-keys", str(keys_file), "--key-requests-per-minute", "3"])}
+        wait_serving_tls(procs, addr, certs)
+        ref = engine.generate(PROMPT, N, SamplingParams(), "slem")
+        if time.time() % 60 > 40:  # alice's four calls below fall in one minute window
+            time.sleep(61 - time.time() % 60)
+        with Client(addr["all"], timeout=60, api_key=KEYS["alice"], tls_ca=certs["ca"]) as c:
+            out = c.generate(PROMPT, N, algorithm="slem", session_id="all-1")
+            assert out["ids"] == ref.ids
+            assert c.get_session("all-1")["text"] == ref.text
+        with Client(addr["all"], timeout=60, api_key=KEYS["bob"], tls_ca=certs["ca"]) as c:
+            with pytest.raises(grpc.RpcError) as e:
+                c.get_session("all-1")
+            assert e.value.code() == grpc.StatusCode.NOT_FOUND
+        with Client(addr["all"], timeout=60, api_key=KEYS["alice"], tls_ca=certs["ca"]) as c:
+            assert c.get_session("all-1")["status"] == "finished"  # alice's third request this minute
+            with pytest.raises(grpc.RpcError) as e:
+                c.get_session("all-1")
+            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        log = procs.log_of("all")
+        assert "GatewayService: TLS" in log and "plaintext gRPC (no TLS) on loopback" in log
+    finally:
+        procs.stop_all()
