@@ -6,8 +6,11 @@
         for piece in c.stream("def main():", 48, temperature=1.0, seed=7):
             print(piece, end="")
 
+    with Client("gw.example:50050", api_key=KEY, tls_ca="ca.pem") as c:   # TLS and an API key
+
 Owns: building a GenerationSpec from plain values, reading the Generate stream back into text and
-statistics, GetSession and CancelSession as dicts.
+statistics, GetSession and CancelSession as dicts; the channel's TLS (a CA, optionally a client
+certificate) and the API key sent as `authorization: Bearer KEY` metadata with every call.
 
 grpc is imported lazily, inside the methods: the core library imports neither grpc nor redis outside
 its wire and store modules, so `import crossdraft.client` works without grpc and only using it needs it.

@@ -118,10 +118,12 @@ def wait_serving_tls(procs: Procs, addresses: dict, certs) -> None:
 # --- Redis with a password, an ACL user and TLS ----------------------------------------------------------
 
 ACL_USER, ACL_PASSWORD, ADMIN_PASSWORD = "crossdraft", "acl-pw-Hq82", "admin-pw-Zz19"
-# The tightest rule that works with the store: its own keys only, everything but the dangerous commands
-# (KEYS, FLUSHALL, CONFIG, DEBUG, ...); EVALSHA/SCRIPT LOAD (the store's Lua scripts) and the stream
-# commands are allowed, and a script touches only the keys it is given, which the ACL checks too.
-ACL_RULE = f"user {ACL_USER} on >{ACL_PASSWORD} ~crossdraft:* resetchannels +@all -@dangerous"
+# The tightest rule that works with the store and the gateway: its own keys only; reads, writes, key
+# expiry, transactions, streams (blocking XREAD) and scripts (the store's Lua through EVALSHA; a script
+# touches only the keys it is given, which the ACL checks too); no pub/sub, no admin, none of the
+# dangerous commands (KEYS, FLUSHALL, CONFIG, DEBUG, ...).
+ACL_RULE = (f"user {ACL_USER} on >{ACL_PASSWORD} ~crossdraft:* resetchannels -@all +@connection +@transaction "
+            "+@read +@write +@keyspace +@stream +@scripting +@blocking -@dangerous")
 
 
 def _redis_up(port: int, tls_ctx=None) -> bool:
@@ -538,7 +540,8 @@ def test_acl_user_is_confined_to_the_prefix(acl_redis):
     r = redis.Redis(host="127.0.0.1", port=acl_redis, username=ACL_USER, password=ACL_PASSWORD)
     r.set("crossdraft:probe", "1")
     for call in (lambda: r.set("other:key", "1"), lambda: r.get("session:x"), lambda: r.keys("*"),
-                 lambda: r.flushall(), lambda: r.config_get("*")):
+                 lambda: r.flushall(), lambda: r.config_get("*"), lambda: r.publish("crossdraft:c", "1"),
+                 lambda: r.shutdown()):
         with pytest.raises(redis.exceptions.NoPermissionError):
             call()
     with pytest.raises(redis.exceptions.NoPermissionError):  # a script touching a key outside the prefix
