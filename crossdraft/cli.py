@@ -206,6 +206,15 @@ def build_parser() -> argparse.ArgumentParser:
         r.add_argument("--ttl", type=float, default=24 * 3600.0, help="seconds a session is kept (default: 1 day)")
         r.add_argument("--max-sessions", type=int, default=64,
                        help="sessions run at once; more are answered RESOURCE_EXHAUSTED (default: 64)")
+        r.add_argument("--drafter-timeout", type=float, default=10.0,
+                       help="seconds a running session waits for its drafter's next delta before it fails over "
+                            "to another drafter, resuming from the committed ids (default: 10)")
+        r.add_argument("--failover-seconds", type=float, default=120.0,
+                       help="how long a session keeps failing over (drafters, a restarting verifier) before it "
+                            "fails (default: 120)")
+        r.add_argument("--session-lease", type=float, default=30.0,
+                       help="a running session no gateway has written to for this long is taken over by a "
+                            "replica a client attaches to (default: 30)")
         r.add_argument("--metrics-port", type=int, default=0,
                        help="serve Prometheus metrics over HTTP at HOST:PORT/metrics (default: 0, off; with "
                             "`all`, one endpoint for the three roles)")
@@ -397,6 +406,10 @@ def cmd_serve(args) -> int:
         raise InvalidArgument(f"--max-sessions must be in [1, 4096], got {args.max_sessions}")
     if not 0 <= args.port <= 65535:
         raise InvalidArgument(f"--port must be in [0, 65535], got {args.port}")
+    for name in ("drafter_timeout", "failover_seconds", "session_lease"):
+        v = getattr(args, name, None)
+        if v is not None and not 0.1 <= v <= 86400:
+            raise InvalidArgument(f"--{name.replace('_', '-')} must be in [0.1, 86400] seconds, got {v}")
     if not 1 <= getattr(args, "kv_slots", 1) <= 1024:
         raise InvalidArgument(f"--kv-slots must be in [1, 1024], got {args.kv_slots}")
     if not 0 <= getattr(args, "metrics_port", 0) <= 65535:

@@ -14,12 +14,15 @@ certificate) and the API key sent as `authorization: Bearer KEY` metadata with e
 
 grpc is imported lazily, inside the methods: the core library imports neither grpc nor redis outside
 its wire and store modules, so `import crossdraft.client` works without grpc and only using it needs it.
-A failed call raises `grpc.RpcError` with the gateway's status code and message.
+A failed call raises `grpc.RpcError` with the gateway's status code and message. A generation whose
+gateway goes away (UNAVAILABLE: killed, restarted, a network cut) is re-attached by itself.
 
 Never: generates anything itself.
 """
 from __future__ import annotations
 
+import time
+import uuid
 from typing import Iterator, Optional
 
 MAX_MESSAGE_BYTES = 8 << 20  # as the services (verifier_service.common.MAX_MESSAGE_BYTES)
@@ -29,7 +32,8 @@ _STATUS_NAMES = {1: "pending", 2: "running", 3: "finished"}
 class Client:
     """A channel to one gateway; use it as a context manager or call close()."""
 
-    def __init__(self, address: str, timeout: Optional[float] = None, api_key: Optional[str] = None,
+    def __init__(self, address: str, timeout: Optional[float] = None, reconnect_s: float = 60.0,
+                 api_key: Optional[str] = None,
                  tls_ca: Optional[str] = None, tls_cert: Optional[str] = None, tls_key: Optional[str] = None,
                  tls_server_name: Optional[str] = None):
         """`api_key`: sent with every call as `authorization: Bearer KEY` (default: $CROSSDRAFT_API_KEY);
@@ -42,7 +46,7 @@ class Client:
 
         from .v1 import gateway_pb2_grpc
 
-        self.address, self.timeout = address, timeout
+        self.address, self.timeout, self.reconnect_s = address, timeout, reconnect_s
         key = api_key if api_key is not None else os.environ.get("CROSSDRAFT_API_KEY") or None
         self._metadata = (("authorization", f"Bearer {key}"),) if key else None
         options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -87,13 +91,41 @@ class Client:
     def events(self, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0, seed: int = 0,
                algorithm: str = "auto", draft_tokens: Optional[int] = None, top_k: int = 0, top_p: float = 1.0,
                session_id: str = "", model: str = "", drafter: str = "") -> Iterator:
-        """The raw GenerateResponse messages of one generation."""
+        """The raw messages of one generation (GenerateResponse; after a re-attach, AttachSessionResponse:
+        the same fields). The session id is chosen here when not given, so that when the gateway goes
+        away (UNAVAILABLE) the client re-attaches by itself, for up to `reconnect_s` seconds, from the
+        byte offset it has: it receives exactly the rest, nothing lost and nothing twice."""
+        import grpc
+
         from .v1 import gateway_pb2
 
         spec = self._spec(prompt, max_new_tokens, temperature, seed, algorithm, draft_tokens, top_k, top_p,
                           model, drafter)
-        yield from self._stub.Generate(gateway_pb2.GenerateRequest(spec=spec, session_id=session_id),
-                                       timeout=self.timeout, metadata=self._metadata)
+        sid = session_id or uuid.uuid4().hex
+        offset, started, give_up, pause = 0, False, None, 0.1
+        while True:
+            try:
+                if not started:
+                    it = self._stub.Generate(gateway_pb2.GenerateRequest(spec=spec, session_id=sid),
+                                             timeout=self.timeout, metadata=self._metadata)
+                else:
+                    it = self._stub.AttachSession(gateway_pb2.AttachSessionRequest(session_id=sid, offset=offset),
+                                                  timeout=self.timeout, metadata=self._metadata)
+                for msg in it:
+                    started, give_up, pause = True, None, 0.1
+                    if msg.WhichOneof("event") == "delta":
+                        offset = msg.delta.offset + len(msg.delta.text.encode("utf-8"))
+                    yield msg
+                return
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.UNAVAILABLE or self.reconnect_s <= 0:
+                    raise
+                now = time.monotonic()
+                give_up = give_up or now + self.reconnect_s
+                if now > give_up:
+                    raise
+                time.sleep(pause)
+                pause = min(1.0, pause * 2)
 
     def stream(self, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0, seed: int = 0,
                algorithm: str = "auto", draft_tokens: Optional[int] = None, top_k: int = 0, top_p: float = 1.0,
@@ -118,7 +150,8 @@ class Client:
             sid = msg.session_id
             if msg.WhichOneof("event") == "delta":
                 text.append(msg.delta.text)
-                ids.extend(msg.delta.ids)
+                # after a re-attach from a byte offset, a delta's ids may begin before what we have
+                ids[msg.delta.token_offset:] = list(msg.delta.ids)
             else:
                 end = msg.end
         if end is None:

@@ -16,8 +16,8 @@ applied) returns the same new length without applying twice; any other commit at
 Redis layout (prefix `crossdraft:` by default; `{id}` is a literal hash tag, so all of a session's
 keys live in one Redis Cluster slot and the scripts may touch them together):
     crossdraft:session:{id}          hash: request (JSON), owner, status, counters, timestamps,
-                                     finish_reason, error, result (JSON), event_seq, last_expected,
-                                     last_digest
+                                     finish_reason, error, result (JSON), resume (JSON), event_seq,
+                                     last_expected, last_digest
     crossdraft:session:{id}:ids      string: committed target ids, little-endian int32, APPENDed
     crossdraft:session:{id}:text     string: committed text bytes, APPENDed
     crossdraft:session:{id}:events   stream: one entry per output event, entry id `{offset}-{seq}`
@@ -45,6 +45,7 @@ TERMINAL = frozenset({"done", "cancelled", "failed"})
 COUNTERS = ("rounds", "draft_tokens", "accepted_tokens", "drafted")
 DEFAULT_TTL_S = 24 * 3600.0
 MAX_RESULT_BYTES = 16 << 10  # the final commit's result (algorithm, why, statistics), as JSON
+MAX_RESUME_BYTES = 1 << 10  # what a commit records to resume the session from (e.g. the draft length)
 _MAX_ID_LEN = 200
 _MAX_TOKEN_ID = 2**31 - 1  # ids are stored as int32
 
@@ -99,6 +100,7 @@ class Session:
     finish_reason: str = ""
     error: str = ""
     result: dict = field(default_factory=dict)  # what the final commit recorded (e.g. algorithm, why, stats)
+    resume: dict = field(default_factory=dict)  # what the last commit recorded to resume from (e.g. draft length)
 
     @property
     def terminal(self) -> bool:
@@ -149,7 +151,7 @@ class SessionStore(ABC):
     @abstractmethod
     def commit(self, session_id: str, expected_len: int, ids: list, text: bytes = b"",
                counters: Optional[dict] = None, finished: bool = False, finish_reason: str = "",
-               result: Optional[dict] = None) -> int: ...
+               result: Optional[dict] = None, resume: Optional[dict] = None) -> int: ...
 
     def set_status(self, session_id: str, status: str, error: str = "", finish_reason: str = "") -> str:
         return self._set_status(session_id, status, error, finish_reason)[1]
@@ -162,6 +164,16 @@ class SessionStore(ABC):
         if s is None:
             raise NotFound(f"session {session_id!r} not found")
         return s.status == "cancelled"
+
+    @abstractmethod
+    def claim(self, session_id: str, owner: str, stale_s: float) -> bool:
+        """Take over a session whose owner stopped writing: if it is queued or running and was last
+        written more than `stale_s` seconds ago, make `owner` its owner (and touch it) and return True;
+        else change nothing and return False. Atomic: of replicas claiming at once, one wins."""
+
+    def touch(self, session_id: str) -> None:
+        """The owner is alive (between commits, e.g. while failing over): refresh `updated`."""
+        self._set_status(session_id, "running", "", "")
 
     @abstractmethod
     def read_events(self, session_id: str, after_offset: int = 0, block_ms: int = 0) -> list: ...
@@ -217,9 +229,9 @@ class SessionStore(ABC):
         return finish_reason
 
     @staticmethod
-    def _pack_commit(expected_len, ids, text, counters, finished, finish_reason, result=None):
+    def _pack_commit(expected_len, ids, text, counters, finished, finish_reason, result=None, resume=None):
         """Validate a commit; return (ids as int32 LE bytes, text, counter increments, finished,
-        finish_reason, result as JSON or "", digest)."""
+        finish_reason, result as JSON or "", resume as JSON or "", digest)."""
         if isinstance(expected_len, bool) or not isinstance(expected_len, int) or expected_len < 0:
             raise InvalidArgument(f"expected_len must be an int >= 0, got {expected_len!r}")
         ids = list(ids)
@@ -253,26 +265,34 @@ class SessionStore(ABC):
                 raise InvalidArgument(f"the result must be JSON-serialisable: {e}") from None
             if len(result_json) > MAX_RESULT_BYTES:
                 raise InvalidArgument(f"the result is {len(result_json)} bytes of JSON, at most {MAX_RESULT_BYTES}")
+        resume_json = ""
+        if resume:
+            try:
+                resume_json = json.dumps(resume, sort_keys=True, separators=(",", ":"))
+            except (TypeError, ValueError) as e:
+                raise InvalidArgument(f"the resume state must be JSON-serialisable: {e}") from None
+            if len(resume_json) > MAX_RESUME_BYTES:
+                raise InvalidArgument(f"the resume state is {len(resume_json)} bytes of JSON, at most {MAX_RESUME_BYTES}")
         blob = struct.pack(f"<{len(ids)}i", *ids)
         h = hashlib.sha1()
         for part in (str(expected_len).encode(), blob, text, ",".join(map(str, inc)).encode(),
-                     b"1" if finished else b"0", finish_reason.encode(), result_json.encode()):
+                     b"1" if finished else b"0", finish_reason.encode(), result_json.encode(), resume_json.encode()):
             h.update(len(part).to_bytes(8, "little"))
             h.update(part)
-        return blob, text, inc, finished, finish_reason, result_json, h.hexdigest()
+        return blob, text, inc, finished, finish_reason, result_json, resume_json, h.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------------------
 class _Rec:
     __slots__ = ("request", "owner", "status", "ids", "text", "counters", "created", "updated",
-                 "finished", "finish_reason", "error", "result", "events", "last", "expires")
+                 "finished", "finish_reason", "error", "result", "resume", "events", "last", "expires")
 
     def __init__(self, request_json, owner, now, expires):
         self.request, self.owner, self.status = request_json, owner, "queued"
         self.ids, self.text = [], bytearray()
         self.counters = dict.fromkeys(COUNTERS, 0)
         self.created = self.updated = now
-        self.finished, self.finish_reason, self.error, self.result = None, "", "", ""
+        self.finished, self.finish_reason, self.error, self.result, self.resume = None, "", "", "", ""
         self.events: list = []
         self.last = None  # (expected_len, digest) of the last commit applied
         self.expires = expires
@@ -320,7 +340,8 @@ class MemoryStore(SessionStore):
                        text=bytes(rec.text) if include_output else b"", counters=dict(rec.counters),
                        created=rec.created, updated=rec.updated, finished=rec.finished,
                        finish_reason=rec.finish_reason, error=rec.error,
-                       result=json.loads(rec.result) if rec.result else {})
+                       result=json.loads(rec.result) if rec.result else {},
+                       resume=json.loads(rec.resume) if rec.resume else {})
 
     def get(self, session_id, include_output=True):
         self._check_id(session_id)
@@ -329,10 +350,10 @@ class MemoryStore(SessionStore):
             return None if rec is None else self._snapshot(session_id, rec, include_output)
 
     def commit(self, session_id, expected_len, ids, text=b"", counters=None, finished=False, finish_reason="",
-               result=None):
+               result=None, resume=None):
         self._check_id(session_id)
-        blob, text, inc, finished, finish_reason, result_json, digest = self._pack_commit(
-            expected_len, ids, text, counters, finished, finish_reason, result)
+        blob, text, inc, finished, finish_reason, result_json, resume_json, digest = self._pack_commit(
+            expected_len, ids, text, counters, finished, finish_reason, result, resume)
         ids = list(struct.unpack(f"<{len(blob) // 4}i", blob))
         now = time.time()
         with self._cond:
@@ -351,6 +372,8 @@ class MemoryStore(SessionStore):
             for k, v in zip(COUNTERS, inc):
                 rec.counters[k] += v
             rec.status = "done" if finished else "running"
+            if resume_json:
+                rec.resume = resume_json
             if finished:
                 rec.finished, rec.finish_reason, rec.result = now, finish_reason, result_json
             rec.last = (expected_len, digest)
@@ -378,6 +401,19 @@ class MemoryStore(SessionStore):
                 self._cond.notify_all()
             self._touch(rec, now)
             return True, status
+
+    def claim(self, session_id, owner, stale_s):
+        self._check_id(session_id)
+        now = time.time()
+        with self._cond:
+            rec = self._live(session_id)
+            if rec is None:
+                raise NotFound(f"session {session_id!r} not found")
+            if rec.status in TERMINAL or now - rec.updated <= stale_s:
+                return False
+            rec.owner, rec.status = owner, "running"
+            self._touch(rec, now)
+            return True
 
     def read_events(self, session_id, after_offset=0, block_ms=0):
         self._check_id(session_id)
@@ -442,7 +478,8 @@ return {'ok', 0}
 """
 
 # ARGV: expected_len, ids (int32 LE), text, rounds, draft_tokens, accepted_tokens, drafted,
-#       finished ('1'/'0'), finish_reason, digest, now, ttl_ms, result (JSON, final commit only)
+#       finished ('1'/'0'), finish_reason, digest, now, ttl_ms, result (JSON, final commit only),
+#       resume (JSON or '': kept from the last commit that had one)
 _LUA_COMMIT = _LUA_TTL + """
 local h = KEYS[1]
 if redis.call('EXISTS', h) == 0 then return {'missing', 0} end
@@ -474,6 +511,7 @@ else
   redis.call('HSET', h, 'status', 'running')
 end
 redis.call('HSET', h, 'updated', ARGV[11], 'last_expected', ARGV[1], 'last_digest', ARGV[10])
+if #ARGV[14] > 0 then redis.call('HSET', h, 'resume', ARGV[14]) end
 ttl(ARGV[12])
 return {'ok', newlen}
 """
@@ -498,6 +536,21 @@ end
 redis.call('HSET', h, 'status', ARGV[1], 'updated', ARGV[4])
 ttl(ARGV[5])
 return {'ok', ARGV[1]}
+"""
+
+
+# ARGV: owner, now, stale_s, ttl_ms
+_LUA_CLAIM = _LUA_TTL + """
+local h = KEYS[1]
+if redis.call('EXISTS', h) == 0 then return {'missing', ''} end
+local bad = corrupt()
+if bad then return {'corrupt', bad} end
+local st = redis.call('HMGET', h, 'status', 'updated')
+if st[1] ~= 'queued' and st[1] ~= 'running' then return {'no', st[1]} end
+if tonumber(ARGV[2]) - tonumber(st[2]) <= tonumber(ARGV[3]) then return {'no', st[1]} end
+redis.call('HSET', h, 'owner', ARGV[1], 'status', 'running', 'updated', ARGV[2])
+ttl(ARGV[4])
+return {'ok', ''}
 """
 
 
@@ -534,6 +587,7 @@ class RedisStore(SessionStore):
         self._create = client.register_script(_LUA_CREATE)
         self._commit = client.register_script(_LUA_COMMIT)
         self._status = client.register_script(_LUA_STATUS)
+        self._claim = client.register_script(_LUA_CLAIM)
 
     def _keys(self, sid: str) -> list:
         base = f"{self.prefix}session:{{{sid}}}"
@@ -600,15 +654,16 @@ class RedisStore(SessionStore):
                        created=float(f["created"]), updated=float(f["updated"]),
                        finished=float(f["finished"]) if f.get("finished") else None,
                        finish_reason=s("finish_reason"), error=s("error"),
-                       result=json.loads(f["result"]) if f.get("result") else {})
+                       result=json.loads(f["result"]) if f.get("result") else {},
+                       resume=json.loads(f["resume"]) if f.get("resume") else {})
 
     def commit(self, session_id, expected_len, ids, text=b"", counters=None, finished=False, finish_reason="",
-               result=None):
+               result=None, resume=None):
         self._check_id(session_id)
-        blob, text, inc, finished, finish_reason, result_json, digest = self._pack_commit(
-            expected_len, ids, text, counters, finished, finish_reason, result)
+        blob, text, inc, finished, finish_reason, result_json, resume_json, digest = self._pack_commit(
+            expected_len, ids, text, counters, finished, finish_reason, result, resume)
         args = [str(expected_len), blob, text, *map(str, inc), "1" if finished else "0", finish_reason,
-                digest, repr(time.time()), self._ttl_ms, result_json]
+                digest, repr(time.time()), self._ttl_ms, result_json, resume_json]
         tag, val = self._script(self._commit, session_id, args)
         if tag in ("ok", "replay"):
             return int(val)
@@ -636,6 +691,13 @@ class RedisStore(SessionStore):
         return Event(offset=int(entry_id.split(b"-")[0]), ids=struct.unpack(f"<{len(blob) // 4}i", blob),
                      text=fields.get(b"text", b""), final=fields.get(b"final") == b"1",
                      finish_reason=fields.get(b"reason", b"").decode())
+
+    def claim(self, session_id, owner, stale_s):
+        self._check_id(session_id)
+        tag, _ = self._script(self._claim, session_id, [owner, repr(time.time()), repr(float(stale_s)), self._ttl_ms])
+        if tag == "missing":
+            raise NotFound(f"session {session_id!r} not found")
+        return tag == "ok"
 
     def read_events(self, session_id, after_offset=0, block_ms=0):
         self._check_id(session_id)

@@ -20,11 +20,12 @@ from verifier_service.common import CHANNEL_OPTIONS
 def session_request(verifier_address: str, prompt: str, max_new_tokens: int = 128,
                     params: SamplingParams = SamplingParams(), algorithm: str = "auto",
                     draft_tokens: Optional[int] = None, session_id: str = "", prompt_ids=None,
-                    committed_ids=None) -> drafter_pb2.RunSessionRequest:
+                    committed_ids=None, resume_draft_tokens: int = 0) -> drafter_pb2.RunSessionRequest:
     return drafter_pb2.RunSessionRequest(
         session_id=session_id, verifier_address=verifier_address, prompt=prompt, prompt_ids=prompt_ids or [],
         committed_ids=committed_ids or [], params=wire.sampling_params_to_proto(params),
-        algorithm=wire.algorithm_to_proto(algorithm), max_new_tokens=max_new_tokens, draft_tokens=draft_tokens or 0)
+        algorithm=wire.algorithm_to_proto(algorithm), max_new_tokens=max_new_tokens, draft_tokens=draft_tokens or 0,
+        resume_draft_tokens=resume_draft_tokens or 0)
 
 
 def stream_session(drafter_address: str, request: drafter_pb2.RunSessionRequest,

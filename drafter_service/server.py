@@ -211,9 +211,10 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
         if not len(committed) < request.max_new_tokens <= wire.MAX_SEQUENCE_IDS:
             raise InvalidArgument(f"max_new_tokens must be more than the {len(committed)} ids committed "
                                   f"(and at most {wire.MAX_SEQUENCE_IDS}), got {request.max_new_tokens}")
-        if request.draft_tokens and not 1 <= request.draft_tokens <= wire.MAX_TARGET_IDS:
-            raise InvalidArgument(f"draft tokens must be in [1, {wire.MAX_TARGET_IDS}] (or 0: adaptive), "
-                                  f"got {request.draft_tokens}")
+        for name in ("draft_tokens", "resume_draft_tokens"):
+            v = getattr(request, name)
+            if v and not 1 <= v <= wire.MAX_TARGET_IDS:
+                raise InvalidArgument(f"{name.replace('_', ' ')} must be in [1, {wire.MAX_TARGET_IDS}] (or 0: adaptive), got {v}")
         stub, target_vocab, fp = self._target(request.verifier_address)
         algo, why = resolve_algorithm(algorithm, params, target_vocab, self.vocab,
                                       lambda: self._template(fp, "tli", target_vocab))
@@ -232,7 +233,7 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
             # the transport takes it) overlaps the next round instead of delaying it.
             yield from decoupled(
                 lambda stop: self._run(stub, start, request.prompt, drafter, why, request.draft_tokens or None,
-                                       context, done, stop),
+                                       context, done, stop, request.resume_draft_tokens or None),
                 maxsize=DELTA_BUFFER, name=f"draft-{sid[:16]}")
         finally:
             sessions.release(drafter)
@@ -240,7 +241,7 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
 
     def _run(self, stub, start: wire.SessionStart, prompt: str, drafter: Optional[Drafter], why: str,
              draft_tokens: Optional[int], context, done: Optional[SimpleNamespace] = None,
-             stop: Optional[threading.Event] = None):
+             stop: Optional[threading.Event] = None, resume_k: Optional[int] = None):
         """The engine's loop (`Engine.generate`) with the verifier on the other end of a stream; `done`
         gets the session's new_tokens, seconds and finished (for the metrics)."""
         m = self.metrics
@@ -263,6 +264,8 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
             if drafter is not None:
                 self.sessions.start(drafter, prompt, start.prompt_ids + start.committed_ids, start.params)
             k = DraftLength(draft_tokens)
+            if resume_k is not None and draft_tokens is None:  # a resumed session: where it left off
+                k.k = max(k.lo, min(k.hi, resume_k))
             c = RoundStats()
             first = True
             while not finished:
@@ -287,6 +290,9 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
                 finished = verdict.finished
                 done.new_tokens = committed_len - len(start.prompt_ids) - len(start.committed_ids)
                 done.seconds, done.finished = time.perf_counter() - t0, finished
+                if drafter is not None and not finished:
+                    drafter.observe(verdict)
+                    k.update(verdict.candidates, verdict.accepted)
                 if verdict.ids or finished:
                     seconds = time.perf_counter() - t0
                     stats = SimpleNamespace(
@@ -296,14 +302,12 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
                     yield drafter_pb2.RunSessionResponse(
                         token_offset=offset, ids=verdict.ids, text=verdict.text, finished=finished,
                         finish_reason=wire.finish_reason_to_proto(verdict.finish_reason), algorithm=algo_enum,
-                        why=why if first else "", stats=wire.stats_to_proto(stats, network_ns=c.network_ns))
+                        why=why if first else "", stats=wire.stats_to_proto(stats, network_ns=c.network_ns),
+                        next_draft_tokens=k.k)
                     first = False
                     offset += len(verdict.ids)
                 if stop is not None and stop.is_set():
                     break  # the caller went away
-                if drafter is not None and not finished:
-                    drafter.observe(verdict)
-                    k.update(verdict.candidates, verdict.accepted)
             log.info("session %s: %s, %d rounds, %d new tokens, %.3f s", start.session_id, start.algorithm,
                      c.rounds, committed_len - len(start.prompt_ids) - len(start.committed_ids),
                      time.perf_counter() - t0)

@@ -85,21 +85,40 @@ class Pool:
             self._models[address] = info.model_id
         return info.model_id
 
-    def _serving(self, model: str) -> list:
+    def _serving(self, model: str, exclude=()) -> list:
+        addresses = [a for a in self.addresses if a not in exclude]
         if not model:
-            return self.addresses
-        out = [a for a in self.addresses if self.model_of(a) == model]
+            if not addresses:
+                raise Unavailable(f"no {self.kind} of this gateway is left to try")
+            return addresses
+        out, unreachable = [], None
+        for a in addresses:
+            try:
+                if self.model_of(a) == model:
+                    out.append(a)
+            except Unavailable as e:  # a replica that is down is skipped, not fatal
+                unreachable = e
         if not out:
+            if unreachable is not None:
+                raise unreachable
+            if exclude:
+                raise Unavailable(f"no {self.kind} serving model {model!r} is left to try")
             raise FailedPrecondition(f"no {self.kind} of this gateway serves model {model!r}")
         return out
 
-    def pick_least_loaded(self, model: str = "") -> str:
-        """The replica (serving `model`, if given) with the fewest sessions in flight; counts it."""
-        candidates = self._serving(model)
+    def pick_least_loaded(self, model: str = "", exclude=()) -> str:
+        """The replica (serving `model`, if given; not in `exclude`) with the fewest sessions in
+        flight; counts it."""
+        candidates = self._serving(model, exclude)
         with self._lock:
             address = min(candidates, key=lambda a: self.in_flight[a])
             self.in_flight[address] += 1
             return address
+
+    def hold(self, address: str) -> None:
+        """Count one more session in flight on this replica (picked by other means)."""
+        with self._lock:
+            self.in_flight[address] += 1
 
     def release(self, address: str) -> None:
         with self._lock:

@@ -45,7 +45,7 @@ from google.protobuf import json_format
 from crossdraft import wire
 from crossdraft.errors import (Aborted, CrossdraftError, InvalidArgument, NotFound, ResourceExhausted,
                                Unavailable, Unimplemented)
-from crossdraft.store import COUNTERS, AlreadyExists, MemoryStore, SessionClosed, SessionStore
+from crossdraft.store import COUNTERS, AlreadyExists, Conflict, MemoryStore, SessionClosed, SessionStore
 from crossdraft.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from verifier_service.common import PLAINTEXT, TLS, Service, check_plaintext, is_loopback, setup_logging, status_of
 from verifier_service.metrics import ServiceMetrics
@@ -59,6 +59,16 @@ SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_na
 MAX_PROMPT_BYTES = 256 << 10
 MAX_NEW_TOKENS = 100_000  # as the CLI's limit; the verifier checks the target's context too
 REFUSALS = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNIMPLEMENTED)
+# Failover: a RunSession that fails with one of these (or sends nothing for DELTA_TIMEOUT_S: a hung
+# drafter or verifier) is resumed from the committed ids on another drafter, for up to FAILOVER_S.
+FAILOVER_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED,
+                            grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
+                            grpc.StatusCode.CANCELLED})
+DELTA_TIMEOUT_S = 10.0  # the longest a running session waits for its drafter's next delta
+FIRST_DELTA_FACTOR = 3  # ... times this for the first one (the drafter may fetch a tokenizer, both prefill)
+FAILOVER_S = 120.0
+STORE_WAIT_S = 30.0  # how long a commit is retried while the session store is unreachable
+LEASE_S = 30.0  # a running session nobody committed to for this long is taken over by a replica it is attached to
 FOLLOW_BLOCK_MS = 500  # how long one read of the event stream waits before checking the client is still there
 _STATUS = {"queued": gateway_pb2.SESSION_STATUS_PENDING, "running": gateway_pb2.SESSION_STATUS_RUNNING}
 
@@ -70,16 +80,65 @@ def _reason(name: str) -> int:
         return common_pb2.FINISH_REASON_UNSPECIFIED
 
 
+class _StoreDown(Unavailable):
+    """The session store stayed unreachable through a commit's retries: not a drafter's fault, so no
+    failover; the session stops on this replica."""
+
+
+class _Watchdog:
+    """One thread per gateway that cancels a drafter call which sends nothing before its deadline
+    (a hung drafter: SIGSTOP, a stuck verifier). Entries are [deadline, call, fired]."""
+
+    def __init__(self, tick_s: float = 0.2):
+        self._lock = threading.Lock()
+        self._entries: list = []
+        self._tick = tick_s
+        self._thread: Optional[threading.Thread] = None
+
+    def watch(self, call, seconds: float) -> list:
+        entry = [time.monotonic() + seconds, call, False]
+        with self._lock:
+            self._entries.append(entry)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="drafter-watchdog", daemon=True)
+                self._thread.start()
+        return entry
+
+    @staticmethod
+    def kick(entry: list, seconds: float) -> None:
+        entry[0] = time.monotonic() + seconds
+
+    def unwatch(self, entry: list) -> None:
+        with self._lock:
+            if entry in self._entries:
+                self._entries.remove(entry)
+
+    def _loop(self) -> None:
+        while True:
+            time.sleep(self._tick)
+            now = time.monotonic()
+            with self._lock:
+                late = [e for e in self._entries if not e[2] and now > e[0]]
+            for e in late:
+                e[2] = True
+                e[1].cancel()
+
+
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     def __init__(self, store: SessionStore, drafters: Pool, verifiers: Pool, max_sessions: int = 64,
                  max_prompt_bytes: int = MAX_PROMPT_BYTES, max_new_tokens: int = MAX_NEW_TOKENS,
-                 owner: str = "", metrics: Optional[ServiceMetrics] = None, keys: Optional[ApiKeys] = None,
-                 limits: Optional[KeyLimits] = None):
+                 owner: str = "", metrics: Optional[ServiceMetrics] = None, delta_timeout_s: float = DELTA_TIMEOUT_S,
+                 failover_s: float = FAILOVER_S, lease_s: float = LEASE_S, store_wait_s: float = STORE_WAIT_S,
+                 keys: Optional[ApiKeys] = None, limits: Optional[KeyLimits] = None):
         self.store, self.drafters, self.verifiers = store, drafters, verifiers
         # API keys (auth.py): None is an open gateway; with keys, a session belongs to the key that created
         # it (its name in the request as `key_name`) and any other key is told NOT_FOUND
         self.keys, self.limits = keys, limits
         self.metrics = metrics if metrics is not None else ServiceMetrics("gateway")
+        self.delta_timeout_s, self.failover_s, self.lease_s = delta_timeout_s, failover_s, lease_s
+        self.store_wait_s = store_wait_s
+        self.first_delta_timeout_s = FIRST_DELTA_FACTOR * delta_timeout_s
+        self._watchdog = _Watchdog()
         self.max_sessions, self.max_prompt_bytes, self.max_new_tokens = max_sessions, max_prompt_bytes, max_new_tokens
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}"
         self._lock = threading.Lock()
@@ -144,49 +203,94 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                          daemon=True).start()
         return started
 
-    def _run(self, sid: str, req: dict, started: Future) -> None:
-        drafter = req["drafter_address"]
+    def _run(self, sid: str, req: dict, started: Future, resume: bool = False) -> None:
+        """Run the session to its end: one RunSession call, and after a failure of the drafter or the
+        verifier (UNAVAILABLE, a broken stream, a drafter silent for `delta_timeout_s`: see
+        `_Watchdog`) another, on another drafter when there is one, resumed from the committed ids
+        and the last draft length; a session that cannot go on within `failover_s` fails. `resume`:
+        take up a session this process claimed (its ids are in the store)."""
         p = req["params"]
         from crossdraft.sampling import SamplingParams
         from drafter_service.client import session_request
 
-        run = session_request(req["verifier_address"], req["prompt"], req["max_new_tokens"],
-                              SamplingParams(p["temperature"], p["top_k"], p["top_p"], p["seed"]),
-                              req["algorithm"], req["draft_tokens"] or None, session_id=sid)
-        call, finished, length = None, False, 0
+        params = SamplingParams(p["temperature"], p["top_k"], p["top_p"], p["seed"])
+        drafter = req["drafter_address"]
+        ids, k_next, length = [], 0, 0
+        if resume:
+            s = self.store.get(sid, include_output=True)
+            ids, length, k_next = list(s.ids), s.length, int(s.resume.get("draft_tokens", 0))
+        finished, why = False, ""
         t0 = time.monotonic()
         first = True
+        tried: set = set()
+        give_up = time.monotonic() + self.failover_s
+        backoff = 0.25
+        timer = None
+        if req.get("deadline_unix"):
+            timer = threading.Timer(max(0.0, req["deadline_unix"] - time.time()), self._expire, args=(sid,))
+            timer.daemon = True
+            timer.start()
         try:
-            call = self.drafters.drafter_stub(drafter).RunSession(run)
-            with self._lock:
-                self._calls[sid] = call
-            if self.store.cancelled(sid):  # cancelled while being placed
-                call.cancel()
-            prev = dict.fromkeys(COUNTERS, 0)
-            why, last = "", None
-            for msg in call:
-                if msg.token_offset != length:
-                    raise Aborted(f"drafter {drafter} sent a delta at offset {msg.token_offset}, expected {length}")
-                now = {k: getattr(msg.stats, k) for k in COUNTERS}
-                inc = {k: max(0, now[k] - prev[k]) for k in COUNTERS}
-                prev = now
-                why = why or msg.why
-                reason = wire.finish_reason_from_proto(msg.finish_reason) if msg.finished else ""
-                result = None
-                if msg.finished:  # the end's algorithm, why and statistics go with the final commit
-                    result = {"algorithm": wire.algorithm_from_proto(msg.algorithm), "why": why,
-                              "stats": json_format.MessageToDict(msg.stats, preserving_proto_field_name=True)}
-                length = self.store.commit(sid, length, list(msg.ids), msg.text, inc, msg.finished, reason, result)
-                self.metrics.committed(len(msg.ids), inc["rounds"], inc["draft_tokens"], inc["accepted_tokens"])
-                if first and msg.ids:
-                    self.metrics.first_token(time.monotonic() - t0)
-                    first = False
-                finished = msg.finished
-                last = msg
-                if not started.done():
-                    started.set_result(None)
-            if last is None or not last.finished:
-                raise Unavailable(f"drafter {drafter} ended the session's stream before it finished")
+            while True:
+                call = entry = None
+                try:
+                    run = session_request(req["verifier_address"], req["prompt"], req["max_new_tokens"], params,
+                                          req["algorithm"], req["draft_tokens"] or None, session_id=sid,
+                                          committed_ids=ids, resume_draft_tokens=k_next)
+                    call = self.drafters.drafter_stub(drafter).RunSession(run)
+                    with self._lock:
+                        self._calls[sid] = call
+                    if self.store.cancelled(sid):  # cancelled while being placed
+                        call.cancel()
+                    entry = self._watchdog.watch(call, self.first_delta_timeout_s)
+                    prev = dict.fromkeys(COUNTERS, 0)  # a call's statistics count that call only
+                    for msg in call:
+                        self._watchdog.kick(entry, self.delta_timeout_s)
+                        if msg.token_offset != len(ids):
+                            raise Aborted(f"drafter {drafter} sent a delta at offset {msg.token_offset}, "
+                                          f"expected {len(ids)}")
+                        now = {k: getattr(msg.stats, k) for k in COUNTERS}
+                        inc = {k: max(0, now[k] - prev[k]) for k in COUNTERS}
+                        prev = now
+                        why = why or msg.why
+                        reason = wire.finish_reason_from_proto(msg.finish_reason) if msg.finished else ""
+                        result = None
+                        if msg.finished:  # the end's algorithm, why and statistics go with the final commit
+                            result = {"algorithm": wire.algorithm_from_proto(msg.algorithm), "why": why,
+                                      "stats": json_format.MessageToDict(msg.stats, preserving_proto_field_name=True)}
+                        k_next = msg.next_draft_tokens
+                        length = self._commit(sid, length, list(msg.ids), msg.text, inc, msg.finished, reason,
+                                              result, resume={"draft_tokens": k_next} if k_next else None)
+                        ids.extend(msg.ids)
+                        self.metrics.committed(len(msg.ids), inc["rounds"], inc["draft_tokens"], inc["accepted_tokens"])
+                        if first and msg.ids:
+                            self.metrics.first_token(time.monotonic() - t0)
+                            first = False
+                        finished = msg.finished
+                        if not started.done():
+                            started.set_result(None)
+                        if finished:
+                            break
+                    if not finished:
+                        raise Unavailable(f"drafter {drafter} ended the session's stream before it finished")
+                    return
+                except (SessionClosed, Conflict, _StoreDown):
+                    raise
+                except Exception as e:  # noqa: BLE001 - decide: fail over, or fail
+                    hung = entry is not None and entry[2]
+                    code = grpc.StatusCode.DEADLINE_EXCEEDED if hung else status_of(e)[0]
+                    if code == grpc.StatusCode.CANCELLED and self._is_cancelled(sid):
+                        raise
+                    if code not in FAILOVER_CODES or (not started.done() and code in REFUSALS) \
+                            or time.monotonic() > give_up:
+                        raise
+                    what = f"sent nothing for {self.delta_timeout_s:g} s" if hung else f"{code.name}: {status_of(e)[1]}"
+                    drafter, backoff = self._fail_over(sid, drafter, tried, backoff, len(ids), what, req["drafter"])
+                finally:
+                    if entry is not None:
+                        self._watchdog.unwatch(entry)
+                    if call is not None and not finished:
+                        call.cancel()
         except SessionClosed:  # cancelled (here or on another replica): the store has its final event
             pass
         except Exception as e:  # noqa: BLE001 - every failure ends the session with a status
@@ -194,17 +298,101 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             if not (cancelled and self._is_cancelled(sid)):
                 self._fail(sid, e, started)
         finally:
-            if call is not None and not finished:
-                call.cancel()
+            if timer is not None:
+                timer.cancel()
             with self._lock:
                 self._calls.pop(sid, None)
                 self._active -= 1
+            self.drafters.release(drafter)
             seconds = time.monotonic() - t0
             self.metrics.session_finished(length, seconds, finished)
             self.metrics.session_time(seconds)
-            self.drafters.release(drafter)
             if not started.done():
                 started.set_result(None)
+
+    def _commit(self, sid: str, *args, **kw) -> int:
+        """store.commit, retried while the store is unreachable (a Redis restart) for up to `store_wait_s`:
+        a retried commit is applied once (the store recognises a replay), so nothing is lost or doubled.
+        Then `_StoreDown`: the session stops here; its committed part stays in the store, and a replica
+        takes it over (its lease runs out) once the store is back and a client attaches."""
+        give_up, pause = time.monotonic() + self.store_wait_s, 0.05
+        while True:
+            try:
+                return self.store.commit(sid, *args, **kw)
+            except Unavailable as e:
+                if time.monotonic() > give_up:
+                    raise _StoreDown(f"the session store is unreachable: {e}") from None
+                log.warning("session %s: the session store is unreachable, retrying the commit: %s", sid, e)
+                time.sleep(pause)
+                pause = min(1.0, pause * 2)
+
+    def _fail_over(self, sid: str, drafter: str, tried: set, backoff: float, at: int, what: str,
+                   model: str) -> tuple:
+        """-> (the drafter to resume on, the next backoff). Another drafter of the pool when one is
+        left untried; else, after a pause (the verifier may be restarting), all of them again."""
+        tried.add(drafter)
+        self.drafters.release(drafter)
+        try:
+            nxt = self.drafters.pick_least_loaded(model, exclude=tried)
+        except CrossdraftError:
+            time.sleep(backoff)
+            backoff = min(2.0, backoff * 2)
+            tried.clear()
+            try:
+                nxt = self.drafters.pick_least_loaded(model)
+            except CrossdraftError:
+                nxt = drafter
+                self.drafters.hold(drafter)
+        self.metrics.failover()
+        log.warning("session %s: drafter %s %s; resuming at %d tokens on drafter %s", sid, drafter, what, at, nxt)
+        try:
+            self.store.touch(sid)  # this replica still owns it
+        except CrossdraftError:
+            pass
+        return nxt, backoff
+
+    def _adopt_if_orphaned(self, s) -> bool:
+        """A queued or running session nobody has written to for `lease_s` (its gateway stopped): claim
+        it in the store (one replica wins) and run it on from its committed ids. True if taken over."""
+        if s.terminal or time.time() - s.updated <= self.lease_s:
+            return False
+        with self._lock:
+            if s.id in self._calls or self._active >= self.max_sessions:
+                return False
+        if not self.store.claim(s.id, self.owner, self.lease_s):
+            return False
+        req = dict(s.request)
+        with self._lock:
+            self._active += 1
+        try:
+            req["verifier_address"] = self.verifiers.pick_by_affinity(s.id, req.get("model", ""))
+            req["drafter_address"] = self.drafters.pick_least_loaded(req.get("drafter", ""))
+        except BaseException:
+            with self._lock:
+                self._active -= 1
+            raise
+        self.metrics.takeover()
+        self.metrics.session_started()
+        log.warning("session %s: its gateway %s stopped; taking it over at %d tokens", s.id, s.owner, s.length)
+        done: Future = Future()
+        done.set_result(None)
+        threading.Thread(target=self._run, args=(s.id, req, done, True), name=f"session-{s.id}", daemon=True).start()
+        return True
+
+    def _expire(self, sid: str) -> None:
+        """The client's deadline passed: cancel the session as CancelSession does (drafter and verifier
+        end their streams and free its caches)."""
+        try:
+            if self.store.set_status(sid, "cancelled", error="the client's deadline passed",
+                                     finish_reason="cancelled") != "cancelled":
+                return
+        except CrossdraftError:
+            return
+        log.info("session %s: the client's deadline passed; cancelled", sid)
+        with self._lock:
+            call = self._calls.get(sid)
+        if call is not None:
+            call.cancel()
 
     def _is_cancelled(self, sid: str) -> bool:
         try:
@@ -288,6 +476,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             events = self.store.read_events(sid, at_ids, block_ms=FOLLOW_BLOCK_MS)
             if not events and context is not None and not context.is_active():
                 return
+            if not events:  # quiet: is anybody still running it?
+                self._adopt_if_orphaned(self._get(sid, include_output=False))
             for ev in events:
                 skip = at_ids - ev.start  # > 0 only if an event straddles where we are
                 ids = list(ev.ids[skip:]) if skip > 0 else list(ev.ids)
@@ -315,12 +505,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             req["key_name"] = caller
         if session_id:
             wire.check_session_id(session_id)
-            s = self.store.get(session_id, include_output=False)
-            if s is not None:
-                if not self._owns(caller, s):
+            existing = self.store.get(session_id, include_output=False)
+            if existing is not None:
+                if not self._owns(caller, existing):
                     raise NotFound(f"session {session_id!r} not found")
+                self._adopt_if_orphaned(existing)
                 return session_id, self._follow(session_id, 0, context)
         sid = session_id or uuid.uuid4().hex
+        remaining = context.time_remaining() if context is not None else None
+        if remaining is not None:  # the client's deadline: the session is cancelled when it passes
+            req = dict(req, deadline_unix=time.time() + remaining)
         if self.limits is not None:
             self.limits.acquire(caller, sid)  # RESOURCE_EXHAUSTED before anything of the session is written
         try:
@@ -359,6 +553,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
 
     def AttachSession(self, request, context):
         s = self._get(request.session_id, caller=self._caller(context))
+        self._adopt_if_orphaned(s)
         have = len(codecs.getincrementaldecoder("utf-8")("replace").decode(s.text, final=s.terminal).encode("utf-8"))
         if request.offset > have:
             raise InvalidArgument(f"offset {request.offset} is beyond the {have} bytes committed so far")
@@ -408,7 +603,9 @@ def gateway_service(args, store, drafters: list, verifiers: list, host: str, por
     keys, limits = api_keys_and_limits(args, store)
     servicer = GatewayServicer(store, Pool("drafter", drafters, pool_tls), Pool("verifier", verifiers, pool_tls),
                                max_sessions=args.max_sessions, max_prompt_bytes=args.max_prompt_bytes,
-                               metrics=metrics, keys=keys, limits=limits)
+                               metrics=metrics, delta_timeout_s=args.drafter_timeout,
+                               failover_s=args.failover_seconds, lease_s=args.session_lease,
+                               keys=keys, limits=limits)
     svc = Service(SERVICE_NAME, gateway_pb2_grpc.add_GatewayServiceServicer_to_server, servicer, host, port,
                   max_workers=2 * args.max_sessions + 8, grace_s=args.grace, on_error=servicer.metrics.error,
                   tls=tls, client_ca=getattr(args, "tls_client_ca", None) or "")

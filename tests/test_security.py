@@ -433,8 +433,10 @@ def test_cli_generate_with_api_key_and_tls(stack, certs, engine):
     assert json.loads(out.stdout)["text"] == ref.text
     out = _cli(*args, "--api-key", "wrong")
     assert out.returncode == 2 and "UNAUTHENTICATED" in out.stderr
-    out = _cli("generate", PROMPT, "--gateway", stack["gateway"], "--api-key", KEYS["bob"])  # plaintext to TLS
-    assert out.returncode == 1 and "UNAVAILABLE" in out.stderr
+    with Client(stack["gateway"], timeout=30, reconnect_s=0, api_key=KEYS["bob"]) as c:  # plaintext to TLS
+        with pytest.raises(grpc.RpcError) as e:
+            c.generate(PROMPT, 4)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
 # --- per-key limits -----------------------------------------------------------------------------------

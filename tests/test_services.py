@@ -331,9 +331,50 @@ def test_verify_stream_errors(services):
         session_id="e1", prompt_ids=[1, 2], max_new_tokens=4, algorithm=common_pb2.ALGORITHM_SAME))
     bad = verifier_pb2.VerifyRequest(proposal=verifier_pb2.Proposal(seq=2, kind=verifier_pb2.PROPOSAL_KIND_TOKENS,
                                                                     target_ids=[1] * 65))
-    with pytest.raises(grpc.RpcError) as e:
-        list(stub.Verify(iter([start, bad]), timeout=10))
-    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "65" in e.value.details()
+    # a malformed proposal is ignored, not fatal: the round is the target's own step
+    (out,) = list(stub.Verify(iter([start, bad]), timeout=10))
+    assert out.verdict.candidates == 0 and len(out.verdict.ids) == 1
+
+
+def test_hostile_proposals_over_grpc_change_nothing(services, engines):
+    """A drafter that sends garbage on a real Verify stream (ids out of range, too many candidates,
+    NaN, negative and unnormalised q, oversized text, wrong seq, a q that does not match its ids)
+    among honest-looking ones: every round is answered, the session completes, and what it commits is
+    exactly the target alone's output (greedy and sampled)."""
+    import math
+
+    tv = engines["same"].target_vocab
+    n_vocab = len(tv)
+    for params in (GREEDY, SamplingParams(temperature=1.0, seed=9)):
+        ref = engines["same"].generate(PROMPTS[0], 24, params, "none").ids
+        prompt_ids = tv.encode_prompt(PROMPTS[0])
+        s = VerifyStream(services["verifier"], wire.SessionStart(f"hostile-{params.temperature}", prompt_ids, [],
+                                                                params, 24, "same"))
+        got, seq, i = [], len(prompt_ids), 0
+        try:
+            while len(got) < 24:
+                P = verifier_pb2.Proposal
+                kind = verifier_pb2.PROPOSAL_KIND_TOKENS
+                garbage = [
+                    P(seq=seq, kind=kind, target_ids=[n_vocab + 5]),
+                    P(seq=seq, kind=kind, target_ids=[1] * 65),
+                    P(seq=seq, kind=kind, target_ids=[1], q_rows=[verifier_pb2.SparseDistribution(ids=[1], probs=[math.nan])]),
+                    P(seq=seq, kind=kind, target_ids=[1], q_rows=[verifier_pb2.SparseDistribution(ids=[1, 2], probs=[-0.5, 1.5])]),
+                    P(seq=seq, kind=kind, target_ids=[1], q_rows=[verifier_pb2.SparseDistribution(ids=[1], probs=[0.3])]),
+                    P(seq=seq, kind=verifier_pb2.PROPOSAL_KIND_TEXT, text=b"x" * (1 << 20)),
+                    P(seq=seq + 7, kind=kind, target_ids=[1, 2, 3]),
+                    P(seq=seq, kind=kind, target_ids=[2], q_rows=[verifier_pb2.SparseDistribution(ids=[3], probs=[1.0])]),
+                ]
+                s.q.put(verifier_pb2.VerifyRequest(proposal=garbage[i % len(garbage)]))
+                v = wire.verdict_from_proto(next(s.call).verdict)
+                got += v.ids
+                seq += len(v.ids)
+                i += 1
+                if v.finished:
+                    break
+        finally:
+            s.close()
+        assert got == ref[:len(got)] and len(got) == len(ref)
 
 
 def test_interleaved_sessions_rebuild_the_kv_cache(services, engines):

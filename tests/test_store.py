@@ -125,6 +125,48 @@ def test_final_commit_records_a_result(store):
     assert store.get(s, include_output=False).result == result
 
 
+def test_commits_record_a_resume_state(store):
+    """Any commit may record a small JSON resume state (the gateway: the drafter's next draft length);
+    the last one given is kept, a commit without one keeps it, and it is part of a replay's identity."""
+    s = sid()
+    store.create(s, REQUEST)
+    assert store.get(s).resume == {}
+    store.commit(s, 0, [1], b"a", resume={"draft_tokens": 7})
+    store.commit(s, 1, [2], b"b")
+    assert store.get(s, include_output=False).resume == {"draft_tokens": 7}
+    store.commit(s, 2, [3], b"c", resume={"draft_tokens": 6})
+    assert store.commit(s, 2, [3], b"c", resume={"draft_tokens": 6}) == 3  # replay
+    with pytest.raises(Conflict):
+        store.commit(s, 2, [3], b"c", resume={"draft_tokens": 9})  # not the same commit
+    with pytest.raises(InvalidArgument):
+        store.commit(s, 3, [4], b"d", resume={"x": "y" * 2000})
+    assert store.get(s).resume == {"draft_tokens": 6} and store.get(s).length == 3
+
+
+def test_claim_takes_over_a_stale_session_once(store):
+    """claim: only a queued or running session that nobody wrote for stale_s seconds; of two claimers
+    at once, one wins; a finished session is never claimed."""
+    s = sid()
+    store.create(s, REQUEST, owner="gw-1")
+    store.commit(s, 0, [1], b"a")
+    assert not store.claim(s, "gw-2", stale_s=30.0)  # written just now: its owner is alive
+    time.sleep(0.3)
+    results = []
+    threads = [threading.Thread(target=lambda o=o: results.append((o, store.claim(s, o, stale_s=0.2))))
+               for o in ("gw-2", "gw-3")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [o for o, ok in results if ok]
+    assert len(winners) == 1 and store.get(s).owner == winners[0] and store.get(s).status == "running"
+    store.commit(s, 1, [2], b"b", finished=True)
+    time.sleep(0.3)
+    assert not store.claim(s, "gw-4", stale_s=0.2)
+    with pytest.raises(NotFound):
+        store.claim(sid(), "gw-4", stale_s=0.0)
+
+
 def test_expected_length_check(store):
     s = sid()
     store.create(s, REQUEST)

@@ -71,6 +71,12 @@ def _families(registry: CollectorRegistry) -> dict:
                             "token (gateway)", ["role"], buckets=TTFT_BUCKETS, registry=r),
         "session_s": Histogram(p + "session_seconds", "Whole sessions, start to end (gateway)", ["role"],
                                buckets=SESSION_BUCKETS, registry=r),
+        "bad_proposals": Counter(p + "bad_proposals", "Malformed proposals ignored (verifier)", ["role"],
+                                 registry=r),
+        "failovers": Counter(p + "failovers", "Sessions resumed on another drafter (or the same one again) after "
+                             "a failure (gateway)", ["role"], registry=r),
+        "takeovers": Counter(p + "takeovers", "Sessions taken over from a replica that stopped (gateway)", ["role"],
+                             registry=r),
         "errors": Counter(p + "errors", "Calls answered with an error, by gRPC status code", ["role", "code"],
                           registry=r),
     }
@@ -101,7 +107,7 @@ class ServiceMetrics:
         # histograms are bound on first use, so a role shows only the latencies it measures
         lab = {k: v.labels(role=role) for k, v in f.items()
                if k not in ("accepted_by_position", "errors", "draft_s", "verify_s", "network_s", "round_s",
-                            "ttft_s", "session_s")}
+                            "ttft_s", "session_s", "failovers", "takeovers", "bad_proposals")}
         self.sessions_started, self.sessions_finished = lab["sessions_started"], lab["sessions_finished"]
         self.sessions_active, self.rounds = lab["sessions_active"], lab["rounds"]
         self.draft_tokens, self.accepted_tokens = lab["draft_tokens"], lab["accepted_tokens"]
@@ -110,6 +116,7 @@ class ServiceMetrics:
         self.by_position = [f["accepted_by_position"].labels(role=role, position=position_label(i))
                             for i in range(1, MAX_POSITION + 1)]
         self._server = None
+        self._children: dict = {}
 
     # --- endpoint -------------------------------------------------------------------------------
     def serve(self, port: int, host: str = "127.0.0.1") -> Optional[int]:
@@ -152,7 +159,15 @@ class ServiceMetrics:
         for ns, key in ((draft_ns, "draft_s"), (verify_ns, "verify_s"), (network_ns, "network_s"),
                         (round_ns, "round_s")):
             if ns is not None:
-                self._f[key].labels(role=self.role).observe(max(0, ns) / 1e9)
+                self._child(key).observe(max(0, ns) / 1e9)
+
+    def _child(self, key: str):
+        """The family's series for this role, bound on first use (a histogram a role never observes
+        does not appear in its /metrics) and then kept: no label lookup per round."""
+        c = self._children.get(key)
+        if c is None:
+            c = self._children[key] = self._f[key].labels(role=self.role)
+        return c
 
     def committed(self, new_tokens: int, rounds: int = 0, draft_tokens: int = 0, accepted_tokens: int = 0) -> None:
         """The gateway: one delta committed to the session store, with the rounds it reports."""
@@ -162,10 +177,19 @@ class ServiceMetrics:
         self.accepted_tokens.inc(accepted_tokens)
 
     def first_token(self, seconds: float) -> None:
-        self._f["ttft_s"].labels(role=self.role).observe(max(0.0, seconds))
+        self._child("ttft_s").observe(max(0.0, seconds))
 
     def session_time(self, seconds: float) -> None:
-        self._f["session_s"].labels(role=self.role).observe(max(0.0, seconds))
+        self._child("session_s").observe(max(0.0, seconds))
+
+    def bad_proposal(self) -> None:
+        self._child("bad_proposals").inc()
+
+    def failover(self) -> None:
+        self._child("failovers").inc()
+
+    def takeover(self) -> None:
+        self._child("takeovers").inc()
 
     def kv_rebuild(self) -> None:
         self.kv_rebuilds.inc()

@@ -16,7 +16,10 @@ keys and values as the rounds did, up to float rounding in the last bits); batch
 sessions into one forward pass is later work.
 
 A stale proposal (its seq is not the committed length) gets `wire.empty_verdict` without a forward
-pass. The trust boundary stays in the core: a proposal can make a round commit fewer tokens, never
+pass; a malformed one (it fails `wire.proposal_from_proto`'s checks) is ignored: that round is the
+target's own step (counted in `crossdraft_bad_proposals_total`). A Verify stream opened for a session that already has one takes it over (a failover: the
+gateway resumed the session on another drafter, from the committed ids); the older stream's next
+round is refused ABORTED, so a drafter that wakes up late cannot change anything. The trust boundary stays in the core: a proposal can make a round commit fewer tokens, never
 different ones.
 
 Never: drafts, decides acceptance itself, or imports anything of the drafter.
@@ -32,8 +35,8 @@ from collections import OrderedDict
 from typing import Optional
 
 from crossdraft import wire
-from crossdraft.errors import AlreadyExists, InvalidArgument, ResourceExhausted, Unavailable, Unimplemented
-from crossdraft.protocol import Verdict
+from crossdraft.errors import Aborted, InvalidArgument, ResourceExhausted, Unavailable, Unimplemented
+from crossdraft.protocol import TOKENS, Proposal, Verdict
 from crossdraft.runner import KVPool
 from crossdraft.v1 import verifier_pb2, verifier_pb2_grpc
 from crossdraft.verifier import Verifier
@@ -76,8 +79,10 @@ class TargetSessions:
         """A new session: validate against the model, prefill prompt + committed ids."""
         with self.lock:
             sid = start.session_id
-            if sid in self.sessions:
-                raise AlreadyExists(f"session {sid!r} already has a Verify stream open on this verifier")
+            old = self.sessions.pop(sid, None)
+            if old is not None:  # a failover: the new stream takes the session over (see `verify`)
+                self.kv.release(sid)
+                log.info("session %s: a new Verify stream takes it over from the previous one", sid)
             if len(self.sessions) >= self.max_sessions:
                 raise ResourceExhausted(f"this verifier serves at most {self.max_sessions} sessions at once")
             v = Verifier(self.runner, self.vocab, self.window)
@@ -90,9 +95,13 @@ class TargetSessions:
             self.sessions[sid] = v
             return v
 
-    def verify(self, sid: str, proposal) -> Verdict:
+    def verify(self, sid: str, proposal, mine: Optional[Verifier] = None) -> Verdict:
+        """A round of session `sid`; `mine`, the stream's own `Verifier`: if another stream took the
+        session over meanwhile, this (older) stream is refused ABORTED and changes nothing."""
         with self.lock:
-            v = self.sessions[sid]
+            v = self.sessions.get(sid)
+            if v is None or (mine is not None and v is not mine):
+                raise Aborted(f"session {sid!r} was taken over by a newer Verify stream")
             self.sessions.move_to_end(sid)
             committed = len(v.ids)
             if proposal.seq != committed:
@@ -110,8 +119,10 @@ class TargetSessions:
         if len(v.ids) > 1:
             self.runner.forward(v.ids[:-1], last_only=True)
 
-    def close(self, sid: str) -> None:
+    def close(self, sid: str, mine: Optional[Verifier] = None) -> None:
         with self.lock:
+            if mine is not None and self.sessions.get(sid) is not mine:
+                return  # taken over: the session (and its cache) now belong to the newer stream
             self.sessions.pop(sid, None)
             self.kv.release(sid)
 
@@ -191,11 +202,22 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
             """The rounds, in a worker thread (`decoupled`): sending a verdict overlaps waiting for
             the next proposal instead of delaying it."""
             nonlocal rounds
+            bad_logged = 0
             for req in request_iterator:
                 if req.WhichOneof("message") != "proposal":
                     raise InvalidArgument("every request after the first of a Verify stream must carry a proposal")
-                proposal = wire.proposal_from_proto(req.proposal, vocab_size=self.runner.vocab_size)
-                verdict = sessions.verify(start.session_id, proposal)
+                try:
+                    proposal = wire.proposal_from_proto(req.proposal, vocab_size=self.runner.vocab_size)
+                except InvalidArgument as e:
+                    # A malformed proposal (ids out of range, NaN or unnormalised q, oversized text, ...)
+                    # is ignored, not fatal: this round is the target's own step, so a buggy or hostile
+                    # drafter slows its session down and changes nothing.
+                    m.bad_proposal()
+                    if bad_logged < 3:
+                        log.warning("session %s: ignored a malformed proposal: %s", start.session_id, e)
+                    bad_logged += 1
+                    proposal = Proposal(seq=int(req.proposal.seq), kind=TOKENS)
+                verdict = sessions.verify(start.session_id, proposal, mine=v)
                 rounds += 1
                 m.round(verdict.candidates, verdict.accepted, len(verdict.ids), verify_ns=verdict.verify_ns)
                 yield verifier_pb2.VerifyResponse(verdict=wire.verdict_to_proto(verdict))
@@ -205,7 +227,7 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
         try:
             yield from decoupled(verdicts, maxsize=VERDICT_BUFFER, name=f"verify-{start.session_id[:16]}")
         finally:
-            sessions.close(start.session_id)
+            sessions.close(start.session_id, mine=v)
             m.session_finished(len(v.ids) - len(start.prompt_ids) - len(start.committed_ids),
                                time.perf_counter() - t0, finished=bool(v.finish_reason))
             log.info("session %s: %d rounds, %d new tokens, %s, %.3f s", start.session_id, rounds,

@@ -34,7 +34,7 @@ class DrafterServiceGetInfoResponse(_message.Message):
     def __init__(self, model_id: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ..., algorithms: _Optional[_Iterable[_Union[_common_pb2.Algorithm, str]]] = ..., max_context: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., active_sessions: _Optional[int] = ..., max_sessions: _Optional[int] = ...) -> None: ...
 
 class RunSessionRequest(_message.Message):
-    __slots__ = ("session_id", "verifier_address", "prompt", "prompt_ids", "committed_ids", "params", "algorithm", "max_new_tokens", "draft_tokens")
+    __slots__ = ("session_id", "verifier_address", "prompt", "prompt_ids", "committed_ids", "params", "algorithm", "max_new_tokens", "draft_tokens", "resume_draft_tokens")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     VERIFIER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -44,6 +44,7 @@ class RunSessionRequest(_message.Message):
     ALGORITHM_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    RESUME_DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     verifier_address: str
     prompt: str
@@ -53,10 +54,11 @@ class RunSessionRequest(_message.Message):
     algorithm: _common_pb2.Algorithm
     max_new_tokens: int
     draft_tokens: int
-    def __init__(self, session_id: _Optional[str] = ..., verifier_address: _Optional[str] = ..., prompt: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., committed_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., algorithm: _Optional[_Union[_common_pb2.Algorithm, str]] = ..., max_new_tokens: _Optional[int] = ..., draft_tokens: _Optional[int] = ...) -> None: ...
+    resume_draft_tokens: int
+    def __init__(self, session_id: _Optional[str] = ..., verifier_address: _Optional[str] = ..., prompt: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., committed_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., algorithm: _Optional[_Union[_common_pb2.Algorithm, str]] = ..., max_new_tokens: _Optional[int] = ..., draft_tokens: _Optional[int] = ..., resume_draft_tokens: _Optional[int] = ...) -> None: ...
 
 class RunSessionResponse(_message.Message):
-    __slots__ = ("token_offset", "ids", "text", "finished", "finish_reason", "algorithm", "why", "stats")
+    __slots__ = ("token_offset", "ids", "text", "finished", "finish_reason", "algorithm", "why", "stats", "next_draft_tokens")
     TOKEN_OFFSET_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -65,6 +67,7 @@ class RunSessionResponse(_message.Message):
     ALGORITHM_FIELD_NUMBER: _ClassVar[int]
     WHY_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     token_offset: int
     ids: _containers.RepeatedScalarFieldContainer[int]
     text: bytes
@@ -73,4 +76,5 @@ class RunSessionResponse(_message.Message):
     algorithm: _common_pb2.Algorithm
     why: str
     stats: _common_pb2.Stats
-    def __init__(self, token_offset: _Optional[int] = ..., ids: _Optional[_Iterable[int]] = ..., text: _Optional[bytes] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., algorithm: _Optional[_Union[_common_pb2.Algorithm, str]] = ..., why: _Optional[str] = ..., stats: _Optional[_Union[_common_pb2.Stats, _Mapping]] = ...) -> None: ...
+    next_draft_tokens: int
+    def __init__(self, token_offset: _Optional[int] = ..., ids: _Optional[_Iterable[int]] = ..., text: _Optional[bytes] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., algorithm: _Optional[_Union[_common_pb2.Algorithm, str]] = ..., why: _Optional[str] = ..., stats: _Optional[_Union[_common_pb2.Stats, _Mapping]] = ..., next_draft_tokens: _Optional[int] = ...) -> None: ...

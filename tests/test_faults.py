@@ -1,0 +1,341 @@
+"""Faults survived (issue 6), with real processes on loopback and a real redis-server: a verifier, two
+drafters of the same model and a gateway, each its own process; every fault is made by process id
+(SIGKILL, SIGSTOP/SIGCONT) after the client has received its first delta, so it lands mid-generation.
+The gateway runs with short timeouts (--drafter-timeout 2, --session-lease 2) so that each test is
+bounded to seconds.
+
+- A drafter killed: the session goes on on the other drafter from the committed ids; output identical.
+- A drafter hung (SIGSTOP): the gateway's watchdog fails it over; when it wakes, its old Verify stream
+  is refused (the verifier gave the session to the newer stream) and the stored session is unchanged.
+- The verifier killed and restarted on its port: the session resumes from Redis; greedy and sampled
+  (tli, same seed) outputs identical to an undisturbed in-process run.
+- The gateway killed and restarted: the Python client re-attaches by itself from the byte offset it
+  has; the restarted gateway takes the orphaned session over; the client gets exactly the rest.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+
+from crossdraft.client import Client
+from crossdraft.engine import Engine
+from crossdraft.sampling import SamplingParams
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from test_services import ROOT, free_port, save_model
+
+PROMPT = "class Parser:\n    def get_value(self"
+N = 160
+START_TIMEOUT_S = 120
+
+
+class Cluster:
+    """Processes started from `crossdraft serve ...` command lines, each restartable on its port."""
+
+    def __init__(self, root):
+        self.root = root
+        self.procs: dict = {}  # name -> [cmd, Popen, port]
+        self.env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+    def start(self, name: str, args: list, port: int = 0) -> str:
+        port = port or free_port()
+        cmd = [sys.executable, "-m", "crossdraft.cli", "serve", *args, "--port", str(port), "--grace", "1"]
+        log = open(self.root / f"{name}.log", "ab")
+        self.procs[name] = [cmd, subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT),
+                            port]
+        return f"127.0.0.1:{port}"
+
+    def address(self, name: str) -> str:
+        return f"127.0.0.1:{self.procs[name][2]}"
+
+    def pid(self, name: str) -> int:
+        return self.procs[name][1].pid
+
+    def kill(self, name: str) -> None:
+        p = self.procs[name][1]
+        p.send_signal(signal.SIGKILL)
+        p.wait(timeout=10)
+
+    def restart(self, name: str) -> None:
+        cmd, p, port = self.procs[name]
+        if p.poll() is None:
+            self.kill(name)
+        log = open(self.root / f"{name}.log", "ab")
+        self.procs[name][1] = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        self.wait_serving(name)
+
+    def log(self, name: str) -> str:
+        return (self.root / f"{name}.log").read_text(errors="replace")
+
+    def wait_serving(self, *names: str) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        for name in names:
+            with grpc.insecure_channel(self.address(name)) as ch:
+                stub = health_pb2_grpc.HealthStub(ch)
+                while True:
+                    assert self.procs[name][1].poll() is None, f"{name} exited:\n{self.log(name)[-2000:]}"
+                    try:
+                        if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == 1:
+                            break
+                    except grpc.RpcError:
+                        pass
+                    assert time.monotonic() < deadline, f"{name} not SERVING:\n{self.log(name)[-2000:]}"
+                    time.sleep(0.2)
+
+    def stop_all(self) -> None:
+        for _, p, _ in self.procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGCONT)
+                p.terminate()
+        for _, p, _ in self.procs.values():
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+@pytest.fixture(scope="module")
+def cluster(trained_models, tmp_path_factory, redis_server):
+    root = tmp_path_factory.mktemp("faults")
+    target = save_model(trained_models["bpe"], "bpe", root / "target")
+    spm = save_model(trained_models["spm"], "spm", root / "drafter-spm")
+    c = Cluster(root)
+    try:
+        c.metrics = {n: free_port() for n in ("verifier", "d1", "d2")}
+        v = c.start("verifier", ["verifier", "--model", str(target), "--threads", "1",
+                                 "--metrics-port", str(c.metrics["verifier"])])
+        d1 = c.start("d1", ["drafter", "--model", str(spm), "--threads", "1", "--metrics-port", str(c.metrics["d1"])])
+        d2 = c.start("d2", ["drafter", "--model", str(spm), "--threads", "1", "--metrics-port", str(c.metrics["d2"])])
+        c.wait_serving("verifier", "d1", "d2")
+        c.start("gateway", ["gateway", "--redis", redis_server, "--drafters", f"{d1},{d2}", "--verifiers", v,
+                            "--drafter-timeout", "2", "--session-lease", "2", "--failover-seconds", "60"])
+        c.wait_serving("gateway")
+        c.dirs = {"target": target, "spm": spm}
+        yield c
+    finally:
+        c.stop_all()
+
+
+@pytest.fixture(scope="module")
+def engine(cluster):
+    return Engine.load(str(cluster.dirs["target"]), str(cluster.dirs["spm"]), device="cpu")
+
+
+def generate_with_fault(cluster, fault, params=SamplingParams(), algorithm="slem"):
+    """Generate through the gateway with the Python client; call fault() right after the first delta
+    arrives. -> (the client's result: text, ids, end, session id; bytes received before the fault)."""
+    text, ids, end, before = [], [], None, None
+    with Client(cluster.address("gateway"), timeout=120, reconnect_s=60) as c:
+        for msg in c.events(PROMPT, N, params.temperature, params.seed, algorithm):
+            if msg.WhichOneof("event") == "delta":
+                text.append(msg.delta.text)
+                ids[msg.delta.token_offset:] = list(msg.delta.ids)
+                if before is None:
+                    before = len("".join(text).encode())
+                    fault()
+            else:
+                end = msg.end
+            sid = msg.session_id
+    return "".join(text), ids, end, sid, before
+
+
+def check_identical(engine, out, params=SamplingParams(), algorithm="slem"):
+    text, ids, end, sid, before = out
+    ref = engine.generate(PROMPT, N, params, algorithm)
+    assert ref.new_tokens > 60, "the prompt must give a long generation for the fault to land mid-way"
+    assert before < len(ref.text.encode()), "the fault came after the end"
+    assert ids == ref.ids and text == ref.text and not end.error_message
+    return sid
+
+
+def test_drafter_killed_mid_generation(cluster, engine):
+    out = generate_with_fault(cluster, lambda: cluster.kill("d1"))
+    sid = check_identical(engine, out)
+    assert f"session {sid}: drafter {cluster.address('d1')}" in cluster.log("gateway")  # it failed over
+    cluster.restart("d1")
+
+
+def test_drafter_hung_then_wakes(cluster, engine, rdb_client):
+    pid = cluster.pid("d1")
+    out = generate_with_fault(cluster, lambda: os.kill(pid, signal.SIGSTOP))
+    try:
+        sid = check_identical(engine, out)
+        assert f"session {sid}: drafter {cluster.address('d1')} sent nothing for 2 s" in cluster.log("gateway")
+        stored = rdb_client.get(f"crossdraft:session:{{{sid}}}:text")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    time.sleep(1.5)  # the woken drafter sends its stale round: refused, nothing changes
+    assert rdb_client.get(f"crossdraft:session:{{{sid}}}:text") == stored
+    assert rdb_client.hget(f"crossdraft:session:{{{sid}}}", "status") == b"done"
+    again = generate_with_fault(cluster, lambda: None)  # the pool works on, the woken drafter included
+    check_identical(engine, again)
+
+
+@pytest.mark.parametrize("algorithm,params", [("slem", SamplingParams()),
+                                              ("tli", SamplingParams(temperature=1.0, seed=5))])
+def test_verifier_killed_and_restarted(cluster, engine, algorithm, params):
+    def fault():
+        cluster.kill("verifier")
+        cluster.restart("verifier")
+
+    out = generate_with_fault(cluster, fault, params, algorithm)
+    sid = check_identical(engine, out, params, algorithm)
+    assert f"session {sid}: drafter" in cluster.log("gateway")  # it failed over, then resumed
+
+
+def test_gateway_killed_client_reattaches(cluster, engine):
+    def fault():
+        cluster.kill("gateway")
+        cluster.restart("gateway")
+
+    out = generate_with_fault(cluster, fault)
+    sid = check_identical(engine, out)
+    assert f"session {sid}: its gateway" in cluster.log("gateway") and "taking it over" in cluster.log("gateway")
+
+
+@pytest.fixture(scope="module")
+def rdb_client(redis_server):
+    import redis
+
+    r = redis.Redis.from_url(redis_server)
+    yield r
+    r.close()
+
+
+class AofRedis:
+    """A redis-server with append-only persistence (fsync always) in a directory of its own, restartable
+    on its port with its data."""
+
+    def __init__(self, root):
+        from redis_fixture import redis_server_binary
+
+        self.binary, self.dir, self.port = redis_server_binary(), root, free_port()
+        self.proc = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        from redis_fixture import _answers_ping
+
+        self.proc = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
+             "--appendfsync", "always", "--dir", str(self.dir), "--daemonize", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while not _answers_ping(self.port):
+            assert self.proc.poll() is None and time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def aof(cluster, tmp_path_factory):
+    r = AofRedis(tmp_path_factory.mktemp("aof"))
+    r.start()
+    cluster.start("gateway-aof", ["gateway", "--redis", r.url, "--drafters",
+                                  f"{cluster.address('d1')},{cluster.address('d2')}",
+                                  "--verifiers", cluster.address("verifier"), "--drafter-timeout", "2",
+                                  "--session-lease", "2"])
+    cluster.wait_serving("gateway-aof")
+    yield r
+    if r.proc.poll() is None:
+        r.kill()
+
+
+def test_redis_restarted_sessions_survive_and_down_is_unavailable(cluster, engine, aof):
+    """Redis killed (SIGKILL) and restarted with its append-only file: finished sessions are all there;
+    while it is down a new request gets UNAVAILABLE with a message; a session running across a quick
+    restart waits for it (the commit is retried and applied once) and ends identical."""
+    from crossdraft.v1 import gateway_pb2, gateway_pb2_grpc
+
+    gw = cluster.address("gateway-aof")
+    ref = engine.generate(PROMPT, N, SamplingParams(), "slem")
+    with Client(gw, timeout=60, reconnect_s=0) as c:
+        done = c.generate(PROMPT, N, algorithm="slem")
+    assert done["text"] == ref.text
+    aof.kill()
+    stub = gateway_pb2_grpc.GatewayServiceStub(grpc.insecure_channel(gw))
+    with pytest.raises(grpc.RpcError) as e:
+        stub.GenerateUnary(gateway_pb2.GenerateUnaryRequest(spec=gateway_pb2.GenerationSpec(
+            prompt=PROMPT, max_new_tokens=8)), timeout=20)
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "redis" in e.value.details().lower()
+    aof.start()
+    s = stub.GetSession(gateway_pb2.GetSessionRequest(session_id=done["session_id"], include_output=True),
+                        timeout=10).session
+    assert s.text == ref.text and list(s.ids) == ref.ids and s.status == gateway_pb2.SESSION_STATUS_FINISHED
+
+    def fault():
+        aof.kill()
+        time.sleep(0.5)
+        aof.start()
+
+    old = cluster.procs["gateway"]
+    cluster.procs["gateway"] = cluster.procs["gateway-aof"]  # generate_with_fault talks to "gateway"
+    try:
+        out = generate_with_fault(cluster, fault)
+    finally:
+        cluster.procs["gateway"] = old
+    check_identical(engine, out)
+
+
+def active_sessions(cluster, name: str) -> float:
+    from test_metrics import scrape, value
+
+    return value(scrape(f"http://127.0.0.1:{cluster.metrics[name]}/metrics"), "crossdraft_sessions_active")
+
+
+def wait_all_free(cluster, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        left = {n: active_sessions(cluster, n) for n in ("verifier", "d1", "d2")}
+        if not any(left.values()):
+            return
+        assert time.monotonic() < deadline, f"sessions still open: {left}"
+        time.sleep(0.2)
+
+
+def test_cancel_and_client_deadline_free_drafter_and_verifier(cluster, rdb_client):
+    """CancelSession mid-stream, and a client's gRPC deadline passing while its drafters hang, both end
+    the session (status cancelled in Redis) and the drafter's and the verifier's sessions (their open
+    session gauges fall to 0: their caches are released)."""
+    from crossdraft.v1 import gateway_pb2, gateway_pb2_grpc
+
+    gw = cluster.address("gateway")
+    ended = []
+    with Client(gw, timeout=60, reconnect_s=0) as c:
+        for msg in c.events(PROMPT, N, algorithm="slem"):
+            if msg.WhichOneof("event") == "delta" and not ended:
+                ended.append(c.cancel(msg.session_id))
+            elif msg.WhichOneof("event") == "end":
+                ended.append(msg.end)
+    assert ended[0] is True and ended[-1].finish_reason == 3  # FINISH_REASON_CANCELLED
+    wait_all_free(cluster)
+
+    stopped = [cluster.pid("d1"), cluster.pid("d2")]
+    for pid in stopped:
+        os.kill(pid, signal.SIGSTOP)
+    sid = "deadline-1"
+    try:
+        stub = gateway_pb2_grpc.GatewayServiceStub(grpc.insecure_channel(gw))
+        with pytest.raises(grpc.RpcError) as e:
+            stub.GenerateUnary(gateway_pb2.GenerateUnaryRequest(
+                spec=gateway_pb2.GenerationSpec(prompt=PROMPT, max_new_tokens=N), session_id=sid), timeout=1.0)
+        assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        deadline = time.monotonic() + 10
+        while rdb_client.hget(f"crossdraft:session:{{{sid}}}", "status") != b"cancelled":
+            assert time.monotonic() < deadline, "the session was not cancelled at the client's deadline"
+            time.sleep(0.1)
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+    wait_all_free(cluster)
