@@ -117,7 +117,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also run the target alone on each prompt and report the speedup and whether outputs match")
     g.add_argument("--gateway", help="HOST:PORT of a crossdraft gateway: generate there over gRPC (--target and "
                                      "--drafter are then the gateway's; --compare is in-process only)")
+    g.add_argument("--api-key", default=None,
+                   help=f"API key for --gateway, sent as `authorization: Bearer KEY` (default: ${API_KEY_ENV}; "
+                        "prefer the variable: a command line is visible to other users)")
+    g.add_argument("--tls-ca", default=None, metavar="PEM",
+                   help="with --gateway: connect with TLS, verifying the gateway's certificate with this CA")
+    g.add_argument("--tls-cert", default=None, metavar="PEM",
+                   help="with --gateway and --tls-ca: client certificate, for a gateway that requires one")
+    g.add_argument("--tls-key", default=None, metavar="PEM", help="private key of --tls-cert")
+    g.add_argument("--tls-server-name", default=None, metavar="NAME",
+                   help="name the gateway's certificate is checked against (default: the host of --gateway)")
     _add_model_args(g)
+
+    h = sub.add_parser("hash-key", help="print the SHA-256 hash of an API key, as a gateway's --api-keys file holds it",
+                       description="Read an API key (from stdin, or a new random one with --new) and print the line "
+                                   "of a --api-keys file for it: NAME:SHA256HEX. With --new the key itself is "
+                                   "printed to stderr, once: give it to the client, keep only the hash.")
+    h.add_argument("--name", default="", help="name of the key (default: key- and the hash's first 8 hex digits)")
+    h.add_argument("--new", action="store_true", help="make a new random key (32 bytes, URL-safe base64)")
 
     b = sub.add_parser("bench", help="benchmark every algorithm and drafter against the target alone and Hugging Face",
                        description="Side by side in one process: the target alone, each algorithm with each drafter, "
@@ -167,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds in-flight calls get to finish after SIGTERM (default: 10)")
         r.add_argument("--metrics-port", type=int, default=0,
                        help="serve Prometheus metrics over HTTP at HOST:PORT/metrics (default: 0, off)")
+        _add_tls_args(r)
         _add_model_args(r)
     gw = roles.add_parser("gateway", help="the client-facing GatewayService over pools of drafters and verifiers",
                           description="Serve the client-facing GatewayService: sessions in Redis (or in memory "
@@ -204,6 +222,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="longest prompt accepted, in UTF-8 bytes (default: 262144)")
         r.add_argument("--grace", type=float, default=10.0,
                        help="seconds in-flight calls get to finish after SIGTERM (default: 10)")
+        _add_tls_args(r, gateway=True)
+        r.add_argument("--api-keys", default=None, metavar="FILE",
+                       help="API keys file: one NAME:SHA256HEX per line (`crossdraft hash-key`); clients then send "
+                            "`authorization: Bearer KEY` and see only their own sessions (default: open)")
+        r.add_argument("--key-max-sessions", type=int, default=0,
+                       help="with --api-keys: sessions one key runs at once, more RESOURCE_EXHAUSTED (default: 0, "
+                            "no limit)")
+        r.add_argument("--key-requests-per-minute", type=int, default=0,
+                       help="with --api-keys: requests one key makes per minute, more RESOURCE_EXHAUSTED; counted "
+                            "in Redis with --redis, so all replicas share it (default: 0, no limit)")
         if r is al:
             _add_model_args(r)
         else:
@@ -212,6 +240,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 REDIS_PASSWORD_ENV = "CROSSDRAFT_REDIS_PASSWORD"
+API_KEY_ENV = "CROSSDRAFT_API_KEY"
+
+
+def _add_tls_args(p, gateway: bool = False) -> None:
+    """--tls-cert, --tls-key, --tls-ca, --tls-server-name, --insecure (and --tls-client-ca for a gateway):
+    the flags are defined here, their meaning in verifier_service/common.py (`TLS`)."""
+    p.add_argument("--tls-cert", default=None, metavar="PEM",
+                   help="certificate (chain) of this service, PEM: listen with TLS; also its client certificate "
+                        "towards the services it calls")
+    p.add_argument("--tls-key", default=None, metavar="PEM", help="private key of --tls-cert, PEM")
+    if gateway:
+        p.add_argument("--tls-ca", default=None, metavar="PEM",
+                       help="CA of the drafters and verifiers, PEM: call them with TLS, verified with it, presenting "
+                            "--tls-cert (mutual TLS); not used by `all`, whose hops stay in-process on loopback")
+        p.add_argument("--tls-client-ca", default=None, metavar="PEM",
+                       help="require clients of the gateway to present a certificate signed by this CA (default: "
+                            "no client certificates; clients are identified by --api-keys)")
+    else:
+        p.add_argument("--tls-ca", default=None, metavar="PEM",
+                       help="CA of the peers, PEM: require client certificates signed by it (mutual TLS) and "
+                            "verify the services this one calls with it")
+    p.add_argument("--tls-server-name", default=None, metavar="NAME",
+                   help="name the certificates of called services are checked against (default: the host of "
+                        "each address)")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow plaintext gRPC off loopback; without TLS flags, plaintext is allowed only on "
+                        "loopback (127.0.0.1, ::1, localhost), always with a warning in the log")
 
 
 def redis_url_with_password(url, environ=os.environ):
@@ -258,8 +313,10 @@ def _generate_via_gateway(args) -> int:
 
     from .client import Client
 
+    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
     try:
-        with Client(args.gateway) as client:
+        with Client(args.gateway, api_key=api_key, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
+                    tls_key=args.tls_key, tls_server_name=args.tls_server_name) as client:
             for prompt in prompts:
                 out = client.generate(prompt, args.max_new_tokens, args.temperature, args.seed, args.algorithm,
                                       args.draft_tokens, args.top_k, args.top_p)
@@ -270,7 +327,8 @@ def _generate_via_gateway(args) -> int:
         err = CrossdraftError(f"gateway {args.gateway}: {code.name if code else 'UNKNOWN'}: "
                               f"{(e.details() or '').strip().splitlines()[0] if (e.details() or '').strip() else ''}")
         err.exit_code = 2 if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
-                                      grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.NOT_FOUND) else 1
+                                      grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.NOT_FOUND,
+                                      grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED) else 1
         raise err from None
     return 0
 
@@ -325,6 +383,24 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_hash_key(args, stdin=None) -> int:
+    """`crossdraft hash-key`: NAME:SHA256HEX of a key read from stdin (or of a new one, printed to stderr)."""
+    import hashlib
+
+    if args.new:
+        import secrets
+
+        key = secrets.token_urlsafe(32)
+        print(key, file=sys.stderr)
+    else:
+        key = (stdin or sys.stdin).readline().strip()
+        if not key:
+            raise InvalidArgument("no key on stdin (or give --new for a new one)")
+    digest = hashlib.sha256(key.encode("utf-8")).hexdigest()
+    print(f"{args.name or 'key-' + digest[:8]}:{digest}")
+    return 0
+
+
 def cmd_serve(args) -> int:
     if not 1 <= args.max_sessions <= 4096:
         raise InvalidArgument(f"--max-sessions must be in [1, 4096], got {args.max_sessions}")
@@ -375,6 +451,8 @@ def main(argv=None) -> int:
             return run_bench(args)
         if args.command == "serve":
             return cmd_serve(args)
+        if args.command == "hash-key":
+            return cmd_hash_key(args)
     except CrossdraftError as e:
         print(f"crossdraft: error: {e}", file=sys.stderr)
         return e.exit_code

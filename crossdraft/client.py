@@ -6,8 +6,11 @@
         for piece in c.stream("def main():", 48, temperature=1.0, seed=7):
             print(piece, end="")
 
+    with Client("gw.example:50050", api_key=KEY, tls_ca="ca.pem") as c:   # TLS and an API key
+
 Owns: building a GenerationSpec from plain values, reading the Generate stream back into text and
-statistics, GetSession and CancelSession as dicts.
+statistics, GetSession and CancelSession as dicts; the channel's TLS (a CA, optionally a client
+certificate) and the API key sent as `authorization: Bearer KEY` metadata with every call.
 
 grpc is imported lazily, inside the methods: the core library imports neither grpc nor redis outside
 its wire and store modules, so `import crossdraft.client` works without grpc and only using it needs it.
@@ -29,14 +32,39 @@ _STATUS_NAMES = {1: "pending", 2: "running", 3: "finished"}
 class Client:
     """A channel to one gateway; use it as a context manager or call close()."""
 
-    def __init__(self, address: str, timeout: Optional[float] = None, reconnect_s: float = 60.0):
+    def __init__(self, address: str, timeout: Optional[float] = None, reconnect_s: float = 60.0,
+                 api_key: Optional[str] = None,
+                 tls_ca: Optional[str] = None, tls_cert: Optional[str] = None, tls_key: Optional[str] = None,
+                 tls_server_name: Optional[str] = None):
+        """`api_key`: sent with every call as `authorization: Bearer KEY` (default: $CROSSDRAFT_API_KEY);
+        `tls_ca`: connect with TLS, verifying the gateway with this CA file (PEM); `tls_cert`/`tls_key`: a
+        client certificate, for a gateway started with --tls-client-ca; `tls_server_name`: the name its
+        certificate is checked against (default: the host of `address`)."""
+        import os
+
         import grpc
 
         from .v1 import gateway_pb2_grpc
 
         self.address, self.timeout, self.reconnect_s = address, timeout, reconnect_s
-        self._channel = grpc.insecure_channel(address, options=[
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES), ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
+        key = api_key if api_key is not None else os.environ.get("CROSSDRAFT_API_KEY") or None
+        self._metadata = (("authorization", f"Bearer {key}"),) if key else None
+        options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+        if bool(tls_cert) != bool(tls_key):
+            raise ValueError("tls_cert and tls_key go together")
+        if tls_ca or tls_cert:
+            def read(path):
+                with open(path, "rb") as f:
+                    return f.read()
+            creds = grpc.ssl_channel_credentials(root_certificates=read(tls_ca) if tls_ca else None,
+                                                 private_key=read(tls_key) if tls_key else None,
+                                                 certificate_chain=read(tls_cert) if tls_cert else None)
+            if tls_server_name:
+                options.append(("grpc.ssl_target_name_override", tls_server_name))
+            self._channel = grpc.secure_channel(address, creds, options=options)
+        else:
+            self._channel = grpc.insecure_channel(address, options=options)
         self._stub = gateway_pb2_grpc.GatewayServiceStub(self._channel)
 
     def close(self) -> None:
@@ -79,10 +107,10 @@ class Client:
             try:
                 if not started:
                     it = self._stub.Generate(gateway_pb2.GenerateRequest(spec=spec, session_id=sid),
-                                             timeout=self.timeout)
+                                             timeout=self.timeout, metadata=self._metadata)
                 else:
                     it = self._stub.AttachSession(gateway_pb2.AttachSessionRequest(session_id=sid, offset=offset),
-                                                  timeout=self.timeout)
+                                                  timeout=self.timeout, metadata=self._metadata)
                 for msg in it:
                     started, give_up, pause = True, None, 0.1
                     if msg.WhichOneof("event") == "delta":
@@ -141,7 +169,7 @@ class Client:
         from .v1 import gateway_pb2
 
         s = self._stub.GetSession(gateway_pb2.GetSessionRequest(session_id=session_id, include_output=include_output),
-                                  timeout=self.timeout).session
+                                  timeout=self.timeout, metadata=self._metadata).session
         out = {"session_id": s.session_id, "status": _STATUS_NAMES.get(s.status, "unspecified"), "text": s.text,
                "ids": list(s.ids), "new_tokens": s.new_tokens, "text_bytes": s.text_bytes,
                "drafter_address": s.drafter_address, "verifier_address": s.verifier_address,
@@ -155,14 +183,14 @@ class Client:
         from .v1 import gateway_pb2
 
         return self._stub.CancelSession(gateway_pb2.CancelSessionRequest(session_id=session_id),
-                                        timeout=self.timeout).cancelled
+                                        timeout=self.timeout, metadata=self._metadata).cancelled
 
     def attach(self, session_id: str, offset: int = 0) -> Iterator[str]:
         """A session's text from byte `offset` on, delta by delta, until it ends."""
         from .v1 import gateway_pb2
 
         for msg in self._stub.AttachSession(gateway_pb2.AttachSessionRequest(session_id=session_id, offset=offset),
-                                            timeout=self.timeout):
+                                            timeout=self.timeout, metadata=self._metadata):
             if msg.WhichOneof("event") == "delta" and msg.delta.text:
                 yield msg.delta.text
 

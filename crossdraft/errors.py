@@ -68,3 +68,10 @@ class Aborted(CrossdraftError):
 
     code = "ABORTED"
     exit_code = 1
+
+
+class Unauthenticated(CrossdraftError):
+    """A request to a gateway with API keys came without a key, or with one it does not know."""
+
+    code = "UNAUTHENTICATED"
+    exit_code = 2

@@ -42,7 +42,7 @@ from crossdraft.errors import (Aborted, FailedPrecondition, InvalidArgument, Res
 from crossdraft.protocol import TOKENS, Proposal
 from crossdraft.runner import KVPool
 from crossdraft.v1 import drafter_pb2, drafter_pb2_grpc, verifier_pb2, verifier_pb2_grpc
-from verifier_service.common import (CHANNEL_OPTIONS, decoupled, dtype_name, load_warm, model_id, one_line, run_model_service,
+from verifier_service.common import (CHANNEL_OPTIONS, PLAINTEXT, TLS, decoupled, dtype_name, load_warm, model_id, one_line, run_model_service,
                                      setup_logging)
 from verifier_service.metrics import ServiceMetrics
 
@@ -103,8 +103,9 @@ class DrafterSessions:
 
 class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
     def __init__(self, model: str, max_sessions: int = 16, metrics: Optional[ServiceMetrics] = None,
-                 kv_slots: int = DEFAULT_KV_SLOTS):
+                 kv_slots: int = DEFAULT_KV_SLOTS, tls: TLS = PLAINTEXT):
         self.model = model
+        self.tls = tls  # how it calls verifiers: TLS with the CA and its own certificate, or plaintext
         self.max_sessions, self.kv_slots = max_sessions, kv_slots
         self.metrics = metrics if metrics is not None else ServiceMetrics("drafter")
         self.sessions: Optional[DrafterSessions] = None  # set by load()
@@ -130,7 +131,7 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
         with self._cache_lock:
             ch = self._channels.get(address)
             if ch is None:
-                ch = self._channels[address] = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+                ch = self._channels[address] = self.tls.channel(address, CHANNEL_OPTIONS, "verifier")
         return verifier_pb2_grpc.VerifierServiceStub(ch)
 
     def _target(self, address: str):
@@ -320,5 +321,6 @@ def serve(args) -> int:
     """`crossdraft serve drafter`: listen at once (health NOT_SERVING), load and warm the model,
     then SERVING until SIGTERM."""
     setup_logging()
-    servicer = DrafterServicer(args.model, max_sessions=args.max_sessions, kv_slots=args.kv_slots)
+    servicer = DrafterServicer(args.model, max_sessions=args.max_sessions, kv_slots=args.kv_slots,
+                               tls=TLS.from_args(args))
     return run_model_service(SERVICE_NAME, drafter_pb2_grpc.add_DrafterServiceServicer_to_server, servicer, args, log)

@@ -19,7 +19,7 @@ import grpc
 
 from crossdraft.errors import FailedPrecondition, InvalidArgument, Unavailable
 from crossdraft.v1 import drafter_pb2, drafter_pb2_grpc, verifier_pb2, verifier_pb2_grpc
-from verifier_service.common import CHANNEL_OPTIONS, one_line
+from verifier_service.common import CHANNEL_OPTIONS, PLAINTEXT, TLS, one_line
 
 INFO_TIMEOUT_S = 5.0
 # An address may be a DNS name with several replicas behind it (a Kubernetes headless Service: one drafter
@@ -47,10 +47,12 @@ def parse_addresses(text: str, what: str) -> list:
 class Pool:
     """One kind of replica (drafters or verifiers)."""
 
-    def __init__(self, kind: str, addresses: list):
+    def __init__(self, kind: str, addresses: list, tls: TLS = PLAINTEXT):
+        """`tls`: how its channels are made (TLS with a CA and the gateway's certificate as client identity,
+        or plaintext: loopback only unless --insecure)."""
         if kind not in ("drafter", "verifier"):
             raise ValueError(kind)
-        self.kind, self.addresses = kind, list(addresses)
+        self.kind, self.addresses, self.tls = kind, list(addresses), tls
         self._lock = threading.Lock()
         self._channels: dict = {}
         self._models: dict = {}  # address -> model id (GetInfo)
@@ -60,7 +62,7 @@ class Pool:
         with self._lock:
             ch = self._channels.get(address)
             if ch is None:
-                ch = self._channels[address] = grpc.insecure_channel(address, options=POOL_CHANNEL_OPTIONS)
+                ch = self._channels[address] = self.tls.channel(address, POOL_CHANNEL_OPTIONS, self.kind)
             return ch
 
     def drafter_stub(self, address: str):

@@ -47,9 +47,10 @@ from crossdraft.errors import (Aborted, CrossdraftError, InvalidArgument, NotFou
                                Unavailable, Unimplemented)
 from crossdraft.store import COUNTERS, AlreadyExists, Conflict, MemoryStore, SessionClosed, SessionStore
 from crossdraft.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
-from verifier_service.common import Service, setup_logging, status_of
+from verifier_service.common import PLAINTEXT, TLS, Service, check_plaintext, is_loopback, setup_logging, status_of
 from verifier_service.metrics import ServiceMetrics
 
+from .auth import ApiKeys, KeyLimits, caller_of, load_keys
 from .pool import Pool, parse_addresses
 
 log = logging.getLogger("crossdraft.gateway")
@@ -127,8 +128,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     def __init__(self, store: SessionStore, drafters: Pool, verifiers: Pool, max_sessions: int = 64,
                  max_prompt_bytes: int = MAX_PROMPT_BYTES, max_new_tokens: int = MAX_NEW_TOKENS,
                  owner: str = "", metrics: Optional[ServiceMetrics] = None, delta_timeout_s: float = DELTA_TIMEOUT_S,
-                 failover_s: float = FAILOVER_S, lease_s: float = LEASE_S, store_wait_s: float = STORE_WAIT_S):
+                 failover_s: float = FAILOVER_S, lease_s: float = LEASE_S, store_wait_s: float = STORE_WAIT_S,
+                 keys: Optional[ApiKeys] = None, limits: Optional[KeyLimits] = None):
         self.store, self.drafters, self.verifiers = store, drafters, verifiers
+        # API keys (auth.py): None is an open gateway; with keys, a session belongs to the key that created
+        # it (its name in the request as `key_name`) and any other key is told NOT_FOUND
+        self.keys, self.limits = keys, limits
         self.metrics = metrics if metrics is not None else ServiceMetrics("gateway")
         self.delta_timeout_s, self.failover_s, self.lease_s = delta_timeout_s, failover_s, lease_s
         self.store_wait_s = store_wait_s
@@ -483,12 +488,23 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             started.set_exception(e)
 
     # --- reading a session ----------------------------------------------------------------------
-    def _get(self, sid: str, include_output: bool = True):
+    def _get(self, sid: str, include_output: bool = True, caller: Optional[str] = None):
+        """The session; NOT_FOUND when it does not exist or (with API keys) belongs to another key than `caller`."""
         wire.check_session_id(sid)
         s = self.store.get(sid, include_output)
-        if s is None:
+        if s is None or not self._owns(caller, s):
             raise NotFound(f"session {sid!r} not found")
         return s
+
+    def _owns(self, caller: Optional[str], s) -> bool:
+        return self.keys is None or caller is None or s.request.get("key_name", "") == caller
+
+    def _caller(self, context) -> str:
+        """The calling key's name ('' without API keys), counted against its requests per minute."""
+        name = caller_of(self.keys, context)
+        if self.limits is not None:
+            self.limits.request(name)
+        return name
 
     def _end(self, s) -> gateway_pb2.GenerationEnd:
         text_bytes = len(s.text.decode("utf-8", errors="replace").encode("utf-8"))
@@ -555,34 +571,49 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                     yield "end", self._end(self._get(sid, include_output=True))
                     return
 
-    def _open(self, spec, session_id: str, context):
-        """Validate, then start a new session or (a known session id) attach to it; -> (id, events)."""
+    def _open(self, spec, session_id: str, context, caller: str = ""):
+        """Validate, then start a new session or (a known session id of the caller's key) attach to it;
+        -> (id, events)."""
         req = self._request(spec)
+        if self.keys is not None:
+            req["key_name"] = caller
         if session_id:
             wire.check_session_id(session_id)
             existing = self.store.get(session_id, include_output=False)
             if existing is not None:
+                if not self._owns(caller, existing):
+                    raise NotFound(f"session {session_id!r} not found")
                 self._adopt_if_orphaned(existing)
                 return session_id, self._follow(session_id, 0, context)
         sid = session_id or uuid.uuid4().hex
         remaining = context.time_remaining() if context is not None else None
         if remaining is not None:  # the client's deadline: the session is cancelled when it passes
             req = dict(req, deadline_unix=time.time() + remaining)
+        if self.limits is not None:
+            self.limits.acquire(caller, sid)  # RESOURCE_EXHAUSTED before anything of the session is written
         try:
-            started = self._start(sid, req)
-        except AlreadyExists:  # the same id sent twice at once: attach to the one that won
-            return sid, self._follow(sid, 0, context)
-        started.result()  # raises a refusal before the first commit
+            try:
+                started = self._start(sid, req)
+            except AlreadyExists:  # the same id sent twice at once: attach to the one that won
+                if self.limits is not None:
+                    self.limits.release(caller, sid)
+                self._get(sid, include_output=False, caller=caller)
+                return sid, self._follow(sid, 0, context)
+            started.result()  # raises a refusal before the first commit
+        except BaseException:
+            if self.limits is not None:
+                self.limits.release(caller, sid)
+            raise
         return sid, self._follow(sid, 0, context)
 
     # --- RPCs -----------------------------------------------------------------------------------
     def Generate(self, request, context):
-        sid, events = self._open(request.spec, request.session_id, context)
+        sid, events = self._open(request.spec, request.session_id, context, self._caller(context))
         for kind, value in events:
             yield gateway_pb2.GenerateResponse(session_id=sid, **{kind: value})
 
     def GenerateUnary(self, request, context):
-        sid, events = self._open(request.spec, request.session_id, context)
+        sid, events = self._open(request.spec, request.session_id, context, self._caller(context))
         out = gateway_pb2.GenerateUnaryResponse(session_id=sid)
         text = []
         for kind, value in events:
@@ -595,7 +626,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         return out
 
     def AttachSession(self, request, context):
-        s = self._get(request.session_id)
+        s = self._get(request.session_id, caller=self._caller(context))
         self._adopt_if_orphaned(s)
         have = len(codecs.getincrementaldecoder("utf-8")("replace").decode(s.text, final=s.terminal).encode("utf-8"))
         if request.offset > have:
@@ -604,11 +635,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             yield gateway_pb2.AttachSessionResponse(session_id=s.id, **{kind: value})
 
     def GetSession(self, request, context):
-        s = self._get(request.session_id, include_output=request.include_output)
+        s = self._get(request.session_id, include_output=request.include_output, caller=self._caller(context))
         return gateway_pb2.GetSessionResponse(session=self._session(s, request.include_output))
 
     def CancelSession(self, request, context):
-        self._get(request.session_id, include_output=False)
+        self._get(request.session_id, include_output=False, caller=self._caller(context))
         cancelled = self.store.cancel(request.session_id)
         with self._lock:
             call = self._calls.get(request.session_id)
@@ -633,15 +664,47 @@ def make_store(redis_url: Optional[str], ttl_s: float):
 
 
 def gateway_service(args, store, drafters: list, verifiers: list, host: str, port: int, handle_signals=True,
-                    metrics: Optional[ServiceMetrics] = None):
-    servicer = GatewayServicer(store, Pool("drafter", drafters), Pool("verifier", verifiers),
+                    metrics: Optional[ServiceMetrics] = None, pool_tls: Optional[TLS] = None):
+    """The gateway's gRPC server, started. TLS of its listener from --tls-cert/--tls-key (client certificates
+    required when --tls-client-ca is given); its pools' channels use `pool_tls` (default: --tls-ca with the
+    same certificate as client identity). API keys and per-key limits from --api-keys and --key-*."""
+    tls = TLS.from_args(args)
+    if pool_tls is None:
+        pool_tls = tls
+        if not tls.calls_tls:  # refuse plaintext to a non-loopback pool at start, not at the first request
+            for a in list(drafters) + list(verifiers):
+                check_plaintext(a, tls.insecure, f"pool address {a}", listening=False)
+    keys, limits = api_keys_and_limits(args, store)
+    servicer = GatewayServicer(store, Pool("drafter", drafters, pool_tls), Pool("verifier", verifiers, pool_tls),
                                max_sessions=args.max_sessions, max_prompt_bytes=args.max_prompt_bytes,
                                metrics=metrics, delta_timeout_s=args.drafter_timeout,
-                               failover_s=args.failover_seconds, lease_s=args.session_lease)
+                               failover_s=args.failover_seconds, lease_s=args.session_lease,
+                               keys=keys, limits=limits)
     svc = Service(SERVICE_NAME, gateway_pb2_grpc.add_GatewayServiceServicer_to_server, servicer, host, port,
-                  max_workers=2 * args.max_sessions + 8, grace_s=args.grace, on_error=servicer.metrics.error)
+                  max_workers=2 * args.max_sessions + 8, grace_s=args.grace, on_error=servicer.metrics.error,
+                  tls=tls, client_ca=getattr(args, "tls_client_ca", None) or "")
     svc.start(handle_signals=handle_signals)
     return svc
+
+
+def api_keys_and_limits(args, store) -> tuple:
+    """(ApiKeys or None, KeyLimits or None) from --api-keys, --key-requests-per-minute, --key-max-sessions."""
+    path = getattr(args, "api_keys", None)
+    rpm, per_key = getattr(args, "key_requests_per_minute", 0) or 0, getattr(args, "key_max_sessions", 0) or 0
+    if rpm < 0 or per_key < 0:
+        raise InvalidArgument("--key-requests-per-minute and --key-max-sessions must be >= 0")
+    if not path:
+        if rpm or per_key:
+            raise InvalidArgument("--key-requests-per-minute and --key-max-sessions need --api-keys")
+        if is_loopback(args.host):
+            log.info("no --api-keys: the gateway is open to anyone who reaches %s", args.host)
+        else:
+            log.warning("no --api-keys: the gateway is open to anyone who reaches %s:%s", args.host, args.port)
+        return None, None
+    keys = ApiKeys(load_keys(path))
+    log.info("API keys: %d (from %s); sessions belong to the key that created them", len(keys.hashes), path)
+    limits = KeyLimits.for_store(store, rpm, per_key) if (rpm or per_key) else None
+    return keys, limits
 
 
 def serve(args) -> int:
@@ -688,7 +751,10 @@ def serve_all(args) -> int:
                    on_error=drafter.metrics.error)
     vsvc.start(handle_signals=False)
     dsvc.start(handle_signals=False)
-    gsvc = gateway_service(args, store, [dsvc.address], [vsvc.address], args.host, args.port, metrics=gmetrics)
+    # the verifier and the drafter listen on loopback in this process: plaintext between them and the
+    # gateway (the loopback rule); TLS and API keys apply to the gateway's port, the one clients reach
+    gsvc = gateway_service(args, store, [dsvc.address], [vsvc.address], args.host, args.port, metrics=gmetrics,
+                           pool_tls=PLAINTEXT)
     mport = gmetrics.serve(getattr(args, "metrics_port", 0), args.host)
     if mport:
         log.info("metrics on http://%s:%d/metrics", args.host, mport)

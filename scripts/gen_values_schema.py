@@ -120,6 +120,8 @@ gateway = obj({
     "sessionTTLSeconds": {"type": "number", "exclusiveMinimum": 0},
     "maxSessions": i(minimum=1, maximum=4096), "maxPromptBytes": i(minimum=1),
     "graceSeconds": i(minimum=0), "resources": ref("resources"),
+    "auth": obj({"existingSecret": s(), "existingSecretKey": s(minLength=1), "maxSessionsPerKey": i(minimum=0),
+                 "requestsPerMinutePerKey": i(minimum=0), "testKeySecret": s(), "testKeySecretKey": s(minLength=1)}),
     "autoscaling": ref("autoscaling"), "pdb": ref("pdb"), **probes, **placement})
 
 secret_ref = {"existingSecret": s(), "existingSecretPasswordKey": s(minLength=1)}
@@ -164,6 +166,10 @@ schema = {
                                                "labels": strmap("ServiceMonitor labels")})}),
         "networkPolicy": obj({"enabled": b(), "gatewayFrom": lst("NetworkPolicy peers", {"type": "object"}),
                               "metricsFrom": lst("NetworkPolicy peers", {"type": "object"})}),
+        "tls": obj({"enabled": b(), "existingSecret": s(),
+                    "secrets": obj({"gateway": s(), "drafter": s(), "verifier": s()}),
+                    "serverName": s(minLength=1, pattern=r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?$"),
+                    "gatewayClientCertificates": b()}),
         "gateway": gateway, "drafter": drafter, "verifier": verifier, "redis": redis,
         "tests": obj({"prompt": s(minLength=1), "maxNewTokens": i(minimum=1, maximum=100000),
                       "resources": ref("resources")}),

@@ -343,7 +343,11 @@ def test_every_container_has_probes_resources_and_runs_as_non_root(name):
             if c["name"] != "redis":  # the crossdraft services answer grpc.health.v1 on their gRPC port
                 port = next(p["containerPort"] for p in c["ports"] if p["name"] == "grpc")
                 for p in ("startupProbe", "livenessProbe", "readinessProbe"):
-                    assert c[p]["grpc"] == {"port": port}, (where, p)
+                    if values(name)["tls"]["enabled"]:  # gRPC probes speak only plaintext: the TLS healthcheck
+                        assert c[p]["exec"]["command"] == ["python", "/opt/crossdraft/bin/crossdraft-healthcheck"]
+                        assert "grpc" not in c[p], (where, p)
+                    else:
+                        assert c[p]["grpc"] == {"port": port}, (where, p)
                 grace = float(flag(c["args"], "grace"))
                 assert spec["terminationGracePeriodSeconds"] >= grace + 10, where  # --grace fits before SIGKILL
                 budget = c["startupProbe"]["periodSeconds"] * c["startupProbe"]["failureThreshold"]
@@ -424,7 +428,7 @@ def test_every_command_line_parses_with_the_cli(name):
     # the helm test pod: `crossdraft generate --gateway ...` with its env substituted
     pod = next(iter(by_kind(objects(name), "Pod").values()))
     c = pod["spec"]["containers"][0]
-    env = {e["name"]: e["value"] for e in c["env"]}
+    env = {e["name"]: e.get("value") for e in c["env"]}
     line = next(part for part in c["args"][0].split(";") if "crossdraft generate" in part)
     words = shlex.split(re.sub(r'"\$(\w+)"', lambda m: shlex.quote(env[m.group(1)]), line.split("$(", 1)[1].rstrip(")")))
     args = parser.parse_args(words[1:])
@@ -755,3 +759,57 @@ def test_readme_values_example_renders(tmp_path):
     c = ws["cd-crossdraft-verifier"]["spec"]["template"]["spec"]["containers"][0]
     assert c["image"] == "registry.example.com/crossdraft:0.1.0-cuda" and c["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert "svc/cd-crossdraft-gateway 50050:50050" in section and "cd-crossdraft-gateway" in by_kind(objs, "Service")
+
+
+# --- TLS and API keys (issue 6) ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_tls_flags_secrets_and_api_keys(name):
+    """Without `tls.enabled` every role runs with --insecure (the pods listen on 0.0.0.0, where crossdraft
+    refuses plaintext unless asked); with it, each role mounts its certificate Secret and gets the TLS
+    flags. `gateway.auth.existingSecret` mounts the hashed keys file and passes the per-key limits; the
+    helm test pod then reads a raw key from its own Secret, through the environment."""
+    from crossdraft.cli import build_parser
+
+    objs, vals = objects(name), values(name)
+    t, auth = vals["tls"], vals["gateway"]["auth"]
+    parser = build_parser()
+    for w, c in crossdraft_containers(objs):
+        role = component(w)
+        a = parser.parse_args(c["args"])
+        spec = w["spec"]["template"]["spec"]
+        vols = {v["name"]: v for v in spec["volumes"]}
+        mounts = {m["name"]: m for m in c["volumeMounts"]}
+        if t["enabled"]:
+            assert not a.insecure and a.tls_server_name == t["serverName"]
+            assert (a.tls_cert, a.tls_key, a.tls_ca) == ("/etc/crossdraft/tls/tls.crt", "/etc/crossdraft/tls/tls.key",
+                                                         "/etc/crossdraft/tls/ca.crt")
+            assert mounts["tls"] == {"name": "tls", "mountPath": "/etc/crossdraft/tls", "readOnly": True}
+            assert vols["tls"]["secret"]["secretName"] == (t["secrets"][role] or t["existingSecret"])
+        else:
+            assert a.insecure and not (a.tls_cert or a.tls_ca) and "tls" not in vols
+        if role == "gateway":
+            if auth["existingSecret"]:
+                assert a.api_keys == "/etc/crossdraft/auth/api-keys"
+                assert (a.key_max_sessions, a.key_requests_per_minute) == (auth["maxSessionsPerKey"],
+                                                                           auth["requestsPerMinutePerKey"])
+                assert vols["api-keys"]["secret"]["secretName"] == auth["existingSecret"]
+                assert vols["api-keys"]["secret"]["items"] == [{"key": auth["existingSecretKey"], "path": "api-keys"}]
+            else:
+                assert a.api_keys is None and "api-keys" not in vols
+    pod = next(iter(by_kind(objs, "Pod").values()))
+    env = {e["name"]: e for e in pod["spec"]["containers"][0]["env"]}
+    if auth["testKeySecret"]:
+        assert env["CROSSDRAFT_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": auth["testKeySecret"],
+                                                                          "key": auth["testKeySecretKey"]}
+    assert ("--tls-ca /etc/crossdraft/tls/ca.crt" in pod["spec"]["containers"][0]["args"][0]) == t["enabled"]
+
+
+def test_tls_and_auth_need_their_secrets(tmp_path):
+    f = tmp_path / "v.yaml"
+    f.write_text("tls: {enabled: true}\n")
+    out = helm("template", RELEASE, str(CHART), "-f", str(f), check=False)
+    assert out.returncode != 0 and "tls.existingSecret" in out.stderr
+    f.write_text("gateway: {auth: {existingSecret: keys}}\n")
+    out = helm("template", RELEASE, str(CHART), "-f", str(f), check=False)
+    assert out.returncode != 0 and "testKeySecret" in out.stderr

@@ -162,9 +162,64 @@ maps merge). */}}
 {{- end -}}
 {{- end -}}
 
-{{/* A gRPC probe on PORT with the role's settings merged in: (dict "port" N "settings" MAP). */}}
+{{/* A probe of the gRPC health service on PORT with the role's settings merged in:
+(dict "root" $ "port" N "settings" MAP). Kubernetes' gRPC probes speak only plaintext: with `tls.enabled`
+it is an exec probe of the image's crossdraft-healthcheck, which speaks mutual TLS with the service's
+own certificate and its --tls-* flags (docker/healthcheck.py). */}}
 {{- define "crossdraft.grpcProbe" -}}
+{{- if and .root .root.Values.tls.enabled -}}
+{{- $exec := dict "exec" (dict "command" (list "python" "/opt/crossdraft/bin/crossdraft-healthcheck")) "timeoutSeconds" 5 -}}
+{{- toYaml (mergeOverwrite $exec (deepCopy (.settings | default dict))) -}}
+{{- else -}}
 {{- toYaml (mergeOverwrite (dict "grpc" (dict "port" (int .port))) (deepCopy (.settings | default dict))) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The Secret with a role's certificate (tls.crt, tls.key, ca.crt): (dict "root" $ "role" NAME). */}}
+{{- define "crossdraft.tlsSecret" -}}
+{{- $t := .root.Values.tls -}}
+{{- $own := index $t.secrets .role | default "" -}}
+{{- $own | default $t.existingSecret | required (printf "tls.enabled needs tls.existingSecret or tls.secrets.%s: a Secret with tls.crt, tls.key and ca.crt" .role) -}}
+{{- end -}}
+
+{{/* TLS arguments of a role (a YAML list): the mounted certificate, key and CA, or --insecure (the pods
+listen on 0.0.0.0, where crossdraft refuses plaintext unless asked): (dict "root" $ "role" NAME). */}}
+{{- define "crossdraft.tlsArgs" -}}
+{{- $t := .root.Values.tls -}}
+{{- if $t.enabled -}}
+- --tls-cert=/etc/crossdraft/tls/tls.crt
+- --tls-key=/etc/crossdraft/tls/tls.key
+- --tls-ca=/etc/crossdraft/tls/ca.crt
+- --tls-server-name={{ $t.serverName }}
+{{- if and (eq .role "gateway") $t.gatewayClientCertificates }}
+- --tls-client-ca=/etc/crossdraft/tls/ca.crt
+{{- end }}
+{{- else -}}
+- --insecure
+{{- end -}}
+{{- end -}}
+
+{{/* The TLS volume mount of a role (a YAML list, empty without TLS): (dict "root" $). */}}
+{{- define "crossdraft.tlsVolumeMount" -}}
+{{- if .root.Values.tls.enabled -}}
+- name: tls
+  mountPath: /etc/crossdraft/tls
+  readOnly: true
+{{- end -}}
+{{- end -}}
+
+{{/* The TLS volume of a role (a YAML list, empty without TLS): (dict "root" $ "role" NAME). */}}
+{{- define "crossdraft.tlsVolume" -}}
+{{- if .root.Values.tls.enabled -}}
+- name: tls
+  secret:
+    secretName: {{ include "crossdraft.tlsSecret" . }}
+    defaultMode: 0440
+    items:
+      - {key: tls.crt, path: tls.crt}
+      - {key: tls.key, path: tls.key}
+      - {key: ca.crt, path: ca.crt}
+{{- end -}}
 {{- end -}}
 
 {{/* Resources with GPUs added to the limits: (dict "resources" MAP "gpu" N "name" RESOURCE). */}}
