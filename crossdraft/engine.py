@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from .drafter import Drafter
-from .errors import FailedPrecondition, InvalidArgument, Unimplemented
+from .errors import FailedPrecondition, InvalidArgument
 from .runner import Runner, load_model, make_runner
 from .sampling import SamplingParams
+from .slrs import DEFAULT_BUDGET, DEFAULT_TAU
 from .verifier import Verifier
 from .vocab import Vocab
 
@@ -37,9 +38,10 @@ class GenerationResult:
     why: str = ""  # why `auto` chose the algorithm
     profile: dict = field(default_factory=dict)  # seconds in draft, verify (of which bridge), bookkeeping
     accepted_by_position: list = field(default_factory=list)  # [i]: rounds whose i-th candidate was accepted
+    slrs_fallbacks: int = 0  # slrs: candidate positions where the work bound cut the tree (docs/slrs.md)
 
     def as_json(self) -> dict:
-        return {
+        out = {
             "text": self.text, "new_tokens": self.new_tokens, "seconds": round(self.seconds, 6),
             "tokens_per_second": round(self.new_tokens / self.seconds, 3) if self.seconds > 0 else None,
             "algorithm": self.algorithm, "rounds": self.rounds, "draft_tokens": self.draft_tokens,
@@ -48,6 +50,9 @@ class GenerationResult:
             "drafted": self.drafted, "finish_reason": self.finish_reason, "why": self.why,
             "profile": {k: round(v, 6) for k, v in self.profile.items()},
         }
+        if self.algorithm == "slrs":
+            out["slrs_fallbacks"] = self.slrs_fallbacks
+        return out
 
 
 @dataclass
@@ -62,6 +67,9 @@ class RoundStats:
     verify_ns: int = 0
     bridge_ns: int = 0
     network_ns: int = 0  # the services only: round trip minus the verifier's time
+    psi_ns: int = 0  # slrs: of draft_ns, computing the proposal distributions
+    psi_forward_ns: int = 0  # slrs: of psi_ns, the drafter forward passes
+    slrs_fallbacks: int = 0  # slrs: positions where the work bound cut the tree
     accepted_by_position: list = field(default_factory=list)  # [i]: rounds whose i-th candidate was accepted
 
     def add(self, proposal, verdict) -> None:
@@ -69,6 +77,9 @@ class RoundStats:
         if proposal is not None:
             self.draft_ns += proposal.draft_ns
             self.drafted += proposal.drafted
+            self.psi_ns += getattr(proposal, "psi_ns", 0)
+            self.psi_forward_ns += getattr(proposal, "psi_forward_ns", 0)
+            self.slrs_fallbacks += getattr(proposal, "slrs_fallbacks", 0)
         self.rounds += 1
         self.draft_tokens += verdict.candidates
         self.accepted_tokens += verdict.accepted
@@ -80,7 +91,10 @@ class RoundStats:
             by_pos[i] += 1
 
     def profile(self) -> dict:
-        return {"draft_s": self.draft_ns / 1e9, "verify_s": self.verify_ns / 1e9, "bridge_s": self.bridge_ns / 1e9}
+        out = {"draft_s": self.draft_ns / 1e9, "verify_s": self.verify_ns / 1e9, "bridge_s": self.bridge_ns / 1e9}
+        if self.psi_ns:  # slrs only: the cost of computing psi / r, and of that the drafter's forwards
+            out.update(psi_s=self.psi_ns / 1e9, psi_forward_s=self.psi_forward_ns / 1e9)
+        return out
 
 
 class DraftLength:
@@ -111,8 +125,6 @@ def resolve_algorithm(algorithm: str, params: SamplingParams, target_vocab: Voca
     the pair (it builds the intersection); the engine and the drafter service share this rule."""
     if algorithm not in ALGORITHMS:
         raise InvalidArgument(f"unknown algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
-    if algorithm == "slrs":
-        raise Unimplemented("algorithm 'slrs' is not implemented yet (its own issue)")
     if algorithm != "auto":
         if algorithm == "same" and drafter_vocab is not None and not drafter_vocab.same_as(target_vocab):
             raise FailedPrecondition("algorithm 'same' needs the drafter to share the target's tokenizer; "
@@ -135,8 +147,10 @@ def resolve_algorithm(algorithm: str, params: SamplingParams, target_vocab: Voca
 class Engine:
     def __init__(self, target_runner: Runner, target_vocab: Vocab,
                  drafter_runner: Optional[Runner] = None, drafter_vocab: Optional[Vocab] = None,
-                 window: int = 4, draft_top_k: int = 0, min_confidence: float = 0.4):
+                 window: int = 4, draft_top_k: int = 0, min_confidence: float = 0.4,
+                 slrs_tau: float = DEFAULT_TAU, slrs_budget: int = DEFAULT_BUDGET):
         self.target_vocab = target_vocab
+        self.slrs_tau, self.slrs_budget = slrs_tau, slrs_budget
         self.verifier = Verifier(target_runner, target_vocab, window)
         self.drafter_runner, self.drafter_vocab = drafter_runner, drafter_vocab
         self.window, self.draft_top_k, self.min_confidence = window, draft_top_k, min_confidence
@@ -159,7 +173,7 @@ class Engine:
         d = self._drafters.get(mode)
         if d is None:
             d = Drafter(self.drafter_runner, self.drafter_vocab, self.target_vocab, mode,
-                        self.draft_top_k, self.window, self.min_confidence)
+                        self.draft_top_k, self.window, self.min_confidence, self.slrs_tau, self.slrs_budget)
             self._drafters[mode] = d
         return d
 
@@ -202,4 +216,4 @@ class Engine:
             text=text, ids=new, new_tokens=len(new), seconds=seconds, algorithm=algo, rounds=stats.rounds,
             draft_tokens=stats.draft_tokens, accepted_tokens=stats.accepted_tokens, drafted=stats.drafted,
             finish_reason=v.finish_reason, why=why, profile=profile,
-            accepted_by_position=stats.accepted_by_position)
+            accepted_by_position=stats.accepted_by_position, slrs_fallbacks=stats.slrs_fallbacks)
