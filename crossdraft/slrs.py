@@ -150,7 +150,7 @@ class Explorer:
         """q_of(path) -> the drafter's sampling distribution [V_D] (float64) after context + path, or
         None where the path cannot be run (the drafter's context is full): that node becomes a leaf."""
         out = Proposal(torch.zeros(len(self.target), dtype=torch.float64))
-        mass = out.mass
+        mass: dict = {}  # candidate -> mass of its explicit leaves (added to out.mass at the end)
         tb = self.drafter.token_bytes
         tau = self.tau
         frontier: list = []
@@ -161,7 +161,7 @@ class Explorer:
             if c < 0:
                 out.stop += w
             else:
-                mass[c] += w
+                mass[c] = mass.get(c, 0.0) + w
                 out.leaves.append(Leaf(w, c, path, s))
             out.hit |= hit
 
@@ -192,7 +192,7 @@ class Explorer:
                 b = tb[d]
                 if d in self.eos:
                     if s == b"" and self.trie.eos >= 0:
-                        mass[self.trie.eos] += wd
+                        mass[self.trie.eos] = mass.get(self.trie.eos, 0.0) + wd
                         out.leaves.append(Leaf(wd, self.trie.eos, path + (d,), s))
                     else:
                         out.stop += wd
@@ -204,7 +204,7 @@ class Explorer:
             if s == b"":  # (the root, nothing left over) each tail token stands for its own bytes' candidate
                 ok = tail & self.table_ok
                 weights = torch.where(ok, wq, torch.zeros_like(wq))
-                mass.index_add_(0, self.table_idx, weights)
+                out.mass.index_add_(0, self.table_idx, weights)
                 out.leaves.append(Leaf(0.0, -1, path, s, group=weights, by_table=True))
                 out.stop += float(wq[tail & ~self.table_ok].sum())
             else:  # the node's own string decides the candidate; the tail token only extends the leftover
@@ -212,11 +212,14 @@ class Explorer:
                 c = self.trie.candidate(s)
                 m = float(wq[ok].sum())
                 if c >= 0 and m > 0.0:
-                    mass[c] += m
+                    mass[c] = mass.get(c, 0.0) + m
                     out.leaves.append(Leaf(m, c, path, s, group=torch.where(ok, wq, torch.zeros_like(wq))))
                 else:
                     out.stop += m
                 out.stop += float(wq[tail & ~ok].sum())
+        if mass:
+            out.mass.index_add_(0, torch.tensor(list(mass), dtype=torch.long),
+                                torch.tensor(list(mass.values()), dtype=torch.float64))
         return out
 
 
