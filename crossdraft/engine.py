@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from .drafter import Drafter
-from .errors import FailedPrecondition, InvalidArgument
+from .errors import FailedPrecondition, InvalidArgument, Unimplemented
 from .runner import Runner, load_model, make_runner
 from .sampling import SamplingParams
 from .slrs import DEFAULT_BUDGET, DEFAULT_TAU
@@ -113,7 +113,8 @@ class DraftLength:
 
 
 def resolve_algorithm(algorithm: str, params: SamplingParams, target_vocab: Vocab,
-                      drafter_vocab: Optional[Vocab], check_tli: Optional[Callable[[], object]] = None) -> tuple:
+                      drafter_vocab: Optional[Vocab], check_tli: Optional[Callable[[], object]] = None,
+                      slrs: bool = False) -> tuple:
     """(algorithm, why). The `auto` rule is static for now (issue 4 makes it measure and adapt):
     identical tokenizers -> same; otherwise greedy -> slem, sampling -> tli (slem if the
     vocabularies share too little for tli). On the zoo (README, "Measured") slem beat tli greedy
@@ -122,9 +123,13 @@ def resolve_algorithm(algorithm: str, params: SamplingParams, target_vocab: Voca
     agreement in probability.
 
     drafter_vocab None: no drafter. check_tli raises FailedPrecondition when tli cannot apply to
-    the pair (it builds the intersection); the engine and the drafter service share this rule."""
+    the pair (it builds the intersection); the engine and the drafter service share this rule.
+    slrs: whether the caller runs slrs (asked for explicitly; `auto` never picks it). The engine
+    does; the services do not yet (they call this without it and so refuse slrs as UNIMPLEMENTED)."""
     if algorithm not in ALGORITHMS:
         raise InvalidArgument(f"unknown algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
+    if algorithm == "slrs" and not slrs:
+        raise Unimplemented("algorithm 'slrs' is not implemented yet in the services (the engine runs it)")
     if algorithm != "auto":
         if algorithm == "same" and drafter_vocab is not None and not drafter_vocab.same_as(target_vocab):
             raise FailedPrecondition("algorithm 'same' needs the drafter to share the target's tokenizer; "
@@ -181,7 +186,7 @@ class Engine:
         """(algorithm, why): `resolve_algorithm` with this engine's two vocabularies."""
         return resolve_algorithm(algorithm, params, self.target_vocab,
                                  self.drafter_vocab if self.drafter_runner is not None else None,
-                                 lambda: self.drafter("tli"))
+                                 lambda: self.drafter("tli"), slrs=True)
 
     def generate(self, prompt: str, max_new_tokens: int = 128, params: SamplingParams = SamplingParams(),
                  algorithm: str = "auto", draft_tokens: Optional[int] = None) -> GenerationResult:
