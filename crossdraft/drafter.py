@@ -167,19 +167,26 @@ class Drafter:
         rows = fallbacks = 0
         fwd_ns = 0
 
+        n0 = len(ctx)
+        cache: dict = {}  # drafter ids after the round's context -> q: a node explored at one position
+        # is often the next position's root (see slrs.next_state)
+
         def q_of(path):
-            nonlocal fwd_ns
+            nonlocal fwd_ns, rows
             if len(ctx) + len(path) > room:
                 return None
-            f0 = time.perf_counter_ns()
-            logits = self._logits_after(ctx + list(path))
-            q = probs_from_logits(logits[None], self.draft_params)[0].cpu()
-            fwd_ns += time.perf_counter_ns() - f0
+            key = tuple(ctx[n0:]) + tuple(path)
+            q = cache.get(key)
+            if q is None:
+                f0 = time.perf_counter_ns()
+                logits = self._logits_after(ctx + list(path))
+                q = cache[key] = probs_from_logits(logits[None], self.draft_params)[0].cpu()
+                fwd_ns += time.perf_counter_ns() - f0
+                rows += 1
             return q
 
         for i in range(k):
             prop = self.explorer.explore(leftover, q_of)
-            rows += prop.expansions
             fallbacks += int(prop.hit)
             if not float(prop.mass.sum()) > 0.0:
                 break
@@ -187,14 +194,13 @@ class Drafter:
             got = draw(prop, ids, probs, seed, pos + i, self.explorer)
             if got is None:
                 break
-            t, path, s = got
+            t, path, leftover = got
             tids.append(t)
             q_ids.append(ids)
             q_probs.append(probs)
             if t in self.target_vocab.eos_ids or tb[t] is None:
                 break
             ctx.extend(path)
-            leftover = s[len(tb[t]):]
             if float(probs[int((ids == t).nonzero()[0, 0])]) < self.min_confidence:
                 break
         ns = time.perf_counter_ns() - t0

@@ -223,18 +223,8 @@ class Explorer:
         return out
 
 
-def draw(prop: Proposal, ids: torch.Tensor, probs: torch.Tensor, seed: int, pos: int,
-         explorer: Explorer) -> Optional[tuple]:
-    """None (the draft stops before this position) or (candidate, path, string of the leaf).
-
-    The candidate is `ids[sample(probs, uniform(seed, pos, DRAFT))]`, exactly the draw the verifier
-    redoes; the STOP coin, the leaf and the tail token use their own streams at this position."""
-    total = float(prop.mass.sum())
-    if not total > 0.0:
-        return None
-    if uniform(seed, pos, SLRS_STOP) * (total + prop.stop) < prop.stop:
-        return None
-    t = int(ids[sample(probs, uniform(seed, pos, DRAFT))])
+def leaves_of(prop: Proposal, t: int, explorer: Explorer) -> tuple:
+    """The leaves whose candidate is t: (leaves, their masses, their drafter-token weights or None)."""
     leaves, weights, groups = [], [], []
     for lf in prop.leaves:
         if lf.by_table:
@@ -248,9 +238,55 @@ def draw(prop: Proposal, ids: torch.Tensor, probs: torch.Tensor, seed: int, pos:
             leaves.append(lf)
             weights.append(lf.w)
             groups.append(lf.group)
+    return leaves, weights, groups
+
+
+def next_state(lf: Leaf, t: int, explorer: Explorer) -> Optional[tuple]:
+    """(path, leftover) for the next position when leaf lf (not a tail group) stands behind candidate t.
+
+    Where the node before the leaf's last drafter token spells exactly t's bytes (the drafter's token
+    boundary is the target's: ` return` then ` x`), the next position starts from that node with no
+    leftover, so its proposal is the drafter's whole distribution there rather than one conditioned on
+    the token that happened to end the string; otherwise it keeps the leaf's path and leftover."""
+    tb = explorer.target.token_bytes[t]
+    if lf.s == tb or not lf.path:
+        return lf.path, lf.s[len(tb):]
+    last = explorer.drafter.token_bytes[lf.path[-1]] or b""
+    if lf.s[: len(lf.s) - len(last)] == tb:
+        return lf.path[:-1], b""
+    return lf.path, lf.s[len(tb):]
+
+
+def group_state(lf: Leaf, t: int, explorer: Explorer) -> Optional[tuple]:
+    """(path, leftover) for a tail group whose node spells exactly t (its tokens are then not needed), else None."""
+    if lf.s == explorer.target.token_bytes[t]:
+        return lf.path, b""
+    return None
+
+
+def draw(prop: Proposal, ids: torch.Tensor, probs: torch.Tensor, seed: int, pos: int,
+         explorer: Explorer) -> Optional[tuple]:
+    """None (the draft stops before this position) or (candidate, path, leftover) where path and
+    leftover are the next position's state (`next_state`).
+
+    The candidate is `ids[sample(probs, uniform(seed, pos, DRAFT))]`, exactly the draw the verifier
+    redoes; the STOP coin, the leaf and the tail token use their own streams at this position."""
+    total = float(prop.mass.sum())
+    if not total > 0.0:
+        return None
+    if uniform(seed, pos, SLRS_STOP) * (total + prop.stop) < prop.stop:
+        return None
+    t = int(ids[sample(probs, uniform(seed, pos, DRAFT))])
+    if explorer.target.token_bytes[t] is None:  # EOS: the draft ends with it
+        return t, (), b""
+    leaves, weights, groups = leaves_of(prop, t, explorer)
     j = sample(torch.tensor(weights, dtype=torch.float64), uniform(seed, pos, SLRS_LEAF))
     lf, g = leaves[j], groups[j]
     if g is None:
-        return t, lf.path, lf.s
+        return (t,) + next_state(lf, t, explorer)
+    st = group_state(lf, t, explorer)
+    if st is not None:
+        return (t,) + st
     d = sample(g, uniform(seed, pos, SLRS_CHILD))
-    return t, lf.path + (d,), lf.s + (explorer.drafter.token_bytes[d] or b"")
+    s = lf.s + (explorer.drafter.token_bytes[d] or b"")
+    return t, lf.path + (d,), s[len(explorer.target.token_bytes[t]):]

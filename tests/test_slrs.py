@@ -6,7 +6,7 @@ EOS}, prompt "b", at most 3 new tokens: 40 outcomes):
   draft length), using the drafter's own `Explorer` for r at every position and enumerating every
   branch: the STOP coin, every candidate with its acceptance probability min(1, p/r), the residual
   norm(max(0, p - r)), and every drafter path (leaf, tail token) behind an accepted candidate with its
-  probability, each continuing with its own leftover. At factor 1 its output distribution must be the
+  probability, each continuing from its own next state (`slrs.next_state`: path and leftover). At factor 1 its output distribution must be the
   target's to 1e-12 for drafters whose tokens straddle target-token boundaries ("ba") and that spell
   one string many ways; with the acceptance coin biased by 1% it must not be.
 - chi-square goodness of fit of the engine's sampled outputs (one seed per sample) against the
@@ -23,6 +23,7 @@ import torch
 import crossdraft.algorithms as algorithms
 from crossdraft.engine import Engine
 from crossdraft.sampling import DRAFT, SamplingParams, probs_from_logits, sample, uniform
+from crossdraft.slrs import group_state, leaves_of, next_state
 from helpers import TableRunner, hashed_logits
 from test_lossless_sampling import (ALPHA, BIAS, EOS, MAX_NEW, PROMPT, T1, T_TOKENS, _text_logits, biased_uniform,
                                     chi_square, exact_distribution, make_vocab, noncentrality, run_counts)
@@ -122,26 +123,19 @@ def slrs_distribution(eng: Engine, params: SamplingParams, k: int, factor: float
                 round_start(ids + (t,), pa)
                 continue
             nxt = j + 1 if rt < min_conf else n_c  # the drafter stops after an unsure candidate
-            branches = []  # (probability given t, path, leaf string)
-            parts = []
-            for lf in prop.leaves:
-                if lf.by_table:
-                    g = torch.where(expl.table == t, lf.group, torch.zeros_like(lf.group))
-                    if float(g.sum()) > 0:
-                        parts.append((float(g.sum()), lf, g))
-                elif lf.cand == t:
-                    parts.append((lf.w, lf, lf.group))
-            wsum = sum(w for w, _, _ in parts)
-            seen["paths"] += len(parts) > 1
-            for w, lf, g in parts:
-                if g is None:
-                    branches.append((w / wsum, lf.path, lf.s))
+            branches = []  # (probability given t, path, leftover): the next position's state
+            leaves, weights, groups = leaves_of(prop, t, expl)
+            wsum = sum(weights)
+            seen["paths"] += len(leaves) > 1
+            for w, lf, g in zip(weights, leaves, groups):
+                st = next_state(lf, t, expl) if g is None else group_state(lf, t, expl)
+                if st is not None:
+                    branches.append((w / wsum,) + st)
                 else:
                     gs = float(g.sum())
                     for d in g.nonzero()[:, 0].tolist():
-                        branches.append((w / wsum * float(g[d]) / gs, lf.path + (d,), lf.s + (db[d] or b"")))
-            for bp, path, s in branches:
-                rest = s[len(tb[t]):]
+                        branches.append((w / wsum * float(g[d]) / gs, lf.path + (d,), (lf.s + (db[d] or b""))[len(tb[t]):]))
+            for bp, path, rest in branches:
                 seen["straddle"] += bool(rest)
                 position(ids + (t,), ctx + path, rest, j + 1, nxt, pa * bp)
         residual = (p - r).clamp_min(0.0)
