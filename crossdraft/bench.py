@@ -61,7 +61,7 @@ class Row:
         self.prof = {}
         self.exact = 0
         self.n = 0
-        self.fallbacks = 0
+        self.fallbacks = self.slrs_rows = 0
         self.error = ""
 
     def add(self, ids, seconds, ref_ids, res=None):
@@ -76,6 +76,7 @@ class Row:
             self.drafted += res.drafted
             self.draft_s += res.profile.get("draft_s", 0.0)
             self.fallbacks += res.slrs_fallbacks
+            self.slrs_rows += res.slrs_rows
             for k, v in res.profile.items():
                 self.prof[k] = self.prof.get(k, 0.0) + v
 
@@ -179,7 +180,8 @@ def run_bench(args) -> int:
                      ideal_speedup=round(tpr / (1 + r.drafted / r.rounds * c), 3),
                      round_ms={k[:-2]: round(v / r.rounds * 1e3, 3) for k, v in r.prof.items()})
             if r.algorithm == "slrs":  # drafter forward rows per candidate, and positions cut by the work bound
-                d.update(slrs_rows_per_candidate=round(r.drafted / r.cands, 3) if r.cands else None,
+                d.update(slrs_passes_per_candidate=round(r.drafted / r.cands, 3) if r.cands else None,
+                         slrs_rows_per_candidate=round(r.slrs_rows / r.cands, 3) if r.cands else None,
                          slrs_fallbacks=r.fallbacks)
         results.append(d)
 
@@ -207,8 +209,8 @@ def run_bench(args) -> int:
             if "psi" in rm:
                 print(f"         of draft, psi (computing r): {rm['psi']:6.2f}, of which drafter forwards "
                       f"{rm.get('psi_forward', 0):6.2f} and tree bookkeeping {rm['psi'] - rm.get('psi_forward', 0):6.2f};"
-                      f" {d.get('slrs_rows_per_candidate')} drafter rows per candidate, {d.get('slrs_fallbacks')} "
-                      f"positions cut by the work bound")
+                      f" per candidate {d.get('slrs_passes_per_candidate')} drafter passes of "
+                      f"{d.get('slrs_rows_per_candidate')} rows in all; {d.get('slrs_fallbacks')} positions cut by the work bound")
     meta = {"prompts_file": args.prompts_file, "num_prompts": len(prompts), "prompt_chars": args.prompt_chars, "min_chars": args.min_chars,
             "max_new_tokens": args.max_new_tokens, "temperature": params.temperature, "seed": params.seed,
             "device": str(trunner.device), "threads": torch.get_num_threads(), "draft_tokens": args.draft_tokens,

@@ -169,24 +169,45 @@ class Drafter:
 
         n0 = len(ctx)
         cache: dict = {}  # drafter ids after the round's context -> q: a node explored at one position
-        # is often the next position's root (see slrs.next_state)
+        # is often the next position's root (see slrs.next_state); a tree pass also yields its inner nodes
+        forwards = 0
 
-        def q_of(path):
-            nonlocal fwd_ns, rows
-            if len(ctx) + len(path) > room:
-                return None
-            key = tuple(ctx[n0:]) + tuple(path)
-            q = cache.get(key)
-            if q is None:
+        def q_many(paths):
+            """q after ctx + path for each path: the ones not cached in one tree pass over ctx[-1] and
+            every prefix of those paths (the runner's cache is brought to ctx[:-1] first)."""
+            nonlocal fwd_ns, rows, forwards
+            rel = tuple(ctx[n0:])
+            todo = [p for p in paths if rel + tuple(p) not in cache and len(ctx) + len(p) <= room]
+            if todo:
                 f0 = time.perf_counter_ns()
-                logits = self._logits_after(ctx + list(path))
-                q = cache[key] = probs_from_logits(logits[None], self.draft_params)[0].cpu()
+                base = ctx[:-1]
+                nodes = {(): 0}
+                tree_ids, parents = [ctx[-1]], [-1]
+                for p in todo:
+                    for n in range(1, len(p) + 1):
+                        if p[:n] not in nodes:
+                            nodes[p[:n]] = len(tree_ids)
+                            tree_ids.append(p[n - 1])
+                            parents.append(nodes[p[:n - 1]])
+                keep = _lcp(self.kv_ids, base)
+                self.runner.truncate(min(keep, self.runner.length))
+                if keep < len(base):
+                    self.runner.forward(base[keep:], last_only=True)
+                self.kv_ids = list(base)
+                if len(base) + len(tree_ids) <= self.runner.max_length:
+                    logits = self.runner.forward_tree(tree_ids, parents)
+                else:  # the tree does not fit after the context: node by node
+                    logits = Runner.forward_tree(self.runner, tree_ids, parents)
+                probs = probs_from_logits(logits, self.draft_params).cpu()  # [nodes, V_D]
+                for pre, j in nodes.items():
+                    cache.setdefault(rel + pre, probs[j])
+                rows += len(tree_ids)
+                forwards += 1
                 fwd_ns += time.perf_counter_ns() - f0
-                rows += 1
-            return q
+            return [cache.get(rel + tuple(p)) if len(ctx) + len(p) <= room else None for p in paths]
 
         for i in range(k):
-            prop = self.explorer.explore(leftover, q_of)
+            prop = self.explorer.explore(leftover, q_many)
             fallbacks += int(prop.hit)
             if not float(prop.mass.sum()) > 0.0:
                 break
@@ -205,4 +226,5 @@ class Drafter:
                 break
         ns = time.perf_counter_ns() - t0
         return Proposal(seq=self.committed, kind=TOKENS, target_ids=tids, q_ids=q_ids, q_probs=q_probs,
-                        drafted=rows, draft_ns=ns, psi_ns=ns, psi_forward_ns=fwd_ns, slrs_fallbacks=fallbacks)
+                        drafted=forwards, draft_ns=ns, psi_ns=ns, psi_forward_ns=fwd_ns, psi_rows=rows,
+                        slrs_fallbacks=fallbacks)

@@ -39,6 +39,7 @@ class GenerationResult:
     profile: dict = field(default_factory=dict)  # seconds in draft, verify (of which bridge), bookkeeping
     accepted_by_position: list = field(default_factory=list)  # [i]: rounds whose i-th candidate was accepted
     slrs_fallbacks: int = 0  # slrs: candidate positions where the work bound cut the tree (docs/slrs.md)
+    slrs_rows: int = 0  # slrs: drafter positions run to compute r (`drafted` counts the passes)
 
     def as_json(self) -> dict:
         out = {
@@ -52,6 +53,7 @@ class GenerationResult:
         }
         if self.algorithm == "slrs":
             out["slrs_fallbacks"] = self.slrs_fallbacks
+            out["slrs_rows"] = self.slrs_rows
         return out
 
 
@@ -70,6 +72,7 @@ class RoundStats:
     psi_ns: int = 0  # slrs: of draft_ns, computing the proposal distributions
     psi_forward_ns: int = 0  # slrs: of psi_ns, the drafter forward passes
     slrs_fallbacks: int = 0  # slrs: positions where the work bound cut the tree
+    slrs_rows: int = 0  # slrs: drafter positions run to compute r
     accepted_by_position: list = field(default_factory=list)  # [i]: rounds whose i-th candidate was accepted
 
     def add(self, proposal, verdict) -> None:
@@ -80,6 +83,7 @@ class RoundStats:
             self.psi_ns += getattr(proposal, "psi_ns", 0)
             self.psi_forward_ns += getattr(proposal, "psi_forward_ns", 0)
             self.slrs_fallbacks += getattr(proposal, "slrs_fallbacks", 0)
+            self.slrs_rows += getattr(proposal, "psi_rows", 0)
         self.rounds += 1
         self.draft_tokens += verdict.candidates
         self.accepted_tokens += verdict.accepted
@@ -221,4 +225,5 @@ class Engine:
             text=text, ids=new, new_tokens=len(new), seconds=seconds, algorithm=algo, rounds=stats.rounds,
             draft_tokens=stats.draft_tokens, accepted_tokens=stats.accepted_tokens, drafted=stats.drafted,
             finish_reason=v.finish_reason, why=why, profile=profile,
-            accepted_by_position=stats.accepted_by_position, slrs_fallbacks=stats.slrs_fallbacks)
+            accepted_by_position=stats.accepted_by_position, slrs_fallbacks=stats.slrs_fallbacks,
+            slrs_rows=stats.slrs_rows)

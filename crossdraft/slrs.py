@@ -146,13 +146,13 @@ class Explorer:
         self.table_idx = self.table.clamp_min(0)
         self.eos = drafter.eos_ids
 
-    def explore(self, leftover: bytes, q_of: Callable[[tuple], Optional[torch.Tensor]]) -> Proposal:
-        """q_of(path) -> the drafter's sampling distribution [V_D] (float64) after context + path, or
-        None where the path cannot be run (the drafter's context is full): that node becomes a leaf."""
+    def explore(self, leftover: bytes, q_many: Callable[[list], list]) -> Proposal:
+        """q_many([path, ...]) -> for each path the drafter's sampling distribution [V_D] (float64)
+        after context + path, or None where it cannot be run (the drafter's context is full: that
+        node becomes a leaf). Nodes are expanded in batches, most probable first (the drafter runs a
+        batch as one tree pass), at most `budget` per call."""
         out = Proposal(torch.zeros(len(self.target), dtype=torch.float64))
         mass: dict = {}  # candidate -> mass of its explicit leaves (added to out.mass at the end)
-        tb = self.drafter.token_bytes
-        tau = self.tau
         frontier: list = []
         tick = 0
 
@@ -175,52 +175,63 @@ class Explorer:
 
         place((), leftover, 1.0)
         while frontier:
-            negw, _, path, s = heapq.heappop(frontier)
-            w = -negw
-            if out.expansions >= self.budget:
-                settle(path, s, w, hit=True)
-                continue
-            q = q_of(path)
-            if q is None:
-                settle(path, s, w)
-                continue
-            out.expansions += 1
-            wq = q * w  # [V_D]
-            big = wq >= tau
-            for d in big.nonzero()[:, 0].tolist():
-                wd = float(wq[d])
-                b = tb[d]
-                if d in self.eos:
-                    if s == b"" and self.trie.eos >= 0:
-                        mass[self.trie.eos] = mass.get(self.trie.eos, 0.0) + wd
-                        out.leaves.append(Leaf(wd, self.trie.eos, path + (d,), s))
-                    else:
-                        out.stop += wd
-                elif not b:
-                    out.stop += wd
-                else:
-                    place(path + (d,), s + b, wd)
-            tail = ~big & (wq > 0)
-            if s == b"":  # (the root, nothing left over) each tail token stands for its own bytes' candidate
-                ok = tail & self.table_ok
-                weights = torch.where(ok, wq, torch.zeros_like(wq))
-                out.mass.index_add_(0, self.table_idx, weights)
-                out.leaves.append(Leaf(0.0, -1, path, s, group=weights, by_table=True))
-                out.stop += float(wq[tail & ~self.table_ok].sum())
-            else:  # the node's own string decides the candidate; the tail token only extends the leftover
-                ok = tail & self.plain
-                c = self.trie.candidate(s)
-                m = float(wq[ok].sum())
-                if c >= 0 and m > 0.0:
-                    mass[c] = mass.get(c, 0.0) + m
-                    out.leaves.append(Leaf(m, c, path, s, group=torch.where(ok, wq, torch.zeros_like(wq))))
-                else:
-                    out.stop += m
-                out.stop += float(wq[tail & ~ok].sum())
+            room = self.budget - out.expansions
+            if room <= 0:  # the work bound: what is left becomes leaves
+                while frontier:
+                    negw, _, path, s = heapq.heappop(frontier)
+                    settle(path, s, -negw, hit=True)
+                break
+            batch = [heapq.heappop(frontier) for _ in range(min(room, len(frontier)))]
+            qs = q_many([node[2] for node in batch])
+            for (negw, _, path, s), q in zip(batch, qs):
+                w = -negw
+                if q is None:
+                    settle(path, s, w)
+                    continue
+                self._expand(out, mass, path, s, w, q, place)
         if mass:
             out.mass.index_add_(0, torch.tensor(list(mass), dtype=torch.long),
                                 torch.tensor(list(mass.values()), dtype=torch.float64))
         return out
+
+    def _expand(self, out, mass, path, s, w, q, place):
+        """One node with the drafter's q after it: its children become nodes (w q(d) >= tau), leaves
+        (drafter EOS, no bytes) or one tail leaf."""
+        tb = self.drafter.token_bytes
+        tau = self.tau
+        out.expansions += 1
+        wq = q * w  # [V_D]
+        big = wq >= tau
+        for d in big.nonzero()[:, 0].tolist():
+            wd = float(wq[d])
+            b = tb[d]
+            if d in self.eos:
+                if s == b"" and self.trie.eos >= 0:
+                    mass[self.trie.eos] = mass.get(self.trie.eos, 0.0) + wd
+                    out.leaves.append(Leaf(wd, self.trie.eos, path + (d,), s))
+                else:
+                    out.stop += wd
+            elif not b:
+                out.stop += wd
+            else:
+                place(path + (d,), s + b, wd)
+        tail = ~big & (wq > 0)
+        if s == b"":  # (the root, nothing left over) each tail token stands for its own bytes' candidate
+            ok = tail & self.table_ok
+            weights = torch.where(ok, wq, torch.zeros_like(wq))
+            out.mass.index_add_(0, self.table_idx, weights)
+            out.leaves.append(Leaf(0.0, -1, path, s, group=weights, by_table=True))
+            out.stop += float(wq[tail & ~self.table_ok].sum())
+        else:  # the node's own string decides the candidate; the tail token only extends the leftover
+            ok = tail & self.plain
+            c = self.trie.candidate(s)
+            m = float(wq[ok].sum())
+            if c >= 0 and m > 0.0:
+                mass[c] = mass.get(c, 0.0) + m
+                out.leaves.append(Leaf(m, c, path, s, group=torch.where(ok, wq, torch.zeros_like(wq))))
+            else:
+                out.stop += m
+            out.stop += float(wq[tail & ~ok].sum())
 
 
 def leaves_of(prop: Proposal, t: int, explorer: Explorer) -> tuple:

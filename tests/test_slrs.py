@@ -98,7 +98,8 @@ def slrs_distribution(eng: Engine, params: SamplingParams, k: int, factor: float
             target_draw(ids, prob)  # the bonus
             return
         p = p_of(ids)
-        prop = expl.explore(leftover, lambda path: q_of(ctx + path) if len(ctx) + len(path) <= room else None)
+        prop = expl.explore(leftover, lambda paths: [q_of(ctx + path) if len(ctx) + len(path) <= room else None
+                                                     for path in paths])
         seen["hit"] += prop.hit
         seen["tail"] += any(lf.group is not None for lf in prop.leaves)
         total = float(prop.mass.sum())
@@ -306,7 +307,7 @@ def control_engine(p_eos: float = 0.01) -> Engine:
 
     def target_fn(ids):
         dctx = tuple(dv.encode_prompt(tv.bytes_of(ids).decode()))
-        prop = expl.explore(b"", lambda path: probs_from_logits(dr.logits_at(dctx + path)[None], T1)[0])
+        prop = expl.explore(b"", lambda paths: [probs_from_logits(dr.logits_at(dctx + p)[None], T1)[0] for p in paths])
         assert prop.stop == 0.0
         p = (1.0 - p_eos) * prop.mass / prop.mass.sum()
         p[EOS] = p_eos
@@ -357,7 +358,7 @@ def test_slrs_sampling_on_real_tokenizers(trained_models, pair):
             p = probs_from_logits(tr.forward(ctx, last_only=True), params)[0]
             assert p[t] > 0, (pair, prompt, t)
             ctx.append(t)
-        assert r.drafted <= eng.slrs_budget * (r.draft_tokens + r.rounds)
+        assert r.drafted <= eng.slrs_budget * (r.draft_tokens + r.rounds) and r.slrs_rows >= r.drafted
         assert r.profile["psi_s"] > 0 and r.profile["psi_forward_s"] <= r.profile["psi_s"]
         acc += r.accepted_tokens
         cands += r.draft_tokens
