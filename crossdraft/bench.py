@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from .cli import model_dtype, read_prompts
+from .cli import _check_slrs_args, model_dtype, read_prompts
 from .engine import Engine
 from .errors import CrossdraftError, InvalidArgument
 from .runner import load_model, make_runner
@@ -61,6 +61,7 @@ class Row:
         self.prof = {}
         self.exact = 0
         self.n = 0
+        self.fallbacks = self.slrs_rows = 0
         self.error = ""
 
     def add(self, ids, seconds, ref_ids, res=None):
@@ -74,6 +75,8 @@ class Row:
             self.rounds += res.rounds
             self.drafted += res.drafted
             self.draft_s += res.profile.get("draft_s", 0.0)
+            self.fallbacks += res.slrs_fallbacks
+            self.slrs_rows += res.slrs_rows
             for k, v in res.profile.items():
                 self.prof[k] = self.prof.get(k, 0.0) + v
 
@@ -144,6 +147,7 @@ def run_bench(args) -> int:
     import torch
 
     params = SamplingParams(temperature=args.temperature, seed=args.seed).validate()
+    _check_slrs_args(args)
     if not os.path.isdir(args.target):
         raise InvalidArgument(f"target directory not found: {args.target} (the zoo lives in ../shared/zoo)")
     prompts = read_prompts(args.prompts_file, chars=args.prompt_chars, limit=args.num_prompts, min_chars=args.min_chars)
@@ -163,7 +167,8 @@ def run_bench(args) -> int:
     for d in drafters:
         dv = Vocab.load(d)
         dmodel = load_model(d, args.device, model_dtype(args))
-        eng = Engine(trunner, tv, make_runner(dmodel, fast=not args.hf_runner), dv)
+        eng = Engine(trunner, tv, make_runner(dmodel, fast=not args.hf_runner), dv,
+                     slrs_tau=args.slrs_tau, slrs_budget=args.slrs_budget)
         same = dv.same_as(tv)
         applicable = [a for a in algos if (a == "same") == same and a != "none"]
         pairs.append((Path(d).name, eng, applicable, dmodel, dv.hf))
@@ -226,6 +231,10 @@ def run_bench(args) -> int:
                      drafted_per_round=round(r.drafted / r.rounds, 3), cost_ratio=round(c, 4),
                      ideal_speedup=round(tpr / (1 + r.drafted / r.rounds * c), 3),
                      round_ms={k[:-2]: round(v / r.rounds * 1e3, 3) for k, v in r.prof.items()})
+            if r.algorithm == "slrs":  # drafter forward rows per candidate, and positions cut by the work bound
+                d.update(slrs_passes_per_candidate=round(r.drafted / r.cands, 3) if r.cands else None,
+                         slrs_rows_per_candidate=round(r.slrs_rows / r.cands, 3) if r.cands else None,
+                         slrs_fallbacks=r.fallbacks)
         results.append(d)
 
     hdr = f"{'config':24s} {'drafter':18s} {'tok/s':>7s} {'speedup':>7s} {'accept':>6s} {'acc/rnd':>7s} {'tok/rnd':>7s} {'c':>5s} {'ideal':>5s} {'exact':>6s}"
@@ -257,10 +266,16 @@ def run_bench(args) -> int:
             print(f"  {d['config']:18s} {d['drafter']:18s} draft {rm.get('draft', 0):6.2f}  verify {rm.get('verify', 0):6.2f}"
                   f"  (bridge {rm.get('bridge', 0):5.2f})  {rest}"
                   f"  | target alone {step * 1e3:5.2f} ms/token")
+            if "psi" in rm:
+                print(f"         of draft, psi (computing r): {rm['psi']:6.2f}, of which drafter forwards "
+                      f"{rm.get('psi_forward', 0):6.2f} and tree bookkeeping {rm['psi'] - rm.get('psi_forward', 0):6.2f};"
+                      f" per candidate {d.get('slrs_passes_per_candidate')} drafter passes of "
+                      f"{d.get('slrs_rows_per_candidate')} rows in all; {d.get('slrs_fallbacks')} positions cut by the work bound")
     meta = {"prompts_file": args.prompts_file, "num_prompts": len(prompts), "prompt_chars": args.prompt_chars, "min_chars": args.min_chars,
             "max_new_tokens": args.max_new_tokens, "temperature": params.temperature, "seed": params.seed,
             "device": str(trunner.device), "dtype": str(trunner.dtype), "threads": torch.get_num_threads(), "draft_tokens": args.draft_tokens,
-            "torch": torch.__version__, "distributed_threads": (args.threads or 1) if args.distributed else None}
+            "torch": torch.__version__, "distributed_threads": (args.threads or 1) if args.distributed else None,
+            "slrs_budget": args.slrs_budget, "slrs_tau": args.slrs_tau}
     with open(args.json_out, "w") as fh:
         json.dump({"meta": meta, "results": results}, fh, indent=2)
     print(f"\nwrote {args.json_out}")

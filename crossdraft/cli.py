@@ -77,6 +77,22 @@ def model_dtype(args):
     return getattr(torch, name)
 
 
+def _add_slrs_args(p: argparse.ArgumentParser) -> None:
+    from .slrs import DEFAULT_BUDGET, DEFAULT_TAU
+
+    p.add_argument("--slrs-budget", type=int, default=DEFAULT_BUDGET,
+                   help=f"slrs: drafter forward rows per candidate position, the work bound (default: {DEFAULT_BUDGET})")
+    p.add_argument("--slrs-tau", type=float, default=DEFAULT_TAU,
+                   help=f"slrs: drafter paths of at least this probability are followed one by one (default: {DEFAULT_TAU})")
+
+
+def _check_slrs_args(args) -> None:
+    if args.slrs_budget < 0:
+        raise InvalidArgument(f"--slrs-budget must be >= 0, got {args.slrs_budget}")
+    if not 0.0 < args.slrs_tau <= 1.0:
+        raise InvalidArgument(f"--slrs-tau must be in (0, 1], got {args.slrs_tau}")
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if available)")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
@@ -127,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tls-key", default=None, metavar="PEM", help="private key of --tls-cert")
     g.add_argument("--tls-server-name", default=None, metavar="NAME",
                    help="name the gateway's certificate is checked against (default: the host of --gateway)")
+    _add_slrs_args(g)
     _add_model_args(g)
 
     h = sub.add_parser("hash-key", help="print the SHA-256 hash of an API key, as a gateway's --api-keys file holds it",
@@ -162,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "configuration in process and whether the outputs are identical")
     b.add_argument("--no-hf", action="store_true", help="skip the Hugging Face generate() baselines")
     b.add_argument("--json-out", default="bench.json", help="where to write the results (default: bench.json)")
+    _add_slrs_args(b)
     _add_model_args(b)
 
     s = sub.add_parser("serve", help="run a crossdraft gRPC service (verifier or drafter)",
@@ -352,15 +370,13 @@ def cmd_generate(args) -> int:
         raise InvalidArgument(f"unknown algorithm {algo!r}; choose one of auto, same, tli, slem, slrs, none")
     if algo not in ("none", "auto") and not args.drafter:
         raise InvalidArgument(f"algorithm {algo!r} needs --drafter")
-    if algo == "slrs":
-        from .errors import Unimplemented
-
-        raise Unimplemented("algorithm 'slrs' is not implemented yet (its own issue)")
     _setup_torch(args)
     if args.draft_top_k < 0:
         raise InvalidArgument(f"--draft-top-k must be >= 0, got {args.draft_top_k}")
+    _check_slrs_args(args)
     engine = Engine.load(args.target, args.drafter if algo != "none" else None, device=args.device, dtype=model_dtype(args),
-                         fast=not args.hf_runner, draft_top_k=args.draft_top_k)
+                         fast=not args.hf_runner, draft_top_k=args.draft_top_k,
+                         slrs_tau=args.slrs_tau, slrs_budget=args.slrs_budget)
     for prompt in prompts:
         res = engine.generate(prompt, args.max_new_tokens, params, algo, args.draft_tokens)
         out = res.as_json()

@@ -7,6 +7,11 @@ drafter tokens:
           target ids and, under sampling, the exact distribution q' it drew them from (renormalised
           over the intersection, after temperature/top-k/top-p).
 - `slem`: the drafter drafts its own tokens and sends the string they spell.
+- `slrs`: under sampling, per candidate position the drafter computes r, the distribution over the
+          next target token that its distribution over strings induces (summed over its tokenizations,
+          over a bounded tree: `slrs.py`, docs/slrs.md), draws the candidate from it and sends r exactly
+          like tli's q (the verifier's token-level rejection rule applies unchanged). Greedy, slrs is
+          slem (rejection sampling against a one-hot p is exact match).
 Its context is its own canonical tokenization of the committed text (`TokenTrack`), updated from
 each verdict's text; only the KV past the first changed token is recomputed.
 
@@ -25,9 +30,10 @@ from .errors import FailedPrecondition
 from .protocol import TEXT, TOKENS, Proposal, Verdict
 from .runner import Runner
 from .sampling import DRAFT, SamplingParams, probs_from_logits, sample, uniform
+from .slrs import DEFAULT_BUDGET, DEFAULT_TAU, Explorer, draw
 from .vocab import Vocab
 
-MODES = ("same", "tli", "slem")
+MODES = ("same", "tli", "slem", "slrs")
 
 
 def _lcp(a: list, b: list) -> int:
@@ -40,7 +46,8 @@ def _lcp(a: list, b: list) -> int:
 
 class Drafter:
     def __init__(self, runner: Runner, vocab: Vocab, target_vocab: Vocab, mode: str,
-                 draft_top_k: int = 0, window: int = 4, min_confidence: float = 0.0):
+                 draft_top_k: int = 0, window: int = 4, min_confidence: float = 0.0,
+                 slrs_tau: float = DEFAULT_TAU, slrs_budget: int = DEFAULT_BUDGET):
         if mode not in MODES:
             raise ValueError(f"unknown drafting mode {mode!r}")
         self.runner, self.vocab, self.target_vocab, self.mode = runner, vocab, target_vocab, mode
@@ -58,6 +65,9 @@ class Drafter:
                                          "these tokenizers differ (use tli or slem)")
         elif mode == "tli":
             self.inter = Intersection(vocab, target_vocab)
+        self.explorer: Optional[Explorer] = None
+        if mode == "slrs":
+            self.explorer = Explorer(vocab, target_vocab, slrs_tau, slrs_budget)
         self.kv_ids: list = []  # drafter ids whose KV is in the runner, in order
 
     # --- session ------------------------------------------------------------------------------
@@ -102,12 +112,15 @@ class Drafter:
 
     def propose(self, k: int) -> Proposal:
         t0 = time.perf_counter_ns()
+        greedy = self.params.greedy
+        text = self.mode == "slem" or (self.mode == "slrs" and greedy)  # greedy slrs is slem
         k = max(0, min(k, self.runner.max_length - len(self.ctx) - 1))
         if k == 0 or not self.ctx:
-            return Proposal(seq=self.committed, kind=TEXT if self.mode == "slem" else TOKENS)
+            return Proposal(seq=self.committed, kind=TEXT if text else TOKENS)
+        if self.mode == "slrs" and not greedy:
+            return self._propose_slrs(k, t0)
         logits = self._logits_after(self.ctx)
-        greedy = self.params.greedy
-        pos0 = self.committed if self.mode != "slem" else len(self.ctx)
+        pos0 = self.committed if not text else len(self.ctx)
         rows, q_ids, q_probs = [], [], []
         eos = False
         inter = self.inter
@@ -119,7 +132,7 @@ class Drafter:
                 q = probs_from_logits(logits[None], self.draft_params)[0]  # [V_D or |∩|]
                 r = sample(q, uniform(self.params.seed, pos0 + i, DRAFT))
                 conf = float(q[r])
-                if self.mode != "slem":
+                if not text:
                     nz = q.nonzero()[:, 0].cpu()  # sparse q, on the CPU: it is what goes on the wire
                     q_ids.append(inter.target_ids[nz] if inter is not None else nz)
                     q_probs.append(q.cpu()[nz])
@@ -135,7 +148,7 @@ class Drafter:
                 self.kv_ids.append(d_id)
         drafted = len(rows)
         ns = time.perf_counter_ns() - t0
-        if self.mode == "slem":
+        if text:
             ids = rows[:-1] if eos else rows
             return Proposal(seq=self.committed, kind=TEXT, text=self.vocab.bytes_of(ids), eos=eos,
                             drafted=drafted, draft_ns=ns)
@@ -143,3 +156,75 @@ class Drafter:
         return Proposal(seq=self.committed, kind=TOKENS, target_ids=tids,
                         q_ids=None if greedy else q_ids, q_probs=None if greedy else q_probs,
                         drafted=drafted, draft_ns=ns)
+
+    def _propose_slrs(self, k: int, t0: int) -> Proposal:
+        """Up to k candidates, each drawn from its r (see slrs.py); r goes out as the candidate's q."""
+        ctx, leftover = list(self.ctx), b""
+        seed, pos = self.params.seed, self.committed
+        tb = self.target_vocab.token_bytes
+        room = self.runner.max_length - 1
+        tids, q_ids, q_probs = [], [], []
+        rows = fallbacks = 0
+        fwd_ns = 0
+
+        n0 = len(ctx)
+        cache: dict = {}  # drafter ids after the round's context -> q: a node explored at one position
+        # is often the next position's root (see slrs.next_state); a tree pass also yields its inner nodes
+        forwards = 0
+
+        def q_many(paths):
+            """q after ctx + path for each path: the ones not cached in one tree pass over ctx[-1] and
+            every prefix of those paths (the runner's cache is brought to ctx[:-1] first)."""
+            nonlocal fwd_ns, rows, forwards
+            rel = tuple(ctx[n0:])
+            todo = [p for p in paths if rel + tuple(p) not in cache and len(ctx) + len(p) <= room]
+            if todo:
+                f0 = time.perf_counter_ns()
+                base = ctx[:-1]
+                nodes = {(): 0}
+                tree_ids, parents = [ctx[-1]], [-1]
+                for p in todo:
+                    for n in range(1, len(p) + 1):
+                        if p[:n] not in nodes:
+                            nodes[p[:n]] = len(tree_ids)
+                            tree_ids.append(p[n - 1])
+                            parents.append(nodes[p[:n - 1]])
+                keep = _lcp(self.kv_ids, base)
+                self.runner.truncate(min(keep, self.runner.length))
+                if keep < len(base):
+                    self.runner.forward(base[keep:], last_only=True)
+                self.kv_ids = list(base)
+                if len(base) + len(tree_ids) <= self.runner.max_length:
+                    logits = self.runner.forward_tree(tree_ids, parents)
+                else:  # the tree does not fit after the context: node by node
+                    logits = Runner.forward_tree(self.runner, tree_ids, parents)
+                probs = probs_from_logits(logits, self.draft_params).cpu()  # [nodes, V_D]
+                for pre, j in nodes.items():
+                    cache.setdefault(rel + pre, probs[j])
+                rows += len(tree_ids)
+                forwards += 1
+                fwd_ns += time.perf_counter_ns() - f0
+            return [cache.get(rel + tuple(p)) if len(ctx) + len(p) <= room else None for p in paths]
+
+        for i in range(k):
+            prop = self.explorer.explore(leftover, q_many)
+            fallbacks += int(prop.hit)
+            if not float(prop.mass.sum()) > 0.0:
+                break
+            ids, probs = prop.support()
+            got = draw(prop, ids, probs, seed, pos + i, self.explorer)
+            if got is None:
+                break
+            t, path, leftover = got
+            tids.append(t)
+            q_ids.append(ids)
+            q_probs.append(probs)
+            if t in self.target_vocab.eos_ids or tb[t] is None:
+                break
+            ctx.extend(path)
+            if float(probs[int((ids == t).nonzero()[0, 0])]) < self.min_confidence:
+                break
+        ns = time.perf_counter_ns() - t0
+        return Proposal(seq=self.committed, kind=TOKENS, target_ids=tids, q_ids=q_ids, q_probs=q_probs,
+                        drafted=forwards, draft_ns=ns, psi_ns=ns, psi_forward_ns=fwd_ns, psi_rows=rows,
+                        slrs_fallbacks=fallbacks)

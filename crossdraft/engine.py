@@ -16,6 +16,7 @@ from .drafter import Drafter
 from .errors import FailedPrecondition, InvalidArgument, Unimplemented
 from .runner import Runner, load_model, make_runner
 from .sampling import SamplingParams
+from .slrs import DEFAULT_BUDGET, DEFAULT_TAU
 from .verifier import Verifier
 from .vocab import Vocab
 
@@ -37,9 +38,11 @@ class GenerationResult:
     why: str = ""  # why `auto` chose the algorithm
     profile: dict = field(default_factory=dict)  # seconds in draft, verify (of which bridge), bookkeeping
     accepted_by_position: list = field(default_factory=list)  # [i]: rounds whose i-th candidate was accepted
+    slrs_fallbacks: int = 0  # slrs: candidate positions where the work bound cut the tree (docs/slrs.md)
+    slrs_rows: int = 0  # slrs: drafter positions run to compute r (`drafted` counts the passes)
 
     def as_json(self) -> dict:
-        return {
+        out = {
             "text": self.text, "new_tokens": self.new_tokens, "seconds": round(self.seconds, 6),
             "tokens_per_second": round(self.new_tokens / self.seconds, 3) if self.seconds > 0 else None,
             "algorithm": self.algorithm, "rounds": self.rounds, "draft_tokens": self.draft_tokens,
@@ -48,6 +51,10 @@ class GenerationResult:
             "drafted": self.drafted, "finish_reason": self.finish_reason, "why": self.why,
             "profile": {k: round(v, 6) for k, v in self.profile.items()},
         }
+        if self.algorithm == "slrs":
+            out["slrs_fallbacks"] = self.slrs_fallbacks
+            out["slrs_rows"] = self.slrs_rows
+        return out
 
 
 @dataclass
@@ -62,6 +69,10 @@ class RoundStats:
     verify_ns: int = 0
     bridge_ns: int = 0
     network_ns: int = 0  # the services only: round trip minus the verifier's time
+    psi_ns: int = 0  # slrs: of draft_ns, computing the proposal distributions
+    psi_forward_ns: int = 0  # slrs: of psi_ns, the drafter forward passes
+    slrs_fallbacks: int = 0  # slrs: positions where the work bound cut the tree
+    slrs_rows: int = 0  # slrs: drafter positions run to compute r
     accepted_by_position: list = field(default_factory=list)  # [i]: rounds whose i-th candidate was accepted
 
     def add(self, proposal, verdict) -> None:
@@ -69,6 +80,10 @@ class RoundStats:
         if proposal is not None:
             self.draft_ns += proposal.draft_ns
             self.drafted += proposal.drafted
+            self.psi_ns += getattr(proposal, "psi_ns", 0)
+            self.psi_forward_ns += getattr(proposal, "psi_forward_ns", 0)
+            self.slrs_fallbacks += getattr(proposal, "slrs_fallbacks", 0)
+            self.slrs_rows += getattr(proposal, "psi_rows", 0)
         self.rounds += 1
         self.draft_tokens += verdict.candidates
         self.accepted_tokens += verdict.accepted
@@ -80,7 +95,10 @@ class RoundStats:
             by_pos[i] += 1
 
     def profile(self) -> dict:
-        return {"draft_s": self.draft_ns / 1e9, "verify_s": self.verify_ns / 1e9, "bridge_s": self.bridge_ns / 1e9}
+        out = {"draft_s": self.draft_ns / 1e9, "verify_s": self.verify_ns / 1e9, "bridge_s": self.bridge_ns / 1e9}
+        if self.psi_ns:  # slrs only: the cost of computing psi / r, and of that the drafter's forwards
+            out.update(psi_s=self.psi_ns / 1e9, psi_forward_s=self.psi_forward_ns / 1e9)
+        return out
 
 
 class DraftLength:
@@ -99,7 +117,8 @@ class DraftLength:
 
 
 def resolve_algorithm(algorithm: str, params: SamplingParams, target_vocab: Vocab,
-                      drafter_vocab: Optional[Vocab], check_tli: Optional[Callable[[], object]] = None) -> tuple:
+                      drafter_vocab: Optional[Vocab], check_tli: Optional[Callable[[], object]] = None,
+                      slrs: bool = False) -> tuple:
     """(algorithm, why). The `auto` rule is static for now (issue 4 makes it measure and adapt):
     identical tokenizers -> same; otherwise greedy -> slem, sampling -> tli (slem if the
     vocabularies share too little for tli). On the zoo (README, "Measured") slem beat tli greedy
@@ -108,11 +127,13 @@ def resolve_algorithm(algorithm: str, params: SamplingParams, target_vocab: Voca
     agreement in probability.
 
     drafter_vocab None: no drafter. check_tli raises FailedPrecondition when tli cannot apply to
-    the pair (it builds the intersection); the engine and the drafter service share this rule."""
+    the pair (it builds the intersection); the engine and the drafter service share this rule.
+    slrs: whether the caller runs slrs (asked for explicitly; `auto` never picks it). The engine
+    does; the services do not yet (they call this without it and so refuse slrs as UNIMPLEMENTED)."""
     if algorithm not in ALGORITHMS:
         raise InvalidArgument(f"unknown algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
-    if algorithm == "slrs":
-        raise Unimplemented("algorithm 'slrs' is not implemented yet (its own issue)")
+    if algorithm == "slrs" and not slrs:
+        raise Unimplemented("algorithm 'slrs' is not implemented yet in the services (the engine runs it)")
     if algorithm != "auto":
         if algorithm == "same" and drafter_vocab is not None and not drafter_vocab.same_as(target_vocab):
             raise FailedPrecondition("algorithm 'same' needs the drafter to share the target's tokenizer; "
@@ -135,8 +156,10 @@ def resolve_algorithm(algorithm: str, params: SamplingParams, target_vocab: Voca
 class Engine:
     def __init__(self, target_runner: Runner, target_vocab: Vocab,
                  drafter_runner: Optional[Runner] = None, drafter_vocab: Optional[Vocab] = None,
-                 window: int = 4, draft_top_k: int = 0, min_confidence: float = 0.4):
+                 window: int = 4, draft_top_k: int = 0, min_confidence: float = 0.4,
+                 slrs_tau: float = DEFAULT_TAU, slrs_budget: int = DEFAULT_BUDGET):
         self.target_vocab = target_vocab
+        self.slrs_tau, self.slrs_budget = slrs_tau, slrs_budget
         self.verifier = Verifier(target_runner, target_vocab, window)
         self.drafter_runner, self.drafter_vocab = drafter_runner, drafter_vocab
         self.window, self.draft_top_k, self.min_confidence = window, draft_top_k, min_confidence
@@ -159,7 +182,7 @@ class Engine:
         d = self._drafters.get(mode)
         if d is None:
             d = Drafter(self.drafter_runner, self.drafter_vocab, self.target_vocab, mode,
-                        self.draft_top_k, self.window, self.min_confidence)
+                        self.draft_top_k, self.window, self.min_confidence, self.slrs_tau, self.slrs_budget)
             self._drafters[mode] = d
         return d
 
@@ -167,7 +190,7 @@ class Engine:
         """(algorithm, why): `resolve_algorithm` with this engine's two vocabularies."""
         return resolve_algorithm(algorithm, params, self.target_vocab,
                                  self.drafter_vocab if self.drafter_runner is not None else None,
-                                 lambda: self.drafter("tli"))
+                                 lambda: self.drafter("tli"), slrs=True)
 
     def generate(self, prompt: str, max_new_tokens: int = 128, params: SamplingParams = SamplingParams(),
                  algorithm: str = "auto", draft_tokens: Optional[int] = None) -> GenerationResult:
@@ -202,4 +225,5 @@ class Engine:
             text=text, ids=new, new_tokens=len(new), seconds=seconds, algorithm=algo, rounds=stats.rounds,
             draft_tokens=stats.draft_tokens, accepted_tokens=stats.accepted_tokens, drafted=stats.drafted,
             finish_reason=v.finish_reason, why=why, profile=profile,
-            accepted_by_position=stats.accepted_by_position)
+            accepted_by_position=stats.accepted_by_position, slrs_fallbacks=stats.slrs_fallbacks,
+            slrs_rows=stats.slrs_rows)

@@ -26,6 +26,11 @@ class Proposal:
     eos: bool = False  # TEXT: the drafter drafted its end-of-sequence after the text
     drafted: int = 0  # drafter tokens drafted (drafter forward passes)
     draft_ns: int = 0
+    # slrs, drafter-local statistics (not needed by the verifier, not on the wire):
+    psi_ns: int = 0  # of draft_ns: computing the proposal distributions r (tree exploration)
+    psi_forward_ns: int = 0  # of psi_ns: the drafter forward passes of that exploration
+    psi_rows: int = 0  # drafter positions those passes ran (a pass runs a tree of them)
+    slrs_fallbacks: int = 0  # candidate positions where the work bound left part of the tree unexpanded
 
 
 @dataclass

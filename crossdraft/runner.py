@@ -8,6 +8,8 @@ one block of tokens at a time. The contract every algorithm relies on:
     runner.forward(ids, last_only=True)   the same, logits of the last position only [1, V]
     runner.forward(ids, pruned=True)      logits over the pruned head's rows only (TLI drafting)
     runner.truncate(n)            forget every position >= n (rejected drafts)
+    runner.forward_tree(ids, parents)     logits [n, V] of a tree of tokens after the cache (node i
+                                  follows parents[i], -1: the cache's end); the cache is left as it was
 
 Two implementations sit behind it:
 - `LlamaRunner`, for Llama-family decoders (llama, qwen2, mistral without sliding window) with the
@@ -100,6 +102,23 @@ class Runner:
 
     def truncate(self, length: int) -> None:
         raise NotImplementedError
+
+    def forward_tree(self, ids, parents) -> torch.Tensor:
+        """Logits [n, V] of every node of a token tree hung after the cache: node i is token ids[i]
+        following node parents[i] (-1: the last cached position; parents[i] < i). The cache is as
+        before afterwards. This default runs each node's chain on its own; LlamaRunner runs the whole
+        tree in one pass with a tree attention mask."""
+        base = self.length
+        out = []
+        for i in range(len(ids)):
+            chain, j = [], i
+            while j >= 0:
+                chain.append(ids[j])
+                j = parents[j]
+            self.truncate(base)
+            out.append(self.forward(chain[::-1], last_only=True)[0])
+        self.truncate(base)
+        return torch.stack(out)
 
     def reset(self) -> None:
         self.truncate(0)
@@ -264,6 +283,51 @@ class LlamaRunner(Runner):
         old = (self.k_cache, self.v_cache, self.length)
         self.k_cache, self.v_cache, self.length = cache
         return old
+
+    @torch.inference_mode()
+    def forward_tree(self, ids, parents):
+        """One pass over a token tree (see Runner.forward_tree): node i sits at position
+        length + depth(i) and attends to the cache and to its own ancestors; its keys and values are
+        written past the cache's end and forgotten afterwards."""
+        n = len(ids)
+        self._check_room(n)
+        start, end = self.length, self.length + n
+        depth = []
+        anc = torch.zeros(n, n, dtype=torch.bool)
+        for i, p in enumerate(parents):
+            if not -1 <= p < i:
+                raise ValueError("forward_tree: every parent must come before its child")
+            depth.append(depth[p] + 1 if p >= 0 else 0)
+            if p >= 0:
+                anc[i] = anc[p]
+            anc[i, i] = True
+        pos = torch.tensor(depth, device=self.device, dtype=torch.long) + start
+        if int(pos.max()) >= self.max_length:
+            raise ValueError(f"context full: a tree reaches position {int(pos.max())} of {self.max_length}")
+        mask = torch.ones(n, end, dtype=torch.bool, device=self.device)
+        mask[:, start:] = anc.to(self.device)
+        idx = torch.as_tensor(list(ids), device=self.device, dtype=torch.long)
+        x = self.embed.index_select(0, idx)  # [n, hidden]
+        cos, sin = self.cos.index_select(0, pos), self.sin.index_select(0, pos)
+        H, KV, D = self.n_heads, self.n_kv, self.head_dim
+        for li, (w_in, qkv_proj, o_proj, w_post, gate_up, down) in enumerate(self.layers):
+            h = self._rms(x, w_in)
+            qkv = qkv_proj(h)
+            q = qkv[:, : H * D].view(n, H, D).transpose(0, 1)
+            k = qkv[:, H * D: (H + KV) * D].view(n, KV, D).transpose(0, 1)
+            v = qkv[:, (H + KV) * D:].view(n, KV, D).transpose(0, 1)
+            q = self._rope(q, cos, sin)
+            self.k_cache[li, :, start:end] = self._rope(k, cos, sin)
+            self.v_cache[li, :, start:end] = v
+            keys, vals = self.k_cache[li, :, :end], self.v_cache[li, :, :end]
+            o = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, scale=self.scaling,
+                                               enable_gqa=H != KV)
+            x = x + o_proj(o.transpose(0, 1).reshape(n, H * D))
+            h = self._rms(x, w_post)
+            g, u = gate_up(h).chunk(2, dim=-1)
+            x = x + down(F.silu(g) * u)
+        x = self._rms(x, self.norm)  # (length unchanged: the tree's entries are stale from now on)
+        return self.lm_head(x)
 
 
 class HFRunner(Runner):

@@ -20,6 +20,10 @@ import torch
 DRAFT = 1  # the drafter's sample
 ACCEPT = 2  # the accept/reject coin of token-level speculative sampling
 TARGET = 3  # the target's own sample (autoregressive step, residual, bonus)
+# slrs (the drafter's side only; the verifier reuses DRAFT, ACCEPT and TARGET): see docs/slrs.md
+SLRS_STOP = 4  # whether the draft stops before this position (mass of strings with no candidate)
+SLRS_LEAF = 5  # which drafter path (leaf of the explored tree) stands behind the candidate drawn
+SLRS_CHILD = 6  # which drafter token of a grouped tail of that leaf
 
 
 @dataclass(frozen=True)

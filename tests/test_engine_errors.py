@@ -57,9 +57,21 @@ def test_unknown_algorithm():
         engine().generate("ab", 4, algorithm="medusa")
 
 
-def test_slrs_is_unimplemented():
+def test_slrs_runs_in_the_engine_and_is_refused_where_not_wired():
+    """The engine runs slrs (greedy and sampling); `resolve_algorithm` without slrs=True (the services,
+    until they are wired for it) refuses it as UNIMPLEMENTED, and `auto` never picks it."""
+    from crossdraft.engine import resolve_algorithm
+
+    e = engine()
+    for params in (SamplingParams(), SamplingParams(temperature=1.0, seed=1)):
+        r = e.generate("ab", 4, params, algorithm="slrs")
+        assert r.algorithm == "slrs" and r.new_tokens == 4
     with pytest.raises(Unimplemented):
-        engine().generate("ab", 4, algorithm="slrs")
+        resolve_algorithm("slrs", SamplingParams(), e.target_vocab, e.drafter_vocab)
+    assert resolve_algorithm("auto", SamplingParams(temperature=1.0), e.target_vocab, e.drafter_vocab,
+                             slrs=True)[0] != "slrs"
+    with pytest.raises(InvalidArgument, match="needs a drafter"):
+        engine(drafter=False).generate("ab", 4, algorithm="slrs")
 
 
 def test_same_with_different_tokenizers():

@@ -206,3 +206,32 @@ def test_kv_pool_sessions_interleaved(model, kind, slots):
 def test_kv_pool_rejects_no_slots(model):
     with pytest.raises(ValueError):
         KVPool(LlamaRunner(model, 16), 0)
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_forward_tree_matches_sequential_forwards(fast):
+    """forward_tree (slrs evaluates the drafter's tree of continuations in one pass) gives each node
+    the logits of running its chain after the cache, and leaves the cache as it was."""
+    from crossdraft.runner import make_runner
+    from helpers import tiny_llama
+
+    model = tiny_llama(97, seed=4)
+    r = make_runner(model, 64, fast=fast)
+    prefix = [5, 17, 3, 88]
+    ids = [10, 11, 12, 13, 14, 15, 16]
+    parents = [-1, 0, 0, -1, 3, 1, 5]  # two roots, branching, depth up to 3
+    r.reset()
+    r.forward(prefix)
+    got = r.forward_tree(ids, parents)
+    assert r.length == len(prefix) and got.shape == (len(ids), 97)
+    for i in range(len(ids)):
+        chain, j = [], i
+        while j >= 0:
+            chain.append(ids[j])
+            j = parents[j]
+        r.truncate(len(prefix))
+        want = r.forward(chain[::-1], last_only=True)[0]
+        assert torch.allclose(got[i], want, atol=1e-9), i
+    r.truncate(len(prefix))
+    after = r.forward([20], last_only=True)[0]  # the cache still holds exactly the prefix
+    r.reset()
+    assert torch.allclose(after, r.forward(prefix + [20], last_only=True)[0], atol=1e-9)
