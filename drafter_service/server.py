@@ -49,7 +49,7 @@ from verifier_service.metrics import ServiceMetrics
 log = logging.getLogger("crossdraft.drafter_service")
 
 SERVICE_NAME = drafter_pb2.DESCRIPTOR.services_by_name["DrafterService"].full_name
-ALGORITHMS = ("same", "tli", "slem")
+ALGORITHMS = ("same", "tli", "slem", "slrs")
 # The drafter's settings, as the in-process engine's defaults (Engine.__init__), so that a session
 # here drafts exactly what `crossdraft generate` drafts.
 WINDOW, DRAFT_TOP_K, MIN_CONFIDENCE = 4, 0, 0.4
@@ -217,7 +217,7 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
                 raise InvalidArgument(f"{name.replace('_', ' ')} must be in [1, {wire.MAX_TARGET_IDS}] (or 0: adaptive), got {v}")
         stub, target_vocab, fp = self._target(request.verifier_address)
         algo, why = resolve_algorithm(algorithm, params, target_vocab, self.vocab,
-                                      lambda: self._template(fp, "tli", target_vocab))
+                                      lambda: self._template(fp, "tli", target_vocab), slrs=True)
         drafter = copy.copy(self._template(fp, algo, target_vocab)) if algo != "none" else None
         prompt_ids = list(request.prompt_ids) or target_vocab.encode_prompt(request.prompt)
         n_target = len(target_vocab)

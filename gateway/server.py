@@ -44,7 +44,7 @@ from google.protobuf import json_format
 
 from crossdraft import wire
 from crossdraft.errors import (Aborted, CrossdraftError, InvalidArgument, NotFound, ResourceExhausted,
-                               Unavailable, Unimplemented)
+                               Unavailable)
 from crossdraft.store import COUNTERS, AlreadyExists, Conflict, MemoryStore, SessionClosed, SessionStore
 from crossdraft.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from verifier_service.common import PLAINTEXT, TLS, Service, check_plaintext, is_loopback, setup_logging, status_of
@@ -156,8 +156,6 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         if not 1 <= spec.max_new_tokens <= self.max_new_tokens:
             raise InvalidArgument(f"max_new_tokens must be in [1, {self.max_new_tokens}], got {spec.max_new_tokens}")
         algorithm = wire.algorithm_from_proto(spec.algorithm)
-        if algorithm == "slrs":
-            raise Unimplemented("algorithm 'slrs' is not implemented yet (its own issue)")
         params = wire.sampling_params_from_proto(spec.params if spec.HasField("params") else None)
         if spec.draft_tokens and not 1 <= spec.draft_tokens <= wire.MAX_TARGET_IDS:
             raise InvalidArgument(f"draft_tokens must be in [1, {wire.MAX_TARGET_IDS}] (or 0: adaptive), "

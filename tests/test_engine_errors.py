@@ -58,8 +58,9 @@ def test_unknown_algorithm():
 
 
 def test_slrs_runs_in_the_engine_and_is_refused_where_not_wired():
-    """The engine runs slrs (greedy and sampling); `resolve_algorithm` without slrs=True (the services,
-    until they are wired for it) refuses it as UNIMPLEMENTED, and `auto` never picks it."""
+    """The engine runs slrs (greedy and sampling); `resolve_algorithm` without slrs=True (a caller that
+    cannot run it) refuses it as UNIMPLEMENTED, and `auto` never picks it. The services run it
+    (tests/test_gateway.py)."""
     from crossdraft.engine import resolve_algorithm
 
     e = engine()

@@ -252,7 +252,6 @@ def run_raw(services, drafter, **fields):
 @pytest.mark.parametrize("case,drafter,fields,code,words", [
     ("empty prompt", "spm", dict(prompt=""), grpc.StatusCode.INVALID_ARGUMENT, "empty"),
     ("unknown algorithm", "spm", dict(prompt="x = 1", algorithm=99), grpc.StatusCode.INVALID_ARGUMENT, "algorithm"),
-    ("slrs", "spm", dict(prompt="x = 1", algorithm=common_pb2.ALGORITHM_SLRS), grpc.StatusCode.UNIMPLEMENTED, "slrs"),
     ("same, different tokenizers", "spm", dict(prompt="x = 1", algorithm=common_pb2.ALGORITHM_SAME),
      grpc.StatusCode.FAILED_PRECONDITION, "tokenizer"),
     ("max_new_tokens too large", "spm", dict(prompt="x = 1", max_new_tokens=100_000),

@@ -51,7 +51,7 @@ CHUNK_BYTES = 1 << 20
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "spiece.model", "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json",
                    "chat_template.jinja", "chat_template.json", "config.json")
-ALGORITHMS = ("same", "tli", "slem", "none")  # slrs: UNIMPLEMENTED
+ALGORITHMS = ("same", "tli", "slem", "slrs", "none")
 # Verdicts computed but not yet sent, per stream: a drafter that sends proposals without reading
 # verdicts stalls its own session here instead of growing the verifier's memory.
 VERDICT_BUFFER = 8
