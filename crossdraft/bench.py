@@ -98,7 +98,8 @@ def _distributed(client, r, prompt, max_new, p, algorithm, draft_tokens, drafter
         return
     dt = time.perf_counter() - t0  # the client's wall time: gRPC, the gateway and Redis included
     res = SimpleNamespace(draft_tokens=d["draft_tokens"], accepted_tokens=d["accepted_tokens"], rounds=d["rounds"],
-                          drafted=d["drafted"], profile=d["profile"])
+                          drafted=d["drafted"], profile=d["profile"],
+                          slrs_fallbacks=0, slrs_rows=0)  # slrs's work counters stay on the drafter
     r.add(d["ids"], dt, in_process_ids, res)
 
 
