@@ -170,13 +170,14 @@ def test_get_info(services):
     assert info.model_id == "target" and info.tokenizer_fingerprint == tv.fingerprint()
     assert info.vocab_size == len(tv) and info.max_context == 256 and list(info.eos_ids) == sorted(tv.eos_ids)
     assert set(info.algorithms) == {common_pb2.ALGORITHM_SAME, common_pb2.ALGORITHM_TLI, common_pb2.ALGORITHM_SLEM,
-                                    common_pb2.ALGORITHM_NONE}
+                                    common_pb2.ALGORITHM_SLRS, common_pb2.ALGORITHM_NONE}
     assert info.device == "cpu" and info.dtype == "float32" and info.max_sessions == 16
     for name, tok in (("same", "target"), ("spm", "spm")):
         di = drafter_stub(services[name]).GetInfo(drafter_pb2.DrafterServiceGetInfoRequest(), timeout=5)
         assert di.tokenizer_fingerprint == Vocab.load(str(d[tok])).fingerprint()
         assert di.max_context == 256 and di.active_sessions == 0
-        assert set(di.algorithms) == {common_pb2.ALGORITHM_SAME, common_pb2.ALGORITHM_TLI, common_pb2.ALGORITHM_SLEM}
+        assert set(di.algorithms) == {common_pb2.ALGORITHM_SAME, common_pb2.ALGORITHM_TLI, common_pb2.ALGORITHM_SLEM,
+                                      common_pb2.ALGORITHM_SLRS}
     assert drafter_stub(services["same"]).GetInfo(drafter_pb2.DrafterServiceGetInfoRequest()).model_id == "drafter-same"
 
 
