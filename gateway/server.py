@@ -300,7 +300,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                             or time.monotonic() > give_up:
                         raise
                     what = f"sent nothing for {self.delta_timeout_s:g} s" if hung else f"{code.name}: {status_of(e)[1]}"
-                    drafter, backoff = self._fail_over(sid, drafter, tried, backoff, len(ids), what, req["drafter"])
+                    drafter = self._fail_over(sid, drafter, tried, len(ids), what, req["drafter"])
                 finally:
                     if entry is not None:
                         self._watchdog.unwatch(entry)
@@ -349,9 +349,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         except CrossdraftError:
             return None
 
-    def _fail_over(self, sid: str, drafter: str, tried: set, backoff: float, at: int, what: str,
-                   model: str) -> tuple:
-        """-> (the drafter to resume on, or None: none is left, run on the verifier alone; the backoff)."""
+    def _fail_over(self, sid: str, drafter: str, tried: set, at: int, what: str, model: str) -> Optional[str]:
+        """-> the drafter to resume on, or None: none is left, run on the verifier alone."""
         tried.add(drafter)
         self.drafters.release(drafter)
         nxt = self._pick_drafter(model, tried)
@@ -362,7 +361,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             self.store.touch(sid)  # this replica still owns it
         except CrossdraftError:
             pass
-        return nxt, backoff
+        return nxt
 
     def _verifier_alone(self, sid: str, req: dict, ids: list, length: int, started: Future, t0: float) -> tuple:
         """Run the session on with no drafter: a Verify stream of empty proposals, one target token a

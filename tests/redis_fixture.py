@@ -35,9 +35,9 @@ def redis_server_binary() -> str:
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from crossdraft.local_cluster import free_port
+
+    return free_port()
 
 
 def _answers_ping(port: int) -> bool:

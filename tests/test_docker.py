@@ -131,11 +131,9 @@ def _docker_ready() -> str:
 
 
 def _free_port() -> int:
-    import socket
+    from crossdraft.local_cluster import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port()
 
 
 _WHY_NO_IMAGE = _docker_ready()

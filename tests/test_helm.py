@@ -585,11 +585,9 @@ def test_redis_url_with_password_from_env():
 
 
 def _free_port() -> int:
-    import socket
+    from crossdraft.local_cluster import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port()
 
 
 def test_bundled_redis_command_and_the_gateway_password_path(tmp_path, caplog):

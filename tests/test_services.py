@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ import pytest
 import helpers
 from crossdraft import wire
 from crossdraft.engine import Engine
+from crossdraft.local_cluster import free_port  # the test modules take it from here
 from crossdraft.protocol import TEXT, TOKENS, Proposal
 from crossdraft.sampling import SamplingParams
 from crossdraft.v1 import common_pb2, drafter_pb2, drafter_pb2_grpc, verifier_pb2, verifier_pb2_grpc
@@ -36,12 +36,6 @@ PROMPTS = ["class Parser:\n    def get_value(self", "# return the first value\nr
 GREEDY = SamplingParams()
 SAMPLING = {"T=1": SamplingParams(temperature=1.0, seed=7),
             "top-k/top-p": SamplingParams(temperature=0.8, top_k=20, top_p=0.9, seed=3)}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Servers:
