@@ -28,7 +28,7 @@ from pathlib import Path
 
 from .cli import _check_slrs_args, model_dtype, read_prompts
 from .engine import Engine
-from .errors import CrossdraftError, InvalidArgument
+from .errors import CrossdraftError, InvalidArgument, Unavailable
 from .runner import load_model, make_runner
 from .sampling import SamplingParams
 from .vocab import Vocab
@@ -201,9 +201,18 @@ def run_bench(args) -> int:
             f"({threads} torch thread(s) each) ...")
         cluster = LocalCluster(args.target, list(drafters), threads=threads).start()
         client = Client(cluster.gateway)
-        for name, _, applicable, _, _ in pairs:  # warm-up, as in process
-            for a in applicable:
-                client.generate(prompts[0], 8, params.temperature, params.seed, a, args.draft_tokens, drafter=name)
+        try:
+            for name, _, applicable, _, _ in pairs:  # warm-up, as in process
+                for a in applicable:
+                    client.generate(prompts[0], 8, params.temperature, params.seed, a, args.draft_tokens,
+                                    drafter=name)
+        except Exception as e:  # a gRPC status: say which, with what the services logged
+            client.close()
+            logs = "\n".join(f"--- {n}:\n{cluster.tail(n)}" for n in cluster.names())
+            cluster.stop()
+            code = e.code().name if hasattr(e, "code") and callable(e.code) else type(e).__name__
+            details = e.details() if hasattr(e, "details") and callable(e.details) else str(e)
+            raise Unavailable(f"warm-up through the local cluster failed: {code}: {details}\n{logs}") from None
     try:
         _run_prompts(args, prompts, params, pairs, base, tv, trunner, tmodel, with_hf, row, client, log)
     finally:

@@ -27,10 +27,19 @@ from typing import Optional
 from .errors import FailedPrecondition, Unavailable
 
 
+_handed_out: set = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port free now and not handed out before by this process (the kernel may give the
+    same ephemeral port to two binds in a row once the first socket is closed)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 class LocalCluster:
@@ -85,15 +94,18 @@ class LocalCluster:
                 gw += ["--redis", redis_url]
             self._spawn("gateway", self._serve("gateway", *gw))
             deadline = time.monotonic() + timeout
-            for name, addr in [("verifier", self.verifier),
-                               *((f"drafter-{n}", a) for n, a in self.drafters.items()), ("gateway", self.gateway)]:
-                self._wait_healthy(name, addr, deadline)
+            for name, addr, service in [("verifier", self.verifier, "crossdraft.v1.VerifierService"),
+                                        *((f"drafter-{n}", a, "crossdraft.v1.DrafterService")
+                                          for n, a in self.drafters.items()),
+                                        ("gateway", self.gateway, "crossdraft.v1.GatewayService")]:
+                self._wait_healthy(name, addr, service, deadline)
             return self
         except BaseException:
             self.stop()
             raise
 
-    def _wait_healthy(self, name: str, address: str, deadline: float) -> None:
+    def _wait_healthy(self, name: str, address: str, service: str, deadline: float) -> None:
+        """Until `address` answers SERVING for `service` (by name: the right server answers)."""
         import grpc
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -102,7 +114,7 @@ class LocalCluster:
             while True:
                 self._check_alive()
                 try:
-                    if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == health_pb2.HealthCheckResponse.SERVING:
+                    if stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2).status == health_pb2.HealthCheckResponse.SERVING:
                         return
                 except grpc.RpcError:
                     pass
@@ -114,6 +126,13 @@ class LocalCluster:
         for name, p, _ in self.procs:
             if p.poll() is not None:
                 raise Unavailable(f"{name} exited with code {p.returncode}; its log:\n{self._tail(name)}")
+
+    def names(self) -> list:
+        return [nm for nm, _, _ in self.procs]
+
+    def tail(self, name: str, n: int = 15) -> str:
+        """The last `n` lines of a child's log."""
+        return self._tail(name, n)
 
     def _tail(self, name: str, n: int = 15) -> str:
         for nm, _, path in self.procs:

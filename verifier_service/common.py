@@ -317,7 +317,10 @@ class Service:
         self.service_name, self.host, self.grace_s = service_name, host, grace_s
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
                                   interceptors=[*interceptors, ErrorInterceptor(on_error)],
-                                  options=CHANNEL_OPTIONS + [("grpc.max_connection_age_ms", int(MAX_CONNECTION_AGE_S * 1000))])
+                                  options=CHANNEL_OPTIONS + [("grpc.max_connection_age_ms", int(MAX_CONNECTION_AGE_S * 1000)),
+                                           # a port already in use is an error, not shared with
+                                           # another server that would answer half the calls
+                                           ("grpc.so_reuseport", 0)])
         add_servicer(servicer, self.server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
