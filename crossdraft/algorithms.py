@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .sampling import ACCEPT, DRAFT, TARGET, sample, uniform
+from .sampling import ACCEPT, TARGET, draft_uniform, sample, uniform
 
 
 def verify_greedy(logits: torch.Tensor, cands: list) -> tuple:
@@ -61,10 +61,10 @@ def verify_rejection(p: torch.Tensor, cands: list, q_ids: list, q_probs: list, s
         qc = float(q[c])
         if not (qc > 0.0) or abs(float(q.sum()) - 1.0) > 1e-6 or not bool(torch.isfinite(q).all()) or float(q.min()) < 0.0:
             return i, sample(p[i], uniform(seed, pos + i, TARGET))
-        # The drafter draws c from q with the uniform of (seed, position, DRAFT); redo the draw on the
+        # The drafter draws c from q with its uniform for this round and offset; redo the draw on the
         # sparse q it sent (same order, so the same index) and refuse a candidate it does not give.
         # An honest drafter always passes; a buggy one (wrong temperature, stale q) cannot bias the output.
-        if int(q_ids[i][sample(q_probs[i].to(torch.float64), uniform(seed, pos + i, DRAFT))]) != c:
+        if int(q_ids[i][sample(q_probs[i].to(torch.float64), draft_uniform(seed, pos, i))]) != c:
             return i, sample(p[i], uniform(seed, pos + i, TARGET))
         if uniform(seed, pos + i, ACCEPT) * qc < float(p[i, c]):  # u < p/q
             continue

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from .cli import _check_slrs_args, model_dtype, read_prompts
+from .auto import arm_name
 from .engine import Engine
 from .errors import CrossdraftError, InvalidArgument, Unavailable
 from .runner import load_model, make_runner
@@ -52,8 +53,10 @@ def _hf_generate(model, input_ids, max_new, params, **kw):
 
 
 class Row:
-    def __init__(self, name, drafter, algorithm):
+    def __init__(self, name, drafter, algorithm, inproc=None):
         self.name, self.drafter, self.algorithm = name, drafter, algorithm
+        self.inproc = inproc  # a distributed row: the in-process row of the same configuration
+        self.auto = None  # auto: what it kept after the last prompt
         self.tokens = 0
         self.seconds = 0.0
         self.cands = self.acc = self.rounds = self.drafted = 0
@@ -119,15 +122,21 @@ def _run_prompts(args, prompts, params, pairs, base, tv, trunner, tmodel, with_h
             row("HF generate", "-", "hf").add(hf_ids, dt, ref.ids)
         for name, eng, applicable, dmodel, dtok in pairs:
             for a in applicable:
-                try:
-                    res = eng.generate(prompt, args.max_new_tokens, p, a, args.draft_tokens)
-                except CrossdraftError as e:
-                    row(a, name, a).error = str(e)
-                    continue
-                row(a, name, a).add(res.ids, res.seconds, ref.ids if p.greedy else None, res)
-                if client is not None:
-                    _distributed(client, row(f"{a} distributed", name, a), prompt, args.max_new_tokens, p, a,
-                                 args.draft_tokens, name, res.ids)
+                for k in ([args.draft_tokens] if a == "auto" or not args.sweep_draft_tokens
+                          else args.sweep_draft_tokens):
+                    label = a if a == "auto" or not args.sweep_draft_tokens else arm_name(a, k)
+                    try:
+                        res = eng.generate(prompt, args.max_new_tokens, p, a, k)
+                    except CrossdraftError as e:
+                        row(label, name, a).error = str(e)
+                        continue
+                    r = row(label, name, a)
+                    r.add(res.ids, res.seconds, ref.ids if p.greedy else None, res)
+                    if res.auto is not None:
+                        r.auto = res.auto
+                    if client is not None:
+                        _distributed(client, row(f"{label} distributed", name, a, label), prompt,
+                                     args.max_new_tokens, p, a, k, name, res.ids)
             if with_hf:
                 same = "same" in applicable
                 label = "HF assistant_model" if same else "HF assistant_tokenizer"
@@ -171,15 +180,15 @@ def run_bench(args) -> int:
         eng = Engine(trunner, tv, make_runner(dmodel, fast=not args.hf_runner), dv,
                      slrs_tau=args.slrs_tau, slrs_budget=args.slrs_budget)
         same = dv.same_as(tv)
-        applicable = [a for a in algos if (a == "same") == same and a != "none"]
+        applicable = [a for a in algos if a == "auto" or ((a == "same") == same and a != "none")]
         pairs.append((Path(d).name, eng, applicable, dmodel, dv.hf))
 
     rows = {}
 
-    def row(name, drafter, algorithm):
+    def row(name, drafter, algorithm, inproc=None):
         key = (name, drafter)
         if key not in rows:
-            rows[key] = Row(name, drafter, algorithm)
+            rows[key] = Row(name, drafter, algorithm, inproc)
         return rows[key]
 
     with_hf = not args.no_hf
@@ -199,7 +208,7 @@ def run_bench(args) -> int:
         threads = args.threads or 1
         log(f"starting redis-server, a verifier, {len(pairs)} drafters and a gateway "
             f"({threads} torch thread(s) each) ...")
-        cluster = LocalCluster(args.target, list(drafters), threads=threads).start()
+        cluster = LocalCluster(args.target, list(drafters), threads=threads, pin=args.pin_cpus).start()
         client = Client(cluster.gateway)
         try:
             for name, _, applicable, _, _ in pairs:  # warm-up, as in process
@@ -231,8 +240,10 @@ def run_bench(args) -> int:
              "exact_match": f"{r.exact}/{r.n}" if params.greedy or r.name.endswith(" distributed") else None,
              "error": r.error or None}
         if r.name.endswith(" distributed"):  # against the same configuration in process, same run
-            inproc = rows.get((r.algorithm, r.drafter))
+            inproc = rows.get((r.inproc, r.drafter))
             d["vs_in_process"] = round(r.tps() / inproc.tps(), 3) if inproc and inproc.tps() and r.tps() else None
+        if r.auto is not None:
+            d["auto"] = r.auto
         if r.rounds and r.algorithm not in ("none", "hf"):
             c = (r.draft_s / r.drafted) / step if r.drafted else 0.0
             tpr = r.tokens / r.rounds
@@ -268,6 +279,21 @@ def run_bench(args) -> int:
         for d in dist:
             print(f"  {d['config']:24s} {d['drafter']:18s} {f(d['vs_in_process'], '%5.2fx')}  "
                   f"output identical to in-process {d['exact_match']}")
+    autos = [d for d in results if d["config"] == "auto" and d["tokens_per_second"]]
+    if autos:
+        print("\nauto against the best fixed configuration in this run (same prompts, same process):")
+        for d in autos:
+            fixed = [x for x in results if x["drafter"] == d["drafter"] and x["config"] != "auto" and not x["error"]
+                     and not x["config"].endswith(" distributed") and not x["config"].startswith("HF")
+                     and x["tokens_per_second"]]
+            if not fixed:
+                continue
+            best = max(fixed, key=lambda x: x["tokens_per_second"])
+            d["vs_best_fixed"] = round(d["tokens_per_second"] / best["tokens_per_second"], 3)
+            d["best_fixed"] = best["config"]
+            keeps = (d.get("auto") or {}).get("keeps", "?")
+            print(f"  {d['drafter']:18s} auto {d['tokens_per_second']:6.1f} tok/s (keeps {keeps})  best fixed "
+                  f"{best['config']} {best['tokens_per_second']:6.1f} tok/s  ->  {d['vs_best_fixed']:.2f}x")
     print("\nwhere a round's time goes (ms per round; bridge is part of verify):")
     for d in results:
         if d.get("round_ms"):
@@ -284,7 +310,9 @@ def run_bench(args) -> int:
     meta = {"prompts_file": args.prompts_file, "num_prompts": len(prompts), "prompt_chars": args.prompt_chars, "min_chars": args.min_chars,
             "max_new_tokens": args.max_new_tokens, "temperature": params.temperature, "seed": params.seed,
             "device": str(trunner.device), "dtype": str(trunner.dtype), "threads": torch.get_num_threads(), "draft_tokens": args.draft_tokens,
+            "sweep_draft_tokens": args.sweep_draft_tokens,
             "torch": torch.__version__, "distributed_threads": (args.threads or 1) if args.distributed else None,
+            "distributed_pinned": bool(args.distributed and args.pin_cpus),
             "slrs_budget": args.slrs_budget, "slrs_tau": args.slrs_tau}
     with open(args.json_out, "w") as fh:
         json.dump({"meta": meta, "results": results}, fh, indent=2)

@@ -170,13 +170,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-new-tokens", type=_positive_int, default=128)
     b.add_argument("--temperature", type=float, default=0.0)
     b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--algorithms", default="same,tli,slem", help="comma-separated (default: same,tli,slem)")
+    b.add_argument("--algorithms", default="same,tli,slem", help="comma-separated, from same, tli, slem, slrs, auto (default: same,tli,slem)")
     b.add_argument("--draft-tokens", type=int, default=None, help="fixed draft length (default: adaptive)")
+    b.add_argument("--sweep-draft-tokens", type=_draft_lengths, default=None, metavar="LIST",
+                   help="run every algorithm but auto once per draft length in LIST (comma-separated; "
+                        "'adaptive' is the default rule), e.g. adaptive,2,3,4,6: the fixed configurations "
+                        "that `auto` (which searches lengths itself) is measured against")
     b.add_argument("--distributed", action="store_true",
                    help="also run each configuration through redis-server, a verifier, the drafters and a gateway "
                         "started here as separate processes on loopback (started and stopped by the bench; each "
                         "gets --threads torch threads, default 1), and report its tokens/s against the same "
                         "configuration in process and whether the outputs are identical")
+    b.add_argument("--pin-cpus", action="store_true",
+                   help="with --distributed: run the verifier on the first core and the drafters on the second "
+                        "(as on separate machines; the gateway and Redis float)")
     b.add_argument("--no-hf", action="store_true", help="skip the Hugging Face generate() baselines")
     b.add_argument("--json-out", default="bench.json", help="where to write the results (default: bench.json)")
     _add_slrs_args(b)
@@ -300,6 +307,25 @@ def redis_url_with_password(url, environ=os.environ):
         raise InvalidArgument(f"--redis has a password and ${REDIS_PASSWORD_ENV} is set too: give only one")
     user, _, host = parts.netloc.rpartition("@")
     return urlunsplit(parts._replace(netloc=f"{user}:{quote(password, safe='')}@{host}"))
+
+
+def _draft_lengths(text: str) -> list:
+    out = []
+    for part in text.split(","):
+        part = part.strip()
+        if part == "adaptive":
+            out.append(None)
+            continue
+        try:
+            k = int(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"draft lengths are integers or 'adaptive', got {part!r}") from None
+        if not 1 <= k <= 64:
+            raise argparse.ArgumentTypeError(f"draft lengths must be in [1, 64], got {k}")
+        out.append(k)
+    if not out:
+        raise argparse.ArgumentTypeError("no draft lengths given")
+    return out
 
 
 def _setup_torch(args) -> None:

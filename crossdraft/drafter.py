@@ -29,7 +29,7 @@ from .bridge import Intersection, TokenTrack
 from .errors import FailedPrecondition
 from .protocol import TEXT, TOKENS, Proposal, Verdict
 from .runner import Runner
-from .sampling import DRAFT, SamplingParams, probs_from_logits, sample, uniform
+from .sampling import SamplingParams, draft_uniform, probs_from_logits, sample
 from .slrs import DEFAULT_BUDGET, DEFAULT_TAU, Explorer, draw
 from .vocab import Vocab
 
@@ -120,7 +120,6 @@ class Drafter:
         if self.mode == "slrs" and not greedy:
             return self._propose_slrs(k, t0)
         logits = self._logits_after(self.ctx)
-        pos0 = self.committed if not text else len(self.ctx)
         rows, q_ids, q_probs = [], [], []
         eos = False
         inter = self.inter
@@ -130,7 +129,7 @@ class Drafter:
                 conf = float(torch.softmax(logits.float(), -1)[r]) if self.min_confidence > 0 else 1.0
             else:
                 q = probs_from_logits(logits[None], self.draft_params)[0]  # [V_D or |∩|]
-                r = sample(q, uniform(self.params.seed, pos0 + i, DRAFT))
+                r = sample(q, draft_uniform(self.params.seed, self.committed, i))
                 conf = float(q[r])
                 if not text:
                     nz = q.nonzero()[:, 0].cpu()  # sparse q, on the CPU: it is what goes on the wire
@@ -212,7 +211,7 @@ class Drafter:
             if not float(prop.mass.sum()) > 0.0:
                 break
             ids, probs = prop.support()
-            got = draw(prop, ids, probs, seed, pos + i, self.explorer)
+            got = draw(prop, ids, probs, seed, pos, i, self.explorer)
             if got is None:
                 break
             t, path, leftover = got

@@ -14,7 +14,9 @@ from typing import Callable, Optional
 
 from .drafter import Drafter
 from .errors import FailedPrecondition, InvalidArgument, Unimplemented
-from .runner import Runner, load_model, make_runner
+from .auto import LENGTHS, AutoMemory, AutoState, arm_name, mode_key
+from .drafter import MODES
+from .runner import KVPool, Runner, load_model, make_runner
 from .sampling import SamplingParams
 from .slrs import DEFAULT_BUDGET, DEFAULT_TAU
 from .verifier import Verifier
@@ -40,6 +42,7 @@ class GenerationResult:
     accepted_by_position: list = field(default_factory=list)  # [i]: rounds whose i-th candidate was accepted
     slrs_fallbacks: int = 0  # slrs: candidate positions where the work bound cut the tree (docs/slrs.md)
     slrs_rows: int = 0  # slrs: drafter positions run to compute r (`drafted` counts the passes)
+    auto: Optional[dict] = None  # `auto`: what it measured and keeps (auto.AutoState.summary)
 
     def as_json(self) -> dict:
         out = {
@@ -51,6 +54,8 @@ class GenerationResult:
             "drafted": self.drafted, "finish_reason": self.finish_reason, "why": self.why,
             "profile": {k: round(v, 6) for k, v in self.profile.items()},
         }
+        if self.auto is not None:
+            out["auto"] = self.auto
         if self.algorithm == "slrs":
             out["slrs_fallbacks"] = self.slrs_fallbacks
             out["slrs_rows"] = self.slrs_rows
@@ -119,12 +124,12 @@ class DraftLength:
 def resolve_algorithm(algorithm: str, params: SamplingParams, target_vocab: Vocab,
                       drafter_vocab: Optional[Vocab], check_tli: Optional[Callable[[], object]] = None,
                       slrs: bool = False) -> tuple:
-    """(algorithm, why). The `auto` rule is static for now (issue 4 makes it measure and adapt):
-    identical tokenizers -> same; otherwise greedy -> slem, sampling -> tli (slem if the
-    vocabularies share too little for tli). On the zoo (README, "Measured") slem beat tli greedy
-    with every drafter, tli beat slem at temperature 1 with every drafter: exact match of a
-    string only pays when the target's choice is predictable, rejection sampling accepts on
-    agreement in probability.
+    """(algorithm, why). The static `auto` rule, for callers that do not measure (the services;
+    the engine's `auto` measures, see auto.py, and uses `auto_algorithms`): identical tokenizers ->
+    same; otherwise greedy -> slem, sampling -> tli (slem if the vocabularies share too little for
+    tli). On the zoo (README, "Measured") slem beat tli greedy with every drafter, tli beat slem at
+    temperature 1 with every drafter: exact match of a string only pays when the target's choice
+    is predictable, rejection sampling accepts on agreement in probability.
 
     drafter_vocab None: no drafter. check_tli raises FailedPrecondition when tli cannot apply to
     the pair (it builds the intersection); the engine and the drafter service share this rule.
@@ -153,6 +158,28 @@ def resolve_algorithm(algorithm: str, params: SamplingParams, target_vocab: Voca
     return "tli", "different tokenizers, sampling: token-level rejection sampling over the intersection"
 
 
+def auto_algorithms(params: SamplingParams, target_vocab: Vocab, drafter_vocab: Optional[Vocab],
+                    check_tli: Optional[Callable[[], object]] = None) -> list:
+    """The algorithms the measuring `auto` (auto.py) tries for a pair, the static rule's pick
+    (`resolve_algorithm`) first: it is auto's incumbent, kept unless another measures faster.
+    None without a drafter; same for identical tokenizers (tli and slem only add work there);
+    otherwise slem and tli (when the vocabularies share enough), and under sampling slrs too
+    (greedy, slrs is slem)."""
+    if drafter_vocab is None:
+        return ["none"]
+    if drafter_vocab.same_as(target_vocab):
+        return ["same"]
+    tli = True
+    try:
+        if check_tli is not None:
+            check_tli()
+    except FailedPrecondition:
+        tli = False
+    if params.greedy:
+        return ["slem", "tli"] if tli else ["slem"]
+    return ["tli", "slem", "slrs"] if tli else ["slem", "slrs"]
+
+
 class Engine:
     def __init__(self, target_runner: Runner, target_vocab: Vocab,
                  drafter_runner: Optional[Runner] = None, drafter_vocab: Optional[Vocab] = None,
@@ -164,6 +191,8 @@ class Engine:
         self.drafter_runner, self.drafter_vocab = drafter_runner, drafter_vocab
         self.window, self.draft_top_k, self.min_confidence = window, draft_top_k, min_confidence
         self._drafters: dict = {}
+        self._kv: Optional[KVPool] = None  # one drafter KV cache per mode (auto switches modes per round)
+        self.auto_memory = AutoMemory()  # what `auto` measured with this pair, per decoding mode
 
     @classmethod
     def load(cls, target: str, drafter: Optional[str] = None, device: Optional[str] = None,
@@ -192,6 +221,16 @@ class Engine:
                                  self.drafter_vocab if self.drafter_runner is not None else None,
                                  lambda: self.drafter("tli"), slrs=True)
 
+    def _use(self, d: Drafter) -> None:
+        """Install drafter `d`'s own KV cache in the shared drafter runner (and tli's pruned head)."""
+        if self._kv is None:
+            self._kv = KVPool(self.drafter_runner, slots=len(MODES))
+        if not self._kv.activate(d):
+            d.kv_ids = []  # a fresh cache: the next draft recomputes its context
+        rows = d.inter.rows if d.inter is not None else None
+        if rows is not None and self.drafter_runner.pruned_rows is not rows:
+            self.drafter_runner.prune_head(rows)
+
     def generate(self, prompt: str, max_new_tokens: int = 128, params: SamplingParams = SamplingParams(),
                  algorithm: str = "auto", draft_tokens: Optional[int] = None) -> GenerationResult:
         params = params.validate()
@@ -199,31 +238,70 @@ class Engine:
             raise InvalidArgument("the prompt is empty")
         if draft_tokens is not None and not 1 <= draft_tokens <= 64:
             raise InvalidArgument(f"draft tokens must be in [1, 64], got {draft_tokens}")
-        algo, why = self.resolve(algorithm, params)
+        state: Optional[AutoState] = None
+        if algorithm == "auto" and self.drafter_runner is not None:
+            algos = auto_algorithms(params, self.target_vocab, self.drafter_vocab, lambda: self.drafter("tli"))
+            lengths = (draft_tokens,) if draft_tokens is not None else LENGTHS
+            state = self.auto_memory.get((mode_key(params), draft_tokens), algos, lengths)
+            modes, why = ([state.algorithm] if state.stage == "decided" else algos), ""
+        else:
+            algo, why = self.resolve(algorithm, params)
+            modes = [algo] if algo != "none" else []
         prompt_ids = self.target_vocab.encode_prompt(prompt)
         v = self.verifier
         v.start(prompt_ids, max_new_tokens, params)
-        drafter = self.drafter(algo) if algo != "none" else None
+        drafters = {m: self.drafter(m) for m in modes}
         t0 = time.perf_counter()
-        if drafter is not None:
-            drafter.start(prompt, prompt_ids, params)
-        k = DraftLength(draft_tokens)
+        for d in drafters.values():
+            self._use(d)
+            d.start(prompt, prompt_ids, params)
+        lengths: dict = {}  # algorithm -> its DraftLength in this session (per arm state of `adaptive`)
         stats = RoundStats()
+        used: dict = {}  # algorithm -> rounds it ran in this session
+        arm = (modes[0], draft_tokens) if modes else None
+        last = None  # the drafter of the previous round: a round after a switch is not measured
         while not v.finished:
-            prop = drafter.propose(k.k) if drafter is not None else None
+            r0 = time.perf_counter()
+            if state is not None:
+                arm = state.next_arm()
+            drafter = drafters.get(arm[0]) if arm is not None else None
+            if drafter is not None:
+                k = lengths.setdefault(arm, DraftLength(arm[1]))
+                self._use(drafter)  # (a no-op unless the previous round ran another algorithm's drafter)
+                prop = drafter.propose(k.k)
+            else:
+                prop = None
             verdict = v.verify(prop)  # None: the target alone, one token
             stats.add(prop, verdict)
             if drafter is not None and not verdict.finished:
-                drafter.observe(verdict)
+                for d in drafters.values():  # every drafter follows the committed text
+                    d.observe(verdict)
                 k.update(verdict.candidates, verdict.accepted)
+            if state is not None:
+                state.record(arm, len(verdict.ids), time.perf_counter() - r0, measured=drafter is last)
+                last = drafter
+                if len(drafters) > 1 and state.stage == "decided":  # the other algorithms are done with
+                    drafters = {state.algorithm: drafters[state.algorithm]}
+            if arm is not None:
+                used[arm[0]] = used.get(arm[0], 0) + 1
         seconds = time.perf_counter() - t0
         new = v.new_ids
         text = self.target_vocab.bytes_of(new).decode("utf-8", errors="replace")
         profile = stats.profile()
         profile["other_s"] = seconds - (stats.draft_ns + stats.verify_ns) / 1e9
+        auto = None
+        if state is not None:
+            best = state.best()
+            algo = best[0]
+            why = state.explain()
+            auto = state.summary()
+            auto["rounds_by_algorithm"] = used
+            auto["keeps"] = arm_name(*best)
+        else:
+            algo = modes[0] if modes else "none"
         return GenerationResult(
             text=text, ids=new, new_tokens=len(new), seconds=seconds, algorithm=algo, rounds=stats.rounds,
             draft_tokens=stats.draft_tokens, accepted_tokens=stats.accepted_tokens, drafted=stats.drafted,
             finish_reason=v.finish_reason, why=why, profile=profile,
             accepted_by_position=stats.accepted_by_position, slrs_fallbacks=stats.slrs_fallbacks,
-            slrs_rows=stats.slrs_rows)
+            slrs_rows=stats.slrs_rows, auto=auto)

@@ -74,6 +74,17 @@ def uniform(seed: int, position: int, stream: int) -> float:
     return (int.from_bytes(h.digest(), "little") >> 11) * (1.0 / 9007199254740992.0)
 
 
+def draft_uniform(seed: int, round_start: int, offset: int, stream: int = DRAFT) -> float:
+    """A drafter-side uniform: the `offset`-th position of the draft of the round that starts at
+    committed length `round_start`. Fresh for every round (round starts only grow), so a draft never
+    reuses a uniform that an earlier round's draft used at the same position: that earlier draw may
+    have shaped what happened next (how many candidates it drafted, hence the next draft length, the
+    round's time, the algorithm `auto` picks), and a candidate drawn with it again would not be a
+    fresh draw from q given the history, which the acceptance rule needs. A function of the committed
+    length, so a session resumed from its committed ids draws the same (tests/test_faults.py)."""
+    return uniform(seed, round_start + offset, stream + 16 * (round_start + 1))
+
+
 def sample(probs: torch.Tensor, u: float) -> int:
     """Inverse-CDF draw from one row of (possibly unnormalised) non-negative weights [V]."""
     cdf = torch.cumsum(probs, dim=0)

@@ -20,7 +20,7 @@ candidate (and of the drafter path behind it) from it. docs/slrs.md has the rule
   rule (`algorithms.verify_rejection`: accept w.p. min(1, p/r), residual norm(max(0, p - r)) over the
   whole target vocabulary, the seeded-draw check) applies unchanged and is exact.
 - The draft stops before a position with probability STOP/total (uniform stream SLRS_STOP); otherwise
-  t = inverse-CDF draw from r with uniform(seed, position, DRAFT), then a leaf among those with candidate
+  t = inverse-CDF draw from r with the round's DRAFT uniform (sampling.draft_uniform), then a leaf among those with candidate
   t (SLRS_LEAF) and, for a tail leaf, its drafter token (SLRS_CHILD). That path and the bytes it spells
   beyond t are the next position's state: the latent on which the next proposal is conditioned.
 
@@ -34,7 +34,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .sampling import DRAFT, SLRS_CHILD, SLRS_LEAF, SLRS_STOP, sample, uniform
+from .sampling import SLRS_CHILD, SLRS_LEAF, SLRS_STOP, draft_uniform, sample
 from .vocab import Vocab, utf8_complete
 
 DEFAULT_TAU = 0.02  # children of at least this probability (from the position's root) are resolved one by one
@@ -275,29 +275,30 @@ def group_state(lf: Leaf, t: int, explorer: Explorer) -> Optional[tuple]:
     return None
 
 
-def draw(prop: Proposal, ids: torch.Tensor, probs: torch.Tensor, seed: int, pos: int,
+def draw(prop: Proposal, ids: torch.Tensor, probs: torch.Tensor, seed: int, start: int, i: int,
          explorer: Explorer) -> Optional[tuple]:
     """None (the draft stops before this position) or (candidate, path, leftover) where path and
     leftover are the next position's state (`next_state`).
 
-    The candidate is `ids[sample(probs, uniform(seed, pos, DRAFT))]`, exactly the draw the verifier
-    redoes; the STOP coin, the leaf and the tail token use their own streams at this position."""
+    The candidate is `ids[sample(probs, draft_uniform(seed, start, i))]` (the round starting at
+    committed length `start`, candidate i), exactly the draw the verifier redoes; the STOP coin, the
+    leaf and the tail token use their own streams at this position of this round."""
     total = float(prop.mass.sum())
     if not total > 0.0:
         return None
-    if uniform(seed, pos, SLRS_STOP) * (total + prop.stop) < prop.stop:
+    if draft_uniform(seed, start, i, SLRS_STOP) * (total + prop.stop) < prop.stop:
         return None
-    t = int(ids[sample(probs, uniform(seed, pos, DRAFT))])
+    t = int(ids[sample(probs, draft_uniform(seed, start, i))])
     if explorer.target.token_bytes[t] is None:  # EOS: the draft ends with it
         return t, (), b""
     leaves, weights, groups = leaves_of(prop, t, explorer)
-    j = sample(torch.tensor(weights, dtype=torch.float64), uniform(seed, pos, SLRS_LEAF))
+    j = sample(torch.tensor(weights, dtype=torch.float64), draft_uniform(seed, start, i, SLRS_LEAF))
     lf, g = leaves[j], groups[j]
     if g is None:
         return (t,) + next_state(lf, t, explorer)
     st = group_state(lf, t, explorer)
     if st is not None:
         return (t,) + st
-    d = sample(g, uniform(seed, pos, SLRS_CHILD))
+    d = sample(g, draft_uniform(seed, start, i, SLRS_CHILD))
     s = lf.s + (explorer.drafter.token_bytes[d] or b"")
     return t, lf.path + (d,), s[len(explorer.target.token_bytes[t]):]

@@ -10,7 +10,10 @@ The target's tokenizer comes from the verifier (`GetTokenizer`), is loaded with 
 cached per tokenizer fingerprint; so are the per-mode drafters built against it (the TLI
 intersection is computed once per target tokenizer). Building them is the check that the pair can be
 bridged: `same` with different tokenizers, or a pair without an intersection for `tli`, is answered
-FAILED_PRECONDITION. `auto` is resolved here with the engine's rule (`engine.resolve_algorithm`).
+FAILED_PRECONDITION. `auto` measures here as in process (`crossdraft/auto.py`; one `AutoState` per
+target tokenizer and decoding mode, shared by this process's sessions, round trips included in what
+it measures): an auto session holds one drafter per algorithm it may try, until the search decides.
+A round's delta goes back to the caller once the next proposal is on its way (see `_run`).
 
 Sessions and the KV cache: as on the verifier, per-session KV caches live in a `runner.KVPool` of
 `--kv-slots` caches (least recently used evicted); each session keeps its state in its own `Drafter`
@@ -36,7 +39,8 @@ import grpc
 
 from crossdraft import wire
 from crossdraft.drafter import Drafter
-from crossdraft.engine import DraftLength, RoundStats, resolve_algorithm
+from crossdraft.auto import LENGTHS, AutoMemory, mode_key
+from crossdraft.engine import DraftLength, RoundStats, auto_algorithms, resolve_algorithm
 from crossdraft.errors import (Aborted, FailedPrecondition, InvalidArgument, ResourceExhausted,
                                Unavailable)
 from crossdraft.protocol import TOKENS, Proposal
@@ -77,11 +81,12 @@ class DrafterSessions:
                 raise ResourceExhausted(f"this drafter runs at most {self.max_sessions} sessions at once")
             self.active += 1
 
-    def release(self, drafter: Optional[Drafter]) -> None:
+    def release(self, drafters) -> None:
+        """The session ended: one session fewer, and its drafters' caches hold nothing."""
         with self.lock:
             self.active -= 1
-            if drafter is not None:
-                self.kv.release(drafter)
+            for d in drafters:
+                self.kv.release(d)
 
     def start(self, drafter: Drafter, prompt: str, ids: list, params) -> None:
         with self.lock:
@@ -112,6 +117,7 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
         self._channels: dict = {}  # verifier address -> channel
         self._vocabs: dict = {}  # target tokenizer fingerprint -> Vocab
         self._templates: dict = {}  # (fingerprint, mode) -> Drafter (copied per session)
+        self.auto_memory = AutoMemory()  # what `auto` measured, per target tokenizer and decoding mode
         self._cache_lock = threading.Lock()
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -216,9 +222,18 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
             if v and not 1 <= v <= wire.MAX_TARGET_IDS:
                 raise InvalidArgument(f"{name.replace('_', ' ')} must be in [1, {wire.MAX_TARGET_IDS}] (or 0: adaptive), got {v}")
         stub, target_vocab, fp = self._target(request.verifier_address)
-        algo, why = resolve_algorithm(algorithm, params, target_vocab, self.vocab,
-                                      lambda: self._template(fp, "tli", target_vocab), slrs=True)
-        drafter = copy.copy(self._template(fp, algo, target_vocab)) if algo != "none" else None
+        state = None
+        if algorithm == "auto":  # measured, as in process (crossdraft/auto.py), per target and mode
+            algos = auto_algorithms(params, target_vocab, self.vocab, lambda: self._template(fp, "tli", target_vocab))
+            fixed = request.draft_tokens or None
+            state = self.auto_memory.get((fp, mode_key(params), fixed), algos, (fixed,) if fixed else LENGTHS)
+            algo, why = "auto", ""
+            modes = [state.algorithm] if state.stage == "decided" else algos
+        else:
+            algo, why = resolve_algorithm(algorithm, params, target_vocab, self.vocab,
+                                          lambda: self._template(fp, "tli", target_vocab), slrs=True)
+            modes = [algo] if algo != "none" else []
+        drafters = {m: copy.copy(self._template(fp, m, target_vocab)) for m in modes}
         prompt_ids = list(request.prompt_ids) or target_vocab.encode_prompt(request.prompt)
         n_target = len(target_vocab)
         for t in prompt_ids + committed:
@@ -232,18 +247,19 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
             # The round loop runs in a worker thread: sending a delta to the caller (which blocks until
             # the transport takes it) overlaps the next round instead of delaying it.
             yield from decoupled(
-                lambda stop: self._run(stub, start, request.prompt, drafter, why, request.draft_tokens or None,
-                                       context, done, stop, request.resume_draft_tokens or None),
+                lambda stop: self._run(stub, start, request.prompt, drafters, why, request.draft_tokens or None,
+                                       context, done, stop, request.resume_draft_tokens or None, state),
                 maxsize=DELTA_BUFFER, name=f"draft-{sid[:16]}")
         finally:
-            sessions.release(drafter)
+            sessions.release(list(drafters.values()))
             self.metrics.session_finished(done.new_tokens, done.seconds, done.finished)
 
-    def _run(self, stub, start: wire.SessionStart, prompt: str, drafter: Optional[Drafter], why: str,
+    def _run(self, stub, start: wire.SessionStart, prompt: str, drafters: dict, why: str,
              draft_tokens: Optional[int], context, done: Optional[SimpleNamespace] = None,
-             stop: Optional[threading.Event] = None, resume_k: Optional[int] = None):
+             stop: Optional[threading.Event] = None, resume_k: Optional[int] = None, state=None):
         """The engine's loop (`Engine.generate`) with the verifier on the other end of a stream; `done`
-        gets the session's new_tokens, seconds and finished (for the metrics)."""
+        gets the session's new_tokens, seconds and finished (for the metrics). `drafters`: algorithm ->
+        this session's Drafter (none: the target alone; several: `auto`, whose `state` picks each round's)."""
         m = self.metrics
         done = done if done is not None else SimpleNamespace()
         requests: "queue.SimpleQueue" = queue.SimpleQueue()
@@ -261,20 +277,43 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
             committed_len = len(start.prompt_ids) + len(start.committed_ids)
             offset = len(start.committed_ids)
             t0 = time.perf_counter()
-            if drafter is not None:
-                self.sessions.start(drafter, prompt, start.prompt_ids + start.committed_ids, start.params)
-            k = DraftLength(draft_tokens)
-            if resume_k is not None and draft_tokens is None:  # a resumed session: where it left off
-                k.k = max(k.lo, min(k.hi, resume_k))
+            for d in drafters.values():
+                self.sessions.start(d, prompt, start.prompt_ids + start.committed_ids, start.params)
+            lengths: dict = {}  # arm -> its DraftLength in this session
+
+            def length_of(arm) -> DraftLength:
+                k = lengths.get(arm)
+                if k is None:
+                    k = lengths[arm] = DraftLength(arm[1])
+                    if resume_k is not None and arm[1] is None:  # a resumed session: where it left off
+                        k.k = max(k.lo, min(k.hi, resume_k))
+                return k
+
+            arm = (next(iter(drafters)), draft_tokens) if drafters else None
+            k = length_of(arm) if arm is not None else DraftLength(draft_tokens)
+            drafter = last = None
             c = RoundStats()
             first = True
+            # A round's delta goes to the caller once the next proposal is on its way, not before the
+            # next draft: sending it (serialising, the gateway's commit to Redis, its reply to the
+            # client) then runs while the verifier works and this process waits, instead of taking
+            # the GIL and a core from the drafting. Costs the caller one draft of latency.
+            pending = None
             while not finished:
+                r0 = time.perf_counter()
+                if state is not None and drafters:
+                    arm = state.next_arm()
+                    k = length_of(arm)
+                drafter = drafters.get(arm[0]) if arm is not None else None
                 if drafter is None:
                     proposal = Proposal(seq=committed_len, kind=TOKENS)  # none: the target alone
                 else:
                     proposal = self.sessions.propose(drafter, k.k)
                 sent = time.perf_counter_ns()
                 requests.put(verifier_pb2.VerifyRequest(proposal=wire.proposal_to_proto(proposal)))
+                if pending is not None:
+                    yield pending
+                    pending = None
                 resp = next(call, None)
                 if resp is None:
                     raise Unavailable("the verifier closed the session's stream before it finished")
@@ -291,19 +330,33 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
                 done.new_tokens = committed_len - len(start.prompt_ids) - len(start.committed_ids)
                 done.seconds, done.finished = time.perf_counter() - t0, finished
                 if drafter is not None and not finished:
-                    drafter.observe(verdict)
+                    for d in drafters.values():  # every drafter follows the committed text
+                        d.observe(verdict)
                     k.update(verdict.candidates, verdict.accepted)
+                if state is not None and drafter is not None:
+                    state.record(arm, len(verdict.ids), time.perf_counter() - r0, measured=drafter is last)
+                    last = drafter
+                    if len(drafters) > 1 and state.stage == "decided":  # the others are done with
+                        drafters = {state.algorithm: drafters[state.algorithm]}
                 if verdict.ids or finished:
                     seconds = time.perf_counter() - t0
                     stats = SimpleNamespace(
                         new_tokens=committed_len - len(start.prompt_ids) - len(start.committed_ids), rounds=c.rounds,
                         draft_tokens=c.draft_tokens, accepted_tokens=c.accepted_tokens, drafted=c.drafted,
                         accepted_by_position=c.accepted_by_position, seconds=seconds, profile=c.profile())
-                    yield drafter_pb2.RunSessionResponse(
+                    if state is not None:  # auto: the algorithm of this round; why, at the end
+                        algo_enum = wire.algorithm_to_proto(arm[0] if arm is not None else "none")
+                        why = state.explain() if finished else ""
+                    msg = drafter_pb2.RunSessionResponse(
                         token_offset=offset, ids=verdict.ids, text=verdict.text, finished=finished,
                         finish_reason=wire.finish_reason_to_proto(verdict.finish_reason), algorithm=algo_enum,
-                        why=why if first else "", stats=wire.stats_to_proto(stats, network_ns=c.network_ns),
+                        why=why if first or state is not None else "",
+                        stats=wire.stats_to_proto(stats, network_ns=c.network_ns),
                         next_draft_tokens=k.k)
+                    if finished or (stop is not None and stop.is_set()):
+                        yield msg
+                    else:
+                        pending = msg
                     first = False
                     offset += len(verdict.ids)
                 if stop is not None and stop.is_set():

@@ -266,6 +266,14 @@ class TableRunner(Runner):
     def prune_head(self, rows):
         self.pruned_rows = rows
 
+    def new_cache(self):
+        return []
+
+    def swap_cache(self, cache):
+        old, self.ctx = self.ctx, cache
+        self.length = len(self.ctx)
+        return old
+
     def forward(self, ids, last_only=False, pruned=False):
         ids = list(ids)
         self._check_room(len(ids))

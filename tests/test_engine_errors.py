@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from crossdraft.engine import Engine
+from crossdraft.engine import Engine, auto_algorithms, resolve_algorithm
 from crossdraft.errors import CrossdraftError, FailedPrecondition, InvalidArgument, ModelLoadError, Unimplemented
 from crossdraft.runner import load_model
 from crossdraft.sampling import SamplingParams
@@ -180,8 +180,18 @@ def test_missing_model_directory(tmp_path):
 
 
 def test_auto_rule():
-    """The documented static rule: identical tokenizers -> same; different: greedy -> slem, sampling -> tli."""
+    """The static rule the services use: identical tokenizers -> same; different: greedy -> slem,
+    sampling -> tli. The engine's auto measures instead, among `auto_algorithms` (tests/test_auto.py)."""
+    t, d, dv_same = engine(D_TOKENS).target_vocab, engine(D_TOKENS).drafter_vocab, engine(T_TOKENS).drafter_vocab
+    greedy, t1 = SamplingParams(), SamplingParams(temperature=1.0, seed=3)
+    assert resolve_algorithm("auto", greedy, t, dv_same)[0] == "same"
+    assert resolve_algorithm("auto", greedy, t, d)[0] == "slem"
+    algo, why = resolve_algorithm("auto", t1, t, d)
+    assert algo == "tli" and why
+    assert auto_algorithms(greedy, t, dv_same) == ["same"]
+    assert auto_algorithms(greedy, t, d) == ["slem", "tli"]  # the static rule's pick first
+    assert auto_algorithms(t1, t, d) == ["tli", "slem", "slrs"]
+    assert auto_algorithms(t1, t, None) == ["none"]
     assert engine(T_TOKENS).generate("ab", 4, algorithm="auto").algorithm == "same"
-    assert engine(D_TOKENS).generate("ab", 4, algorithm="auto").algorithm == "slem"
-    r = engine(D_TOKENS).generate("ab", 4, SamplingParams(temperature=1.0, seed=3), algorithm="auto")
-    assert r.algorithm == "tli" and r.why
+    r = engine(D_TOKENS).generate("ab", 4, t1, algorithm="auto")
+    assert r.algorithm in ("tli", "slem", "slrs") and r.why and r.auto["arms"]

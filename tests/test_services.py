@@ -137,7 +137,10 @@ def assert_same_as_in_process(services, engines, drafter, prompt, n, params, alg
     ids, text, stats = run_session(services[drafter], services["verifier"], prompt, n, params, algorithm,
                                    draft_tokens, timeout=60)
     assert ids == ref.ids and text == ref.text
-    assert stats["algorithm"] == ref.algorithm and stats["finish_reason"] == ref.finish_reason
+    assert stats["finish_reason"] == ref.finish_reason
+    if algorithm == "auto":  # each side measures on its own (timings): the same output, not the same rounds
+        return ref
+    assert stats["algorithm"] == ref.algorithm
     # the same loop on the same numbers: the rounds themselves are identical too
     assert (stats["rounds"], stats["draft_tokens"], stats["accepted_tokens"], stats["drafted"],
             stats["accepted_by_position"], stats["new_tokens"]) == \

@@ -22,7 +22,7 @@ import torch
 
 import crossdraft.algorithms as algorithms
 from crossdraft.engine import Engine
-from crossdraft.sampling import DRAFT, SamplingParams, probs_from_logits, sample, uniform
+from crossdraft.sampling import SamplingParams, draft_uniform, probs_from_logits, sample, uniform
 from crossdraft.slrs import group_state, leaves_of, next_state
 from helpers import TableRunner, hashed_logits
 from test_lossless_sampling import (ALPHA, BIAS, EOS, MAX_NEW, PROMPT, T1, T_TOKENS, _text_logits, biased_uniform,
@@ -250,7 +250,7 @@ def test_slrs_candidates_pass_the_verifiers_draw_check():
         for i, c in enumerate(prop.target_ids):
             q_ids, q = prop.q_ids[i], prop.q_probs[i]
             assert abs(float(q.sum()) - 1.0) < 1e-12 and float(q.min()) > 0.0
-            assert int(q_ids[sample(q, uniform(s, len(ids) + i, DRAFT))]) == c
+            assert int(q_ids[sample(q, draft_uniform(s, len(ids), i))]) == c
             n += 1
     assert n > 300
 

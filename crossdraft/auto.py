@@ -1,0 +1,299 @@
+"""`auto`: find the fastest algorithm and draft length for a target/drafter pair by measuring it.
+
+Owns: the arms auto chooses among, what each has measured, and which arm a round uses. An arm is an
+algorithm and a draft length (None: the adaptive length of `engine.DraftLength`). What counts is
+what the user gets: committed target tokens per second of round wall time (drafting, verification
+and bookkeeping, on this machine, with this pair and this kind of decoding).
+
+How it chooses (one `AutoState` per pair and decoding mode, kept for the life of the process and
+shared by its sessions, so only the first sessions pay for the search). Each stage has an incumbent,
+the arm a fixed rule would pick, and challengers:
+1. "algorithm": the incumbent is the first applicable algorithm (`engine.auto_algorithms` lists the
+   static rule's pick first), the challengers the others, all with the adaptive length.
+2. "length": for stage 1's winner, the adaptive length is the incumbent, the lengths of `LENGTHS`
+   the challengers (the adaptive arm keeps its stage-1 rounds).
+3. "decided": every round uses the winner; it keeps measuring it.
+Turns alternate, the incumbent's and then a challenger's (the one with the fewest turns), `BLOCK`
+measured rounds each. The first round after a switch is not measured: that drafter first catches up
+on what the other committed (or, first in a session, reads the prompt), a cost only switching has.
+A challenger is judged on paired differences: each of its turns against the incumbent's turns right
+before and after it, which saw the same stretch of text. That matters: how much a round accepts
+depends on the text far more than on the arm (a repetitive stretch accepts whole drafts, a new
+identifier nothing), so unpaired averages over a few dozen rounds cannot tell arms 10% apart, and
+paired ones can. After 2 turns a challenger `FAR_BEHIND` (20%) slower is dropped; after `MIN_TURNS`
+a mean difference more than t95 standard errors below zero drops it, above zero (and at least
+`MIN_GAIN`, 3%, of the rate) makes it the incumbent (the old one becomes a challenger); at
+`ALGO_TURNS`/`LENGTH_TURNS` it stops, and when the stage ends the best of those ahead by more than
+one standard error and `MIN_GAIN` replaces the incumbent. So a clearly worse arm costs two turns,
+and one too close to tell leaves the rule's pick in place, where a wrong guess costs little.
+A caller that fixes the draft length skips stage 2; a pair with one applicable algorithm skips stage 1.
+
+Each round is lossless whichever arm runs it (the verifier decides every round with the target's
+exact rule, and a round's randomness is keyed by position, not by algorithm), so switching arms
+between rounds changes speed only: greedy output is the target's, sampled output has the target's
+distribution (tests/test_auto.py checks both with forced switching on every round). What auto
+chose depends on timings, so a seeded sampled run is reproducible only with an explicit algorithm
+and draft length (the stats say which auto used).
+
+Never: runs models, knows how a round is made, imports grpc or redis.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Optional
+
+ALGO_TURNS = 8  # at most, turns per challenger in stage 1
+LENGTH_TURNS = 5  # at most, turns per challenger in stage 2
+MIN_TURNS = 4  # turns before a challenger is judged by the t test
+FAR_BEHIND = 0.2  # after 2 turns, a challenger this much slower than the incumbent is dropped
+MIN_GAIN = 0.03  # a challenger replaces the incumbent only when at least this much faster
+BLOCK = 4  # measured rounds in a turn
+# Student's t, two-sided 95%, by degrees of freedom: the few paired turns settle a challenger early
+# only when the difference is this many standard errors away from zero
+_T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23, 12: 2.18,
+        15: 2.13, 20: 2.09, 30: 2.04}
+
+
+def t95(df: int) -> float:
+    return _T95.get(df) or next((v for d, v in sorted(_T95.items(), reverse=True) if d <= df), 2.0)
+LENGTHS = (None, 3, 6)  # None: adaptive (+2 after a full accept, -1 otherwise), the incumbent
+
+
+def arm_name(algorithm: str, k: Optional[int]) -> str:
+    return f"{algorithm} k={'adaptive' if k is None else k}"
+
+
+@dataclass
+class ArmStats:
+    rounds: int = 0  # measured rounds
+    tokens: int = 0  # committed target tokens
+    seconds: float = 0.0
+
+    def add(self, tokens: int, seconds: float) -> None:
+        self.rounds += 1
+        self.tokens += tokens
+        self.seconds += seconds
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+class AutoState:
+    """What auto measured for one target/drafter pair and decoding mode. Thread-safe (the services'
+    sessions share one)."""
+
+    def __init__(self, algorithms: list, lengths: tuple = LENGTHS, algo_turns: int = ALGO_TURNS,
+                 length_turns: int = LENGTH_TURNS, block: int = BLOCK, min_turns: int = MIN_TURNS):
+        """`algorithms`: the applicable ones, the rule's pick first. `lengths`: draft lengths to try
+        (None: adaptive, the incumbent if present; one length: fixed by the caller)."""
+        if not algorithms or not lengths:
+            raise ValueError("auto needs at least one algorithm and one draft length")
+        self.algorithms, self.lengths = list(algorithms), tuple(lengths)
+        self.algo_turns, self.length_turns, self.block = algo_turns, length_turns, block
+        self.min_turns = min_turns
+        self.turns: list = []  # this stage's finished turns, in order: (arm, tokens, seconds)
+        self._cur = [0, 0.0]  # the running turn's tokens and seconds
+        self.stats: dict = {}  # (algorithm, k) -> ArmStats
+        self.lock = threading.Lock()
+        self.dropped: list = []  # challengers found clearly slower, in order
+        self.capped: list = []  # challengers that ran their rounds without being settled
+        self.turn: Optional[tuple] = None  # the arm whose turn it is
+        self.turn_left = 0  # its measured rounds left in this turn
+        self.last_challenger: Optional[tuple] = None
+        self.unmeasured = 0  # rounds right after a switch
+        self.algorithm: Optional[str] = None  # stage 1's winner
+        self.choice: Optional[tuple] = None  # the arm kept once decided
+        self._enter("algorithm")
+
+    # --- choosing -----------------------------------------------------------------------------
+    def _enter(self, stage: str) -> None:
+        self.stage = stage
+        if stage == "algorithm":
+            k = None if None in self.lengths else self.lengths[0]
+            self.incumbent = (self.algorithms[0], k)
+            self.challengers = [(a, k) for a in self.algorithms[1:]]
+        elif stage == "length":
+            k0 = None if None in self.lengths else self.lengths[0]
+            self.incumbent = (self.algorithm, k0)
+            self.challengers = [(self.algorithm, k) for k in self.lengths if k != k0]
+        else:
+            self.choice, self.challengers = self.incumbent, []
+        self.capped = []
+        self.turn, self.turn_left = None, 0
+        self.turns, self._cur = [], [0, 0.0]
+        if stage != "decided" and not self.challengers:
+            self._finish_stage()
+
+    def _quota(self) -> int:
+        return self.algo_turns if self.stage == "algorithm" else self.length_turns
+
+    def _s(self, arm) -> ArmStats:
+        return self.stats.get(arm, ArmStats())
+
+    def _paired(self, arm) -> list:
+        """[(tokens/s of a turn of `arm`, the incumbent's over its turns right before and after)]."""
+        out = []
+        inc = [j for j, t in enumerate(self.turns) if t[0] == self.incumbent]
+        for j, (a, tok, sec) in enumerate(self.turns):
+            if a != arm or sec <= 0:
+                continue
+            near = [i for i in ([max((i for i in inc if i < j), default=None),
+                                 min((i for i in inc if i > j), default=None)]) if i is not None]
+            it, isec = sum(self.turns[i][1] for i in near), sum(self.turns[i][2] for i in near)
+            if isec > 0:
+                out.append((tok / sec, it / isec))
+        return out
+
+    def _diff(self, arm) -> tuple:
+        """(mean paired difference in tokens/s, its standard error, pairs, the difference relative to
+        the incumbent's mean)."""
+        pairs = self._paired(arm)
+        n = len(pairs)
+        if not n:
+            return 0.0, float("inf"), 0, 0.0
+        d = [a - b for a, b in pairs]
+        m = sum(d) / n
+        base = sum(b for _, b in pairs) / n
+        rel = m / base if base > 0 else 0.0
+        if n < 2:
+            return m, float("inf"), n, rel
+        var = sum((x - m) ** 2 for x in d) / (n - 1)
+        return m, (var / n) ** 0.5, n, rel
+
+    def _turns_of(self, arm) -> int:
+        return sum(1 for t in self.turns if t[0] == arm)
+
+    def _judge(self) -> None:
+        changed = True
+        while changed and self.challengers:
+            changed = False
+            for c in list(self.challengers):
+                m, se, n, rel = self._diff(c)
+                if n >= 2 and rel < -FAR_BEHIND:  # far behind on the same text: no need for a test
+                    self.challengers.remove(c)
+                    self.dropped.append(c)
+                    continue
+                if n < self.min_turns:
+                    continue
+                z = t95(n - 1)
+                if m < -z * se:
+                    self.challengers.remove(c)
+                    self.dropped.append(c)
+                elif m > z * se and rel > MIN_GAIN:  # clearly faster: the new incumbent
+                    self.challengers.remove(c)
+                    self.challengers.append(self.incumbent)
+                    self.incumbent = c
+                    changed = True
+                    break  # the others are judged against the new incumbent
+                elif self._turns_of(c) >= self._quota():
+                    self.challengers.remove(c)
+                    self.capped.append(c)
+        if not self.challengers:
+            self._finish_stage()
+
+    def _finish_stage(self) -> None:
+        better = [c for c in self.capped if (lambda d: d[0] > d[1] and d[3] > MIN_GAIN)(self._diff(c))]
+        if better:
+            self.incumbent = max(better, key=lambda c: self._diff(c)[0])
+        if self.stage == "algorithm":
+            self.algorithm = self.incumbent[0]
+            self._enter("length")
+        else:
+            self._enter("decided")
+
+    def next_arm(self) -> tuple:
+        """(algorithm, draft length or None) for the next round."""
+        with self.lock:
+            if self.stage == "decided":
+                return self.choice
+            arms = [self.incumbent] + self.challengers
+            if self.turn in arms and self.turn_left > 0:
+                return self.turn
+            if self.turn == self.incumbent:
+                self.turn = min(self.challengers, key=self._turns_of)  # first of the fewest turns
+            else:
+                self.turn = self.incumbent
+            self.turn_left = self.block
+            return self.turn
+
+    def record(self, arm: tuple, tokens: int, seconds: float, measured: bool = True) -> None:
+        """One round of `arm`: `tokens` committed in `seconds` of wall time. `measured` False: the
+        round paid for a switch (see the module's note) and does not count."""
+        with self.lock:
+            if not measured:
+                self.unmeasured += 1
+                return
+            self.stats.setdefault(arm, ArmStats()).add(tokens, seconds)
+            if self.stage == "decided" or arm != self.turn:
+                return
+            self._cur[0] += tokens
+            self._cur[1] += seconds
+            self.turn_left -= 1
+            if self.turn_left <= 0:  # the turn is over: it is one sample of its arm
+                self.turns.append((arm, self._cur[0], self._cur[1]))
+                self._cur = [0, 0.0]
+                self._judge()
+
+    def best(self) -> tuple:
+        """The arm auto keeps (or would keep now, mid-search)."""
+        with self.lock:
+            return self.choice if self.choice is not None else self.incumbent
+
+    # --- reporting ----------------------------------------------------------------------------
+    def summary(self) -> dict:
+        with self.lock:
+            arms = sorted(self.stats.items(), key=lambda kv: -kv[1].tokens_per_second)
+            return {
+                "stage": self.stage,
+                "unmeasured_rounds": self.unmeasured,
+                "dropped": [arm_name(*a) for a in self.dropped],
+                "incumbent": arm_name(*self.incumbent),
+                "paired": {arm_name(*c): {"mean_difference": round(m, 2), "relative": round(rel, 4),
+                                          "se": round(se, 2) if se != float("inf") else None, "turns": n}
+                           for c in self.challengers + self.capped for m, se, n, rel in [self._diff(c)]},
+                "choice": None if self.choice is None else {"algorithm": self.choice[0],
+                                                            "draft_tokens": self.choice[1]},
+                "arms": [{"algorithm": a, "draft_tokens": k, "rounds": s.rounds, "tokens": s.tokens,
+                          "tokens_per_second": round(s.tokens_per_second, 2)} for (a, k), s in arms],
+            }
+
+    def explain(self) -> str:
+        s = self.summary()
+        figures = ", ".join(f"{arm_name(a['algorithm'], a['draft_tokens'])} {a['tokens_per_second']:.1f} tok/s "
+                            f"({a['rounds']} rounds)" for a in s["arms"][:6])
+        if s["stage"] == "decided":
+            c = s["choice"]
+            return f"measured in this process: {figures}; keeps {arm_name(c['algorithm'], c['draft_tokens'])}"
+        return f"still measuring ({s['stage']} stage, {s['incumbent']} leads): {figures}"
+
+
+class AutoMemory:
+    """The `AutoState`s of a process, one per key (the pair and the decoding mode)."""
+
+    def __init__(self):
+        self._states: dict = {}
+        self._lock = threading.Lock()
+
+    def get(self, key, algorithms: list, lengths: tuple) -> AutoState:
+        with self._lock:
+            st = self._states.get(key)
+            if st is None:
+                st = self._states[key] = AutoState(algorithms, lengths)
+            return st
+
+    def put(self, key, state: AutoState) -> None:
+        """Install a state (a caller that already knows, or a test that forces a schedule)."""
+        with self._lock:
+            self._states[key] = state
+
+    def clear(self) -> None:
+        with self._lock:
+            self._states.clear()
+
+
+def mode_key(params) -> tuple:
+    """Decoding modes that auto measures apart: greedy, or sampling at this temperature/top-k/top-p."""
+    return ("greedy",) if params.greedy else ("sampling", round(params.temperature, 3), params.top_k,
+                                              round(params.top_p, 3))

@@ -1,0 +1,237 @@
+"""`auto`: the measuring choice of algorithm and draft length (crossdraft/auto.py).
+
+- The search itself (AutoState) on recorded figures: round-robin order, stages, the arm it keeps.
+- Lossless while it switches: greedy output identical to the target alone and sampled output with
+  the target's exact distribution when the algorithm and the draft length change on every round
+  (a forced cycle over every arm, so each switch is exercised, not just the ones timing picks).
+- The engine remembers per pair and decoding mode: the next session runs the kept arm only.
+"""
+from __future__ import annotations
+
+import pytest
+
+from crossdraft.auto import AutoState, mode_key
+from crossdraft.engine import Engine
+from crossdraft.sampling import SamplingParams
+from test_lossless_greedy import MAX_NEW as GREEDY_NEW
+from test_lossless_greedy import PAIRS, PROMPTS, make_engine, reference
+from test_lossless_sampling import ALPHA, T1, chi_square, exact_distribution, run_counts
+from test_slrs import D_STRADDLE
+from test_slrs import engine as slrs_engine
+
+
+# --------------------------------------------------------------------------------------------------
+# the search, on recorded figures
+# --------------------------------------------------------------------------------------------------
+
+def feed(state: AutoState, speed, rounds: int, tokens=None) -> list:
+    """Run `rounds` rounds where arm (algorithm, k) commits at speed(arm, i) tokens a second (a dict:
+    steady speeds); -> arms used. `tokens(i)`: tokens committed by round i (default 2)."""
+    used = []
+    for i in range(rounds):
+        arm = state.next_arm()
+        used.append(arm)
+        v = speed[arm] if isinstance(speed, dict) else speed(arm, i)
+        t = tokens(i) if tokens else 2
+        state.record(arm, t, t / v)
+    return used
+
+
+def test_incumbent_and_challengers_take_turns_and_the_clearly_faster_wins():
+    algos, lengths = ["slem", "tli"], (None, 2, 4)  # slem first: the static rule's pick, the incumbent
+    speed = {("tli", None): 50, ("slem", None): 60, ("tli", 2): 55, ("tli", 4): 40,
+             ("slem", 2): 70, ("slem", 4): 65}
+    st = AutoState(algos, lengths, block=2, min_turns=2)
+    used = feed(st, speed, 8)
+    assert used == [("slem", None)] * 2 + [("tli", None)] * 2 + [("slem", None)] * 2 + [("tli", None)] * 2
+    assert st.stage == "length" and st.algorithm == "slem" and st.dropped == [("tli", None)]
+    feed(st, speed, 40)  # stage 2: slem's lengths; 2 overtakes the adaptive incumbent, 4 loses to it
+    assert st.stage == "decided" and st.choice == ("slem", 2)
+    assert feed(st, speed, 5) == [("slem", 2)] * 5
+    s = st.summary()
+    assert s["choice"] == {"algorithm": "slem", "draft_tokens": 2}
+    assert s["arms"][0]["algorithm"] == "slem" and s["arms"][0]["draft_tokens"] == 2
+    assert s["arms"][0]["tokens_per_second"] == pytest.approx(70)
+    assert "keeps slem k=2" in st.explain() and "tli k=adaptive 50.0 tok/s" in st.explain()
+    assert set(s["dropped"]) == {"tli k=adaptive", "slem k=adaptive", "slem k=4"}
+
+
+def test_pairing_cancels_what_the_text_does():
+    """Acceptance swings with the text far more than between arms: a challenger 10% faster on every
+    stretch of text, on text whose difficulty changes every few turns, is found faster."""
+    st = AutoState(["slem", "tli"], (None,), block=4, min_turns=3, algo_turns=10)
+    rates = {("slem", None): 1.0, ("tli", None): 1.1}
+    feed(st, lambda arm, i: 100 * rates[arm] * (1 + 2 * (i // 13 % 3)), 200)
+    assert st.stage == "decided" and st.choice == ("tli", None)
+
+
+def test_a_close_challenger_leaves_the_incumbent_in_place():
+    """Same speed on average, noisy per round: not settled early; at the cap the incumbent stays."""
+    st = AutoState(["tli", "slem"], (None,), algo_turns=6, min_turns=3, block=2)
+    feed(st, {("tli", None): 100, ("slem", None): 100}, 60, tokens=lambda i: 1 + 2 * (i * 7 % 3 == 0))
+    assert st.stage == "decided" and st.choice == ("tli", None) and not st.dropped
+
+
+def test_switch_rounds_do_not_count():
+    st = AutoState(["tli", "slem", "slrs"], (None,), min_turns=2, block=2)
+    order = []
+    for _ in range(18):
+        arm = st.next_arm()
+        switched = not order or order[-1] != arm
+        order.append(arm)
+        # a switch round commits as much but takes far longer (the drafter catches up): not counted
+        st.record(arm, 2, 9.0 if switched else 0.02 if arm[0] == "slem" else 0.03, measured=not switched)
+    assert [a for a, _ in order] == ["tli"] * 3 + ["slem"] * 3 + ["tli"] * 3 + ["slrs"] * 3 + ["tli"] * 3 + ["slem"] * 3
+    assert st.summary()["unmeasured_rounds"] == 6
+    assert st.incumbent == ("slem", None)  # 100 tok/s against 67 on both of its turns
+    assert st.stats[("slem", None)].tokens_per_second == pytest.approx(100)
+
+
+def test_search_skips_what_is_fixed():
+    st = AutoState(["same"], (None, 3))  # one algorithm: straight to the lengths
+    assert st.stage == "length" and st.algorithm == "same"
+    st = AutoState(["tli", "slem"], (5,), min_turns=2, block=1)  # a fixed length: only the algorithm
+    assert feed(st, {("tli", 5): 50, ("slem", 5): 100}, 4) == [("tli", 5), ("slem", 5)] * 2
+    assert st.stage == "decided" and st.choice == ("slem", 5)
+    st = AutoState(["same"], (4,))
+    assert st.stage == "decided" and st.next_arm() == ("same", 4)
+
+
+def test_mode_key_separates_decoding_modes():
+    assert mode_key(SamplingParams()) != mode_key(T1)
+    assert mode_key(T1) != mode_key(SamplingParams(temperature=1.0, top_k=5))
+
+
+# --------------------------------------------------------------------------------------------------
+# lossless while switching
+# --------------------------------------------------------------------------------------------------
+
+class Cycle(AutoState):
+    """An `AutoState` that never settles: every round takes the next arm of a fixed cycle over all
+    algorithms and lengths, so every switch between them happens many times."""
+
+    def __init__(self, algorithms, lengths):
+        super().__init__(algorithms, lengths)
+        self.cycle = [(a, k) for a in algorithms for k in lengths]
+        self.i = 0
+        self.stage = "cycling"
+
+    def next_arm(self):
+        arm = self.cycle[self.i % len(self.cycle)]
+        self.i += 1
+        return arm
+
+    def record(self, arm, tokens, seconds, measured=True):
+        super().record(arm, tokens, seconds, measured)
+        self.stage = "cycling"
+
+
+@pytest.mark.parametrize("pair", ["bpe/spm", "spm/bpe", "bpe/ascii", "bpe/bpe"])
+def test_greedy_identical_to_target_alone_with_a_switch_every_round(trained_models, pair):
+    engine = make_engine(trained_models, pair)
+    algos = ["same"] if pair == "bpe/bpe" else ["tli", "slem"]
+    cyc = Cycle(algos, (None, 1, 3))
+    engine.auto_memory.put((mode_key(SamplingParams()), None), cyc)
+    switched = 0
+    for prompt in PROMPTS:
+        r = engine.generate(prompt, GREEDY_NEW, SamplingParams(), "auto")
+        assert r.ids == reference(trained_models, pair, prompt).ids, (pair, prompt)
+        switched += len(r.auto["rounds_by_algorithm"]) > 1
+    assert cyc.i > 3 * len(cyc.cycle)
+    if len(algos) > 1:
+        assert switched > len(PROMPTS) // 2  # most generations ran both algorithms
+
+
+class DecideAfter(AutoState):
+    """Runs `schedule`, then keeps `keep`: the decision comes mid-session, after another drafter ran."""
+
+    def __init__(self, schedule, keep):
+        super().__init__(sorted({a for a, _ in schedule} | {keep[0]}), (None,))
+        self.schedule, self.keep, self.i = list(schedule), keep, 0
+        self.stage = "algorithm"
+
+    def next_arm(self):
+        if self.i < len(self.schedule):
+            self.i += 1
+            return self.schedule[self.i - 1]
+        self.stage, self.algorithm, self.choice = "decided", self.keep[0], self.keep
+        return self.keep
+
+    def record(self, arm, tokens, seconds, measured=True):
+        pass
+
+
+def test_the_kept_drafter_drafts_from_its_own_cache_after_a_mid_session_decision(trained_models):
+    """Every draft runs with the drafter's own KV cache installed (and tli's pruned head), also once
+    the session has dropped the other drafters: its drafts are exactly a fresh drafter's."""
+    engine = make_engine(trained_models, "bpe/spm")
+    engine.auto_memory.put((mode_key(SamplingParams()), None), DecideAfter([("tli", None), ("slem", None), ("tli", None)], ("slem", None)))
+    seen = []
+    for mode in ("tli", "slem"):
+        d = engine.drafter(mode)
+        orig = d.propose
+
+        def propose(k, d=d, orig=orig):
+            assert engine._kv.owner is d
+            if d.inter is not None:
+                assert engine.drafter_runner.pruned_rows is d.inter.rows
+            seen.append(d.mode)
+            return orig(k)
+        d.propose = propose
+    r = engine.generate(PROMPTS[0], GREEDY_NEW, SamplingParams(), "auto")
+    assert seen[:4] == ["tli", "slem", "tli", "slem"] and set(seen[4:]) == {"slem"}
+    assert r.ids == reference(trained_models, "bpe/spm", PROMPTS[0]).ids
+    assert r.accepted_tokens > 0
+
+
+@pytest.mark.parametrize("pair", ["bpe/spm", "bpe/bpe"])
+def test_greedy_auto_search_is_lossless_and_remembered(trained_models, pair):
+    """The real search: identical output while it measures, then one arm only (per decoding mode)."""
+    engine = make_engine(trained_models, pair)
+    for prompt in PROMPTS * 2:
+        r = engine.generate(prompt, GREEDY_NEW, SamplingParams(), "auto")
+        assert r.ids == reference(trained_models, pair, prompt).ids, (pair, prompt)
+    st = engine.auto_memory.get((mode_key(SamplingParams()), None), [], ())
+    assert st.stage == "decided", st.summary()
+    r = engine.generate(PROMPTS[0], GREEDY_NEW, SamplingParams(), "auto")
+    assert list(r.auto["rounds_by_algorithm"]) == [st.choice[0]] == [r.algorithm]
+    assert r.as_json()["auto"]["choice"] == {"algorithm": st.choice[0], "draft_tokens": st.choice[1]}
+    assert "keeps" in r.why
+    # sampling is measured apart: its own search starts from scratch
+    r = engine.generate(PROMPTS[0], GREEDY_NEW, SamplingParams(temperature=1.0, seed=1), "auto")
+    assert r.auto["stage"] != "decided" or pair == "bpe/bpe"
+
+
+def test_auto_without_a_drafter_is_the_target_alone(trained_models):
+    e = Engine(make_engine(trained_models, "bpe/spm").verifier.runner, make_engine(trained_models, "bpe/spm").target_vocab)
+    r = e.generate(PROMPTS[0], 5, SamplingParams(), "auto")
+    assert r.algorithm == "none" and r.auto is None
+
+
+def test_auto_sampled_distribution_is_the_targets_with_a_switch_every_round():
+    """tli, slem and slrs at three draft lengths, the arm changing on every round (and the cycle
+    running on across generations, so each position is reached under each arm): the output
+    distribution is the target's (chi-square over the enumerated outcomes, as for each algorithm)."""
+    eng = slrs_engine(D_STRADDLE)
+    cyc = Cycle(["tli", "slem", "slrs"], (None, 1, 2))
+    eng.auto_memory.put((mode_key(T1), None), cyc)
+    expected = exact_distribution(eng, T1)
+    n = 9000
+    counts, cands, acc = run_counts(eng, T1, "auto", n, None, seed0=5_000_000)
+    stat, p, df = chi_square(counts, expected)
+    print(f"auto, switching every round: chi2={stat:.1f} df={df} p={p:.3g}; {acc}/{cands} accepted")
+    assert cyc.i > n  # more than one round per generation on average
+    assert cands > 0.3 * n and acc > 0.1 * cands and cands - acc > 0.05 * cands, (cands, acc)
+    assert p > ALPHA, (stat, p, df)
+
+
+def test_auto_sampling_search_runs_every_algorithm(trained_models):
+    """Under sampling the search tries tli, slem and slrs on a real tokenizer pair and settles."""
+    engine = make_engine(trained_models, "bpe/spm")
+    seen = set()
+    for i, prompt in enumerate(PROMPTS * 2):
+        r = engine.generate(prompt, GREEDY_NEW, SamplingParams(temperature=1.0, seed=i), "auto")
+        seen |= set(r.auto["rounds_by_algorithm"])
+        assert r.new_tokens == GREEDY_NEW or r.finish_reason == "eos"
+    assert seen == {"tli", "slem", "slrs"}
+    assert engine.auto_memory.get((mode_key(T1), None), [], ()).stage == "decided"
