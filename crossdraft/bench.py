@@ -298,7 +298,8 @@ def run_bench(args) -> int:
     for d in results:
         if d.get("round_ms"):
             rm = d["round_ms"]
-            rest = (f"network {rm['network']:5.2f}" if "network" in rm else f"bookkeeping {rm.get('other', 0):5.2f}")
+            rest = (f"network {rm['network']:5.2f} (prefill included)" if "network" in rm else
+                    f"bookkeeping {rm.get('other', 0):5.2f}  prefill {rm.get('prefill', 0):5.2f}")
             print(f"  {d['config']:18s} {d['drafter']:18s} draft {rm.get('draft', 0):6.2f}  verify {rm.get('verify', 0):6.2f}"
                   f"  (bridge {rm.get('bridge', 0):5.2f})  {rest}"
                   f"  | target alone {step * 1e3:5.2f} ms/token")
