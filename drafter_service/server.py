@@ -227,8 +227,10 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
             algos = auto_algorithms(params, target_vocab, self.vocab, lambda: self._template(fp, "tli", target_vocab))
             fixed = request.draft_tokens or None
             state = self.auto_memory.get((fp, mode_key(params), fixed), algos, (fixed,) if fixed else LENGTHS)
-            algo, why = "auto", ""
             modes = [state.algorithm] if state.stage == "decided" else algos
+            # The verifier needs a resolved algorithm to open the stream: the first this session runs.
+            # It decides every round by the proposal's kind, so later rounds may run another.
+            algo, why = modes[0], ""
         else:
             algo, why = resolve_algorithm(algorithm, params, target_vocab, self.vocab,
                                           lambda: self._template(fp, "tli", target_vocab), slrs=True)

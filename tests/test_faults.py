@@ -177,7 +177,7 @@ def test_drafter_hung_then_wakes(cluster, engine, rdb_client):
 
 
 @pytest.mark.parametrize("algorithm,params", [("slem", SamplingParams()),
-                                              ("tli", SamplingParams(temperature=1.0, seed=5))])
+                                              ("tli", SamplingParams(temperature=1.0, seed=1))])  # a seed with a long draw
 def test_verifier_killed_and_restarted(cluster, engine, algorithm, params):
     def fault():
         cluster.kill("verifier")
@@ -358,3 +358,4 @@ def test_cancel_and_client_deadline_free_drafter_and_verifier(cluster, rdb_clien
         for pid in stopped:
             os.kill(pid, signal.SIGCONT)
     wait_all_free(cluster)
+
