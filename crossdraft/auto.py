@@ -20,12 +20,15 @@ A challenger is judged on paired differences: each of its turns against the incu
 before and after it, which saw the same stretch of text. That matters: how much a round accepts
 depends on the text far more than on the arm (a repetitive stretch accepts whole drafts, a new
 identifier nothing), so unpaired averages over a few dozen rounds cannot tell arms 10% apart, and
-paired ones can. After 2 turns a challenger `FAR_BEHIND` (20%) slower is dropped; after `MIN_TURNS`
-a mean difference more than t95 standard errors below zero drops it, above zero (and at least
-`MIN_GAIN`, 3%, of the rate) makes it the incumbent (the old one becomes a challenger); at
-`ALGO_TURNS`/`LENGTH_TURNS` it stops, and when the stage ends the best of those ahead by more than
-one standard error and `MIN_GAIN` replaces the incumbent. So a clearly worse arm costs two turns,
-and one too close to tell leaves the rule's pick in place, where a wrong guess costs little.
+paired ones can. After `FAR_TURNS` (3) turns a challenger `FAR_BEHIND` (25%) slower is dropped; after
+`MIN_TURNS` (4) a mean difference more than t95 standard errors below zero drops it; after
+`PROMOTE_TURNS` (6) one more than t95 standard errors above zero, and at least `MIN_GAIN` (3%) of the
+rate, makes it the incumbent (the old one becomes a challenger). At `ALGO_TURNS`/`LENGTH_TURNS` a
+challenger stops, and when the stage ends the best of those ahead by more than one standard error and
+`MIN_GAIN` replaces the incumbent. A clearly worse arm costs three turns; one too close to tell leaves
+the rule's pick in place, where a wrong guess costs little. (Taking over needs more turns than being
+dropped: a wrong take-over costs for the rest of the process, a wrong drop only the difference
+between two arms that looked alike.)
 A caller that fixes the draft length skips stage 2; a pair with one applicable algorithm skips stage 1.
 
 Each round is lossless whichever arm runs it (the verifier decides every round with the target's
@@ -45,8 +48,9 @@ from typing import Optional
 
 ALGO_TURNS = 8  # at most, turns per challenger in stage 1
 LENGTH_TURNS = 5  # at most, turns per challenger in stage 2
-MIN_TURNS = 4  # turns before a challenger is judged by the t test
-FAR_BEHIND = 0.2  # after 2 turns, a challenger this much slower than the incumbent is dropped
+MIN_TURNS = 4  # turns before a challenger can be dropped by the t test
+PROMOTE_TURNS = 6  # turns before a challenger can take over
+FAR_TURNS, FAR_BEHIND = 3, 0.25  # after 3 turns, a challenger this much slower is dropped
 MIN_GAIN = 0.03  # a challenger replaces the incumbent only when at least this much faster
 BLOCK = 4  # measured rounds in a turn
 # Student's t, two-sided 95%, by degrees of freedom: the few paired turns settle a challenger early
@@ -85,14 +89,15 @@ class AutoState:
     sessions share one)."""
 
     def __init__(self, algorithms: list, lengths: tuple = LENGTHS, algo_turns: int = ALGO_TURNS,
-                 length_turns: int = LENGTH_TURNS, block: int = BLOCK, min_turns: int = MIN_TURNS):
+                 length_turns: int = LENGTH_TURNS, block: int = BLOCK, min_turns: int = MIN_TURNS,
+                 promote_turns: int = PROMOTE_TURNS):
         """`algorithms`: the applicable ones, the rule's pick first. `lengths`: draft lengths to try
         (None: adaptive, the incumbent if present; one length: fixed by the caller)."""
         if not algorithms or not lengths:
             raise ValueError("auto needs at least one algorithm and one draft length")
         self.algorithms, self.lengths = list(algorithms), tuple(lengths)
         self.algo_turns, self.length_turns, self.block = algo_turns, length_turns, block
-        self.min_turns = min_turns
+        self.min_turns, self.promote_turns = min_turns, promote_turns
         self.turns: list = []  # this stage's finished turns, in order: (arm, tokens, seconds)
         self._cur = [0, 0.0]  # the running turn's tokens and seconds
         self.stats: dict = {}  # (algorithm, k) -> ArmStats
@@ -171,7 +176,7 @@ class AutoState:
             changed = False
             for c in list(self.challengers):
                 m, se, n, rel = self._diff(c)
-                if n >= 2 and rel < -FAR_BEHIND:  # far behind on the same text: no need for a test
+                if n >= FAR_TURNS and rel < -FAR_BEHIND:  # far behind on the same text: no need for a test
                     self.challengers.remove(c)
                     self.dropped.append(c)
                     continue
@@ -181,7 +186,8 @@ class AutoState:
                 if m < -z * se:
                     self.challengers.remove(c)
                     self.dropped.append(c)
-                elif m > z * se and rel > MIN_GAIN:  # clearly faster: the new incumbent
+                elif m > z * se and rel > MIN_GAIN and n >= max(self.min_turns, self.promote_turns):
+                    # clearly faster, on enough text: the new incumbent
                     self.challengers.remove(c)
                     self.challengers.append(self.incumbent)
                     self.incumbent = c

@@ -41,7 +41,7 @@ def test_incumbent_and_challengers_take_turns_and_the_clearly_faster_wins():
     algos, lengths = ["slem", "tli"], (None, 2, 4)  # slem first: the static rule's pick, the incumbent
     speed = {("tli", None): 50, ("slem", None): 60, ("tli", 2): 55, ("tli", 4): 40,
              ("slem", 2): 70, ("slem", 4): 65}
-    st = AutoState(algos, lengths, block=2, min_turns=2)
+    st = AutoState(algos, lengths, block=2, min_turns=2, promote_turns=2)
     used = feed(st, speed, 8)
     assert used == [("slem", None)] * 2 + [("tli", None)] * 2 + [("slem", None)] * 2 + [("tli", None)] * 2
     assert st.stage == "length" and st.algorithm == "slem" and st.dropped == [("tli", None)]
@@ -73,7 +73,7 @@ def test_a_close_challenger_leaves_the_incumbent_in_place():
 
 
 def test_switch_rounds_do_not_count():
-    st = AutoState(["tli", "slem", "slrs"], (None,), min_turns=2, block=2)
+    st = AutoState(["tli", "slem", "slrs"], (None,), min_turns=2, promote_turns=2, block=2)
     order = []
     for _ in range(18):
         arm = st.next_arm()
@@ -90,7 +90,7 @@ def test_switch_rounds_do_not_count():
 def test_search_skips_what_is_fixed():
     st = AutoState(["same"], (None, 3))  # one algorithm: straight to the lengths
     assert st.stage == "length" and st.algorithm == "same"
-    st = AutoState(["tli", "slem"], (5,), min_turns=2, block=1)  # a fixed length: only the algorithm
+    st = AutoState(["tli", "slem"], (5,), min_turns=2, promote_turns=2, block=1)  # a fixed length: only the algorithm
     assert feed(st, {("tli", 5): 50, ("slem", 5): 100}, 4) == [("tli", 5), ("slem", 5)] * 2
     assert st.stage == "decided" and st.choice == ("slem", 5)
     st = AutoState(["same"], (4,))
