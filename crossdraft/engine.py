@@ -269,7 +269,9 @@ class Engine:
                 arm = state.next_arm()
             drafter = drafters.get(arm[0]) if arm is not None else None
             if drafter is not None:
-                k = lengths.setdefault(arm, DraftLength(arm[1]))
+                k = lengths.get(arm)
+                if k is None:  # (not setdefault: that would build a DraftLength every round)
+                    k = lengths[arm] = DraftLength(arm[1])
                 self._use(drafter)  # (a no-op unless the previous round ran another algorithm's drafter)
                 prop = drafter.propose(k.k)
             else:
