@@ -106,7 +106,6 @@ class AutoState:
         self.capped: list = []  # challengers that ran their rounds without being settled
         self.turn: Optional[tuple] = None  # the arm whose turn it is
         self.turn_left = 0  # its measured rounds left in this turn
-        self.last_challenger: Optional[tuple] = None
         self.unmeasured = 0  # rounds right after a switch
         self.algorithm: Optional[str] = None  # stage 1's winner
         self.choice: Optional[tuple] = None  # the arm kept once decided
@@ -133,9 +132,6 @@ class AutoState:
 
     def _quota(self) -> int:
         return self.algo_turns if self.stage == "algorithm" else self.length_turns
-
-    def _s(self, arm) -> ArmStats:
-        return self.stats.get(arm, ArmStats())
 
     def _paired(self, arm) -> list:
         """[(tokens/s of a turn of `arm`, the incumbent's over its turns right before and after)]."""
