@@ -153,6 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--name", default="", help="name of the key (default: key- and the hash's first 8 hex digits)")
     h.add_argument("--new", action="store_true", help="make a new random key (32 bytes, URL-safe base64)")
 
+    k = sub.add_parser("new-verdict-key", help="write a new random key for --verdict-key-file (verifiers and gateways)",
+                       description="Write 32 random bytes, as hex, to FILE (mode 0600): the key verifiers seal their "
+                                   "verdicts with and gateways check them with (--verdict-key-file). Give it to the "
+                                   "verifiers and the gateways, never to the drafters.")
+    k.add_argument("file", help="where to write the key (refused if it exists)")
+
     b = sub.add_parser("bench", help="benchmark every algorithm and drafter against the target alone and Hugging Face",
                        description="Side by side in one process: the target alone, each algorithm with each drafter, "
                                    "and Hugging Face transformers' generate() (plain, assistant_model, assistant_tokenizer). "
@@ -210,6 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
         r.add_argument("--metrics-port", type=int, default=0,
                        help="serve Prometheus metrics over HTTP at HOST:PORT/metrics (default: 0, off)")
         _add_tls_args(r)
+        if role == "verifier":
+            r.add_argument("--verdict-key-file", default=None, metavar="FILE",
+                           help="seal every verdict with this key (HMAC-SHA256), shared with the gateways and never "
+                                "given to drafters: a drafter then cannot change a session's output (the gateway "
+                                "takes the same flag); make one with `crossdraft new-verdict-key FILE`")
         _add_model_args(r)
     gw = roles.add_parser("gateway", help="the client-facing GatewayService over pools of drafters and verifiers",
                           description="Serve the client-facing GatewayService: sessions in Redis (or in memory "
@@ -217,6 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
                                       "session affinity.")
     gw.add_argument("--drafters", required=True, help="drafter addresses, HOST:PORT[,HOST:PORT...]")
     gw.add_argument("--verifiers", required=True, help="verifier addresses, HOST:PORT[,HOST:PORT...]")
+    gw.add_argument("--verdict-key-file", default=None, metavar="FILE",
+                    help="commit only the deltas a verifier sealed with this key (the verifiers' --verdict-key-file): "
+                         "a delta a drafter changed or made up fails that drafter over, and the output stays the "
+                         "target's (default: none, drafters are trusted to relay verdicts, with a warning)")
     al = roles.add_parser("all", help="the embedded default: verifier, drafter and gateway in one process",
                           description="Run the verifier and the drafter on loopback ports picked automatically "
                                       "and the gateway on --port, in one process; sessions in memory unless "
@@ -243,6 +258,14 @@ def build_parser() -> argparse.ArgumentParser:
         r.add_argument("--metrics-port", type=int, default=0,
                        help="serve Prometheus metrics over HTTP at HOST:PORT/metrics (default: 0, off; with "
                             "`all`, one endpoint for the three roles)")
+        r.add_argument("--store-wait-seconds", type=float, default=30.0,
+                       help="how long a running session retries its commit while Redis is unreachable; then it "
+                            "stops here with its committed part in Redis, and a replica takes it over once Redis "
+                            "is back and a client attaches (default: 30)")
+        r.add_argument("--slow-client-seconds", type=float, default=30.0,
+                       help="a streaming client that takes no message for this long (it stopped reading) has its "
+                            "stream cut with RESOURCE_EXHAUSTED; its session goes on and can be re-attached "
+                            "(default: 30)")
         r.add_argument("--max-prompt-bytes", type=int, default=256 << 10,
                        help="longest prompt accepted, in UTF-8 bytes (default: 262144)")
         r.add_argument("--grace", type=float, default=10.0,
@@ -443,12 +466,22 @@ def cmd_hash_key(args, stdin=None) -> int:
     return 0
 
 
+def cmd_new_verdict_key(args) -> int:
+    from .seal import new_key_file
+
+    if os.path.exists(args.file):
+        raise InvalidArgument(f"{args.file} exists; remove it first to replace the key")
+    print(new_key_file(args.file))
+    return 0
+
+
 def cmd_serve(args) -> int:
     if not 1 <= args.max_sessions <= 4096:
         raise InvalidArgument(f"--max-sessions must be in [1, 4096], got {args.max_sessions}")
     if not 0 <= args.port <= 65535:
         raise InvalidArgument(f"--port must be in [0, 65535], got {args.port}")
-    for name in ("drafter_timeout", "failover_seconds", "session_lease"):
+    for name in ("drafter_timeout", "failover_seconds", "session_lease", "slow_client_seconds",
+                 "store_wait_seconds"):
         v = getattr(args, name, None)
         if v is not None and not 0.1 <= v <= 86400:
             raise InvalidArgument(f"--{name.replace('_', '-')} must be in [0.1, 86400] seconds, got {v}")
@@ -456,6 +489,10 @@ def cmd_serve(args) -> int:
         raise InvalidArgument(f"--kv-slots must be in [1, 1024], got {args.kv_slots}")
     if not 0 <= getattr(args, "metrics_port", 0) <= 65535:
         raise InvalidArgument(f"--metrics-port must be in [0, 65535], got {args.metrics_port}")
+    if getattr(args, "verdict_key_file", None):
+        from .seal import sealer_from_args
+
+        sealer_from_args(args)  # an unreadable or short key is a usage error now, not at the first session
     if args.role in ("gateway", "all"):
         args.redis = redis_url_with_password(args.redis)
     if args.role == "gateway":
@@ -495,6 +532,8 @@ def main(argv=None) -> int:
             return cmd_serve(args)
         if args.command == "hash-key":
             return cmd_hash_key(args)
+        if args.command == "new-verdict-key":
+            return cmd_new_verdict_key(args)
     except CrossdraftError as e:
         print(f"crossdraft: error: {e}", file=sys.stderr)
         return e.exit_code

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Optional
 
 from .errors import FailedPrecondition, Unavailable
+from .seal import new_key_file
 
 
 _handed_out: set = set()
@@ -87,10 +88,11 @@ class LocalCluster:
                                       "--appendonly", "no"])
                 redis_url = f"redis://127.0.0.1:{rport}/0"
             t = str(self.threads)
+            key = new_key_file(os.path.join(self.logdir, "verdict.key"))  # the verifier's and the gateway's only
             vport = free_port()
             self.verifier = f"127.0.0.1:{vport}"
             self._spawn("verifier", self._serve("verifier", "--model", self.target, "--port", str(vport),
-                                                "--threads", t))
+                                                "--threads", t, "--verdict-key-file", key))
             for d in self.drafter_dirs:
                 port = free_port()
                 self.drafters[Path(d).name] = f"127.0.0.1:{port}"
@@ -98,7 +100,8 @@ class LocalCluster:
                                                                    "--threads", t))
             gport = free_port()
             self.gateway = f"127.0.0.1:{gport}"
-            gw = ["--port", str(gport), "--drafters", ",".join(self.drafters.values()), "--verifiers", self.verifier]
+            gw = ["--port", str(gport), "--drafters", ",".join(self.drafters.values()), "--verifiers", self.verifier,
+                  "--verdict-key-file", key]
             if redis_url:
                 gw += ["--redis", redis_url]
             self._spawn("gateway", self._serve("gateway", *gw))

@@ -45,6 +45,7 @@ from google.protobuf import json_format
 from crossdraft import wire
 from crossdraft.errors import (Aborted, CrossdraftError, InvalidArgument, NotFound, ResourceExhausted,
                                Unavailable)
+from crossdraft.seal import Sealer, sealer_from_args
 from crossdraft.store import COUNTERS, AlreadyExists, Conflict, MemoryStore, SessionClosed, SessionStore
 from crossdraft.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from verifier_service.common import PLAINTEXT, TLS, Service, check_plaintext, is_loopback, setup_logging, status_of
@@ -69,6 +70,7 @@ FIRST_DELTA_FACTOR = 3  # ... times this for the first one (the drafter may fetc
 FAILOVER_S = 120.0
 STORE_WAIT_S = 30.0  # how long a commit is retried while the session store is unreachable
 LEASE_S = 30.0  # a running session nobody committed to for this long is taken over by a replica it is attached to
+SLOW_CLIENT_S = 30.0  # a streaming client that takes no message for this long is cut (see `_paced`)
 FOLLOW_BLOCK_MS = 500  # how long one read of the event stream waits before checking the client is still there
 _STATUS = {"queued": gateway_pb2.SESSION_STATUS_PENDING, "running": gateway_pb2.SESSION_STATUS_RUNNING}
 
@@ -124,19 +126,46 @@ class _Watchdog:
                 e[1].cancel()
 
 
+class _SlowClient:
+    """What the watchdog cancels when a streaming client stops taking messages: its call, with
+    RESOURCE_EXHAUSTED and a message (gRPC's Python API cancels only with CANCELLED; the core call under
+    it takes a status, and where that is missing, plain cancel is the fallback)."""
+
+    def __init__(self, servicer: "GatewayServicer", sid: str, context):
+        self.servicer, self.sid, self.context = servicer, sid, context
+
+    def cancel(self) -> None:
+        s = self.servicer
+        s.metrics.slow_client()
+        log.warning("session %s: the client took no message for %g s; its stream is cut, the session goes on",
+                    self.sid, s.slow_client_s)
+        details = (f"the client read nothing for {s.slow_client_s:g} s, so the gateway cut its stream; the session "
+                   f"goes on: re-attach with AttachSession({self.sid}, offset = the bytes you have)")
+        try:
+            from grpc._cython import cygrpc
+
+            self.context._rpc_event.call.cancel(cygrpc.StatusCode.resource_exhausted, details)
+        except Exception:  # noqa: BLE001 - another grpcio: a plain cancel still frees the thread
+            self.context.cancel()
+
+
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     def __init__(self, store: SessionStore, drafters: Pool, verifiers: Pool, max_sessions: int = 64,
                  max_prompt_bytes: int = MAX_PROMPT_BYTES, max_new_tokens: int = MAX_NEW_TOKENS,
                  owner: str = "", metrics: Optional[ServiceMetrics] = None, delta_timeout_s: float = DELTA_TIMEOUT_S,
                  failover_s: float = FAILOVER_S, lease_s: float = LEASE_S, store_wait_s: float = STORE_WAIT_S,
-                 keys: Optional[ApiKeys] = None, limits: Optional[KeyLimits] = None):
+                 keys: Optional[ApiKeys] = None, limits: Optional[KeyLimits] = None, sealer: Optional[Sealer] = None,
+                 slow_client_s: float = SLOW_CLIENT_S):
         self.store, self.drafters, self.verifiers = store, drafters, verifiers
+        # with a sealer (--verdict-key-file), a drafter's delta is committed only with the verifier's seal
+        # on it (crossdraft/seal.py): drafters relay the output, they cannot change it
+        self.sealer = sealer
         # API keys (auth.py): None is an open gateway; with keys, a session belongs to the key that created
         # it (its name in the request as `key_name`) and any other key is told NOT_FOUND
         self.keys, self.limits = keys, limits
         self.metrics = metrics if metrics is not None else ServiceMetrics("gateway")
         self.delta_timeout_s, self.failover_s, self.lease_s = delta_timeout_s, failover_s, lease_s
-        self.store_wait_s = store_wait_s
+        self.store_wait_s, self.slow_client_s = store_wait_s, slow_client_s
         self.first_delta_timeout_s = FIRST_DELTA_FACTOR * delta_timeout_s
         self._watchdog = _Watchdog()
         self.max_sessions, self.max_prompt_bytes, self.max_new_tokens = max_sessions, max_prompt_bytes, max_new_tokens
@@ -269,6 +298,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                         prev = now
                         why = why or msg.why
                         reason = wire.finish_reason_from_proto(msg.finish_reason) if msg.finished else ""
+                        if self.sealer is not None and not self.sealer.check(
+                                msg.seal, sid, msg.token_offset, list(msg.ids), msg.text, msg.finished, reason):
+                            self.metrics.unsealed_delta()
+                            raise Aborted(f"drafter {drafter} sent a delta at offset {msg.token_offset} without the "
+                                          "verifier's seal (changed on the way, or the verifier has another "
+                                          "--verdict-key-file); nothing of it was committed")
                         result = None
                         if msg.finished:  # the end's algorithm, why and statistics go with the final commit
                             result = {"algorithm": wire.algorithm_from_proto(msg.algorithm), "why": why,
@@ -308,6 +343,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                         call.cancel()
         except SessionClosed:  # cancelled (here or on another replica): the store has its final event
             pass
+        except _StoreDown as e:  # not marked failed: its committed part waits in the store for a takeover
+            log.warning("session %s: stopped here, %s; a replica takes it over when a client attaches", sid, e)
+            if not started.done():
+                started.set_exception(e)
         except Exception as e:  # noqa: BLE001 - every failure ends the session with a status
             cancelled = isinstance(e, grpc.RpcError) and e.code() == grpc.StatusCode.CANCELLED
             if not (cancelled and self._is_cancelled(sid)):
@@ -444,7 +483,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             raise
         self.metrics.takeover()
         self.metrics.session_started()
-        log.warning("session %s: its gateway %s stopped; taking it over at %d tokens", s.id, s.owner, s.length)
+        log.warning("session %s: nobody has written to it for %g s (its gateway %s stopped or lost the store); "
+                    "taking it over at %d tokens", s.id, self.lease_s, s.owner, s.length)
         done: Future = Future()
         done.set_result(None)
         threading.Thread(target=self._run, args=(s.id, req, done, True), name=f"session-{s.id}", daemon=True).start()
@@ -603,11 +643,27 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             raise
         return sid, self._follow(sid, 0, context)
 
+    def _paced(self, sid: str, messages, context):
+        """Hand `messages` to a streaming client. gRPC's flow control holds a send once the client's
+        window is full, so a client that stops reading holds this handler's thread, and nothing more: the
+        gateway buffers no output of its own (it reads the store as the client takes messages), and the
+        session runs on, committing to the store. A message the client has not taken within
+        `slow_client_s` cuts the stream with RESOURCE_EXHAUSTED, which frees the thread for others; the
+        client may re-attach from the bytes it has."""
+        for msg in messages:
+            entry = self._watchdog.watch(_SlowClient(self, sid, context), self.slow_client_s) \
+                if context is not None else None
+            try:
+                yield msg
+            finally:
+                if entry is not None:
+                    self._watchdog.unwatch(entry)
+
     # --- RPCs -----------------------------------------------------------------------------------
     def Generate(self, request, context):
         sid, events = self._open(request.spec, request.session_id, context, self._caller(context))
-        for kind, value in events:
-            yield gateway_pb2.GenerateResponse(session_id=sid, **{kind: value})
+        yield from self._paced(sid, (gateway_pb2.GenerateResponse(session_id=sid, **{kind: value})
+                                     for kind, value in events), context)
 
     def GenerateUnary(self, request, context):
         sid, events = self._open(request.spec, request.session_id, context, self._caller(context))
@@ -628,8 +684,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         have = len(codecs.getincrementaldecoder("utf-8")("replace").decode(s.text, final=s.terminal).encode("utf-8"))
         if request.offset > have:
             raise InvalidArgument(f"offset {request.offset} is beyond the {have} bytes committed so far")
-        for kind, value in self._follow(s.id, request.offset, context):
-            yield gateway_pb2.AttachSessionResponse(session_id=s.id, **{kind: value})
+        yield from self._paced(s.id, (gateway_pb2.AttachSessionResponse(session_id=s.id, **{kind: value})
+                                      for kind, value in self._follow(s.id, request.offset, context)), context)
 
     def GetSession(self, request, context):
         s = self._get(request.session_id, include_output=request.include_output, caller=self._caller(context))
@@ -661,7 +717,8 @@ def make_store(redis_url: Optional[str], ttl_s: float):
 
 
 def gateway_service(args, store, drafters: list, verifiers: list, host: str, port: int, handle_signals=True,
-                    metrics: Optional[ServiceMetrics] = None, pool_tls: Optional[TLS] = None):
+                    metrics: Optional[ServiceMetrics] = None, pool_tls: Optional[TLS] = None,
+                    sealer: Optional[Sealer] = None):
     """The gateway's gRPC server, started. TLS of its listener from --tls-cert/--tls-key (client certificates
     required when --tls-client-ca is given); its pools' channels use `pool_tls` (default: --tls-ca with the
     same certificate as client identity). API keys and per-key limits from --api-keys and --key-*."""
@@ -672,11 +729,17 @@ def gateway_service(args, store, drafters: list, verifiers: list, host: str, por
             for a in list(drafters) + list(verifiers):
                 check_plaintext(a, tls.insecure, f"pool address {a}", listening=False)
     keys, limits = api_keys_and_limits(args, store)
+    if sealer is None:
+        sealer = sealer_from_args(args)
+        if sealer is None:
+            log.warning("no --verdict-key-file: drafters are trusted to relay the verifiers' verdicts unchanged")
     servicer = GatewayServicer(store, Pool("drafter", drafters, pool_tls), Pool("verifier", verifiers, pool_tls),
                                max_sessions=args.max_sessions, max_prompt_bytes=args.max_prompt_bytes,
                                metrics=metrics, delta_timeout_s=args.drafter_timeout,
                                failover_s=args.failover_seconds, lease_s=args.session_lease,
-                               keys=keys, limits=limits)
+                               keys=keys, limits=limits, sealer=sealer,
+                               slow_client_s=getattr(args, "slow_client_seconds", SLOW_CLIENT_S),
+                               store_wait_s=getattr(args, "store_wait_seconds", STORE_WAIT_S))
     svc = Service(SERVICE_NAME, gateway_pb2_grpc.add_GatewayServiceServicer_to_server, servicer, host, port,
                   max_workers=2 * args.max_sessions + 8, grace_s=args.grace, on_error=servicer.metrics.error,
                   tls=tls, client_ca=getattr(args, "tls_client_ca", None) or "")
@@ -737,8 +800,10 @@ def serve_all(args) -> int:
 
     registry = CollectorRegistry()  # one /metrics for the three roles, told apart by their `role` label
     gmetrics = ServiceMetrics("gateway", registry)
+    # one process: its own random key seals the verifier's verdicts for its gateway
+    sealer = Sealer(os.urandom(32))
     verifier = VerifierServicer(args.target, max_sessions=args.max_sessions,
-                                metrics=ServiceMetrics("verifier", registry))
+                                metrics=ServiceMetrics("verifier", registry), sealer=sealer)
     drafter = DrafterServicer(args.drafter, max_sessions=args.max_sessions, metrics=ServiceMetrics("drafter", registry))
     vsvc = Service(VERIFIER_SERVICE, verifier_pb2_grpc.add_VerifierServiceServicer_to_server, verifier,
                    "127.0.0.1", 0, max_workers=args.max_sessions + 8, grace_s=args.grace,
@@ -751,7 +816,7 @@ def serve_all(args) -> int:
     # the verifier and the drafter listen on loopback in this process: plaintext between them and the
     # gateway (the loopback rule); TLS and API keys apply to the gateway's port, the one clients reach
     gsvc = gateway_service(args, store, [dsvc.address], [vsvc.address], args.host, args.port, metrics=gmetrics,
-                           pool_tls=PLAINTEXT)
+                           pool_tls=PLAINTEXT, sealer=sealer)
     mport = gmetrics.serve(getattr(args, "metrics_port", 0), args.host)
     if mport:
         log.info("metrics on http://%s:%d/metrics", args.host, mport)

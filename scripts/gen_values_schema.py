@@ -170,6 +170,7 @@ schema = {
                     "secrets": obj({"gateway": s(), "drafter": s(), "verifier": s()}),
                     "serverName": s(minLength=1, pattern=r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?$"),
                     "gatewayClientCertificates": b()}),
+        "verdictKey": obj({"enabled": b(), "existingSecret": s(), "existingSecretKey": s(minLength=1)}),
         "gateway": gateway, "drafter": drafter, "verifier": verifier, "redis": redis,
         "tests": obj({"prompt": s(minLength=1), "maxNewTokens": i(minimum=1, maximum=100000),
                       "resources": ref("resources")}),

@@ -18,6 +18,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import grpc
@@ -42,9 +43,10 @@ class Cluster:
         self.procs: dict = {}  # name -> [cmd, Popen, port]
         self.env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
 
-    def start(self, name: str, args: list, port: int = 0) -> str:
+    def start(self, name: str, args: list, port: int = 0, prefix: tuple = ("-m", "crossdraft.cli", "serve")) -> str:
+        """`prefix`: what runs before `args` (default `crossdraft serve`; another script for a hostile drafter)."""
         port = port or free_port()
-        cmd = [sys.executable, "-m", "crossdraft.cli", "serve", *args, "--port", str(port), "--grace", "1"]
+        cmd = [sys.executable, *prefix, *args, "--port", str(port), "--grace", "1"]
         log = open(self.root / f"{name}.log", "ab")
         self.procs[name] = [cmd, subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT),
                             port]
@@ -113,7 +115,8 @@ def cluster(trained_models, tmp_path_factory, redis_server):
         d2 = c.start("d2", ["drafter", "--model", str(spm), "--threads", "1", "--metrics-port", str(c.metrics["d2"])])
         c.wait_serving("verifier", "d1", "d2")
         c.start("gateway", ["gateway", "--redis", redis_server, "--drafters", f"{d1},{d2}", "--verifiers", v,
-                            "--drafter-timeout", "2", "--session-lease", "2", "--failover-seconds", "60"])
+                            "--drafter-timeout", "2", "--session-lease", "2", "--failover-seconds", "60",
+                            "--slow-client-seconds", "2"])
         c.wait_serving("gateway")
         c.dirs = {"target": target, "spm": spm}
         yield c
@@ -195,7 +198,7 @@ def test_gateway_killed_client_reattaches(cluster, engine):
 
     out = generate_with_fault(cluster, fault)
     sid = check_identical(engine, out)
-    assert f"session {sid}: its gateway" in cluster.log("gateway") and "taking it over" in cluster.log("gateway")
+    assert f"session {sid}: nobody has written to it" in cluster.log("gateway") and "taking it over" in cluster.log("gateway")
 
 
 def test_no_drafter_left_the_verifier_alone_finishes(cluster, engine):
@@ -307,6 +310,34 @@ def test_redis_restarted_sessions_survive_and_down_is_unavailable(cluster, engin
     check_identical(engine, out)
 
 
+def test_redis_down_past_the_bound_the_session_stops_and_is_taken_over(cluster, engine, aof):
+    """Redis down for longer than the gateway waits (--store-wait-seconds 1 here): the running session
+    stops with its committed part in Redis, not marked failed; the client, re-attaching by itself,
+    gets the rest once Redis is back (the replica it attaches to takes the session over from the
+    committed ids): output identical, nothing lost, nothing twice."""
+    cluster.start("gateway-short-wait", ["gateway", "--redis", aof.url, "--drafters",
+                                         f"{cluster.address('d1')},{cluster.address('d2')}",
+                                         "--verifiers", cluster.address("verifier"), "--drafter-timeout", "2",
+                                         "--session-lease", "2", "--store-wait-seconds", "1"])
+    cluster.wait_serving("gateway-short-wait")
+
+    def fault():
+        aof.kill()
+        time.sleep(3)  # past the 1 s the gateway retries a commit
+        aof.start()
+
+    old = cluster.procs["gateway"]
+    cluster.procs["gateway"] = cluster.procs["gateway-short-wait"]
+    try:
+        out = generate_with_fault(cluster, fault)
+    finally:
+        cluster.procs["gateway"] = old
+    sid = check_identical(engine, out)
+    log = cluster.log("gateway-short-wait")
+    assert f"session {sid}: stopped here, the session store is unreachable" in log, log[-3000:]
+    assert f"session {sid}: nobody has written to it" in log and "taking it over" in log
+
+
 def active_sessions(cluster, name: str) -> float:
     from test_metrics import scrape, value
 
@@ -359,3 +390,72 @@ def test_cancel_and_client_deadline_free_drafter_and_verifier(cluster, rdb_clien
             os.kill(pid, signal.SIGCONT)
     wait_all_free(cluster)
 
+
+
+def test_a_client_deadline_mid_generation_frees_the_live_drafter_and_verifier_sessions(cluster, rdb_client):
+    """A deadline that passes while the drafter and the verifier hold the session (their Verify stream
+    open): the verifier is stopped (SIGSTOP) the moment both report the session, so the deadline (1 s)
+    surely lands mid-generation; the session is cancelled in Redis, and once the verifier runs again
+    both have released it (open-session gauges back to 0)."""
+    from crossdraft.v1 import gateway_pb2, gateway_pb2_grpc
+
+    sid, seen_live = "deadline-live-1", []
+    vpid = cluster.pid("verifier")
+
+    def watch():  # stop the verifier as soon as the drafter and the verifier both hold the session
+        end = time.monotonic() + 5
+        while time.monotonic() < end and not seen_live:
+            if active_sessions(cluster, "verifier") and (active_sessions(cluster, "d1") or active_sessions(cluster, "d2")):
+                os.kill(vpid, signal.SIGSTOP)
+                seen_live.append(True)
+            time.sleep(0.005)
+
+    w = threading.Thread(target=watch)
+    w.start()
+    stub = gateway_pb2_grpc.GatewayServiceStub(grpc.insecure_channel(cluster.address("gateway")))
+    try:
+        with pytest.raises(grpc.RpcError) as e:
+            stub.GenerateUnary(gateway_pb2.GenerateUnaryRequest(
+                spec=gateway_pb2.GenerationSpec(prompt=PROMPT, max_new_tokens=200), session_id=sid), timeout=1.0)
+        w.join()
+        assert seen_live, "the session finished before the drafter and the verifier both reported it"
+        assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        deadline = time.monotonic() + 10
+        while rdb_client.hget(f"crossdraft:session:{{{sid}}}", "status") != b"cancelled":
+            assert time.monotonic() < deadline, "the session was not cancelled at the client's deadline"
+            time.sleep(0.1)
+    finally:
+        w.join()
+        os.kill(vpid, signal.SIGCONT)
+    wait_all_free(cluster)
+
+
+def test_a_client_that_stops_reading_is_cut_and_its_session_goes_on(cluster, engine):
+    """A streaming client that stops reading (its receive window, here 1 KiB, fills up and gRPC holds the
+    gateway's send) has its stream cut after --slow-client-seconds (2 here) with RESOURCE_EXHAUSTED and
+    a message; meanwhile another client's session runs through the same processes; the cut session
+    finishes anyway, and re-attaching gives exactly the target's output."""
+    from crossdraft.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+
+    ref = engine.generate(PROMPT, N, SamplingParams(), "slem")
+    ch = grpc.insecure_channel(cluster.address("gateway"),
+                               options=[("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)])
+    stream = gateway_pb2_grpc.GatewayServiceStub(ch).Generate(gateway_pb2.GenerateRequest(
+        spec=gateway_pb2.GenerationSpec(prompt=PROMPT, max_new_tokens=N, algorithm=common_pb2.ALGORITHM_SLEM)),
+        timeout=60)
+    sid = next(stream).session_id
+    t0 = time.monotonic()
+    with Client(cluster.address("gateway"), timeout=60) as other:  # another client is served meanwhile
+        assert other.generate(PROMPT, 24, algorithm="slem")["new_tokens"] == 24
+    time.sleep(max(0.0, 5.0 - (time.monotonic() - t0)))  # not reading: past the 2 s limit
+    with pytest.raises(grpc.RpcError) as e:
+        for _ in stream:
+            pass
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e.value
+    assert "re-attach" in e.value.details() and sid in e.value.details()
+    assert f"session {sid}: the client took no message for 2 s" in cluster.log("gateway")
+    with Client(cluster.address("gateway"), timeout=60) as c:
+        assert "".join(c.attach(sid)) == ref.text
+        got = c.get_session(sid)
+    assert got["status"] == "finished" and got["ids"] == ref.ids
+    ch.close()

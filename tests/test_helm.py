@@ -395,11 +395,11 @@ def test_no_secret_value_in_plain_text(name):
     if vals["redis"]["enabled"]:
         secret = vals["redis"]["auth"]["existingSecret"] or f"{FULL}-redis"
         assert pw["valueFrom"]["secretKeyRef"] == {"name": secret, "key": "redis-password"}
-        assert bool(by_kind(objs, "Secret")) == (not vals["redis"]["auth"]["existingSecret"])
+        assert (f"{FULL}-redis" in by_kind(objs, "Secret")) == (not vals["redis"]["auth"]["existingSecret"])
     else:
         ext = vals["redis"]["external"]
         assert pw["valueFrom"]["secretKeyRef"] == {"name": ext["existingSecret"], "key": ext["existingSecretPasswordKey"]}
-        assert flag(gw["args"], "redis") == ext["url"] and not by_kind(objs, "Secret")
+        assert flag(gw["args"], "redis") == ext["url"] and f"{FULL}-redis" not in by_kind(objs, "Secret")
     token = vals["models"]["hub"]["tokenSecret"]
     for w, c in crossdraft_containers(objs):
         env = {e["name"]: e for e in c["env"]}
@@ -753,7 +753,8 @@ def test_readme_values_example_renders(tmp_path):
     path.write_text(example)
     objs = [d for d in yaml.safe_load_all(helm("template", "cd", str(CHART), "-n", "ml", "-f", str(path)).stdout) if d]
     ws = workloads(objs)
-    assert "cd-crossdraft-drafter-smollm2" in ws  # the name `kubectl scale` uses there
+    assert "cd-crossdraft-drafter-smollm2" in ws  # the name `kubectl scale` and `get hpa` use there
+    assert "cd-crossdraft-drafter-smollm2" in by_kind(objs, "HorizontalPodAutoscaler")
     c = ws["cd-crossdraft-verifier"]["spec"]["template"]["spec"]["containers"][0]
     assert c["image"] == "registry.example.com/crossdraft:0.1.0-cuda" and c["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert "svc/cd-crossdraft-gateway 50050:50050" in section and "cd-crossdraft-gateway" in by_kind(objs, "Service")
@@ -811,3 +812,37 @@ def test_tls_and_auth_need_their_secrets(tmp_path):
     f.write_text("gateway: {auth: {existingSecret: keys}}\n")
     out = helm("template", RELEASE, str(CHART), "-f", str(f), check=False)
     assert out.returncode != 0 and "testKeySecret" in out.stderr
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_the_verdict_key_reaches_gateways_and_verifiers_never_drafters(name):
+    """The key verifiers seal verdicts with (crossdraft/seal.py): in the gateway and the verifiers, as a
+    file from a Secret; a drafter pod neither mounts it nor names it, so it cannot forge a delta."""
+    objs = objects(name)
+    secret = f"{FULL}-verdict-key"
+    assert secret in by_kind(objs, "Secret")
+    for w in workloads(objs).values():
+        role = component(w)
+        if role not in ("gateway", "drafter", "verifier"):
+            continue
+        pod = w["spec"]["template"]["spec"]
+        (c,) = [c for c in pod["containers"] if c["name"] == role]
+        mounted = [v for v in pod.get("volumes", []) if v.get("secret", {}).get("secretName") == secret]
+        if role == "drafter":
+            assert not mounted and secret not in json.dumps(w) and "verdict" not in json.dumps(c)
+        else:
+            assert len(mounted) == 1 and flag(c["args"], "verdict-key-file") == "/etc/crossdraft/verdict/key"
+            assert any(m["mountPath"] == "/etc/crossdraft/verdict" and m["readOnly"] for m in c["volumeMounts"])
+
+
+def objects_with(sets: list) -> list:
+    return [d for d in yaml.safe_load_all(helm("template", RELEASE, str(CHART), "--namespace", NAMESPACE, *sets).stdout)
+            if d]
+
+
+def test_the_verdict_key_can_be_off_or_from_an_existing_secret():
+    off = objects_with(["--set", "verdictKey.enabled=false"])
+    assert "--verdict-key-file" not in json.dumps(off) and f"{FULL}-verdict-key" not in by_kind(off, "Secret")
+    mine = objects_with(["--set", "verdictKey.existingSecret=mykey"])
+    assert f"{FULL}-verdict-key" not in by_kind(mine, "Secret")
+    assert '"secretName": "mykey"' in json.dumps(mine)

@@ -73,6 +73,10 @@ def _families(registry: CollectorRegistry) -> dict:
                                buckets=SESSION_BUCKETS, registry=r),
         "bad_proposals": Counter(p + "bad_proposals", "Malformed proposals ignored (verifier)", ["role"],
                                  registry=r),
+        "unsealed_deltas": Counter(p + "unsealed_deltas", "Deltas a drafter sent without the verifier's valid "
+                                   "seal, refused (gateway with --verdict-key-file)", ["role"], registry=r),
+        "slow_clients": Counter(p + "slow_clients", "Client streams cut because the client took no message for "
+                                "--slow-client-seconds (gateway)", ["role"], registry=r),
         "failovers": Counter(p + "failovers", "Sessions resumed on another drafter (or the same one again) after "
                              "a failure (gateway)", ["role"], registry=r),
         "takeovers": Counter(p + "takeovers", "Sessions taken over from a replica that stopped (gateway)", ["role"],
@@ -107,7 +111,7 @@ class ServiceMetrics:
         # histograms are bound on first use, so a role shows only the latencies it measures
         lab = {k: v.labels(role=role) for k, v in f.items()
                if k not in ("accepted_by_position", "errors", "draft_s", "verify_s", "network_s", "round_s",
-                            "ttft_s", "session_s", "failovers", "takeovers", "bad_proposals")}
+                            "ttft_s", "session_s", "failovers", "takeovers", "bad_proposals", "unsealed_deltas", "slow_clients")}
         self.sessions_started, self.sessions_finished = lab["sessions_started"], lab["sessions_finished"]
         self.sessions_active, self.rounds = lab["sessions_active"], lab["rounds"]
         self.draft_tokens, self.accepted_tokens = lab["draft_tokens"], lab["accepted_tokens"]
@@ -184,6 +188,12 @@ class ServiceMetrics:
 
     def bad_proposal(self) -> None:
         self._child("bad_proposals").inc()
+
+    def slow_client(self) -> None:
+        self._child("slow_clients").inc()
+
+    def unsealed_delta(self) -> None:
+        self._child("unsealed_deltas").inc()
 
     def failover(self) -> None:
         self._child("failovers").inc()

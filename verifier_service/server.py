@@ -38,6 +38,7 @@ from crossdraft import wire
 from crossdraft.errors import Aborted, InvalidArgument, ResourceExhausted, Unavailable, Unimplemented
 from crossdraft.protocol import TOKENS, Proposal, Verdict
 from crossdraft.runner import KVPool
+from crossdraft.seal import Sealer, sealer_from_args
 from crossdraft.v1 import verifier_pb2, verifier_pb2_grpc
 from crossdraft.verifier import Verifier
 
@@ -132,8 +133,9 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
     mapped to status codes by `common.ErrorInterceptor`."""
 
     def __init__(self, model: str, max_sessions: int = 16, metrics: Optional[ServiceMetrics] = None,
-                 kv_slots: int = DEFAULT_KV_SLOTS):
+                 kv_slots: int = DEFAULT_KV_SLOTS, sealer: Optional[Sealer] = None):
         self.model = model
+        self.sealer = sealer  # seals every verdict for the gateway (crossdraft/seal.py); None: unsealed
         self.max_sessions, self.kv_slots = max_sessions, kv_slots
         self.metrics = metrics if metrics is not None else ServiceMetrics("verifier")
         self.sessions: Optional[TargetSessions] = None  # set by load()
@@ -224,7 +226,11 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
                 verdict = sessions.verify(start.session_id, proposal, mine=v)
                 rounds += 1
                 m.round(verdict.candidates, verdict.accepted, len(verdict.ids), verify_ns=verdict.verify_ns)
-                yield verifier_pb2.VerifyResponse(verdict=wire.verdict_to_proto(verdict))
+                msg = wire.verdict_to_proto(verdict)
+                if self.sealer is not None:
+                    msg.seal = self.sealer.seal(start.session_id, verdict.seq - len(start.prompt_ids), verdict.ids,
+                                                verdict.text, verdict.finished, verdict.finish_reason)
+                yield verifier_pb2.VerifyResponse(verdict=msg)
                 if verdict.finished or stop.is_set():
                     break
 
@@ -243,6 +249,7 @@ def serve(args) -> int:
     """`crossdraft serve verifier`: listen at once (health NOT_SERVING), load and warm the model,
     then SERVING until SIGTERM."""
     setup_logging()
-    servicer = VerifierServicer(args.model, max_sessions=args.max_sessions, kv_slots=args.kv_slots)
+    servicer = VerifierServicer(args.model, max_sessions=args.max_sessions, kv_slots=args.kv_slots,
+                                sealer=sealer_from_args(args))
     return run_model_service(SERVICE_NAME, verifier_pb2_grpc.add_VerifierServiceServicer_to_server, servicer, args, log)
 

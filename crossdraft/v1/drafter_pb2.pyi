@@ -58,7 +58,7 @@ class RunSessionRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., verifier_address: _Optional[str] = ..., prompt: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., committed_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., algorithm: _Optional[_Union[_common_pb2.Algorithm, str]] = ..., max_new_tokens: _Optional[int] = ..., draft_tokens: _Optional[int] = ..., resume_draft_tokens: _Optional[int] = ...) -> None: ...
 
 class RunSessionResponse(_message.Message):
-    __slots__ = ("token_offset", "ids", "text", "finished", "finish_reason", "algorithm", "why", "stats", "next_draft_tokens")
+    __slots__ = ("token_offset", "ids", "text", "finished", "finish_reason", "algorithm", "why", "stats", "next_draft_tokens", "seal")
     TOKEN_OFFSET_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -68,6 +68,7 @@ class RunSessionResponse(_message.Message):
     WHY_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
     NEXT_DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SEAL_FIELD_NUMBER: _ClassVar[int]
     token_offset: int
     ids: _containers.RepeatedScalarFieldContainer[int]
     text: bytes
@@ -77,4 +78,5 @@ class RunSessionResponse(_message.Message):
     why: str
     stats: _common_pb2.Stats
     next_draft_tokens: int
-    def __init__(self, token_offset: _Optional[int] = ..., ids: _Optional[_Iterable[int]] = ..., text: _Optional[bytes] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., algorithm: _Optional[_Union[_common_pb2.Algorithm, str]] = ..., why: _Optional[str] = ..., stats: _Optional[_Union[_common_pb2.Stats, _Mapping]] = ..., next_draft_tokens: _Optional[int] = ...) -> None: ...
+    seal: bytes
+    def __init__(self, token_offset: _Optional[int] = ..., ids: _Optional[_Iterable[int]] = ..., text: _Optional[bytes] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., algorithm: _Optional[_Union[_common_pb2.Algorithm, str]] = ..., why: _Optional[str] = ..., stats: _Optional[_Union[_common_pb2.Stats, _Mapping]] = ..., next_draft_tokens: _Optional[int] = ..., seal: _Optional[bytes] = ...) -> None: ...

@@ -110,7 +110,7 @@ class Proposal(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., kind: _Optional[_Union[ProposalKind, str]] = ..., target_ids: _Optional[_Iterable[int]] = ..., q_rows: _Optional[_Iterable[_Union[SparseDistribution, _Mapping]]] = ..., text: _Optional[bytes] = ..., eos: _Optional[bool] = ..., drafted: _Optional[int] = ..., draft_ns: _Optional[int] = ...) -> None: ...
 
 class Verdict(_message.Message):
-    __slots__ = ("seq", "ids", "text", "candidates", "accepted", "finished", "finish_reason", "verify_ns", "bridge_ns")
+    __slots__ = ("seq", "ids", "text", "candidates", "accepted", "finished", "finish_reason", "verify_ns", "bridge_ns", "seal")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -120,6 +120,7 @@ class Verdict(_message.Message):
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     VERIFY_NS_FIELD_NUMBER: _ClassVar[int]
     BRIDGE_NS_FIELD_NUMBER: _ClassVar[int]
+    SEAL_FIELD_NUMBER: _ClassVar[int]
     seq: int
     ids: _containers.RepeatedScalarFieldContainer[int]
     text: bytes
@@ -129,7 +130,8 @@ class Verdict(_message.Message):
     finish_reason: _common_pb2.FinishReason
     verify_ns: int
     bridge_ns: int
-    def __init__(self, seq: _Optional[int] = ..., ids: _Optional[_Iterable[int]] = ..., text: _Optional[bytes] = ..., candidates: _Optional[int] = ..., accepted: _Optional[int] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., verify_ns: _Optional[int] = ..., bridge_ns: _Optional[int] = ...) -> None: ...
+    seal: bytes
+    def __init__(self, seq: _Optional[int] = ..., ids: _Optional[_Iterable[int]] = ..., text: _Optional[bytes] = ..., candidates: _Optional[int] = ..., accepted: _Optional[int] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., verify_ns: _Optional[int] = ..., bridge_ns: _Optional[int] = ..., seal: _Optional[bytes] = ...) -> None: ...
 
 class VerifyRequest(_message.Message):
     __slots__ = ("start", "proposal")

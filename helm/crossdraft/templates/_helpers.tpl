@@ -109,6 +109,38 @@ maps merge). */}}
 {{- printf "%s-verifier" (include "crossdraft.fullname" .) -}}
 {{- end -}}
 
+{{/* The Secret with the verdict key (--verdict-key-file of the gateway and the verifiers, never the drafters). */}}
+{{- define "crossdraft.verdictKeySecret" -}}
+{{- .Values.verdictKey.existingSecret | default (printf "%s-verdict-key" (include "crossdraft.fullname" .)) -}}
+{{- end -}}
+
+{{- define "crossdraft.verdictKeyArgs" -}}
+{{- if .Values.verdictKey.enabled }}
+- --verdict-key-file=/etc/crossdraft/verdict/key
+{{- end }}
+{{- end -}}
+
+{{- define "crossdraft.verdictKeyMount" -}}
+{{- if .Values.verdictKey.enabled }}
+- name: verdict-key
+  mountPath: /etc/crossdraft/verdict
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{- define "crossdraft.verdictKeyVolume" -}}
+{{- if .Values.verdictKey.enabled }}
+# the key verifiers seal verdicts with and gateways check them with (crossdraft/seal.py)
+- name: verdict-key
+  secret:
+    secretName: {{ include "crossdraft.verdictKeySecret" . }}
+    defaultMode: 0440
+    items:
+      - key: {{ .Values.verdictKey.existingSecretKey }}
+        path: key
+{{- end }}
+{{- end -}}
+
 {{- define "crossdraft.redisName" -}}
 {{- printf "%s-redis" (include "crossdraft.fullname" .) -}}
 {{- end -}}
