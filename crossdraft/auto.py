@@ -53,6 +53,9 @@ PROMOTE_TURNS = 6  # turns before a challenger can take over
 FAR_TURNS, FAR_BEHIND = 3, 0.25  # after 3 turns, a challenger this much slower is dropped
 MIN_GAIN = 0.03  # a challenger replaces the incumbent only when at least this much faster
 BLOCK = 4  # measured rounds in a turn
+REST = 16  # rounds of the incumbent alone after each challenger turn and its two incumbent turns
+PROMOTE_SESSIONS = 3  # a challenger takes over only on turns from this many sessions (different texts) ...
+PROMOTE_SPAN = 1024  # ... or spread over this many committed tokens (one long session)
 # Student's t, two-sided 95%, by degrees of freedom: the few paired turns settle a challenger early
 # only when the difference is this many standard errors away from zero
 _T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23, 12: 2.18,
@@ -90,22 +93,29 @@ class AutoState:
 
     def __init__(self, algorithms: list, lengths: tuple = LENGTHS, algo_turns: int = ALGO_TURNS,
                  length_turns: int = LENGTH_TURNS, block: int = BLOCK, min_turns: int = MIN_TURNS,
-                 promote_turns: int = PROMOTE_TURNS):
+                 promote_turns: int = PROMOTE_TURNS, rest: int = REST, promote_span: int = PROMOTE_SPAN,
+                 promote_sessions: int = PROMOTE_SESSIONS):
         """`algorithms`: the applicable ones, the rule's pick first. `lengths`: draft lengths to try
-        (None: adaptive, the incumbent if present; one length: fixed by the caller)."""
+        (None: adaptive, the incumbent if present; one length: fixed by the caller). `rest`,
+        `promote_span`: see the module's note (0 and 0: back-to-back turns, as the unit tests use)."""
         if not algorithms or not lengths:
             raise ValueError("auto needs at least one algorithm and one draft length")
         self.algorithms, self.lengths = list(algorithms), tuple(lengths)
         self.algo_turns, self.length_turns, self.block = algo_turns, length_turns, block
         self.min_turns, self.promote_turns = min_turns, promote_turns
-        self.turns: list = []  # this stage's finished turns, in order: (arm, tokens, seconds)
+        self.rest, self.promote_span, self.promote_sessions = rest, promote_span, promote_sessions
+        self.text = 0  # committed tokens of every round recorded, the search's clock of text
+        self.session = 0  # sessions begun (`begin_session`), the other clock of text
+        # this stage's finished turns, in order: (arm, tokens, seconds, text at its end, session)
+        self.turns: list = []
         self._cur = [0, 0.0]  # the running turn's tokens and seconds
         self.stats: dict = {}  # (algorithm, k) -> ArmStats
         self.lock = threading.Lock()
         self.dropped: list = []  # challengers found clearly slower, in order
         self.capped: list = []  # challengers that ran their rounds without being settled
-        self.turn: Optional[tuple] = None  # the arm whose turn it is
-        self.turn_left = 0  # its measured rounds left in this turn
+        self.turn: Optional[tuple] = None  # the arm whose turn it is (None: resting, the incumbent runs)
+        self.turn_left = 0  # its measured rounds left in this turn (resting: rounds left of the rest)
+        self.phase = -1  # in the cycle: 0 incumbent, 1 challenger, 2 incumbent, 3 rest
         self.unmeasured = 0  # rounds right after a switch
         self.algorithm: Optional[str] = None  # stage 1's winner
         self.choice: Optional[tuple] = None  # the arm kept once decided
@@ -125,7 +135,7 @@ class AutoState:
         else:
             self.choice, self.challengers = self.incumbent, []
         self.capped = []
-        self.turn, self.turn_left = None, 0
+        self.turn, self.turn_left, self.phase = None, 0, -1
         self.turns, self._cur = [], [0, 0.0]
         if stage != "decided" and not self.challengers:
             self._finish_stage()
@@ -137,7 +147,7 @@ class AutoState:
         """[(tokens/s of a turn of `arm`, the incumbent's over its turns right before and after)]."""
         out = []
         inc = [j for j, t in enumerate(self.turns) if t[0] == self.incumbent]
-        for j, (a, tok, sec) in enumerate(self.turns):
+        for j, (a, tok, sec, _, _) in enumerate(self.turns):
             if a != arm or sec <= 0:
                 continue
             near = [i for i in ([max((i for i in inc if i < j), default=None),
@@ -166,6 +176,20 @@ class AutoState:
     def _turns_of(self, arm) -> int:
         return sum(1 for t in self.turns if t[0] == arm)
 
+    def _spread(self, arm) -> bool:
+        """Whether `arm`'s turns come from enough different text to take over: `promote_sessions`
+        sessions, or `promote_span` committed tokens between its first and last turn."""
+        mine = [t for t in self.turns if t[0] == arm]
+        if not mine:
+            return self.promote_span <= 0
+        return (len({t[4] for t in mine}) >= self.promote_sessions
+                or mine[-1][3] - mine[0][3] >= self.promote_span)
+
+    def _convincing(self, c) -> bool:
+        """Faster than the incumbent by more than t95 standard errors and `MIN_GAIN`, on spread text."""
+        m, se, n, rel = self._diff(c)
+        return n >= self.min_turns and m > t95(n - 1) * se and rel > MIN_GAIN and self._spread(c)
+
     def _judge(self) -> None:
         changed = True
         while changed and self.challengers:
@@ -182,7 +206,7 @@ class AutoState:
                 if m < -z * se:
                     self.challengers.remove(c)
                     self.dropped.append(c)
-                elif m > z * se and rel > MIN_GAIN and n >= max(self.min_turns, self.promote_turns):
+                elif self._convincing(c) and n >= self.promote_turns:
                     # clearly faster, on enough text: the new incumbent
                     self.challengers.remove(c)
                     self.challengers.append(self.incumbent)
@@ -196,7 +220,7 @@ class AutoState:
             self._finish_stage()
 
     def _finish_stage(self) -> None:
-        better = [c for c in self.capped if (lambda d: d[0] > d[1] and d[3] > MIN_GAIN)(self._diff(c))]
+        better = [c for c in self.capped if self._convincing(c)]
         if better:
             self.incumbent = max(better, key=lambda c: self._diff(c)[0])
         if self.stage == "algorithm":
@@ -211,30 +235,46 @@ class AutoState:
             if self.stage == "decided":
                 return self.choice
             arms = [self.incumbent] + self.challengers
-            if self.turn in arms and self.turn_left > 0:
-                return self.turn
-            if self.turn == self.incumbent:
+            if self.turn_left > 0 and (self.turn in arms or self.turn is None):
+                return self.turn or self.incumbent
+            if self.turn is not None and self.turn not in arms:
+                self.phase = -1  # the arms changed under the running cycle: start a fresh one
+            self.phase = (self.phase + 1) % 4
+            if self.phase == 3 and self.rest <= 0:
+                self.phase = 1  # no rest: incumbent and challengers alternate, each incumbent turn
+                # serving as the turn after one challenger's and before the next one's
+            if self.phase == 1:
                 self.turn = min(self.challengers, key=self._turns_of)  # first of the fewest turns
+            elif self.phase == 3:
+                self.turn = None
             else:
                 self.turn = self.incumbent
-            self.turn_left = self.block
-            return self.turn
+            self.turn_left = self.rest if self.phase == 3 else self.block
+            return self.turn or self.incumbent
+
+    def begin_session(self) -> None:
+        """A session (a new text) starts using this state."""
+        with self.lock:
+            self.session += 1
 
     def record(self, arm: tuple, tokens: int, seconds: float, measured: bool = True) -> None:
         """One round of `arm`: `tokens` committed in `seconds` of wall time. `measured` False: the
         round paid for a switch (see the module's note) and does not count."""
         with self.lock:
+            self.text += tokens
+            if self.stage != "decided" and self.turn is None and arm == self.incumbent:
+                self.turn_left -= 1  # a round of rest
             if not measured:
                 self.unmeasured += 1
                 return
             self.stats.setdefault(arm, ArmStats()).add(tokens, seconds)
-            if self.stage == "decided" or arm != self.turn:
+            if self.stage == "decided" or self.turn is None or arm != self.turn:
                 return
             self._cur[0] += tokens
             self._cur[1] += seconds
             self.turn_left -= 1
             if self.turn_left <= 0:  # the turn is over: it is one sample of its arm
-                self.turns.append((arm, self._cur[0], self._cur[1]))
+                self.turns.append((arm, self._cur[0], self._cur[1], self.text, self.session))
                 self._cur = [0, 0.0]
                 self._judge()
 

@@ -69,6 +69,8 @@ class Drafter:
         if mode == "slrs":
             self.explorer = Explorer(vocab, target_vocab, slrs_tau, slrs_budget)
         self.kv_ids: list = []  # drafter ids whose KV is in the runner, in order
+        self._behind_ids: list = []  # committed while another drafter ran (`defer`), not yet observed
+        self._behind_text = b""
 
     # --- session ------------------------------------------------------------------------------
     def start(self, prompt: str, prompt_target_ids: list, params: SamplingParams) -> None:
@@ -83,6 +85,7 @@ class Drafter:
             self.runner.prune_head(rows)
         self.runner.reset()
         self.kv_ids = []
+        self._behind_ids, self._behind_text = [], b""
         if self.mode == "same":
             self.ctx = list(prompt_target_ids)
         else:
@@ -93,11 +96,28 @@ class Drafter:
 
     def observe(self, verdict: Verdict) -> None:
         """Move the context to the committed text; the KV is fixed lazily at the next draft."""
-        self.committed += len(verdict.ids)
+        self._catch_up()
+        self._advance(verdict.ids, verdict.text)
+
+    def defer(self, verdict: Verdict) -> None:
+        """A verdict on another drafter's round (`auto` switches drafters between rounds): noted only,
+        and observed with any others in one go before this drafter's next draft, so that a drafter
+        that sits out costs nothing per round."""
+        self._behind_ids.extend(verdict.ids)
+        self._behind_text += verdict.text
+
+    def _catch_up(self) -> None:
+        if self._behind_ids:
+            ids, text = self._behind_ids, self._behind_text
+            self._behind_ids, self._behind_text = [], b""
+            self._advance(ids, text)
+
+    def _advance(self, ids: list, text: bytes) -> None:
+        self.committed += len(ids)
         if self.mode == "same":
-            self.ctx.extend(verdict.ids)
+            self.ctx.extend(ids)
         else:
-            self.track.extend(verdict.text)
+            self.track.extend(text)
             self.ctx = self.bos + self.track.ids
 
     # --- drafting -----------------------------------------------------------------------------
@@ -112,6 +132,7 @@ class Drafter:
 
     def propose(self, k: int) -> Proposal:
         t0 = time.perf_counter_ns()
+        self._catch_up()
         greedy = self.params.greedy
         text = self.mode == "slem" or (self.mode == "slrs" and greedy)  # greedy slrs is slem
         k = max(0, min(k, self.runner.max_length - len(self.ctx) - 1))

@@ -243,6 +243,7 @@ class Engine:
             algos = auto_algorithms(params, self.target_vocab, self.drafter_vocab, lambda: self.drafter("tli"))
             lengths = (draft_tokens,) if draft_tokens is not None else LENGTHS
             state = self.auto_memory.get((mode_key(params), draft_tokens), algos, lengths)
+            state.begin_session()
             modes, why = ([state.algorithm] if state.stage == "decided" else algos), ""
         else:
             algo, why = self.resolve(algorithm, params)
@@ -279,8 +280,10 @@ class Engine:
             verdict = v.verify(prop)  # None: the target alone, one token
             stats.add(prop, verdict)
             if drafter is not None and not verdict.finished:
-                for d in drafters.values():  # every drafter follows the committed text
-                    d.observe(verdict)
+                drafter.observe(verdict)
+                for d in drafters.values():  # the others catch up when they next draft
+                    if d is not drafter:
+                        d.defer(verdict)
                 k.update(verdict.candidates, verdict.accepted)
             if state is not None:
                 state.record(arm, len(verdict.ids), time.perf_counter() - r0, measured=drafter is last)

@@ -227,6 +227,7 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
             algos = auto_algorithms(params, target_vocab, self.vocab, lambda: self._template(fp, "tli", target_vocab))
             fixed = request.draft_tokens or None
             state = self.auto_memory.get((fp, mode_key(params), fixed), algos, (fixed,) if fixed else LENGTHS)
+            state.begin_session()
             modes = [state.algorithm] if state.stage == "decided" else algos
             # The verifier needs a resolved algorithm to open the stream: the first this session runs.
             # It decides every round by the proposal's kind, so later rounds may run another.
@@ -332,8 +333,10 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
                 done.new_tokens = committed_len - len(start.prompt_ids) - len(start.committed_ids)
                 done.seconds, done.finished = time.perf_counter() - t0, finished
                 if drafter is not None and not finished:
-                    for d in drafters.values():  # every drafter follows the committed text
-                        d.observe(verdict)
+                    drafter.observe(verdict)
+                    for d in drafters.values():  # the others catch up when they next draft
+                        if d is not drafter:
+                            d.defer(verdict)
                     k.update(verdict.candidates, verdict.accepted)
                 if state is not None and drafter is not None:
                     state.record(arm, len(verdict.ids), time.perf_counter() - r0, measured=drafter is last)
@@ -354,7 +357,7 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
                         finish_reason=wire.finish_reason_to_proto(verdict.finish_reason), algorithm=algo_enum,
                         why=why if first or state is not None else "",
                         stats=wire.stats_to_proto(stats, network_ns=c.network_ns),
-                        next_draft_tokens=k.k)
+                        next_draft_tokens=k.k, seal=resp.verdict.seal)
                     if finished or (stop is not None and stop.is_set()):
                         yield msg
                     else:

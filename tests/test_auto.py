@@ -24,11 +24,14 @@ from test_slrs import engine as slrs_engine
 # the search, on recorded figures
 # --------------------------------------------------------------------------------------------------
 
-def feed(state: AutoState, speed, rounds: int, tokens=None) -> list:
+def feed(state: AutoState, speed, rounds: int, tokens=None, session_rounds: int = 0) -> list:
     """Run `rounds` rounds where arm (algorithm, k) commits at speed(arm, i) tokens a second (a dict:
-    steady speeds); -> arms used. `tokens(i)`: tokens committed by round i (default 2)."""
+    steady speeds); -> arms used. `tokens(i)`: tokens committed by round i (default 2).
+    `session_rounds`: a new session (a new text) every so many rounds."""
     used = []
     for i in range(rounds):
+        if session_rounds and i % session_rounds == 0:
+            state.begin_session()
         arm = state.next_arm()
         used.append(arm)
         v = speed[arm] if isinstance(speed, dict) else speed(arm, i)
@@ -41,7 +44,7 @@ def test_incumbent_and_challengers_take_turns_and_the_clearly_faster_wins():
     algos, lengths = ["slem", "tli"], (None, 2, 4)  # slem first: the static rule's pick, the incumbent
     speed = {("tli", None): 50, ("slem", None): 60, ("tli", 2): 55, ("tli", 4): 40,
              ("slem", 2): 70, ("slem", 4): 65}
-    st = AutoState(algos, lengths, block=2, min_turns=2, promote_turns=2)
+    st = AutoState(algos, lengths, block=2, min_turns=2, promote_turns=2, rest=0, promote_span=0)
     used = feed(st, speed, 8)
     assert used == [("slem", None)] * 2 + [("tli", None)] * 2 + [("slem", None)] * 2 + [("tli", None)] * 2
     assert st.stage == "length" and st.algorithm == "slem" and st.dropped == [("tli", None)]
@@ -59,7 +62,7 @@ def test_incumbent_and_challengers_take_turns_and_the_clearly_faster_wins():
 def test_pairing_cancels_what_the_text_does():
     """Acceptance swings with the text far more than between arms: a challenger 10% faster on every
     stretch of text, on text whose difficulty changes every few turns, is found faster."""
-    st = AutoState(["slem", "tli"], (None,), block=4, min_turns=3, algo_turns=10)
+    st = AutoState(["slem", "tli"], (None,), block=4, min_turns=3, algo_turns=10, rest=0, promote_span=0)
     rates = {("slem", None): 1.0, ("tli", None): 1.1}
     feed(st, lambda arm, i: 100 * rates[arm] * (1 + 2 * (i // 13 % 3)), 200)
     assert st.stage == "decided" and st.choice == ("tli", None)
@@ -67,13 +70,13 @@ def test_pairing_cancels_what_the_text_does():
 
 def test_a_close_challenger_leaves_the_incumbent_in_place():
     """Same speed on average, noisy per round: not settled early; at the cap the incumbent stays."""
-    st = AutoState(["tli", "slem"], (None,), algo_turns=6, min_turns=3, block=2)
+    st = AutoState(["tli", "slem"], (None,), algo_turns=6, min_turns=3, block=2, rest=0, promote_span=0)
     feed(st, {("tli", None): 100, ("slem", None): 100}, 60, tokens=lambda i: 1 + 2 * (i * 7 % 3 == 0))
     assert st.stage == "decided" and st.choice == ("tli", None) and not st.dropped
 
 
 def test_switch_rounds_do_not_count():
-    st = AutoState(["tli", "slem", "slrs"], (None,), min_turns=2, promote_turns=2, block=2)
+    st = AutoState(["tli", "slem", "slrs"], (None,), min_turns=2, promote_turns=2, block=2, rest=0, promote_span=0)
     order = []
     for _ in range(18):
         arm = st.next_arm()
@@ -87,10 +90,49 @@ def test_switch_rounds_do_not_count():
     assert st.stats[("slem", None)].tokens_per_second == pytest.approx(100)
 
 
+def test_the_search_rests_between_challenger_turns():
+    """With a rest, each challenger turn sits between two incumbent turns (its pairs), and then the
+    incumbent runs alone for `rest` rounds: the search takes block/(3 block + rest) of the rounds."""
+    st = AutoState(["slem", "tli"], (None,), block=2, rest=5)
+    used = feed(st, {("slem", None): 100, ("tli", None): 100}, 22)
+    S, T = ("slem", None), ("tli", None)
+    assert used == [S] * 2 + [T] * 2 + [S] * 2 + [S] * 5 + [S] * 2 + [T] * 2 + [S] * 2 + [S] * 5
+    assert [t[0] for t in st.turns] == [S, T, S, S, T, S]  # rest rounds are no turn
+
+
+def test_a_challenger_ahead_in_the_first_sessions_only_does_not_take_over():
+    """What the zoo showed (drafter-bpe2k, greedy, six prompts of 128 tokens): on the first prompts tli
+    beats slem by up to 13%, on the others slem beats tli by up to 16%, and slem is ahead over all.
+    Turns back to back decide on the first stretch and keep the wrong arm; resting between turns and
+    asking for evidence from `PROMOTE_SESSIONS` sessions leaves the incumbent in place."""
+    S, T = ("slem", None), ("tli", None)
+    per_session = [1.06, 1.13, 0.86, 0.93, 0.92, 0.95] * 2  # tli's speed over slem's, per session (text)
+
+    def run(**kw):
+        st = AutoState(["slem", "tli"], (None,), **kw)
+        feed(st, lambda arm, i: 100 * (per_session[i // 64] if arm == T else 1.0), 64 * 12, session_rounds=64)
+        return st
+
+    assert run(rest=0, promote_span=0).best() == T  # the old schedule: decided inside the first stretch
+    st = run()
+    assert st.best() == S, st.summary()
+    assert st.stats[T].rounds < 0.2 * 64 * 12  # and the search took a small share of the rounds
+
+
+def test_a_challenger_faster_on_every_text_takes_over_within_a_few_sessions():
+    """The same defaults find a challenger 10% faster everywhere, with noisy rounds, in a few sessions."""
+    S, T = ("slem", None), ("tli", None)
+    st = AutoState(["slem", "tli"], (None,))
+    noise = [1.0, 0.8, 1.25, 0.9, 1.1]
+    feed(st, lambda arm, i: 100 * (1.1 if arm == T else 1.0) * noise[i * 7 % 5], 64 * 6, session_rounds=64)
+    assert st.best() == T and st.algorithm == "tli", st.summary()
+
+
 def test_search_skips_what_is_fixed():
     st = AutoState(["same"], (None, 3))  # one algorithm: straight to the lengths
     assert st.stage == "length" and st.algorithm == "same"
-    st = AutoState(["tli", "slem"], (5,), min_turns=2, promote_turns=2, block=1)  # a fixed length: only the algorithm
+    # a fixed length: only the algorithm
+    st = AutoState(["tli", "slem"], (5,), min_turns=2, promote_turns=2, block=1, rest=0, promote_span=0)
     assert feed(st, {("tli", 5): 50, ("slem", 5): 100}, 4) == [("tli", 5), ("slem", 5)] * 2
     assert st.stage == "decided" and st.choice == ("slem", 5)
     st = AutoState(["same"], (4,))
