@@ -19,6 +19,7 @@ Never: sees target logits, decides acceptance, imports grpc or redis.
 """
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import replace
 from typing import Optional
@@ -42,6 +43,16 @@ def _lcp(a: list, b: list) -> int:
     while i < n and a[i] == b[i]:
         i += 1
     return i
+
+
+class KVIds:
+    """The ids whose KV a drafter cache holds: a drafter's, or shared by drafters over one context
+    (`Drafter.share_kv`); also the key of that cache in a `runner.KVPool`."""
+
+    __slots__ = ("ids",)
+
+    def __init__(self):
+        self.ids: list = []
 
 
 class Drafter:
@@ -68,9 +79,38 @@ class Drafter:
         self.explorer: Optional[Explorer] = None
         if mode == "slrs":
             self.explorer = Explorer(vocab, target_vocab, slrs_tau, slrs_budget)
-        self.kv_ids: list = []  # drafter ids whose KV is in the runner, in order
+        # the drafter ids whose KV is in this drafter's cache, in order; drafters of other modes over the
+        # same text may share the cache and this record of it (`share_kv`)
+        self.kv = KVIds()
         self._behind_ids: list = []  # committed while another drafter ran (`defer`), not yet observed
         self._behind_text = b""
+
+    @property
+    def kv_ids(self) -> list:
+        return self.kv.ids
+
+    @kv_ids.setter
+    def kv_ids(self, ids: list) -> None:
+        self.kv.ids = ids
+
+    def fork(self) -> "Drafter":
+        """A drafter for one more session: the intersection, the explorer, the tokenizers and the runner
+        shared (read-only, or used under the caller's lock), the session state and KV record its own."""
+        d = copy.copy(self)
+        d.kv = KVIds()
+        d._behind_ids, d._behind_text = [], b""
+        return d
+
+    def share_kv(self, other: "Drafter") -> None:
+        """Draft on `other`'s KV cache. tli, slem and slrs with one drafter model run it on the same
+        context (the drafter's tokens of the committed text), so a cache one of them filled serves the
+        others: when `auto` switches among them, the next one continues where the last left off
+        instead of catching up on everything committed since it last drafted. (What one drafted past
+        the committed text is cut back, as after any round, by the common prefix with the context.)
+        The caller installs the cache of `self.kv` (KVPool key) before each draft."""
+        if (self.mode == "same") != (other.mode == "same") or self.vocab is not other.vocab:
+            raise ValueError("only drafters of one model over the same context can share a KV cache")
+        self.kv = other.kv
 
     # --- session ------------------------------------------------------------------------------
     def start(self, prompt: str, prompt_target_ids: list, params: SamplingParams) -> None:

@@ -212,6 +212,10 @@ class Engine:
         if d is None:
             d = Drafter(self.drafter_runner, self.drafter_vocab, self.target_vocab, mode,
                         self.draft_top_k, self.window, self.min_confidence, self.slrs_tau, self.slrs_budget)
+            if mode != "same":  # tli, slem and slrs draft on one context: one KV cache (Drafter.share_kv)
+                kin = next((o for o in self._drafters.values() if o.mode != "same"), None)
+                if kin is not None:
+                    d.share_kv(kin)
             self._drafters[mode] = d
         return d
 
@@ -225,7 +229,7 @@ class Engine:
         """Install drafter `d`'s own KV cache in the shared drafter runner (and tli's pruned head)."""
         if self._kv is None:
             self._kv = KVPool(self.drafter_runner, slots=len(MODES))
-        if not self._kv.activate(d):
+        if not self._kv.activate(d.kv):
             d.kv_ids = []  # a fresh cache: the next draft recomputes its context
         rows = d.inter.rows if d.inter is not None else None
         if rows is not None and self.drafter_runner.pruned_rows is not rows:

@@ -24,7 +24,6 @@ Never: decides acceptance or commits anything; the verifier alone does.
 """
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import queue
@@ -86,11 +85,11 @@ class DrafterSessions:
         with self.lock:
             self.active -= 1
             for d in drafters:
-                self.kv.release(d)
+                self.kv.release(d.kv)
 
     def start(self, drafter: Drafter, prompt: str, ids: list, params) -> None:
         with self.lock:
-            self.kv.activate(drafter)  # an empty cache for it; the previous owner's is parked or evicted
+            self.kv.activate(drafter.kv)  # an empty cache for it; the previous owner's is parked or evicted
             drafter.start(prompt, ids, params)
 
     def propose(self, drafter: Drafter, k: int) -> Proposal:
@@ -98,7 +97,7 @@ class DrafterSessions:
             rows = drafter.inter.rows if drafter.inter is not None else None
             if self.runner.pruned_rows is not rows:  # sessions of other modes share the runner
                 self.runner.prune_head(rows)
-            if not self.kv.activate(drafter):  # a miss: its cache was evicted by other sessions
+            if not self.kv.activate(drafter.kv):  # a miss: its cache was evicted by other sessions
                 self.misses += 1
                 if self.metrics is not None:
                     self.metrics.kv_rebuild()
@@ -236,7 +235,10 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
             algo, why = resolve_algorithm(algorithm, params, target_vocab, self.vocab,
                                           lambda: self._template(fp, "tli", target_vocab), slrs=True)
             modes = [algo] if algo != "none" else []
-        drafters = {m: copy.copy(self._template(fp, m, target_vocab)) for m in modes}
+        drafters = {m: self._template(fp, m, target_vocab).fork() for m in modes}
+        text = [d for d in drafters.values() if d.mode != "same"]
+        for d in text[1:]:  # tli, slem and slrs of one session draft on one KV cache (Drafter.share_kv)
+            d.share_kv(text[0])
         prompt_ids = list(request.prompt_ids) or target_vocab.encode_prompt(request.prompt)
         n_target = len(target_vocab)
         for t in prompt_ids + committed:

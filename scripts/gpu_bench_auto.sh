@@ -21,5 +21,6 @@ run() {  # name, limit in seconds, bench flags
     --prompts-file "$ZOO/dev-prompts.jsonl" --sweep-draft-tokens adaptive,2,3,4,6 --num-prompts 6 \
     --max-new-tokens 128 --no-hf --json-out "$OUT/$name.json" --debug "$@" 2>>"$OUT/log.txt" | tee "$OUT/$name.txt"
 }
-run cuda_auto_greedy_bf16 ${LIMIT:-200} --algorithms same,tli,slem,auto
-run cuda_auto_t1_bf16 ${LIMIT:-200} --algorithms same,tli,slem,slrs,auto --temperature 1.0
+# ONLY=greedy or ONLY=t1 runs one of the two
+if [ "${ONLY:-}" != t1 ]; then run cuda_auto_greedy_bf16 ${LIMIT:-200} --algorithms same,tli,slem,auto; fi
+if [ "${ONLY:-}" != greedy ]; then run cuda_auto_t1_bf16 ${LIMIT:-200} --algorithms same,tli,slem,slrs,auto --temperature 1.0; fi

@@ -203,25 +203,45 @@ class DecideAfter(AutoState):
         pass
 
 
-def test_the_kept_drafter_drafts_from_its_own_cache_after_a_mid_session_decision(trained_models):
-    """Every draft runs with the drafter's own KV cache installed (and tli's pruned head), also once
-    the session has dropped the other drafters: its drafts are exactly a fresh drafter's."""
-    engine = make_engine(trained_models, "bpe/spm")
-    engine.auto_memory.put((mode_key(SamplingParams()), None), DecideAfter([("tli", None), ("slem", None), ("tli", None)], ("slem", None)))
-    seen = []
-    for mode in ("tli", "slem"):
-        d = engine.drafter(mode)
-        orig = d.propose
+def test_drafters_share_one_cache_and_draft_what_a_fresh_cache_gives(trained_models):
+    """tli and slem draft on one KV cache (Drafter.share_kv), installed before each draft (with tli's
+    pruned head), also after a mid-session decision dropped the other drafter; and on every draft the
+    logits the cache gives equal a fresh forward of the whole context (so what one drafter left in the
+    cache, its own draft past the committed text included, never leaks into the other's)."""
+    import torch
 
-        def propose(k, d=d, orig=orig):
-            assert engine._kv.owner is d
+    from crossdraft.runner import make_runner
+
+    engine = make_engine(trained_models, "bpe/spm")
+    fresh = make_runner(trained_models[PAIRS["bpe/spm"][3]], 256)
+    engine.auto_memory.put((mode_key(SamplingParams()), None),
+                           DecideAfter([("tli", None), ("slem", None), ("tli", None), ("tli", None), ("slem", None)],
+                                       ("slem", None)))
+    seen, checked = [], [0]
+    tli, slem = engine.drafter("tli"), engine.drafter("slem")
+    assert tli.kv is slem.kv
+    for d in (tli, slem):
+        orig_propose, orig_logits = d.propose, d._logits_after
+
+        def propose(k, d=d, orig=orig_propose):
+            assert engine._kv.owner is d.kv and engine.drafter_runner.length == len(d.kv_ids)
             if d.inter is not None:
                 assert engine.drafter_runner.pruned_rows is d.inter.rows
             seen.append(d.mode)
             return orig(k)
-        d.propose = propose
+
+        def logits_after(ctx, d=d, orig=orig_logits):
+            got = orig(ctx)
+            fresh.prune_head(d.inter.rows if d.inter is not None else None)
+            fresh.reset()
+            want = fresh.forward(list(ctx), last_only=True, pruned=d.mode == "tli")[0]
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+            checked[0] += 1
+            return got
+        d.propose, d._logits_after = propose, logits_after
     r = engine.generate(PROMPTS[0], GREEDY_NEW, SamplingParams(), "auto")
-    assert seen[:4] == ["tli", "slem", "tli", "slem"] and set(seen[4:]) == {"slem"}
+    assert seen[:5] == ["tli", "slem", "tli", "tli", "slem"] and set(seen[5:]) == {"slem"}
+    assert checked[0] >= len(seen)
     assert r.ids == reference(trained_models, "bpe/spm", PROMPTS[0]).ids
     assert r.accepted_tokens > 0
 

@@ -80,6 +80,30 @@ def test_any_request_gets_a_status_and_a_refusal_writes_nothing(gw, spec, sessio
         assert out.session_id and out.end.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
 
 
+metadata = st.lists(st.tuples(st.sampled_from(["authorization", "x-api-key", "user-agent-x", "grpc-x"]),
+                               st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=80)), max_size=3)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+@given(spec=specs, session_id=session_ids, md=metadata)
+def test_any_streaming_request_and_metadata_get_a_status(gw, spec, session_id, md):
+    """The streaming Generate with the same requests, plus arbitrary metadata (an open gateway ignores
+    an `authorization` it does not need): events end with the generation's end, or a status."""
+    _, stub, r = gw
+    before = keys(r)
+    try:
+        events = list(stub.Generate(gateway_pb2.GenerateRequest(spec=spec, session_id=session_id), timeout=30,
+                                    metadata=md))
+    except grpc.RpcError as e:
+        assert e.code() not in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.DEADLINE_EXCEEDED), \
+            (e.code(), e.details())
+        assert e.details() and "\n" not in e.details() and "Traceback" not in e.details()
+        if e.code() in REFUSALS:
+            assert keys(r) == before, f"{e.code()} for a request that wrote to Redis"
+    else:
+        assert events and events[-1].WhichOneof("event") == "end" and events[-1].session_id
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
 @given(session_id=session_ids, offset=st.integers(0, 2**32 - 1))
 def test_reading_calls_with_any_session_id(gw, session_id, offset):
