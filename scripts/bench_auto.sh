@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # `auto` against every fixed algorithm and draft length, on each drafter of the zoo, greedy and at
 # temperature 1 (docs/bench/cpu-auto-*.{txt,json}), 2 torch threads as in the README's main table.
-# About 25 minutes on 2 cores. Run on a quiet
-# machine; `chrt -f 10` (root) keeps other work from skewing the timings.
+# About 11 minutes on 2 cores. Run on a quiet machine; `chrt -f 10` (root) keeps other work from skewing
+# the timings. RUN=N writes cpu-auto-*-runN.* instead, for scripts/auto_summary.py to pool several runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 Z=${ZOO:-../shared/zoo}
@@ -12,7 +12,7 @@ run() {  # $1: name, then bench flags
   $PY -m crossdraft.cli bench --target "$Z/target-bpe8k" \
     --drafters "$Z/drafter-bpe2k" "$Z/drafter-spm4k" "$Z/drafter-bpe6k-alt" "$Z/drafter-bpe8k" \
     --sweep-draft-tokens adaptive,2,3,4,6 --num-prompts 6 --max-new-tokens 128 --no-hf --threads 2 \
-    --json-out "docs/bench/$name.json" "$@" | tee "docs/bench/$name.txt"
+    --json-out "docs/bench/$name${RUN:+-run$RUN}.json" "$@" | tee "docs/bench/$name${RUN:+-run$RUN}.txt"
 }
 run cpu-auto-greedy --algorithms same,tli,slem,auto
 run cpu-auto-t1 --algorithms same,tli,slem,slrs,auto --temperature 1.0

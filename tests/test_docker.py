@@ -93,6 +93,12 @@ def test_compose_commands_parse_and_point_at_each_other():
     assert services["gateway"]["ports"] == [f"127.0.0.1:{gw.port}:{gw.port}"]
     for dep in ("redis", "verifier", "drafter"):
         assert services["gateway"]["depends_on"][dep] == {"condition": "service_healthy"}
+    # the verdict key (a compose secret) reaches the verifier and the gateway, never the drafter
+    assert compose["secrets"]["verdict_key"] == {"environment": "VERDICT_KEY"}
+    for name in ("verifier", "gateway"):
+        assert services[name]["secrets"] == ["verdict_key"]
+        assert args[name].verdict_key_file == "/run/secrets/verdict_key"
+    assert "secrets" not in services["drafter"] and "verdict_key_file" not in vars(args["drafter"])
     for name in ("verifier", "drafter"):
         model = args[name].model
         assert model.startswith("/models/") and (not ZOO.is_dir() or (ZOO / model.removeprefix("/models/")).is_dir())
