@@ -13,9 +13,11 @@ the arm a fixed rule would pick, and challengers:
 2. "length": for stage 1's winner, the adaptive length is the incumbent, the lengths of `LENGTHS`
    the challengers (the adaptive arm keeps its stage-1 rounds).
 3. "decided": every round uses the winner; it keeps measuring it.
-Turns alternate, the incumbent's and then a challenger's (the one with the fewest turns), `BLOCK`
-measured rounds each. The first round after a switch is not measured: that drafter first catches up
-on what the other committed (or, first in a session, reads the prompt), a cost only switching has.
+Turns come in cycles: the incumbent's, a challenger's (the one with the fewest turns), the incumbent's
+again, `BLOCK` measured rounds each, then `REST` rounds of the incumbent alone, so that the search takes
+about a seventh of the rounds and its turns spread over more text. The first round after a switch of
+drafter is not measured: that drafter first catches up on what was committed meanwhile (drafters of
+one model share one KV cache, so that is the new text only; first in a session, the prompt).
 A challenger is judged on paired differences: each of its turns against the incumbent's turns right
 before and after it, which saw the same stretch of text. That matters: how much a round accepts
 depends on the text far more than on the arm (a repetitive stretch accepts whole drafts, a new
@@ -23,12 +25,15 @@ identifier nothing), so unpaired averages over a few dozen rounds cannot tell ar
 paired ones can. After `FAR_TURNS` (3) turns a challenger `FAR_BEHIND` (25%) slower is dropped; after
 `MIN_TURNS` (4) a mean difference more than t95 standard errors below zero drops it; after
 `PROMOTE_TURNS` (6) one more than t95 standard errors above zero, and at least `MIN_GAIN` (3%) of the
-rate, makes it the incumbent (the old one becomes a challenger). At `ALGO_TURNS`/`LENGTH_TURNS` a
-challenger stops, and when the stage ends the best of those ahead by more than one standard error and
-`MIN_GAIN` replaces the incumbent. A clearly worse arm costs three turns; one too close to tell leaves
-the rule's pick in place, where a wrong guess costs little. (Taking over needs more turns than being
-dropped: a wrong take-over costs for the rest of the process, a wrong drop only the difference
-between two arms that looked alike.)
+rate, makes it the incumbent (the old one becomes a challenger), but only on turns from
+`PROMOTE_SESSIONS` (3) sessions or spread over `PROMOTE_SPAN` (1024) committed tokens: which arm is
+faster also depends on the text (on the zoo's drafter-bpe2k, tli beats slem by up to 13% on some
+prompts and loses by up to 16% on others), and a decision taken inside the first prompt kept the
+wrong arm for the rest of the process. At `ALGO_TURNS`/`LENGTH_TURNS` a challenger stops, and when the
+stage ends the best of those that meet the same test replaces the incumbent. A clearly worse arm costs
+three turns; one too close to tell leaves the rule's pick in place, where a wrong guess costs little.
+(Taking over needs more turns and more text than being dropped: a wrong take-over costs for the rest
+of the process, a wrong drop only the difference between two arms that looked alike.)
 A caller that fixes the draft length skips stage 2; a pair with one applicable algorithm skips stage 1.
 
 Each round is lossless whichever arm runs it (the verifier decides every round with the target's
@@ -277,6 +282,14 @@ class AutoState:
                 self.turns.append((arm, self._cur[0], self._cur[1], self.text, self.session))
                 self._cur = [0, 0.0]
                 self._judge()
+
+    def algorithms_in_play(self) -> list:
+        """The algorithms a round may still run, the incumbent's first: a session starts a drafter for
+        each (a dropped one costs nothing more)."""
+        with self.lock:
+            if self.stage != "algorithm":
+                return [self.algorithm]
+            return list(dict.fromkeys(a for a, _ in [self.incumbent] + self.challengers + self.capped))
 
     def best(self) -> tuple:
         """The arm auto keeps (or would keep now, mid-search)."""

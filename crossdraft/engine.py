@@ -248,7 +248,7 @@ class Engine:
             lengths = (draft_tokens,) if draft_tokens is not None else LENGTHS
             state = self.auto_memory.get((mode_key(params), draft_tokens), algos, lengths)
             state.begin_session()
-            modes, why = ([state.algorithm] if state.stage == "decided" else algos), ""
+            modes, why = state.algorithms_in_play(), ""
         else:
             algo, why = self.resolve(algorithm, params)
             modes = [algo] if algo != "none" else []

@@ -227,7 +227,7 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
             fixed = request.draft_tokens or None
             state = self.auto_memory.get((fp, mode_key(params), fixed), algos, (fixed,) if fixed else LENGTHS)
             state.begin_session()
-            modes = [state.algorithm] if state.stage == "decided" else algos
+            modes = state.algorithms_in_play()
             # The verifier needs a resolved algorithm to open the stream: the first this session runs.
             # It decides every round by the proposal's kind, so later rounds may run another.
             algo, why = modes[0], ""

@@ -128,6 +128,17 @@ def test_a_challenger_faster_on_every_text_takes_over_within_a_few_sessions():
     assert st.best() == T and st.algorithm == "tli", st.summary()
 
 
+def test_sessions_start_only_the_drafters_still_in_play():
+    S, T, R = ("tli", None), ("slem", None), ("slrs", None)
+    st = AutoState(["tli", "slem", "slrs"], (None, 3), block=1, min_turns=2, promote_turns=2, rest=0,
+                   promote_span=0)
+    assert st.algorithms_in_play() == ["tli", "slem", "slrs"]
+    feed(st, {S: 100, T: 100, R: 50}, 8)  # slrs far behind: dropped after its third paired turn
+    assert ("slrs", None) in st.dropped and st.algorithms_in_play() == ["tli", "slem"]
+    feed(st, {S: 100, T: 100, R: 50, ("tli", 3): 100}, 60)  # slem capped: the length stage
+    assert st.stage != "algorithm" and st.algorithms_in_play() == [st.algorithm]
+
+
 def test_search_skips_what_is_fixed():
     st = AutoState(["same"], (None, 3))  # one algorithm: straight to the lengths
     assert st.stage == "length" and st.algorithm == "same"
@@ -157,6 +168,9 @@ class Cycle(AutoState):
         self.cycle = [(a, k) for a in algorithms for k in lengths]
         self.i = 0
         self.stage = "cycling"
+
+    def algorithms_in_play(self):
+        return list(dict.fromkeys(a for a, _ in self.cycle))
 
     def next_arm(self):
         arm = self.cycle[self.i % len(self.cycle)]
@@ -191,6 +205,9 @@ class DecideAfter(AutoState):
         super().__init__(sorted({a for a, _ in schedule} | {keep[0]}), (None,))
         self.schedule, self.keep, self.i = list(schedule), keep, 0
         self.stage = "algorithm"
+
+    def algorithms_in_play(self):
+        return self.algorithms if self.i < len(self.schedule) else [self.keep[0]]
 
     def next_arm(self):
         if self.i < len(self.schedule):

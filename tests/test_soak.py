@@ -30,6 +30,8 @@ PROMPTS = ["class Parser:\n    def get_value(self", "def parse(self, value", "# 
            "import os\n\ndef main("]
 N = 48
 RSS_GROWTH_LIMIT_MB = 64  # after warm-up: caches are bounded, so growth beyond noise means a leak
+PLATEAU_MB = 12  # the long form: growth over the second half of the run
+SAMPLE_S = 5.0
 
 
 def rss_mb(pid: int) -> float:
@@ -108,9 +110,20 @@ def test_soak_concurrent_clients(soak):
     first = next(slow)
 
     t0 = time.monotonic()
+    series, done = [], threading.Event()
+
+    def sample():  # VmRSS of each process every few seconds: flat means a plateau, not just a small rise
+        while not done.wait(SAMPLE_S):
+            series.append((time.monotonic() - t0, {n: rss_mb(soak.pid(n)) for n in names}))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     ok, errors, mismatch = run_clients(soak, refs, t0 + SOAK_S if SOAK_S else 0.0, ROUNDS_SHORT)
     seconds = time.monotonic() - t0
+    done.set()
+    sampler.join()
     after = {n: rss_mb(soak.pid(n)) for n in names}
+    series.append((seconds, after))
 
     text = [first.delta.text] if first.WhichOneof("event") == "delta" else []
     for msg in slow:  # now read it all: nothing was lost while it waited
@@ -119,9 +132,15 @@ def test_soak_concurrent_clients(soak):
     print(f"\nsoak: {CLIENTS} clients, {ok} generations of {N} tokens in {seconds:.1f} s, {len(errors)} errors, "
           f"{len(mismatch)} mismatches; VmRSS MB after warm-up -> at the end: "
           + ", ".join(f"{n} {before[n]:.0f} -> {after[n]:.0f}" for n in names))
+    for t, rss in series[:: max(1, len(series) // 8)] + series[-1:]:
+        print(f"  VmRSS MB at {t:5.0f} s: " + ", ".join(f"{n} {rss[n]:.0f}" for n in names))
     assert not errors, errors[:3]
     assert not mismatch
     assert ok >= CLIENTS * (ROUNDS_SHORT if not SOAK_S else 1)
     assert "".join(text) == refs[PROMPTS[0]]
     for n in names:
         assert after[n] - before[n] < RSS_GROWTH_LIMIT_MB, f"{n}: {before[n]:.0f} -> {after[n]:.0f} MB"
+    if SOAK_S >= 60:  # the long form: the second half must be a plateau
+        half = next(rss for t, rss in series if t >= seconds / 2)
+        for n in names:
+            assert after[n] - half[n] < PLATEAU_MB, f"{n}: {half[n]:.0f} MB at half time -> {after[n]:.0f} MB"
