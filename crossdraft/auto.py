@@ -22,7 +22,7 @@ A challenger is judged on paired differences: each of its turns against the incu
 before and after it, which saw the same stretch of text. That matters: how much a round accepts
 depends on the text far more than on the arm (a repetitive stretch accepts whole drafts, a new
 identifier nothing), so unpaired averages over a few dozen rounds cannot tell arms 10% apart, and
-paired ones can. After `FAR_TURNS` (3) turns a challenger `FAR_BEHIND` (25%) slower is dropped; after
+paired ones can. After `FAR_TURNS` (3) turns a challenger `FAR_BEHIND` (15%) slower is dropped; after
 `MIN_TURNS` (4) a mean difference more than t95 standard errors below zero drops it; after
 `PROMOTE_TURNS` (6) one more than t95 standard errors above zero, and at least `MIN_GAIN` (3%) of the
 rate, makes it the incumbent (the old one becomes a challenger), but only on turns from
@@ -55,7 +55,7 @@ ALGO_TURNS = 8  # at most, turns per challenger in stage 1
 LENGTH_TURNS = 5  # at most, turns per challenger in stage 2
 MIN_TURNS = 4  # turns before a challenger can be dropped by the t test
 PROMOTE_TURNS = 6  # turns before a challenger can take over
-FAR_TURNS, FAR_BEHIND = 3, 0.25  # after 3 turns, a challenger this much slower is dropped
+FAR_TURNS, FAR_BEHIND = 3, 0.15  # after 3 turns, a challenger this much slower is dropped
 MIN_GAIN = 0.03  # a challenger replaces the incumbent only when at least this much faster
 BLOCK = 4  # measured rounds in a turn
 REST = 16  # rounds of the incumbent alone after each challenger turn and its two incumbent turns

@@ -4,7 +4,9 @@ One run's "best fixed" is the fastest of 5-15 configurations measured once each,
 upwards by the noise (the maximum of several noisy numbers): on this machine configurations 3-5% apart
 swap places from run to run. Pooling runs removes most of that bias: each configuration's tokens/s is
 summed over the runs (total tokens over total seconds), and auto is compared with the best pooled
-configuration. Prints one row per drafter and decoding mode: each run's ratio, and the pooled one.
+configuration. Under sampling, runs of different seeds (`--seed`, in each file's meta; shown as sN) also
+average over the sampled texts, on which acceptance depends as much as on the configuration. Prints one
+row per drafter and decoding mode: each run's ratio, and the pooled one.
 
     python3 scripts/auto_summary.py docs/bench/cpu-auto-greedy-run*.json docs/bench/cpu-auto-t1-run*.json
 """
@@ -25,22 +27,23 @@ def main(paths) -> int:
                 continue
             per[r["drafter"]][r["config"]] = (r["new_tokens"], r["seconds"])
         for drafter, configs in per.items():
-            runs[(mode, drafter)].append((p, configs))
+            runs[(mode, drafter)].append((doc["meta"].get("seed", 0), configs))
     print(f"{'mode':7s} {'drafter':18s} {'per run: auto / best fixed of that run':42s} pooled  (best pooled fixed)")
     for (mode, drafter), rs in sorted(runs.items()):
         ratios = []
         pooled = defaultdict(lambda: [0, 0.0])
-        for _, configs in rs:
+        for seed, configs in rs:
             fixed = {c: v[0] / v[1] for c, v in configs.items() if c != "auto"}
             if "auto" in configs and fixed:
-                ratios.append(configs["auto"][0] / configs["auto"][1] / max(fixed.values()))
+                r = configs["auto"][0] / configs["auto"][1] / max(fixed.values())
+                ratios.append(f"{r:.2f}" + (f"(s{seed})" if mode != "greedy" else ""))
             for c, (tok, sec) in configs.items():
                 pooled[c][0] += tok
                 pooled[c][1] += sec
         rate = {c: tok / sec for c, (tok, sec) in pooled.items()}
         best = max((c for c in rate if c != "auto"), key=rate.get)
         ratio = rate["auto"] / rate[best] if "auto" in rate else float("nan")
-        print(f"{mode:7s} {drafter:18s} {' '.join(f'{x:.2f}' for x in ratios):42s} {ratio:.2f}    "
+        print(f"{mode:7s} {drafter:18s} {' '.join(ratios):42s} {ratio:.2f}    "
               f"({best} {rate[best]:.1f} tok/s, auto {rate.get('auto', 0):.1f})")
     return 0
 

@@ -2,7 +2,8 @@
 # `auto` against every fixed algorithm and draft length, on each drafter of the zoo, greedy and at
 # temperature 1 (docs/bench/cpu-auto-*.{txt,json}), 2 torch threads as in the README's main table.
 # About 11 minutes on 2 cores. Run on a quiet machine; `chrt -f 10` (root) keeps other work from skewing
-# the timings. RUN=N writes cpu-auto-*-runN.* instead, for scripts/auto_summary.py to pool several runs.
+# the timings. RUN=N writes cpu-auto-*-runN.* instead, for scripts/auto_summary.py to pool several runs;
+# ONLY=greedy or ONLY=t1 runs one of the two.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 Z=${ZOO:-../shared/zoo}
@@ -14,5 +15,7 @@ run() {  # $1: name, then bench flags
     --sweep-draft-tokens adaptive,2,3,4,6 --num-prompts 6 --max-new-tokens 128 --no-hf --threads 2 \
     --json-out "docs/bench/$name${RUN:+-run$RUN}.json" "$@" | tee "docs/bench/$name${RUN:+-run$RUN}.txt"
 }
-run cpu-auto-greedy --algorithms same,tli,slem,auto
-run cpu-auto-t1 --algorithms same,tli,slem,slrs,auto --temperature 1.0
+[ "${ONLY:-}" = t1 ] || run cpu-auto-greedy --algorithms same,tli,slem,auto
+# Sampled runs draw different texts per seed, and acceptance depends on the text: SEED=N gives another
+# sample (the greedy run does not depend on it), so pooling runs of several seeds averages over texts.
+[ "${ONLY:-}" = greedy ] || run cpu-auto-t1 --algorithms same,tli,slem,slrs,auto --temperature 1.0 --seed "${SEED:-0}"
