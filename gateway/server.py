@@ -650,9 +650,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         session runs on, committing to the store. A message the client has not taken within
         `slow_client_s` cuts the stream with RESOURCE_EXHAUSTED, which frees the thread for others; the
         client may re-attach from the bytes it has."""
+        cut = _SlowClient(self, sid, context) if context is not None else None
         for msg in messages:
-            entry = self._watchdog.watch(_SlowClient(self, sid, context), self.slow_client_s) \
-                if context is not None else None
+            entry = self._watchdog.watch(cut, self.slow_client_s) if cut is not None else None
             try:
                 yield msg
             finally:

@@ -354,6 +354,14 @@ def wait_all_free(cluster, timeout: float = 15.0) -> None:
         time.sleep(0.2)
 
 
+def wait_cancelled(rdb_client, sid: str, timeout: float = 10.0) -> None:
+    """Until the session's status in Redis is `cancelled` (the gateway's reaction to a client deadline)."""
+    deadline = time.monotonic() + timeout
+    while rdb_client.hget(f"crossdraft:session:{{{sid}}}", "status") != b"cancelled":
+        assert time.monotonic() < deadline, "the session was not cancelled at the client's deadline"
+        time.sleep(0.1)
+
+
 def test_cancel_and_client_deadline_free_drafter_and_verifier(cluster, rdb_client):
     """CancelSession mid-stream, and a client's gRPC deadline passing while its drafters hang, both end
     the session (status cancelled in Redis) and the drafter's and the verifier's sessions (their open
@@ -381,10 +389,7 @@ def test_cancel_and_client_deadline_free_drafter_and_verifier(cluster, rdb_clien
             stub.GenerateUnary(gateway_pb2.GenerateUnaryRequest(
                 spec=gateway_pb2.GenerationSpec(prompt=PROMPT, max_new_tokens=N), session_id=sid), timeout=1.0)
         assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        deadline = time.monotonic() + 10
-        while rdb_client.hget(f"crossdraft:session:{{{sid}}}", "status") != b"cancelled":
-            assert time.monotonic() < deadline, "the session was not cancelled at the client's deadline"
-            time.sleep(0.1)
+        wait_cancelled(rdb_client, sid)
     finally:
         for pid in stopped:
             os.kill(pid, signal.SIGCONT)
@@ -420,10 +425,7 @@ def test_a_client_deadline_mid_generation_frees_the_live_drafter_and_verifier_se
         w.join()
         assert seen_live, "the session finished before the drafter and the verifier both reported it"
         assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        deadline = time.monotonic() + 10
-        while rdb_client.hget(f"crossdraft:session:{{{sid}}}", "status") != b"cancelled":
-            assert time.monotonic() < deadline, "the session was not cancelled at the client's deadline"
-            time.sleep(0.1)
+        wait_cancelled(rdb_client, sid)
     finally:
         w.join()
         os.kill(vpid, signal.SIGCONT)

@@ -47,6 +47,15 @@ def keys(r) -> set:
     return set(r.keys("crossdraft:*"))
 
 
+def check_status(e: grpc.RpcError, r, before: set) -> None:
+    """A failed call: a status a client can act on, a one-line message, and nothing written if refused."""
+    assert e.code() not in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.DEADLINE_EXCEEDED), \
+        (e.code(), e.details())
+    assert e.details() and "\n" not in e.details() and "Traceback" not in e.details()
+    if e.code() in REFUSALS:
+        assert keys(r) == before, f"{e.code()} for a request that wrote to Redis"
+
+
 floats = st.one_of(st.floats(allow_nan=True, allow_infinity=True, width=32),
                    st.sampled_from([0.0, 0.5, 1.0, 2.0, -1.0, math.nan, math.inf]))
 specs = st.builds(
@@ -71,11 +80,7 @@ def test_any_request_gets_a_status_and_a_refusal_writes_nothing(gw, spec, sessio
     try:
         out = stub.GenerateUnary(gateway_pb2.GenerateUnaryRequest(spec=spec, session_id=session_id), timeout=30)
     except grpc.RpcError as e:
-        assert e.code() not in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.DEADLINE_EXCEEDED), \
-            (e.code(), e.details())
-        assert e.details() and "\n" not in e.details() and "Traceback" not in e.details()
-        if e.code() in REFUSALS:
-            assert keys(r) == before, f"{e.code()} for a request that wrote to Redis"
+        check_status(e, r, before)
     else:
         assert out.session_id and out.end.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
 
@@ -95,11 +100,7 @@ def test_any_streaming_request_and_metadata_get_a_status(gw, spec, session_id, m
         events = list(stub.Generate(gateway_pb2.GenerateRequest(spec=spec, session_id=session_id), timeout=30,
                                     metadata=md))
     except grpc.RpcError as e:
-        assert e.code() not in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.DEADLINE_EXCEEDED), \
-            (e.code(), e.details())
-        assert e.details() and "\n" not in e.details() and "Traceback" not in e.details()
-        if e.code() in REFUSALS:
-            assert keys(r) == before, f"{e.code()} for a request that wrote to Redis"
+        check_status(e, r, before)
     else:
         assert events and events[-1].WhichOneof("event") == "end" and events[-1].session_id
 
