@@ -22,7 +22,8 @@ A challenger is judged on paired differences: each of its turns against the incu
 before and after it, which saw the same stretch of text. That matters: how much a round accepts
 depends on the text far more than on the arm (a repetitive stretch accepts whole drafts, a new
 identifier nothing), so unpaired averages over a few dozen rounds cannot tell arms 10% apart, and
-paired ones can. After `FAR_TURNS` (3) turns a challenger `FAR_BEHIND` (15%) slower is dropped; after
+paired ones can. A challenger far behind is dropped without a test (`FAR`: 30% slower after 2 turns,
+15% after 3; at temperature 1 slrs is 30-40% slower than tli on the zoo, and each of its turns costs); after
 `MIN_TURNS` (4) a mean difference more than t95 standard errors below zero drops it; after
 `PROMOTE_TURNS` (6) one more than t95 standard errors above zero, and at least `MIN_GAIN` (3%) of the
 rate, makes it the incumbent (the old one becomes a challenger), but only on turns from
@@ -31,7 +32,7 @@ faster also depends on the text (on the zoo's drafter-bpe2k, tli beats slem by u
 prompts and loses by up to 16% on others), and a decision taken inside the first prompt kept the
 wrong arm for the rest of the process. At `ALGO_TURNS`/`LENGTH_TURNS` a challenger stops, and when the
 stage ends the best of those that meet the same test replaces the incumbent. A clearly worse arm costs
-three turns; one too close to tell leaves the rule's pick in place, where a wrong guess costs little.
+two or three turns; one too close to tell leaves the rule's pick in place, where a wrong guess costs little.
 (Taking over needs more turns and more text than being dropped: a wrong take-over costs for the rest
 of the process, a wrong drop only the difference between two arms that looked alike.)
 A caller that fixes the draft length skips stage 2; a pair with one applicable algorithm skips stage 1.
@@ -55,7 +56,7 @@ ALGO_TURNS = 8  # at most, turns per challenger in stage 1
 LENGTH_TURNS = 5  # at most, turns per challenger in stage 2
 MIN_TURNS = 4  # turns before a challenger can be dropped by the t test
 PROMOTE_TURNS = 6  # turns before a challenger can take over
-FAR_TURNS, FAR_BEHIND = 3, 0.15  # after 3 turns, a challenger this much slower is dropped
+FAR = ((2, 0.30), (3, 0.15))  # (turns, behind): after so many turns, a challenger this much slower is dropped
 MIN_GAIN = 0.03  # a challenger replaces the incumbent only when at least this much faster
 BLOCK = 4  # measured rounds in a turn
 REST = 16  # rounds of the incumbent alone after each challenger turn and its two incumbent turns
@@ -201,7 +202,7 @@ class AutoState:
             changed = False
             for c in list(self.challengers):
                 m, se, n, rel = self._diff(c)
-                if n >= FAR_TURNS and rel < -FAR_BEHIND:  # far behind on the same text: no need for a test
+                if any(n >= turns and rel < -behind for turns, behind in FAR):  # far behind on the same text
                     self.challengers.remove(c)
                     self.dropped.append(c)
                     continue

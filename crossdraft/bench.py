@@ -1,7 +1,8 @@
 """`crossdraft bench`: every algorithm with every drafter, side by side with the baselines, in one process.
 
 Owns: the benchmark protocol. For each prompt in turn it runs every configuration (so slow drift of
-the machine hits all of them alike): the target alone through crossdraft's runner (`none`, the
+the machine hits all of them alike; a drafter's configurations start one further along their list on
+each prompt, so none always runs right after the same other one): the target alone through crossdraft's runner (`none`, the
 reference for speedups and for exact match), each applicable algorithm with each drafter, and
 Hugging Face transformers' `generate()`: plain, with `assistant_model` (same vocabulary) and with
 `assistant_tokenizer` (universal assisted generation). Prints a table, writes JSON.
@@ -66,9 +67,11 @@ class Row:
         self.n = 0
         self.fallbacks = self.slrs_rows = 0
         self.error = ""
+        self.per_prompt = []  # [new tokens, seconds] per prompt, for scripts/auto_summary.py's intervals
 
     def add(self, ids, seconds, ref_ids, res=None):
         self.n += 1
+        self.per_prompt.append([len(ids), round(seconds, 5)])
         self.tokens += len(ids)
         self.seconds += seconds
         self.exact += int(ref_ids is not None and ids == ref_ids)
@@ -106,6 +109,14 @@ def _distributed(client, r, prompt, max_new, p, algorithm, draft_tokens, drafter
     r.add(d["ids"], dt, in_process_ids, res)
 
 
+def config_order(configs: list, prompt_index: int) -> list:
+    """The order a drafter's configurations run on prompt `prompt_index`: the list turned by one more
+    each prompt, so that none always follows the same other one (what ran just before, an slrs tree
+    pass or a fresh drafter, can leave the caches and the allocator warmer or colder)."""
+    shift = prompt_index % len(configs) if configs else 0
+    return configs[shift:] + configs[:shift]
+
+
 def _run_prompts(args, prompts, params, pairs, base, tv, trunner, tmodel, with_hf, row, client, log) -> None:
     """Each prompt: the target alone, HF's generate, then each configuration (and, with a client, the
     same configuration through the gateway right after it)."""
@@ -121,22 +132,22 @@ def _run_prompts(args, prompts, params, pairs, base, tv, trunner, tmodel, with_h
             hf_ids, dt = _hf_generate(tmodel, ids, args.max_new_tokens, p)
             row("HF generate", "-", "hf").add(hf_ids, dt, ref.ids)
         for name, eng, applicable, dmodel, dtok in pairs:
-            for a in applicable:
-                for k in ([args.draft_tokens] if a == "auto" or not args.sweep_draft_tokens
-                          else args.sweep_draft_tokens):
-                    label = a if a == "auto" or not args.sweep_draft_tokens else arm_name(a, k)
-                    try:
-                        res = eng.generate(prompt, args.max_new_tokens, p, a, k)
-                    except CrossdraftError as e:
-                        row(label, name, a).error = str(e)
-                        continue
-                    r = row(label, name, a)
-                    r.add(res.ids, res.seconds, ref.ids if p.greedy else None, res)
-                    if res.auto is not None:
-                        r.auto = res.auto
-                    if client is not None:
-                        _distributed(client, row(f"{label} distributed", name, a, label), prompt,
-                                     args.max_new_tokens, p, a, k, name, res.ids)
+            configs = [(a, k) for a in applicable for k in ([args.draft_tokens] if a == "auto" or not
+                                                             args.sweep_draft_tokens else args.sweep_draft_tokens)]
+            for a, k in config_order(configs, pi):
+                label = a if a == "auto" or not args.sweep_draft_tokens else arm_name(a, k)
+                try:
+                    res = eng.generate(prompt, args.max_new_tokens, p, a, k)
+                except CrossdraftError as e:
+                    row(label, name, a).error = str(e)
+                    continue
+                r = row(label, name, a)
+                r.add(res.ids, res.seconds, ref.ids if p.greedy else None, res)
+                if res.auto is not None:
+                    r.auto = res.auto
+                if client is not None:
+                    _distributed(client, row(f"{label} distributed", name, a, label), prompt,
+                                 args.max_new_tokens, p, a, k, name, res.ids)
             if with_hf:
                 same = "same" in applicable
                 label = "HF assistant_model" if same else "HF assistant_tokenizer"
@@ -238,7 +249,7 @@ def run_bench(args) -> int:
              "seconds": round(r.seconds, 4), "tokens_per_second": round(r.tps(), 2),
              "speedup": round(r.tps() / base_row.tps(), 3) if base_row.tps() and r.tps() else None,
              "exact_match": f"{r.exact}/{r.n}" if params.greedy or r.name.endswith(" distributed") else None,
-             "error": r.error or None}
+             "error": r.error or None, "per_prompt": r.per_prompt}
         if r.name.endswith(" distributed"):  # against the same configuration in process, same run
             inproc = rows.get((r.inproc, r.drafter))
             d["vs_in_process"] = round(r.tps() / inproc.tps(), 3) if inproc and inproc.tps() and r.tps() else None

@@ -8,31 +8,61 @@ configuration. Under sampling, runs of different seeds (`--seed`, in each file's
 average over the sampled texts, on which acceptance depends as much as on the configuration. Prints one
 row per drafter and decoding mode: each run's ratio, and the pooled one.
 
+Where the files carry per-prompt figures (bench JSON since it writes `per_prompt`), it also prints a
+bootstrap interval for the pooled ratio: prompts (of every run) are drawn with replacement, and for each
+draw the pooled ratio is computed again, best fixed configuration re-chosen included. The interval says
+how far the ratio could move with other texts of the same kind; it is not a correction of the bias above.
+
     python3 scripts/auto_summary.py docs/bench/cpu-auto-greedy-run*.json docs/bench/cpu-auto-t1-run*.json
 """
 import json
+import random
 import sys
 from collections import defaultdict
 
+DRAWS = 2000
+
+
+def _ratio(units, configs) -> float:
+    """Pooled auto / best pooled fixed over `units` (lists of {config: (tokens, seconds)})."""
+    tok, sec = defaultdict(int), defaultdict(float)
+    for u in units:
+        for c, (t, s) in u.items():
+            tok[c] += t
+            sec[c] += s
+    rate = {c: tok[c] / sec[c] for c in configs if sec[c] > 0}
+    fixed = [v for c, v in rate.items() if c != "auto"]
+    return rate["auto"] / max(fixed) if "auto" in rate and fixed else float("nan")
+
 
 def main(paths) -> int:
-    runs = defaultdict(list)  # (mode, drafter) -> [(file, {config: (tokens, seconds)})]
+    runs = defaultdict(list)  # (mode, drafter) -> [(seed, {config: (tokens, seconds)}, [per prompt units] or None)]
     for p in paths:
         with open(p) as f:
             doc = json.load(f)
         mode = "greedy" if not doc["meta"]["temperature"] else f"T={doc['meta']['temperature']:g}"
         per = defaultdict(dict)
+        prompts = defaultdict(dict)  # drafter -> config -> [[tokens, seconds] per prompt]
         for r in doc["results"]:
             if r.get("error") or not r.get("seconds") or r["config"] == "target alone":
                 continue
             per[r["drafter"]][r["config"]] = (r["new_tokens"], r["seconds"])
+            if r.get("per_prompt"):
+                prompts[r["drafter"]][r["config"]] = r["per_prompt"]
         for drafter, configs in per.items():
-            runs[(mode, drafter)].append((doc["meta"].get("seed", 0), configs))
-    print(f"{'mode':7s} {'drafter':18s} {'per run: auto / best fixed of that run':42s} pooled  (best pooled fixed)")
+            pp = prompts.get(drafter)
+            units = None
+            if pp and len(pp) == len(configs) and len({len(v) for v in pp.values()}) == 1:
+                n = len(next(iter(pp.values())))
+                units = [{c: tuple(v[i]) for c, v in pp.items()} for i in range(n)]
+            runs[(mode, drafter)].append((doc["meta"].get("seed", 0), configs, units))
+    print(f"{'mode':7s} {'drafter':18s} {'per run: auto / best fixed of that run':42s} pooled  "
+          f"[95% bootstrap over prompts]  (best pooled fixed)")
+    rng = random.Random(0)
     for (mode, drafter), rs in sorted(runs.items()):
         ratios = []
         pooled = defaultdict(lambda: [0, 0.0])
-        for seed, configs in rs:
+        for seed, configs, _ in rs:
             fixed = {c: v[0] / v[1] for c, v in configs.items() if c != "auto"}
             if "auto" in configs and fixed:
                 r = configs["auto"][0] / configs["auto"][1] / max(fixed.values())
@@ -43,7 +73,12 @@ def main(paths) -> int:
         rate = {c: tok / sec for c, (tok, sec) in pooled.items()}
         best = max((c for c in rate if c != "auto"), key=rate.get)
         ratio = rate["auto"] / rate[best] if "auto" in rate else float("nan")
-        print(f"{mode:7s} {drafter:18s} {' '.join(ratios):42s} {ratio:.2f}    "
+        interval = "-"
+        units = [u for _, _, us in rs if us for u in us]
+        if all(us for _, _, us in rs) and len(units) >= 2:
+            draws = sorted(_ratio([rng.choice(units) for _ in units], rate) for _ in range(DRAWS))
+            interval = f"[{draws[int(0.025 * DRAWS)]:.2f}, {draws[int(0.975 * DRAWS) - 1]:.2f}]"
+        print(f"{mode:7s} {drafter:18s} {' '.join(ratios):42s} {ratio:.2f}    {interval:27s}  "
               f"({best} {rate[best]:.1f} tok/s, auto {rate.get('auto', 0):.1f})")
     return 0
 

@@ -139,6 +139,19 @@ def test_sessions_start_only_the_drafters_still_in_play():
     assert st.stage != "algorithm" and st.algorithms_in_play() == [st.algorithm]
 
 
+def test_a_challenger_far_behind_is_dropped_after_two_turns_one_closer_after_three():
+    """The `FAR` rule: 35% slower goes after its second paired turn, 20% slower after its third (a
+    turn is expensive when the arm is, so the clearly slow one gets fewer)."""
+    inc, slow, closer = ("tli", None), ("slrs", None), ("slem", None)
+    st = AutoState(["tli", "slrs", "slem"], (None,), block=1, rest=0, promote_span=0)
+    speed = {inc: 100, slow: 65, closer: 80}
+    used = feed(st, speed, 9)  # inc slrs inc slem inc slrs inc slem inc
+    assert used.count(slow) == 2 and used.count(closer) == 2
+    assert st.dropped == [slow]  # after its second turn; slem, 20% behind, is still measured
+    used = feed(st, speed, 2)  # slem's third turn, and the incumbent's after it
+    assert used.count(closer) == 1 and st.dropped == [slow, closer]
+
+
 def test_search_skips_what_is_fixed():
     st = AutoState(["same"], (None, 3))  # one algorithm: straight to the lengths
     assert st.stage == "length" and st.algorithm == "same"

@@ -18,6 +18,7 @@ import grpc
 import pytest
 
 from crossdraft import wire
+from crossdraft.bench import config_order
 from crossdraft.client import Client
 from crossdraft.engine import Engine
 from crossdraft.sampling import SamplingParams
@@ -351,6 +352,39 @@ def test_bench_distributed_column(stack, tmp_path, temperature):
         assert dist["new_tokens"] == rows[(algo, drafter)]["new_tokens"] == 24
         assert dist["vs_in_process"] > 0 and "network" in dist["round_ms"]
     assert "against the same configuration in process" in p.stdout
+
+
+def test_bench_sweep_with_auto_per_prompt_figures_and_summary(stack, tmp_path):
+    """In process, `bench --sweep-draft-tokens` with auto: each row carries its per-prompt figures (they
+    add up to the row), and scripts/auto_summary.py pools two such runs and puts a bootstrap interval
+    around the pooled ratio. The configurations' order turns by one per prompt."""
+    assert config_order(["a", "b", "c"], 0) == ["a", "b", "c"] and config_order(["a", "b", "c"], 4) == ["b", "c", "a"]
+    d = stack["dirs"]
+    f = tmp_path / "p.jsonl"
+    f.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in (PROMPT, "def parse(self, value", "x = [")))
+    files = []
+    for seed in (0, 1):
+        out = tmp_path / f"bench-{seed}.json"
+        cmd = [sys.executable, "-m", "crossdraft.cli", "bench", "--target", str(d["target"]), "--drafters",
+               str(d["spm"]), "--algorithms", "slem,auto", "--sweep-draft-tokens", "2,3", "--prompts-file", str(f),
+               "--min-chars", "0", "--num-prompts", "3", "--max-new-tokens", "10", "--temperature", "1.0",
+               "--seed", str(seed), "--no-hf", "--threads", "1", "--json-out", str(out)]
+        p = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True,
+                           text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-3000:]
+        rows = json.loads(out.read_text())["results"]
+        assert {r["config"] for r in rows} == {"target alone", "slem k=2", "slem k=3", "auto"}
+        for r in rows:
+            assert len(r["per_prompt"]) == 3 and sum(t for t, _ in r["per_prompt"]) == r["new_tokens"] == 30
+            assert sum(s for _, s in r["per_prompt"]) == pytest.approx(r["seconds"], abs=1e-3)
+        files.append(str(out))
+    s = subprocess.run([sys.executable, str(ROOT / "scripts" / "auto_summary.py"), *files], capture_output=True,
+                       text=True, timeout=60)
+    assert s.returncode == 0, s.stderr
+    line = next(l for l in s.stdout.splitlines() if "drafter-spm" in l)
+    assert line.startswith("T=1") and "(s0)" in line and "(s1)" in line
+    lo, hi = (float(x) for x in line.split("[", 1)[1].split("]", 1)[0].split(","))
+    assert 0 < lo <= hi and float(line.split()[4]) > 0, line
 
 
 def test_grpcurl_through_reflection(stack):
