@@ -2,8 +2,9 @@
 
 Owns: the benchmark protocol. For each prompt in turn it runs every configuration (so slow drift of
 the machine hits all of them alike; a drafter's configurations start one further along their list on
-each prompt, so none always runs right after the same other one): the target alone through crossdraft's runner (`none`, the
-reference for speedups and for exact match), each applicable algorithm with each drafter, and
+each prompt, so none always runs right after the same other one): the target alone through
+crossdraft's runner (`none`, the reference for speedups and for exact match), each applicable
+algorithm with each drafter, and
 Hugging Face transformers' `generate()`: plain, with `assistant_model` (same vocabulary) and with
 `assistant_tokenizer` (universal assisted generation). Prints a table, writes JSON.
 

@@ -23,16 +23,20 @@ from collections import defaultdict
 DRAWS = 2000
 
 
-def _ratio(units, configs) -> float:
-    """Pooled auto / best pooled fixed over `units` (lists of {config: (tokens, seconds)})."""
+def _rates(units) -> dict:
+    """{config: tokens/s} pooled over `units` ({config: (tokens, seconds)} each: a run, or a prompt)."""
     tok, sec = defaultdict(int), defaultdict(float)
     for u in units:
         for c, (t, s) in u.items():
             tok[c] += t
             sec[c] += s
-    rate = {c: tok[c] / sec[c] for c in configs if sec[c] > 0}
-    fixed = [v for c, v in rate.items() if c != "auto"]
-    return rate["auto"] / max(fixed) if "auto" in rate and fixed else float("nan")
+    return {c: tok[c] / sec[c] for c in tok if sec[c] > 0}
+
+
+def _vs_best(rate: dict) -> tuple:
+    """(the best fixed configuration, auto's rate over its rate)."""
+    best = max((c for c in rate if c != "auto"), key=rate.get, default=None)
+    return best, (rate["auto"] / rate[best] if "auto" in rate and best else float("nan"))
 
 
 def main(paths) -> int:
@@ -61,22 +65,15 @@ def main(paths) -> int:
     rng = random.Random(0)
     for (mode, drafter), rs in sorted(runs.items()):
         ratios = []
-        pooled = defaultdict(lambda: [0, 0.0])
         for seed, configs, _ in rs:
-            fixed = {c: v[0] / v[1] for c, v in configs.items() if c != "auto"}
-            if "auto" in configs and fixed:
-                r = configs["auto"][0] / configs["auto"][1] / max(fixed.values())
-                ratios.append(f"{r:.2f}" + (f"(s{seed})" if mode != "greedy" else ""))
-            for c, (tok, sec) in configs.items():
-                pooled[c][0] += tok
-                pooled[c][1] += sec
-        rate = {c: tok / sec for c, (tok, sec) in pooled.items()}
-        best = max((c for c in rate if c != "auto"), key=rate.get)
-        ratio = rate["auto"] / rate[best] if "auto" in rate else float("nan")
+            if "auto" in configs and len(configs) > 1:
+                ratios.append(f"{_vs_best(_rates([configs]))[1]:.2f}" + (f"(s{seed})" if mode != "greedy" else ""))
+        rate = _rates([configs for _, configs, _ in rs])
+        best, ratio = _vs_best(rate)
         interval = "-"
         units = [u for _, _, us in rs if us for u in us]
         if all(us for _, _, us in rs) and len(units) >= 2:
-            draws = sorted(_ratio([rng.choice(units) for _ in units], rate) for _ in range(DRAWS))
+            draws = sorted(_vs_best(_rates([rng.choice(units) for _ in units]))[1] for _ in range(DRAWS))
             interval = f"[{draws[int(0.025 * DRAWS)]:.2f}, {draws[int(0.975 * DRAWS) - 1]:.2f}]"
         print(f"{mode:7s} {drafter:18s} {' '.join(ratios):42s} {ratio:.2f}    {interval:27s}  "
               f"({best} {rate[best]:.1f} tok/s, auto {rate.get('auto', 0):.1f})")
