@@ -18,7 +18,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import grpc
@@ -399,36 +398,42 @@ def test_cancel_and_client_deadline_free_drafter_and_verifier(cluster, rdb_clien
 
 def test_a_client_deadline_mid_generation_frees_the_live_drafter_and_verifier_sessions(cluster, rdb_client):
     """A deadline that passes while the drafter and the verifier hold the session (their Verify stream
-    open): the verifier is stopped (SIGSTOP) the moment both report the session, so the deadline (1 s)
-    surely lands mid-generation; the session is cancelled in Redis, and once the verifier runs again
-    both have released it (open-session gauges back to 0)."""
+    open). The client streams; on the first delta (so the verifier has sent a verdict and holds the
+    session) the verifier is stopped (SIGSTOP), and the drafter is seen holding the session too, so the
+    deadline surely lands mid-generation. The session is cancelled in Redis, and once the verifier runs
+    again both have released it (open-session gauges back to 0).
+
+    The whole generation takes about 0.3 s here, so a poll of the gauges can miss it on a loaded
+    machine; stopping on the first delta cannot, unless the client reads that delta only after the end
+    (then the try is repeated with a new session, at most three times)."""
     from crossdraft.v1 import gateway_pb2, gateway_pb2_grpc
 
-    sid, seen_live = "deadline-live-1", []
     vpid = cluster.pid("verifier")
-
-    def watch():  # stop the verifier as soon as the drafter and the verifier both hold the session
-        end = time.monotonic() + 5
-        while time.monotonic() < end and not seen_live:
-            if active_sessions(cluster, "verifier") and (active_sessions(cluster, "d1") or active_sessions(cluster, "d2")):
-                os.kill(vpid, signal.SIGSTOP)
-                seen_live.append(True)
-            time.sleep(0.005)
-
-    w = threading.Thread(target=watch)
-    w.start()
     stub = gateway_pb2_grpc.GatewayServiceStub(grpc.insecure_channel(cluster.address("gateway")))
-    try:
-        with pytest.raises(grpc.RpcError) as e:
-            stub.GenerateUnary(gateway_pb2.GenerateUnaryRequest(
-                spec=gateway_pb2.GenerationSpec(prompt=PROMPT, max_new_tokens=200), session_id=sid), timeout=1.0)
-        w.join()
-        assert seen_live, "the session finished before the drafter and the verifier both reported it"
-        assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        wait_cancelled(rdb_client, sid)
-    finally:
-        w.join()
-        os.kill(vpid, signal.SIGCONT)
+    for attempt in range(3):
+        sid, seen = f"deadline-live-{attempt}", {"stopped": False, "drafter_held": False, "events": []}
+        try:
+            try:
+                for msg in stub.Generate(gateway_pb2.GenerateRequest(
+                        spec=gateway_pb2.GenerationSpec(prompt=PROMPT, max_new_tokens=200), session_id=sid),
+                        timeout=3.0):
+                    seen["events"].append(msg.WhichOneof("event"))
+                    if seen["events"][-1] == "delta" and not seen["stopped"] and active_sessions(cluster, "verifier"):
+                        os.kill(vpid, signal.SIGSTOP)
+                        seen["stopped"] = True
+                        seen["drafter_held"] = bool(active_sessions(cluster, "d1") or active_sessions(cluster, "d2"))
+            except grpc.RpcError as err:
+                assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED, err
+                assert seen["stopped"] and seen["drafter_held"], seen
+                assert "end" not in seen["events"]
+                wait_cancelled(rdb_client, sid)  # by the gateway, while the verifier is still stopped
+                break
+            assert seen["events"][-1] == "end", seen  # the client read its first delta after the end: again
+        finally:
+            if seen["stopped"]:
+                os.kill(vpid, signal.SIGCONT)
+    else:
+        pytest.fail("three generations ended before the client read their first delta")
     wait_all_free(cluster)
 
 
