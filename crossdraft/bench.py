@@ -27,6 +27,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 from .cli import _check_slrs_args, model_dtype, read_prompts
 from .auto import arm_name
@@ -110,6 +111,26 @@ def _distributed(client, r, prompt, max_new, p, algorithm, draft_tokens, drafter
     r.add(d["ids"], dt, in_process_ids, res)
 
 
+def resolve_drafters(target: str, names: Optional[list]) -> list:
+    """The drafter directories of a bench: every drafter-* directory next to the target when `names` is
+    None; otherwise each name as a path, or else the directory of that name next to the target (so
+    `--drafters drafter-bpe2k` finds the zoo's). A name that is neither is an InvalidArgument at once
+    (the bench, like its target, runs local directories; trying it as a Hugging Face Hub id would retry
+    for most of a minute offline)."""
+    parent = Path(target).parent
+    if names is None:
+        return sorted(str(p) for p in parent.glob("drafter-*") if p.is_dir())
+    out = []
+    for name in names:
+        if os.path.isdir(name):
+            out.append(name)
+        elif (parent / name).is_dir():
+            out.append(str(parent / name))
+        else:
+            raise InvalidArgument(f"drafter directory not found: {name} (nor {parent / name})")
+    return out
+
+
 def config_order(configs: list, prompt_index: int) -> list:
     """The order a drafter's configurations run on prompt `prompt_index`: the list turned by one more
     each prompt, so that none always follows the same other one (what ran just before, an slrs tree
@@ -173,10 +194,7 @@ def run_bench(args) -> int:
     if not os.path.isdir(args.target):
         raise InvalidArgument(f"target directory not found: {args.target} (the zoo lives in ../shared/zoo)")
     prompts = read_prompts(args.prompts_file, chars=args.prompt_chars, limit=args.num_prompts, min_chars=args.min_chars)
-    drafters = args.drafters
-    if drafters is None:
-        parent = Path(args.target).parent
-        drafters = sorted(str(p) for p in parent.glob("drafter-*") if p.is_dir())
+    drafters = resolve_drafters(args.target, args.drafters)
     algos = [a.strip() for a in args.algorithms.split(",") if a.strip()]
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
 

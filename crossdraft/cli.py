@@ -166,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     z = zoo_dir()
     b.add_argument("--target", default=str(z / "target-bpe8k"), help="target model (default: the zoo's target)")
     b.add_argument("--drafters", nargs="*", default=None,
-                   help="drafter models (default: every drafter-* directory next to the target)")
+                   help="drafter model directories, or names of directories next to the target "
+                        "(default: every drafter-* directory next to the target)")
     b.add_argument("--prompts-file", default=str(z / "dev-prompts.jsonl"),
                    help="JSON Lines with a \"prompt\" or \"text\" field (default: the zoo's dev prompts)")
     b.add_argument("--num-prompts", type=int, default=6, help="how many prompts (default: 6)")

@@ -357,7 +357,9 @@ def test_bench_distributed_column(stack, tmp_path, temperature):
 def test_bench_sweep_with_auto_per_prompt_figures_and_summary(stack, tmp_path):
     """In process, `bench --sweep-draft-tokens` with auto: each row carries its per-prompt figures (they
     add up to the row), and scripts/auto_summary.py pools two such runs and puts a bootstrap interval
-    around the pooled ratio. The configurations' order turns by one per prompt."""
+    around the pooled ratio. The configurations' order turns by one per prompt. The drafter is named as
+    a directory next to the target (`--drafters drafter-spm`); a name that is no directory, there or
+    as a path, is refused at once with one line and exit code 2."""
     assert config_order(["a", "b", "c"], 0) == ["a", "b", "c"] and config_order(["a", "b", "c"], 4) == ["b", "c", "a"]
     d = stack["dirs"]
     f = tmp_path / "p.jsonl"
@@ -366,7 +368,7 @@ def test_bench_sweep_with_auto_per_prompt_figures_and_summary(stack, tmp_path):
     for seed in (0, 1):
         out = tmp_path / f"bench-{seed}.json"
         cmd = [sys.executable, "-m", "crossdraft.cli", "bench", "--target", str(d["target"]), "--drafters",
-               str(d["spm"]), "--algorithms", "slem,auto", "--sweep-draft-tokens", "2,3", "--prompts-file", str(f),
+               d["spm"].name, "--algorithms", "slem,auto", "--sweep-draft-tokens", "2,3", "--prompts-file", str(f),
                "--min-chars", "0", "--num-prompts", "3", "--max-new-tokens", "10", "--temperature", "1.0",
                "--seed", str(seed), "--no-hf", "--threads", "1", "--json-out", str(out)]
         p = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True,
@@ -378,6 +380,10 @@ def test_bench_sweep_with_auto_per_prompt_figures_and_summary(stack, tmp_path):
             assert len(r["per_prompt"]) == 3 and sum(t for t, _ in r["per_prompt"]) == r["new_tokens"] == 30
             assert sum(s for _, s in r["per_prompt"]) == pytest.approx(r["seconds"], abs=1e-3)
         files.append(str(out))
+    bad = subprocess.run(cmd[:cmd.index("--drafters") + 1] + ["drafter-nosuch"] + cmd[cmd.index("--algorithms"):],
+                         cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
+    assert "drafter directory not found: drafter-nosuch" in bad.stderr
     s = subprocess.run([sys.executable, str(ROOT / "scripts" / "auto_summary.py"), *files], capture_output=True,
                        text=True, timeout=60)
     assert s.returncode == 0, s.stderr
