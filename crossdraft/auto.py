@@ -23,7 +23,7 @@ before and after it, which saw the same stretch of text. That matters: how much 
 depends on the text far more than on the arm (a repetitive stretch accepts whole drafts, a new
 identifier nothing), so unpaired averages over a few dozen rounds cannot tell arms 10% apart, and
 paired ones can. A challenger far behind is dropped without a test (`FAR`: 30% slower after 2 turns,
-15% after 3; at temperature 1 slrs is 30-40% slower than tli on the zoo, and each of its turns costs); after
+15% after 3; at temperature 1 slrs is 25-40% slower than tli on the zoo, and each of its turns costs); after
 `MIN_TURNS` (4) a mean difference more than t95 standard errors below zero drops it; after
 `PROMOTE_TURNS` (6) one more than t95 standard errors above zero, and at least `MIN_GAIN` (3%) of the
 rate, makes it the incumbent (the old one becomes a challenger), but only on turns from
@@ -52,6 +52,7 @@ import threading
 from dataclasses import dataclass
 from typing import Optional
 
+LENGTHS = (None, 3, 6)  # None: adaptive (+2 after a full accept, -1 otherwise), the incumbent
 ALGO_TURNS = 8  # at most, turns per challenger in stage 1
 LENGTH_TURNS = 5  # at most, turns per challenger in stage 2
 MIN_TURNS = 4  # turns before a challenger can be dropped by the t test
@@ -70,7 +71,6 @@ _T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31,
 
 def t95(df: int) -> float:
     return _T95.get(df) or next((v for d, v in sorted(_T95.items(), reverse=True) if d <= df), 2.0)
-LENGTHS = (None, 3, 6)  # None: adaptive (+2 after a full accept, -1 otherwise), the incumbent
 
 
 def arm_name(algorithm: str, k: Optional[int]) -> str:
