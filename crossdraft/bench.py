@@ -154,10 +154,10 @@ def _run_prompts(args, prompts, params, pairs, base, tv, trunner, tmodel, with_h
             hf_ids, dt = _hf_generate(tmodel, ids, args.max_new_tokens, p)
             row("HF generate", "-", "hf").add(hf_ids, dt, ref.ids)
         for name, eng, applicable, dmodel, dtok in pairs:
-            configs = [(a, k) for a in applicable for k in ([args.draft_tokens] if a == "auto" or not
-                                                             args.sweep_draft_tokens else args.sweep_draft_tokens)]
+            sweep = args.sweep_draft_tokens  # every length for each algorithm but auto (it searches lengths itself)
+            configs = [(a, k) for a in applicable for k in (sweep if sweep and a != "auto" else [args.draft_tokens])]
             for a, k in config_order(configs, pi):
-                label = a if a == "auto" or not args.sweep_draft_tokens else arm_name(a, k)
+                label = arm_name(a, k) if sweep and a != "auto" else a
                 try:
                     res = eng.generate(prompt, args.max_new_tokens, p, a, k)
                 except CrossdraftError as e:

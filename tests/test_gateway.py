@@ -364,15 +364,14 @@ def test_bench_sweep_with_auto_per_prompt_figures_and_summary(stack, tmp_path):
     d = stack["dirs"]
     f = tmp_path / "p.jsonl"
     f.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in (PROMPT, "def parse(self, value", "x = [")))
-    files = []
+    files, env = [], dict(os.environ, PYTHONPATH=str(ROOT))
     for seed in (0, 1):
         out = tmp_path / f"bench-{seed}.json"
         cmd = [sys.executable, "-m", "crossdraft.cli", "bench", "--target", str(d["target"]), "--drafters",
                d["spm"].name, "--algorithms", "slem,auto", "--sweep-draft-tokens", "2,3", "--prompts-file", str(f),
                "--min-chars", "0", "--num-prompts", "3", "--max-new-tokens", "10", "--temperature", "1.0",
                "--seed", str(seed), "--no-hf", "--threads", "1", "--json-out", str(out)]
-        p = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True,
-                           text=True, timeout=300)
+        p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert p.returncode == 0, p.stderr[-3000:]
         rows = json.loads(out.read_text())["results"]
         assert {r["config"] for r in rows} == {"target alone", "slem k=2", "slem k=3", "auto"}
@@ -381,7 +380,7 @@ def test_bench_sweep_with_auto_per_prompt_figures_and_summary(stack, tmp_path):
             assert sum(s for _, s in r["per_prompt"]) == pytest.approx(r["seconds"], abs=1e-3)
         files.append(str(out))
     bad = subprocess.run(cmd[:cmd.index("--drafters") + 1] + ["drafter-nosuch"] + cmd[cmd.index("--algorithms"):],
-                         cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=120)
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
     assert "drafter directory not found: drafter-nosuch" in bad.stderr
     s = subprocess.run([sys.executable, str(ROOT / "scripts" / "auto_summary.py"), *files], capture_output=True,
