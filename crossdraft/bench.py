@@ -29,7 +29,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from .cli import _check_slrs_args, model_dtype, read_prompts
+from .options import check_slrs_args, model_dtype
+from .prompts import read_prompts
 from .auto import arm_name
 from .engine import Engine
 from .errors import CrossdraftError, InvalidArgument, Unavailable
@@ -186,24 +187,16 @@ def _run_prompts(args, prompts, params, pairs, base, tv, trunner, tmodel, with_h
             f"elapsed {el:.0f}s, about {el / (pi + 1) * (len(prompts) - pi - 1):.0f}s left")
 
 
-def run_bench(args) -> int:
-    import torch
-
-    params = SamplingParams(temperature=args.temperature, seed=args.seed).validate()
-    _check_slrs_args(args)
-    if not os.path.isdir(args.target):
-        raise InvalidArgument(f"target directory not found: {args.target} (the zoo lives in ../shared/zoo)")
-    prompts = read_prompts(args.prompts_file, chars=args.prompt_chars, limit=args.num_prompts, min_chars=args.min_chars)
+def _load(args, algos: list, log) -> tuple:
+    """(target vocab, HF target model, target runner, the target-alone engine, drafter paths, pairs): pairs
+    are (drafter name, engine, [applicable algorithms], HF drafter model, HF drafter tokenizer)."""
     drafters = resolve_drafters(args.target, args.drafters)
-    algos = [a.strip() for a in args.algorithms.split(",") if a.strip()]
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-
     log(f"loading target {args.target} and {len(drafters)} drafters ...")
     tv = Vocab.load(args.target)
     tmodel = load_model(args.target, args.device, model_dtype(args))
     trunner = make_runner(tmodel, fast=not args.hf_runner)
     base = Engine(trunner, tv)
-    pairs = []  # (drafter name, engine, [algorithms], hf drafter model, hf drafter tokenizer)
+    pairs = []
     for d in drafters:
         dv = Vocab.load(d)
         dmodel = load_model(d, args.device, model_dtype(args))
@@ -212,88 +205,73 @@ def run_bench(args) -> int:
         same = dv.same_as(tv)
         applicable = [a for a in algos if a == "auto" or ((a == "same") == same and a != "none")]
         pairs.append((Path(d).name, eng, applicable, dmodel, dv.hf))
+    return tv, tmodel, trunner, base, drafters, pairs
 
-    rows = {}
 
-    def row(name, drafter, algorithm, inproc=None):
-        key = (name, drafter)
-        if key not in rows:
-            rows[key] = Row(name, drafter, algorithm, inproc)
-        return rows[key]
+def _start_cluster(args, drafters: list, pairs: list, prompt: str, params, log) -> tuple:
+    """(LocalCluster, Client) for --distributed: the four processes started and warmed up, one short
+    generation per configuration as in process; a failed warm-up says which status, with the services' logs."""
+    from .client import Client
+    from .local_cluster import LocalCluster
 
-    with_hf = not args.no_hf
-    mode = "greedy" if params.greedy else f"sampling T={params.temperature}"
-    log(f"{len(prompts)} prompts x {args.max_new_tokens} new tokens, {mode}")
-    # warm-up: one short generation per configuration
-    for _, eng, applicable, _, _ in pairs:
-        for a in applicable:
-            eng.generate(prompts[0], 8, params, a, args.draft_tokens)
-    base.generate(prompts[0], 8, params, "none")
-
-    cluster = client = None
-    if args.distributed:
-        from .client import Client
-        from .local_cluster import LocalCluster
-
-        threads = args.threads or 1
-        log(f"starting redis-server, a verifier, {len(pairs)} drafters and a gateway "
-            f"({threads} torch thread(s) each) ...")
-        cluster = LocalCluster(args.target, list(drafters), threads=threads, pin=args.pin_cpus).start()
-        client = Client(cluster.gateway)
-        try:
-            for name, _, applicable, _, _ in pairs:  # warm-up, as in process
-                for a in applicable:
-                    client.generate(prompts[0], 8, params.temperature, params.seed, a, args.draft_tokens,
-                                    drafter=name)
-        except Exception as e:  # a gRPC status: say which, with what the services logged
-            client.close()
-            logs = "\n".join(f"--- {n}:\n{cluster.tail(n)}" for n in cluster.names())
-            cluster.stop()
-            code = e.code().name if hasattr(e, "code") and callable(e.code) else type(e).__name__
-            details = e.details() if hasattr(e, "details") and callable(e.details) else str(e)
-            raise Unavailable(f"warm-up through the local cluster failed: {code}: {details}\n{logs}") from None
+    threads = args.threads or 1
+    log(f"starting redis-server, a verifier, {len(pairs)} drafters and a gateway "
+        f"({threads} torch thread(s) each) ...")
+    cluster = LocalCluster(args.target, list(drafters), threads=threads,
+                           pin=args.pin_cpus).start()
+    client = Client(cluster.gateway)
     try:
-        _run_prompts(args, prompts, params, pairs, base, tv, trunner, tmodel, with_hf, row, client, log)
-    finally:
-        if client is not None:
-            client.close()
-        if cluster is not None:
-            cluster.stop()
+        for name, _, applicable, _, _ in pairs:
+            for a in applicable:
+                client.generate(prompt, 8, params.temperature, params.seed, a, args.draft_tokens, drafter=name)
+    except Exception as e:  # a gRPC status: say which, with what the services logged
+        client.close()
+        logs = "\n".join(f"--- {n}:\n{cluster.tail(n)}" for n in cluster.names())
+        cluster.stop()
+        code = e.code().name if hasattr(e, "code") and callable(e.code) else type(e).__name__
+        details = e.details() if hasattr(e, "details") and callable(e.details) else str(e)
+        raise Unavailable(f"warm-up through the local cluster failed: {code}: {details}\n{logs}") from None
+    return cluster, client
 
-    base_row = rows[("target alone", "-")]
-    step = base_row.seconds / max(base_row.tokens, 1)  # target seconds per token, alone
-    results = []
-    for r in rows.values():
-        d = {"config": r.name, "drafter": r.drafter, "prompts": r.n, "new_tokens": r.tokens,
-             "seconds": round(r.seconds, 4), "tokens_per_second": round(r.tps(), 2),
-             "speedup": round(r.tps() / base_row.tps(), 3) if base_row.tps() and r.tps() else None,
-             "exact_match": f"{r.exact}/{r.n}" if params.greedy or r.name.endswith(" distributed") else None,
-             "error": r.error or None, "per_prompt": r.per_prompt}
-        if r.name.endswith(" distributed"):  # against the same configuration in process, same run
-            inproc = rows.get((r.inproc, r.drafter))
-            d["vs_in_process"] = round(r.tps() / inproc.tps(), 3) if inproc and inproc.tps() and r.tps() else None
-        if r.auto is not None:
-            d["auto"] = r.auto
-        if r.rounds and r.algorithm not in ("none", "hf"):
-            c = (r.draft_s / r.drafted) / step if r.drafted else 0.0
-            tpr = r.tokens / r.rounds
-            d.update(acceptance=round(r.acc / r.cands, 4) if r.cands else None,
-                     accepted_per_round=round(r.acc / r.rounds, 3), tokens_per_round=round(tpr, 3),
-                     drafted_per_round=round(r.drafted / r.rounds, 3), cost_ratio=round(c, 4),
-                     ideal_speedup=round(tpr / (1 + r.drafted / r.rounds * c), 3),
-                     round_ms={k[:-2]: round(v / r.rounds * 1e3, 3) for k, v in r.prof.items()})
-            if r.algorithm == "slrs":  # drafter forward rows per candidate, and positions cut by the work bound
-                d.update(slrs_passes_per_candidate=round(r.drafted / r.cands, 3) if r.cands else None,
-                         slrs_rows_per_candidate=round(r.slrs_rows / r.cands, 3) if r.cands else None,
-                         slrs_fallbacks=r.fallbacks)
-        results.append(d)
 
-    hdr = f"{'config':24s} {'drafter':18s} {'tok/s':>7s} {'speedup':>7s} {'accept':>6s} {'acc/rnd':>7s} {'tok/rnd':>7s} {'c':>5s} {'ideal':>5s} {'exact':>6s}"
-    print(f"\ncrossdraft bench: {len(prompts)} prompts, {args.max_new_tokens} new tokens, {mode}, "
-          f"device {trunner.device} {str(trunner.dtype).replace('torch.', '')}, torch threads {torch.get_num_threads()}")
+def _result(r: Row, base_row: Row, rows: dict, params, step: float) -> dict:
+    """One row of the table and the JSON."""
+    d = {"config": r.name, "drafter": r.drafter, "prompts": r.n, "new_tokens": r.tokens,
+         "seconds": round(r.seconds, 4), "tokens_per_second": round(r.tps(), 2),
+         "speedup": round(r.tps() / base_row.tps(), 3) if base_row.tps() and r.tps() else None,
+         "exact_match": f"{r.exact}/{r.n}" if params.greedy or r.name.endswith(" distributed") else None,
+         "error": r.error or None, "per_prompt": r.per_prompt}
+    if r.name.endswith(" distributed"):  # against the same configuration in process, same run
+        inproc = rows.get((r.inproc, r.drafter))
+        d["vs_in_process"] = round(r.tps() / inproc.tps(), 3) if inproc and inproc.tps() and r.tps() else None
+    if r.auto is not None:
+        d["auto"] = r.auto
+    if r.rounds and r.algorithm not in ("none", "hf"):
+        c = (r.draft_s / r.drafted) / step if r.drafted else 0.0
+        tpr = r.tokens / r.rounds
+        d.update(acceptance=round(r.acc / r.cands, 4) if r.cands else None,
+                 accepted_per_round=round(r.acc / r.rounds, 3), tokens_per_round=round(tpr, 3),
+                 drafted_per_round=round(r.drafted / r.rounds, 3), cost_ratio=round(c, 4),
+                 ideal_speedup=round(tpr / (1 + r.drafted / r.rounds * c), 3),
+                 round_ms={k[:-2]: round(v / r.rounds * 1e3, 3) for k, v in r.prof.items()})
+        if r.algorithm == "slrs":  # drafter forward rows per candidate, and positions cut by the work bound
+            d.update(slrs_passes_per_candidate=round(r.drafted / r.cands, 3) if r.cands else None,
+                     slrs_rows_per_candidate=round(r.slrs_rows / r.cands, 3) if r.cands else None,
+                     slrs_fallbacks=r.fallbacks)
+    return d
+
+
+def _fmt(v, fmt: str) -> str:
+    return (fmt % v) if isinstance(v, (int, float)) else "-"
+
+
+def _print_table(results: list, title: str, threads: Optional[int]) -> None:
+    hdr = (f"{'config':24s} {'drafter':18s} {'tok/s':>7s} {'speedup':>7s} {'accept':>6s} {'acc/rnd':>7s} "
+           f"{'tok/rnd':>7s} {'c':>5s} {'ideal':>5s} {'exact':>6s}")
+    print(f"\n{title}")
     print(hdr)
     print("-" * len(hdr))
-    f = lambda v, fmt: (fmt % v) if isinstance(v, (int, float)) else "-"  # noqa: E731
+    f = _fmt
     for d in results:
         if d["error"]:
             print(f"{d['config']:24s} {d['drafter']:18s} error: {d['error']}")
@@ -305,47 +283,107 @@ def run_bench(args) -> int:
     dist = [d for d in results if "vs_in_process" in d]
     if dist:
         print(f"\ndistributed (redis-server, verifier, drafters, gateway: separate processes on loopback, "
-              f"{args.threads or 1} torch thread(s) each) against the same configuration in process:")
+              f"{threads or 1} torch thread(s) each) against the same configuration in process:")
         for d in dist:
             print(f"  {d['config']:24s} {d['drafter']:18s} {f(d['vs_in_process'], '%5.2fx')}  "
                   f"output identical to in-process {d['exact_match']}")
+
+
+def _print_auto(results: list) -> None:
+    """auto against the best fixed configuration of its drafter; adds vs_best_fixed and best_fixed to its row."""
     autos = [d for d in results if d["config"] == "auto" and d["tokens_per_second"]]
     if autos:
         print("\nauto against the best fixed configuration in this run (same prompts, same process):")
-        for d in autos:
-            fixed = [x for x in results if x["drafter"] == d["drafter"] and x["config"] != "auto" and not x["error"]
-                     and not x["config"].endswith(" distributed") and not x["config"].startswith("HF")
-                     and x["tokens_per_second"]]
-            if not fixed:
-                continue
-            best = max(fixed, key=lambda x: x["tokens_per_second"])
-            d["vs_best_fixed"] = round(d["tokens_per_second"] / best["tokens_per_second"], 3)
-            d["best_fixed"] = best["config"]
-            keeps = (d.get("auto") or {}).get("keeps", "?")
-            print(f"  {d['drafter']:18s} auto {d['tokens_per_second']:6.1f} tok/s (keeps {keeps})  best fixed "
-                  f"{best['config']} {best['tokens_per_second']:6.1f} tok/s  ->  {d['vs_best_fixed']:.2f}x")
+    for d in autos:
+        fixed = [x for x in results if x["drafter"] == d["drafter"] and x["config"] != "auto" and not x["error"]
+                 and not x["config"].endswith(" distributed") and not x["config"].startswith("HF")
+                 and x["tokens_per_second"]]
+        if not fixed:
+            continue
+        best = max(fixed, key=lambda x: x["tokens_per_second"])
+        d["vs_best_fixed"] = round(d["tokens_per_second"] / best["tokens_per_second"], 3)
+        d["best_fixed"] = best["config"]
+        keeps = (d.get("auto") or {}).get("keeps", "?")
+        print(f"  {d['drafter']:18s} auto {d['tokens_per_second']:6.1f} tok/s (keeps {keeps})  best fixed "
+              f"{best['config']} {best['tokens_per_second']:6.1f} tok/s  ->  {d['vs_best_fixed']:.2f}x")
+
+
+def _print_profile(results: list, step: float) -> None:
     print("\nwhere a round's time goes (ms per round; bridge is part of verify):")
     for d in results:
-        if d.get("round_ms"):
-            rm = d["round_ms"]
-            rest = (f"network {rm['network']:5.2f} (prefill included)" if "network" in rm else
-                    f"bookkeeping {rm.get('other', 0):5.2f}  prefill {rm.get('prefill', 0):5.2f}")
-            print(f"  {d['config']:18s} {d['drafter']:18s} draft {rm.get('draft', 0):6.2f}  verify {rm.get('verify', 0):6.2f}"
-                  f"  (bridge {rm.get('bridge', 0):5.2f})  {rest}"
-                  f"  | target alone {step * 1e3:5.2f} ms/token")
-            if "psi" in rm:
-                print(f"         of draft, psi (computing r): {rm['psi']:6.2f}, of which drafter forwards "
-                      f"{rm.get('psi_forward', 0):6.2f} and tree bookkeeping {rm['psi'] - rm.get('psi_forward', 0):6.2f};"
-                      f" per candidate {d.get('slrs_passes_per_candidate')} drafter passes of "
-                      f"{d.get('slrs_rows_per_candidate')} rows in all; {d.get('slrs_fallbacks')} positions cut by the work bound")
-    meta = {"prompts_file": args.prompts_file, "num_prompts": len(prompts), "prompt_chars": args.prompt_chars, "min_chars": args.min_chars,
-            "max_new_tokens": args.max_new_tokens, "temperature": params.temperature, "seed": params.seed,
-            "device": str(trunner.device), "dtype": str(trunner.dtype), "threads": torch.get_num_threads(), "draft_tokens": args.draft_tokens,
-            "sweep_draft_tokens": args.sweep_draft_tokens,
-            "torch": torch.__version__, "distributed_threads": (args.threads or 1) if args.distributed else None,
+        if not d.get("round_ms"):
+            continue
+        rm = d["round_ms"]
+        rest = (f"network {rm['network']:5.2f} (prefill included)" if "network" in rm else
+                f"bookkeeping {rm.get('other', 0):5.2f}  prefill {rm.get('prefill', 0):5.2f}")
+        print(f"  {d['config']:18s} {d['drafter']:18s} draft {rm.get('draft', 0):6.2f}  verify {rm.get('verify', 0):6.2f}"
+              f"  (bridge {rm.get('bridge', 0):5.2f})  {rest}"
+              f"  | target alone {step * 1e3:5.2f} ms/token")
+        if "psi" in rm:
+            print(f"         of draft, psi (computing r): {rm['psi']:6.2f}, of which drafter forwards "
+                  f"{rm.get('psi_forward', 0):6.2f} and tree bookkeeping {rm['psi'] - rm.get('psi_forward', 0):6.2f};"
+                  f" per candidate {d.get('slrs_passes_per_candidate')} drafter passes of "
+                  f"{d.get('slrs_rows_per_candidate')} rows in all; {d.get('slrs_fallbacks')} positions cut by the work bound")
+
+
+def _meta(args, prompts: list, params, trunner) -> dict:
+    import torch
+
+    return {"prompts_file": args.prompts_file, "num_prompts": len(prompts), "prompt_chars": args.prompt_chars,
+            "min_chars": args.min_chars, "max_new_tokens": args.max_new_tokens, "temperature": params.temperature,
+            "seed": params.seed, "device": str(trunner.device), "dtype": str(trunner.dtype),
+            "threads": torch.get_num_threads(), "draft_tokens": args.draft_tokens,
+            "sweep_draft_tokens": args.sweep_draft_tokens, "torch": torch.__version__,
+            "distributed_threads": (args.threads or 1) if args.distributed else None,
             "distributed_pinned": bool(args.distributed and args.pin_cpus),
             "slrs_budget": args.slrs_budget, "slrs_tau": args.slrs_tau}
+
+
+def run_bench(args) -> int:
+    import torch
+
+    params = SamplingParams(temperature=args.temperature, seed=args.seed).validate()
+    check_slrs_args(args)
+    if not os.path.isdir(args.target):
+        raise InvalidArgument(f"target directory not found: {args.target} (the zoo lives in ../shared/zoo)")
+    prompts = read_prompts(args.prompts_file, chars=args.prompt_chars, limit=args.num_prompts, min_chars=args.min_chars)
+    algos = [a.strip() for a in args.algorithms.split(",") if a.strip()]
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    tv, tmodel, trunner, base, drafters, pairs = _load(args, algos, log)
+    rows = {}
+
+    def row(name, drafter, algorithm, inproc=None):
+        key = (name, drafter)
+        if key not in rows:
+            rows[key] = Row(name, drafter, algorithm, inproc)
+        return rows[key]
+
+    mode = "greedy" if params.greedy else f"sampling T={params.temperature}"
+    log(f"{len(prompts)} prompts x {args.max_new_tokens} new tokens, {mode}")
+    for _, eng, applicable, _, _ in pairs:  # warm-up: one short generation per configuration
+        for a in applicable:
+            eng.generate(prompts[0], 8, params, a, args.draft_tokens)
+    base.generate(prompts[0], 8, params, "none")
+    cluster = client = None
+    if args.distributed:
+        cluster, client = _start_cluster(args, drafters, pairs, prompts[0], params, log)
+    try:
+        _run_prompts(args, prompts, params, pairs, base, tv, trunner, tmodel, not args.no_hf, row, client, log)
+    finally:
+        if client is not None:
+            client.close()
+        if cluster is not None:
+            cluster.stop()
+
+    base_row = rows[("target alone", "-")]
+    step = base_row.seconds / max(base_row.tokens, 1)  # target seconds per token, alone
+    results = [_result(r, base_row, rows, params, step) for r in rows.values()]
+    _print_table(results, f"crossdraft bench: {len(prompts)} prompts, {args.max_new_tokens} new tokens, {mode}, "
+                 f"device {trunner.device} {str(trunner.dtype).replace('torch.', '')}, torch threads "
+                 f"{torch.get_num_threads()}", args.threads)
+    _print_auto(results)
+    _print_profile(results, step)
     with open(args.json_out, "w") as fh:
-        json.dump({"meta": meta, "results": results}, fh, indent=2)
+        json.dump({"meta": _meta(args, prompts, params, trunner), "results": results}, fh, indent=2)
     print(f"\nwrote {args.json_out}")
     return 0

@@ -12,95 +12,14 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 
 from .errors import CrossdraftError, InvalidArgument
+from .options import (draft_lengths, positive_int, add_model_args, add_slrs_args, add_tls_args, check_slrs_args,
+                      model_dtype, setup_torch)
+from .prompts import read_prompts, zoo_dir
 
-MAX_NEW_TOKENS_LIMIT = 100_000
-
-
-def zoo_dir() -> Path:
-    """../shared/zoo next to the checkout (or the current directory's ../shared/zoo)."""
-    for base in (Path.cwd(), Path(__file__).resolve().parents[1]):
-        cand = base.parent / "shared" / "zoo"
-        if cand.is_dir():
-            return cand
-    return Path.cwd().parent / "shared" / "zoo"
-
-
-def read_prompts(path: str, field: str = "prompt", chars: int = 0, limit: int = 0, min_chars: int = 0) -> list:
-    """JSON Lines with a `prompt` field (or `text`, cut to `chars` characters, as in the zoo's dev set);
-    records shorter than `min_chars` are skipped (a prompt needs a continuation to be worth timing)."""
-    if not os.path.isfile(path):
-        raise InvalidArgument(f"prompts file not found: {path}")
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InvalidArgument(f"{path}:{n}: not JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise InvalidArgument(f"{path}:{n}: expected a JSON object")
-            val = obj.get(field, obj.get("text") if field == "prompt" else None)
-            if not isinstance(val, str):
-                raise InvalidArgument(f"{path}:{n}: no string field {field!r}")
-            if len(val) < min_chars:
-                continue
-            out.append(val[:chars] if chars else val)
-            if limit and len(out) >= limit:
-                break
-    if not out:
-        raise InvalidArgument(f"{path}: no prompts")
-    return out
-
-
-def _positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {s!r}") from None
-    if v < 1 or v > MAX_NEW_TOKENS_LIMIT:
-        raise argparse.ArgumentTypeError(f"must be in [1, {MAX_NEW_TOKENS_LIMIT}], got {v}")
-    return v
-
-
-def model_dtype(args):
-    """--dtype as a torch dtype; None lets the runner pick by device."""
-    name = getattr(args, "dtype", "auto")
-    if name in (None, "auto"):
-        return None
-    import torch
-
-    return getattr(torch, name)
-
-
-def _add_slrs_args(p: argparse.ArgumentParser) -> None:
-    from .slrs import DEFAULT_BUDGET, DEFAULT_TAU
-
-    p.add_argument("--slrs-budget", type=int, default=DEFAULT_BUDGET,
-                   help=f"slrs: drafter forward rows per candidate position, the work bound (default: {DEFAULT_BUDGET})")
-    p.add_argument("--slrs-tau", type=float, default=DEFAULT_TAU,
-                   help=f"slrs: drafter paths of at least this probability are followed one by one (default: {DEFAULT_TAU})")
-
-
-def _check_slrs_args(args) -> None:
-    if args.slrs_budget < 0:
-        raise InvalidArgument(f"--slrs-budget must be >= 0, got {args.slrs_budget}")
-    if not 0.0 < args.slrs_tau <= 1.0:
-        raise InvalidArgument(f"--slrs-tau must be in (0, 1], got {args.slrs_tau}")
-
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if available)")
-    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
-                   help="weights and activations (default: float32 on CPU, bfloat16 on CUDA)")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: all cores)")
-    p.add_argument("--hf-runner", action="store_true",
-                   help="run models through Hugging Face's own forward instead of the lean Llama runner")
-    p.add_argument("--debug", action="store_true", help="show a traceback on unexpected errors")
+REDIS_PASSWORD_ENV = "CROSSDRAFT_REDIS_PASSWORD"
+API_KEY_ENV = "CROSSDRAFT_API_KEY"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,7 +28,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Lossless speculative decoding with a drafter whose tokenizer may differ from the target's "
                     "(TLI, SLEM; Timor et al., ICML 2025).")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _generate_parser(sub)
+    _key_parsers(sub)
+    _bench_parser(sub)
+    roles = _serve_parser(sub)
+    _model_service_parsers(roles)
+    _gateway_parsers(roles)
+    return ap
 
+
+def _generate_parser(sub) -> None:
     g = sub.add_parser("generate", help="generate a continuation of a prompt",
                        description="Generate with the target, sped up by the drafter. Output is exactly the "
                                    "target's: token for token under greedy decoding, its distribution under sampling.")
@@ -118,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--target", help="target model: a local directory or a Hugging Face Hub id")
     g.add_argument("--drafter", help="drafter model: a local directory or a Hub id (not needed for --algorithm none)")
     g.add_argument("--algorithm", default="auto", help="auto, same, tli, slem, slrs or none (default: auto)")
-    g.add_argument("--max-new-tokens", type=_positive_int, default=128, help="at most this many new target tokens (default: 128)")
+    g.add_argument("--max-new-tokens", type=positive_int, default=128, help="at most this many new target tokens (default: 128)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 for greedy (default), > 0 to sample")
     g.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: off)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (1: off)")
@@ -143,9 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tls-key", default=None, metavar="PEM", help="private key of --tls-cert")
     g.add_argument("--tls-server-name", default=None, metavar="NAME",
                    help="name the gateway's certificate is checked against (default: the host of --gateway)")
-    _add_slrs_args(g)
-    _add_model_args(g)
+    add_slrs_args(g)
+    add_model_args(g)
 
+
+def _key_parsers(sub) -> None:
     h = sub.add_parser("hash-key", help="print the SHA-256 hash of an API key, as a gateway's --api-keys file holds it",
                        description="Read an API key (from stdin, or a new random one with --new) and print the line "
                                    "of a --api-keys file for it: NAME:SHA256HEX. With --new the key itself is "
@@ -159,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "verifiers and the gateways, never to the drafters.")
     k.add_argument("file", help="where to write the key (refused if it exists)")
 
+
+def _bench_parser(sub) -> None:
     b = sub.add_parser("bench", help="benchmark every algorithm and drafter against the target alone and Hugging Face",
                        description="Side by side in one process: the target alone, each algorithm with each drafter, "
                                    "and Hugging Face transformers' generate() (plain, assistant_model, assistant_tokenizer). "
@@ -174,12 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--prompt-chars", type=int, default=800, help="cut each prompt to this many characters (default: 800)")
     b.add_argument("--min-chars", type=int, default=2000,
                    help="skip documents shorter than this, so every prompt has a real continuation (default: 2000)")
-    b.add_argument("--max-new-tokens", type=_positive_int, default=128)
+    b.add_argument("--max-new-tokens", type=positive_int, default=128)
     b.add_argument("--temperature", type=float, default=0.0)
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--algorithms", default="same,tli,slem", help="comma-separated, from same, tli, slem, slrs, auto (default: same,tli,slem)")
     b.add_argument("--draft-tokens", type=int, default=None, help="fixed draft length (default: adaptive)")
-    b.add_argument("--sweep-draft-tokens", type=_draft_lengths, default=None, metavar="LIST",
+    b.add_argument("--sweep-draft-tokens", type=draft_lengths, default=None, metavar="LIST",
                    help="run every algorithm but auto once per draft length in LIST (comma-separated; "
                         "'adaptive' is the default rule), e.g. adaptive,2,3,4,6: the fixed configurations "
                         "that `auto` (which searches lengths itself) is measured against")
@@ -193,14 +125,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "(as on separate machines; the gateway and Redis float)")
     b.add_argument("--no-hf", action="store_true", help="skip the Hugging Face generate() baselines")
     b.add_argument("--json-out", default="bench.json", help="where to write the results (default: bench.json)")
-    _add_slrs_args(b)
-    _add_model_args(b)
+    add_slrs_args(b)
+    add_model_args(b)
 
+
+def _serve_parser(sub):
     s = sub.add_parser("serve", help="run a crossdraft gRPC service (verifier or drafter)",
                        description="Run one crossdraft service over gRPC. It listens at once with health "
                                    "NOT_SERVING, loads and warms its model, then reports SERVING (grpc.health.v1) "
                                    "and logs 'serving on HOST:PORT'. SIGTERM stops it gracefully.")
-    roles = s.add_subparsers(dest="role", required=True, metavar="ROLE")
+    return s.add_subparsers(dest="role", required=True, metavar="ROLE")
+
+
+def _model_service_parsers(roles) -> None:
     for role, what in (("verifier", "the target model: verifies the proposals of drafters (VerifierService)"),
                        ("drafter", "a drafter model: runs sessions against a verifier (DrafterService)")):
         r = roles.add_parser(role, help=what, description=f"Serve {what}.")
@@ -216,13 +153,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds in-flight calls get to finish after SIGTERM (default: 10)")
         r.add_argument("--metrics-port", type=int, default=0,
                        help="serve Prometheus metrics over HTTP at HOST:PORT/metrics (default: 0, off)")
-        _add_tls_args(r)
+        add_tls_args(r)
         if role == "verifier":
             r.add_argument("--verdict-key-file", default=None, metavar="FILE",
                            help="seal every verdict with this key (HMAC-SHA256), shared with the gateways and never "
                                 "given to drafters: a drafter then cannot change a session's output (the gateway "
                                 "takes the same flag); make one with `crossdraft new-verdict-key FILE`")
-        _add_model_args(r)
+        add_model_args(r)
+
+
+def _gateway_parsers(roles) -> None:
+    """`serve gateway` and `serve all` (the gateway with both models in one process): the gateway's flags."""
     gw = roles.add_parser("gateway", help="the client-facing GatewayService over pools of drafters and verifiers",
                           description="Serve the client-facing GatewayService: sessions in Redis (or in memory "
                                       "without --redis), a drafter per session by least load, a verifier by "
@@ -240,82 +181,55 @@ def build_parser() -> argparse.ArgumentParser:
     al.add_argument("--target", required=True, help="target model: directory or Hugging Face Hub id")
     al.add_argument("--drafter", required=True, help="drafter model: directory or Hugging Face Hub id")
     for r in (gw, al):
-        r.add_argument("--port", type=int, required=True, help="TCP port of the gateway (0: any free port)")
-        r.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0: all)")
-        r.add_argument("--redis", default=None, help="session store URL, redis://HOST:PORT/DB (default: in memory); "
-                       f"a password in ${REDIS_PASSWORD_ENV} is added to it, so it need not be on the command line")
-        r.add_argument("--ttl", type=float, default=24 * 3600.0, help="seconds a session is kept (default: 1 day)")
-        r.add_argument("--max-sessions", type=int, default=64,
-                       help="sessions run at once; more are answered RESOURCE_EXHAUSTED (default: 64)")
-        r.add_argument("--drafter-timeout", type=float, default=10.0,
-                       help="seconds a running session waits for its drafter's next delta before it fails over "
-                            "to another drafter, resuming from the committed ids (default: 10)")
-        r.add_argument("--failover-seconds", type=float, default=120.0,
-                       help="how long a session keeps failing over (drafters, a restarting verifier) before it "
-                            "fails (default: 120)")
-        r.add_argument("--session-lease", type=float, default=30.0,
-                       help="a running session no gateway has written to for this long is taken over by a "
-                            "replica a client attaches to (default: 30)")
-        r.add_argument("--metrics-port", type=int, default=0,
-                       help="serve Prometheus metrics over HTTP at HOST:PORT/metrics (default: 0, off; with "
-                            "`all`, one endpoint for the three roles)")
-        r.add_argument("--store-wait-seconds", type=float, default=30.0,
-                       help="how long a running session retries its commit while Redis is unreachable; then it "
-                            "stops here with its committed part in Redis, and a replica takes it over once Redis "
-                            "is back and a client attaches (default: 30)")
-        r.add_argument("--slow-client-seconds", type=float, default=30.0,
-                       help="a streaming client that takes no message for this long (it stopped reading) has its "
-                            "stream cut with RESOURCE_EXHAUSTED; its session goes on and can be re-attached "
-                            "(default: 30)")
-        r.add_argument("--max-prompt-bytes", type=int, default=256 << 10,
-                       help="longest prompt accepted, in UTF-8 bytes (default: 262144)")
-        r.add_argument("--grace", type=float, default=10.0,
-                       help="seconds in-flight calls get to finish after SIGTERM (default: 10)")
-        _add_tls_args(r, gateway=True)
-        r.add_argument("--api-keys", default=None, metavar="FILE",
-                       help="API keys file: one NAME:SHA256HEX per line (`crossdraft hash-key`); clients then send "
-                            "`authorization: Bearer KEY` and see only their own sessions (default: open)")
-        r.add_argument("--key-max-sessions", type=int, default=0,
-                       help="with --api-keys: sessions one key runs at once, more RESOURCE_EXHAUSTED (default: 0, "
-                            "no limit)")
-        r.add_argument("--key-requests-per-minute", type=int, default=0,
-                       help="with --api-keys: requests one key makes per minute, more RESOURCE_EXHAUSTED; counted "
-                            "in Redis with --redis, so all replicas share it (default: 0, no limit)")
+        _gateway_args(r)
         if r is al:
-            _add_model_args(r)
+            add_model_args(r)
         else:
             r.add_argument("--debug", action="store_true", help="show a traceback on unexpected errors")
-    return ap
 
 
-REDIS_PASSWORD_ENV = "CROSSDRAFT_REDIS_PASSWORD"
-API_KEY_ENV = "CROSSDRAFT_API_KEY"
-
-
-def _add_tls_args(p, gateway: bool = False) -> None:
-    """--tls-cert, --tls-key, --tls-ca, --tls-server-name, --insecure (and --tls-client-ca for a gateway):
-    the flags are defined here, their meaning in verifier_service/common.py (`TLS`)."""
-    p.add_argument("--tls-cert", default=None, metavar="PEM",
-                   help="certificate (chain) of this service, PEM: listen with TLS; also its client certificate "
-                        "towards the services it calls")
-    p.add_argument("--tls-key", default=None, metavar="PEM", help="private key of --tls-cert, PEM")
-    if gateway:
-        p.add_argument("--tls-ca", default=None, metavar="PEM",
-                       help="CA of the drafters and verifiers, PEM: call them with TLS, verified with it, presenting "
-                            "--tls-cert (mutual TLS); not used by `all`, whose hops stay in-process on loopback")
-        p.add_argument("--tls-client-ca", default=None, metavar="PEM",
-                       help="require clients of the gateway to present a certificate signed by this CA (default: "
-                            "no client certificates; clients are identified by --api-keys)")
-    else:
-        p.add_argument("--tls-ca", default=None, metavar="PEM",
-                       help="CA of the peers, PEM: require client certificates signed by it (mutual TLS) and "
-                            "verify the services this one calls with it")
-    p.add_argument("--tls-server-name", default=None, metavar="NAME",
-                   help="name the certificates of called services are checked against (default: the host of "
-                        "each address)")
-    p.add_argument("--insecure", action="store_true",
-                   help="allow plaintext gRPC off loopback; without TLS flags, plaintext is allowed only on "
-                        "loopback (127.0.0.1, ::1, localhost), always with a warning in the log")
+def _gateway_args(r) -> None:
+    r.add_argument("--port", type=int, required=True, help="TCP port of the gateway (0: any free port)")
+    r.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0: all)")
+    r.add_argument("--redis", default=None, help="session store URL, redis://HOST:PORT/DB (default: in memory); "
+                   f"a password in ${REDIS_PASSWORD_ENV} is added to it, so it need not be on the command line")
+    r.add_argument("--ttl", type=float, default=24 * 3600.0, help="seconds a session is kept (default: 1 day)")
+    r.add_argument("--max-sessions", type=int, default=64,
+                   help="sessions run at once; more are answered RESOURCE_EXHAUSTED (default: 64)")
+    r.add_argument("--drafter-timeout", type=float, default=10.0,
+                   help="seconds a running session waits for its drafter's next delta before it fails over "
+                        "to another drafter, resuming from the committed ids (default: 10)")
+    r.add_argument("--failover-seconds", type=float, default=120.0,
+                   help="how long a session keeps failing over (drafters, a restarting verifier) before it "
+                        "fails (default: 120)")
+    r.add_argument("--session-lease", type=float, default=30.0,
+                   help="a running session no gateway has written to for this long is taken over by a "
+                        "replica a client attaches to (default: 30)")
+    r.add_argument("--metrics-port", type=int, default=0,
+                   help="serve Prometheus metrics over HTTP at HOST:PORT/metrics (default: 0, off; with "
+                        "`all`, one endpoint for the three roles)")
+    r.add_argument("--store-wait-seconds", type=float, default=30.0,
+                   help="how long a running session retries its commit while Redis is unreachable; then it "
+                        "stops here with its committed part in Redis, and a replica takes it over once Redis "
+                        "is back and a client attaches (default: 30)")
+    r.add_argument("--slow-client-seconds", type=float, default=30.0,
+                   help="a streaming client that takes no message for this long (it stopped reading) has its "
+                        "stream cut with RESOURCE_EXHAUSTED; its session goes on and can be re-attached "
+                        "(default: 30)")
+    r.add_argument("--max-prompt-bytes", type=int, default=256 << 10,
+                   help="longest prompt accepted, in UTF-8 bytes (default: 262144)")
+    r.add_argument("--grace", type=float, default=10.0,
+                   help="seconds in-flight calls get to finish after SIGTERM (default: 10)")
+    add_tls_args(r, gateway=True)
+    r.add_argument("--api-keys", default=None, metavar="FILE",
+                   help="API keys file: one NAME:SHA256HEX per line (`crossdraft hash-key`); clients then send "
+                        "`authorization: Bearer KEY` and see only their own sessions (default: open)")
+    r.add_argument("--key-max-sessions", type=int, default=0,
+                   help="with --api-keys: sessions one key runs at once, more RESOURCE_EXHAUSTED (default: 0, "
+                        "no limit)")
+    r.add_argument("--key-requests-per-minute", type=int, default=0,
+                   help="with --api-keys: requests one key makes per minute, more RESOURCE_EXHAUSTED; counted "
+                        "in Redis with --redis, so all replicas share it (default: 0, no limit)")
 
 
 def redis_url_with_password(url, environ=os.environ):
@@ -331,32 +245,6 @@ def redis_url_with_password(url, environ=os.environ):
         raise InvalidArgument(f"--redis has a password and ${REDIS_PASSWORD_ENV} is set too: give only one")
     user, _, host = parts.netloc.rpartition("@")
     return urlunsplit(parts._replace(netloc=f"{user}:{quote(password, safe='')}@{host}"))
-
-
-def _draft_lengths(text: str) -> list:
-    out = []
-    for part in text.split(","):
-        part = part.strip()
-        if part == "adaptive":
-            out.append(None)
-            continue
-        try:
-            k = int(part)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"draft lengths are integers or 'adaptive', got {part!r}") from None
-        if not 1 <= k <= 64:
-            raise argparse.ArgumentTypeError(f"draft lengths must be in [1, 64], got {k}")
-        out.append(k)
-    if not out:
-        raise argparse.ArgumentTypeError("no draft lengths given")
-    return out
-
-
-def _setup_torch(args) -> None:
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
 
 
 def _print_result(args, out: dict) -> None:
@@ -420,10 +308,10 @@ def cmd_generate(args) -> int:
         raise InvalidArgument(f"unknown algorithm {algo!r}; choose one of auto, same, tli, slem, slrs, none")
     if algo not in ("none", "auto") and not args.drafter:
         raise InvalidArgument(f"algorithm {algo!r} needs --drafter")
-    _setup_torch(args)
+    setup_torch(args)
     if args.draft_top_k < 0:
         raise InvalidArgument(f"--draft-top-k must be >= 0, got {args.draft_top_k}")
-    _check_slrs_args(args)
+    check_slrs_args(args)
     engine = Engine.load(args.target, args.drafter if algo != "none" else None, device=args.device, dtype=model_dtype(args),
                          fast=not args.hf_runner, draft_top_k=args.draft_top_k,
                          slrs_tau=args.slrs_tau, slrs_budget=args.slrs_budget)
@@ -505,12 +393,12 @@ def cmd_serve(args) -> int:
     if args.role == "all":
         check_local(args.target)
         check_local(args.drafter)
-        _setup_torch(args)
-        from gateway.server import serve_all
+        setup_torch(args)
+        from .compose import serve_all
 
         return serve_all(args)
     check_local(args.model)
-    _setup_torch(args)
+    setup_torch(args)
     if args.role == "verifier":
         from verifier_service.server import serve
     else:
@@ -527,7 +415,7 @@ def main(argv=None) -> int:
         if args.command == "bench":
             from .bench import run_bench
 
-            _setup_torch(args)
+            setup_torch(args)
             return run_bench(args)
         if args.command == "serve":
             return cmd_serve(args)

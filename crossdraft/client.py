@@ -25,7 +25,7 @@ import time
 import uuid
 from typing import Iterator, Optional
 
-MAX_MESSAGE_BYTES = 8 << 20  # as the services (verifier_service.common.MAX_MESSAGE_BYTES)
+MAX_MESSAGE_BYTES = 8 << 20  # as the services (crossdraft.serving.channels.MAX_MESSAGE_BYTES)
 _STATUS_NAMES = {1: "pending", 2: "running", 3: "finished"}
 
 

@@ -27,7 +27,7 @@ import torch
 from .errors import InvalidArgument
 from .protocol import TEXT, TOKENS, Proposal, Verdict
 from .sampling import SamplingParams
-from .v1 import common_pb2, verifier_pb2
+from .v1 import common_pb2, drafter_pb2, verifier_pb2
 
 MAX_TARGET_IDS = 64  # candidates per proposal (the verifier's MAX_CANDIDATES)
 MAX_Q_ENTRIES = 4096  # non-zero entries of one q row; a drafter with a larger support needs draft_top_k
@@ -353,3 +353,16 @@ def stats_from_proto(msg: common_pb2.Stats) -> dict:
         "profile": {"draft_s": msg.draft_ns / 1e9, "verify_s": msg.verify_ns / 1e9,
                     "bridge_s": msg.bridge_ns / 1e9, "network_s": msg.network_ns / 1e9},
     }
+
+
+def session_request(verifier_address: str, prompt: str, max_new_tokens: int = 128,
+                    params: SamplingParams = SamplingParams(), algorithm: str = "auto",
+                    draft_tokens: Optional[int] = None, session_id: str = "", prompt_ids=None,
+                    committed_ids=None, resume_draft_tokens: int = 0) -> drafter_pb2.RunSessionRequest:
+    """The DrafterService.RunSession request for a session (or, with committed_ids, its resumption): what
+    the gateway sends a drafter."""
+    return drafter_pb2.RunSessionRequest(
+        session_id=session_id, verifier_address=verifier_address, prompt=prompt, prompt_ids=prompt_ids or [],
+        committed_ids=committed_ids or [], params=sampling_params_to_proto(params),
+        algorithm=algorithm_to_proto(algorithm), max_new_tokens=max_new_tokens, draft_tokens=draft_tokens or 0,
+        resume_draft_tokens=resume_draft_tokens or 0)

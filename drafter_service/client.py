@@ -1,7 +1,8 @@
 """A client of the drafter service: run one session and collect its output.
 
-Owns: building a `RunSessionRequest` from plain values and reading the stream of committed deltas
-back into target ids, text and statistics. Used by the tests and, later, by the gateway.
+Owns: reading the stream of committed deltas of a `RunSessionRequest` (`crossdraft.wire.session_request`
+builds one) back into target ids, text and statistics. Used by the tests and tools; the gateway runs
+its sessions itself.
 
 Never: drafts or verifies; a failed call raises `grpc.RpcError` with the server's status.
 """
@@ -13,19 +14,9 @@ import grpc
 
 from crossdraft import wire
 from crossdraft.sampling import SamplingParams
+from crossdraft.serving.channels import CHANNEL_OPTIONS
 from crossdraft.v1 import drafter_pb2, drafter_pb2_grpc
-from verifier_service.common import CHANNEL_OPTIONS
-
-
-def session_request(verifier_address: str, prompt: str, max_new_tokens: int = 128,
-                    params: SamplingParams = SamplingParams(), algorithm: str = "auto",
-                    draft_tokens: Optional[int] = None, session_id: str = "", prompt_ids=None,
-                    committed_ids=None, resume_draft_tokens: int = 0) -> drafter_pb2.RunSessionRequest:
-    return drafter_pb2.RunSessionRequest(
-        session_id=session_id, verifier_address=verifier_address, prompt=prompt, prompt_ids=prompt_ids or [],
-        committed_ids=committed_ids or [], params=wire.sampling_params_to_proto(params),
-        algorithm=wire.algorithm_to_proto(algorithm), max_new_tokens=max_new_tokens, draft_tokens=draft_tokens or 0,
-        resume_draft_tokens=resume_draft_tokens or 0)
+from crossdraft.wire import session_request
 
 
 def stream_session(drafter_address: str, request: drafter_pb2.RunSessionRequest,

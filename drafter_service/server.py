@@ -25,9 +25,7 @@ Never: decides acceptance or commits anything; the verifier alone does.
 from __future__ import annotations
 
 import logging
-import os
 import queue
-import tempfile
 import threading
 import time
 import uuid
@@ -37,17 +35,20 @@ from typing import Optional
 import grpc
 
 from crossdraft import wire
-from crossdraft.drafter import Drafter
 from crossdraft.auto import LENGTHS, AutoMemory, mode_key
+from crossdraft.drafter import Drafter
 from crossdraft.engine import DraftLength, RoundStats, auto_algorithms, resolve_algorithm
-from crossdraft.errors import (Aborted, FailedPrecondition, InvalidArgument, ResourceExhausted,
-                               Unavailable)
+from crossdraft.errors import Aborted, InvalidArgument, ResourceExhausted, Unavailable
 from crossdraft.protocol import TOKENS, Proposal
 from crossdraft.runner import KVPool
+from crossdraft.serving.channels import CHANNEL_OPTIONS, PLAINTEXT, TLS
+from crossdraft.serving.metrics import ServiceMetrics
+from crossdraft.serving.models import dtype_name, load_warm, model_id
+from crossdraft.serving.service import run_model_service, setup_logging
+from crossdraft.serving.status import one_line
+from crossdraft.serving.streams import decoupled
+from crossdraft.serving.tokenizers import fetch_tokenizer
 from crossdraft.v1 import drafter_pb2, drafter_pb2_grpc, verifier_pb2, verifier_pb2_grpc
-from verifier_service.common import (CHANNEL_OPTIONS, PLAINTEXT, TLS, decoupled, dtype_name, load_warm, model_id, one_line, run_model_service,
-                                     setup_logging)
-from verifier_service.metrics import ServiceMetrics
 
 log = logging.getLogger("crossdraft.drafter_service")
 
@@ -56,8 +57,7 @@ ALGORITHMS = ("same", "tli", "slem", "slrs")
 # The drafter's settings, as the in-process engine's defaults (Engine.__init__), so that a session
 # here drafts exactly what `crossdraft generate` drafts.
 WINDOW, DRAFT_TOP_K, MIN_CONFIDENCE = 4, 0, 0.4
-MAX_TOKENIZER_BYTES = 256 << 20
-INFO_TIMEOUT_S, TOKENIZER_TIMEOUT_S = 10.0, 60.0
+INFO_TIMEOUT_S = 10.0
 DEFAULT_KV_SLOTS = 4  # per-session KV caches kept
 DELTA_BUFFER = 64  # committed deltas queued for a caller that reads slowly, then the session waits
 
@@ -152,36 +152,8 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
         with self._cache_lock:  # one fetch per tokenizer, even with sessions starting together
             vocab = self._vocabs.get(fp)
             if vocab is None:
-                vocab = self._vocabs[fp] = self._fetch_tokenizer(stub, fp, address)
+                vocab = self._vocabs[fp] = fetch_tokenizer(stub, fp, address)
         return stub, vocab, fp
-
-    def _fetch_tokenizer(self, stub, fp: str, address: str):
-        from crossdraft.vocab import Vocab
-
-        files: dict = {}
-        total = 0
-        for chunk in stub.GetTokenizer(verifier_pb2.GetTokenizerRequest(), timeout=TOKENIZER_TIMEOUT_S):
-            name = os.path.basename(chunk.file_name)
-            if chunk.tokenizer_fingerprint != fp:
-                raise FailedPrecondition(f"verifier {address} changed its tokenizer while sending it")
-            if not name or name.startswith("."):
-                raise FailedPrecondition(f"verifier {address} sent a tokenizer file with a bad name {chunk.file_name!r}")
-            buf = files.setdefault(name, bytearray())
-            total += len(chunk.data)
-            if chunk.offset != len(buf) or total > MAX_TOKENIZER_BYTES:
-                raise FailedPrecondition(f"verifier {address} sent its tokenizer file {name!r} out of order or too large")
-            buf += chunk.data
-        if not files:
-            raise FailedPrecondition(f"verifier {address} sent no tokenizer files")
-        with tempfile.TemporaryDirectory(prefix="crossdraft-target-tokenizer-") as d:
-            for name, data in files.items():
-                with open(os.path.join(d, name), "wb") as f:
-                    f.write(data)
-            vocab = Vocab.load(d)
-        if vocab.fingerprint() != fp:
-            raise FailedPrecondition(f"the tokenizer received from verifier {address} does not match its fingerprint")
-        log.info("loaded the tokenizer of verifier %s (fingerprint %s, %d tokens)", address, fp, len(vocab))
-        return vocab
 
     def _template(self, fp: str, mode: str, target_vocab) -> Drafter:
         """The drafter for this target tokenizer and mode, built once: this is where an unbridgeable

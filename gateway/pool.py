@@ -18,8 +18,9 @@ import threading
 import grpc
 
 from crossdraft.errors import FailedPrecondition, InvalidArgument, Unavailable
+from crossdraft.serving.channels import CHANNEL_OPTIONS, PLAINTEXT, TLS
+from crossdraft.serving.status import one_line
 from crossdraft.v1 import drafter_pb2, drafter_pb2_grpc, verifier_pb2, verifier_pb2_grpc
-from verifier_service.common import CHANNEL_OPTIONS, PLAINTEXT, TLS, one_line
 
 INFO_TIMEOUT_S = 5.0
 # An address may be a DNS name with several replicas behind it (a Kubernetes headless Service: one drafter

@@ -43,13 +43,14 @@ import grpc
 from google.protobuf import json_format
 
 from crossdraft import wire
-from crossdraft.errors import (Aborted, CrossdraftError, InvalidArgument, NotFound, ResourceExhausted,
-                               Unavailable)
+from crossdraft.errors import Aborted, CrossdraftError, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from crossdraft.seal import Sealer, sealer_from_args
+from crossdraft.serving.channels import TLS, check_plaintext, is_loopback
+from crossdraft.serving.metrics import ServiceMetrics
+from crossdraft.serving.service import Service, setup_logging
+from crossdraft.serving.status import status_of
 from crossdraft.store import COUNTERS, AlreadyExists, Conflict, MemoryStore, SessionClosed, SessionStore
 from crossdraft.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
-from verifier_service.common import PLAINTEXT, TLS, Service, check_plaintext, is_loopback, setup_logging, status_of
-from verifier_service.metrics import ServiceMetrics
 
 from .auth import ApiKeys, KeyLimits, caller_of, load_keys
 from .pool import Pool, parse_addresses
@@ -238,7 +239,6 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         take up a session this process claimed (its ids are in the store)."""
         p = req["params"]
         from crossdraft.sampling import SamplingParams
-        from drafter_service.client import session_request
 
         params = SamplingParams(p["temperature"], p["top_k"], p["top_p"], p["seed"])
         drafter = req["drafter_address"]
@@ -278,7 +278,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                         drafter = self._pick_drafter(req["drafter"], tried)
                         continue
                 try:
-                    run = session_request(req["verifier_address"], req["prompt"], req["max_new_tokens"], params,
+                    run = wire.session_request(req["verifier_address"], req["prompt"], req["max_new_tokens"], params,
                                           req["algorithm"], req["draft_tokens"] or None, session_id=sid,
                                           committed_ids=ids, resume_draft_tokens=k_next)
                     call = self.drafters.drafter_stub(drafter).RunSession(run)
@@ -782,54 +782,5 @@ def serve(args) -> int:
     svc.set_serving()
     svc.wait()
     metrics.stop()
-    store.close()
-    return 0
-
-
-def serve_all(args) -> int:
-    """`crossdraft serve all`: the embedded default. One process, three gRPC servers: the verifier and
-    the drafter on loopback ports picked by the OS, the gateway on --host:--port (the only one a client
-    needs). Health SERVING on the gateway once both models are loaded and warmed; SIGTERM stops all three."""
-    from crossdraft.v1 import drafter_pb2_grpc, verifier_pb2_grpc
-    from drafter_service.server import SERVICE_NAME as DRAFTER_SERVICE, DrafterServicer
-    from verifier_service.server import SERVICE_NAME as VERIFIER_SERVICE, VerifierServicer
-
-    setup_logging()
-    store = make_store(args.redis, args.ttl)
-    from prometheus_client import CollectorRegistry
-
-    registry = CollectorRegistry()  # one /metrics for the three roles, told apart by their `role` label
-    gmetrics = ServiceMetrics("gateway", registry)
-    # one process: its own random key seals the verifier's verdicts for its gateway
-    sealer = Sealer(os.urandom(32))
-    verifier = VerifierServicer(args.target, max_sessions=args.max_sessions,
-                                metrics=ServiceMetrics("verifier", registry), sealer=sealer)
-    drafter = DrafterServicer(args.drafter, max_sessions=args.max_sessions, metrics=ServiceMetrics("drafter", registry))
-    vsvc = Service(VERIFIER_SERVICE, verifier_pb2_grpc.add_VerifierServiceServicer_to_server, verifier,
-                   "127.0.0.1", 0, max_workers=args.max_sessions + 8, grace_s=args.grace,
-                   on_error=verifier.metrics.error)
-    dsvc = Service(DRAFTER_SERVICE, drafter_pb2_grpc.add_DrafterServiceServicer_to_server, drafter,
-                   "127.0.0.1", 0, max_workers=args.max_sessions + 8, grace_s=args.grace,
-                   on_error=drafter.metrics.error)
-    vsvc.start(handle_signals=False)
-    dsvc.start(handle_signals=False)
-    # the verifier and the drafter listen on loopback in this process: plaintext between them and the
-    # gateway (the loopback rule); TLS and API keys apply to the gateway's port, the one clients reach
-    gsvc = gateway_service(args, store, [dsvc.address], [vsvc.address], args.host, args.port, metrics=gmetrics,
-                           pool_tls=PLAINTEXT, sealer=sealer)
-    mport = gmetrics.serve(getattr(args, "metrics_port", 0), args.host)
-    if mport:
-        log.info("metrics on http://%s:%d/metrics", args.host, mport)
-    log.info("listening on %s, loading %s and %s", gsvc.address, args.target, args.drafter)
-    verifier.load(args.device, fast=not args.hf_runner)
-    vsvc.set_serving()
-    drafter.load(args.device, fast=not args.hf_runner)
-    dsvc.set_serving()
-    gsvc.set_serving()
-    gsvc.wait()
-    for svc in (dsvc, vsvc):
-        svc.stop()
-        svc.wait()
-    gmetrics.stop()
     store.close()
     return 0

@@ -35,7 +35,7 @@ def healthcheck(*args, env=None) -> subprocess.CompletedProcess:
 # --- healthcheck ------------------------------------------------------------------------------------
 
 def test_healthcheck_follows_the_service_health():
-    from verifier_service.common import Service
+    from crossdraft.serving.service import Service
 
     svc = Service("crossdraft.v1.VerifierService", lambda servicer, server: None, None, "127.0.0.1", 0, grace_s=0)
     svc.start(handle_signals=False)

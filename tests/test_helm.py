@@ -692,8 +692,8 @@ class _NamedDrafter:
 
 
 def _serve(fake):
+    from crossdraft.serving.service import Service
     from crossdraft.v1 import drafter_pb2_grpc
-    from verifier_service.common import Service
 
     svc = Service("crossdraft.v1.DrafterService", drafter_pb2_grpc.add_DrafterServiceServicer_to_server,
                   fake.servicer(), "127.0.0.1", 0, grace_s=0)
@@ -726,7 +726,7 @@ def test_services_recycle_connections_so_clients_find_new_replicas(monkeypatch):
     call in flight, such as a session's stream, runs to its end."""
     import grpc
 
-    import verifier_service.common as common
+    import crossdraft.serving.service as common
     from crossdraft.v1 import drafter_pb2, drafter_pb2_grpc
 
     monkeypatch.setattr(common, "MAX_CONNECTION_AGE_S", 0.3)

@@ -1,4 +1,4 @@
-"""Prometheus metrics of the verifier and drafter services (`--metrics-port`, verifier_service/metrics.py).
+"""Prometheus metrics of the verifier and drafter services (`--metrics-port`, crossdraft/serving/metrics.py).
 
 A verifier and a drafter run as separate processes (test_services' helpers), each with its metrics
 endpoint on a free port; one generation through the drafter must move the counters of both by
@@ -15,13 +15,13 @@ import grpc
 import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
+from test_services import GREEDY, PROMPTS, Servers, VerifyStream, drafter_stub, free_port, save_model
 
-from drafter_service.client import run_session
-from crossdraft.v1 import drafter_pb2
 from crossdraft import wire
 from crossdraft.protocol import TOKENS, Proposal
-from test_services import GREEDY, PROMPTS, Servers, VerifyStream, drafter_stub, free_port, save_model
-from verifier_service.metrics import MAX_POSITION, ServiceMetrics, position_label
+from crossdraft.serving.metrics import MAX_POSITION, ServiceMetrics, position_label
+from crossdraft.v1 import drafter_pb2
+from drafter_service.client import run_session
 
 
 @pytest.fixture(scope="module")

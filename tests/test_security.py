@@ -21,20 +21,21 @@ from pathlib import Path
 
 import grpc
 import pytest
-
-from crossdraft.client import Client
-from crossdraft.engine import Engine
-from crossdraft.errors import InvalidArgument, ResourceExhausted, Unauthenticated
-from crossdraft.sampling import SamplingParams
-from crossdraft.store import MemoryStore, RedisStore
-from crossdraft.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
-from gateway.auth import ApiKeys, KeyLimits, hash_key, load_keys
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from redis_fixture import _in_ci, redis_server_binary
 from redis_fixture import stop as stop_redis
 from test_gateway import Procs
 from test_services import ROOT, START_TIMEOUT_S, free_port, save_model
-from verifier_service.common import TLS, Service, is_loopback
+
+from crossdraft.client import Client
+from crossdraft.engine import Engine
+from crossdraft.errors import InvalidArgument, ResourceExhausted, Unauthenticated
+from crossdraft.sampling import SamplingParams
+from crossdraft.serving.channels import TLS, is_loopback
+from crossdraft.serving.service import Service
+from crossdraft.store import MemoryStore, RedisStore
+from crossdraft.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from gateway.auth import ApiKeys, KeyLimits, hash_key, load_keys
 
 PROMPT = "class Parser:\n    def get_value(self"
 SECRET_PROMPT = "# MARKER-zqxj-7731 do not log\nclass Parser:\n    def get_value(self"

@@ -16,9 +16,10 @@ import time
 from pathlib import Path
 
 import grpc
-import pytest
-
 import helpers
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from crossdraft import wire
 from crossdraft.engine import Engine
 from crossdraft.local_cluster import free_port  # the test modules take it from here
@@ -26,8 +27,8 @@ from crossdraft.protocol import TEXT, TOKENS, Proposal
 from crossdraft.sampling import SamplingParams
 from crossdraft.v1 import common_pb2, drafter_pb2, drafter_pb2_grpc, verifier_pb2, verifier_pb2_grpc
 from crossdraft.vocab import Vocab
-from drafter_service.client import run_session, session_request, stream_session
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from crossdraft.wire import session_request
+from drafter_service.client import run_session, stream_session
 
 ROOT = Path(__file__).resolve().parents[1]
 ZOO = ROOT.parent / "shared" / "zoo"

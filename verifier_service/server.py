@@ -39,11 +39,12 @@ from crossdraft.errors import Aborted, InvalidArgument, ResourceExhausted, Unava
 from crossdraft.protocol import TOKENS, Proposal, Verdict
 from crossdraft.runner import KVPool
 from crossdraft.seal import Sealer, sealer_from_args
+from crossdraft.serving.metrics import ServiceMetrics
+from crossdraft.serving.models import dtype_name, load_warm, model_id
+from crossdraft.serving.service import run_model_service, setup_logging
+from crossdraft.serving.streams import decoupled
 from crossdraft.v1 import verifier_pb2, verifier_pb2_grpc
 from crossdraft.verifier import Verifier
-
-from .common import decoupled, dtype_name, load_warm, model_id, run_model_service, setup_logging
-from .metrics import ServiceMetrics
 
 log = logging.getLogger("crossdraft.verifier_service")
 

@@ -1,0 +1,112 @@
+"""Command-line option groups shared by several commands (generate, bench, serve), and their checks.
+
+Owns: the flags of a model (device, dtype, threads, runner), of slrs, of TLS, and the argument types
+(positive token counts, draft length lists); how a flag becomes a value (`model_dtype`, `setup_torch`).
+
+Never: runs anything; the commands live in cli.py (and bench.py for `bench`).
+"""
+from __future__ import annotations
+
+import argparse
+
+from .errors import InvalidArgument
+
+MAX_NEW_TOKENS_LIMIT = 100_000
+
+
+def positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {s!r}") from None
+    if v < 1 or v > MAX_NEW_TOKENS_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be in [1, {MAX_NEW_TOKENS_LIMIT}], got {v}")
+    return v
+
+
+def model_dtype(args):
+    """--dtype as a torch dtype; None lets the runner pick by device."""
+    name = getattr(args, "dtype", "auto")
+    if name in (None, "auto"):
+        return None
+    import torch
+
+    return getattr(torch, name)
+
+
+def add_slrs_args(p: argparse.ArgumentParser) -> None:
+    from .slrs import DEFAULT_BUDGET, DEFAULT_TAU
+
+    p.add_argument("--slrs-budget", type=int, default=DEFAULT_BUDGET,
+                   help=f"slrs: drafter forward rows per candidate position, the work bound (default: {DEFAULT_BUDGET})")
+    p.add_argument("--slrs-tau", type=float, default=DEFAULT_TAU,
+                   help=f"slrs: drafter paths of at least this probability are followed one by one (default: {DEFAULT_TAU})")
+
+
+def check_slrs_args(args) -> None:
+    if args.slrs_budget < 0:
+        raise InvalidArgument(f"--slrs-budget must be >= 0, got {args.slrs_budget}")
+    if not 0.0 < args.slrs_tau <= 1.0:
+        raise InvalidArgument(f"--slrs-tau must be in (0, 1], got {args.slrs_tau}")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if available)")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="weights and activations (default: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: all cores)")
+    p.add_argument("--hf-runner", action="store_true",
+                   help="run models through Hugging Face's own forward instead of the lean Llama runner")
+    p.add_argument("--debug", action="store_true", help="show a traceback on unexpected errors")
+
+
+def add_tls_args(p, gateway: bool = False) -> None:
+    """--tls-cert, --tls-key, --tls-ca, --tls-server-name, --insecure (and --tls-client-ca for a gateway):
+    the flags are defined here, their meaning in crossdraft/serving/channels.py (`TLS`)."""
+    p.add_argument("--tls-cert", default=None, metavar="PEM",
+                   help="certificate (chain) of this service, PEM: listen with TLS; also its client certificate "
+                        "towards the services it calls")
+    p.add_argument("--tls-key", default=None, metavar="PEM", help="private key of --tls-cert, PEM")
+    if gateway:
+        p.add_argument("--tls-ca", default=None, metavar="PEM",
+                       help="CA of the drafters and verifiers, PEM: call them with TLS, verified with it, presenting "
+                            "--tls-cert (mutual TLS); not used by `all`, whose hops stay in-process on loopback")
+        p.add_argument("--tls-client-ca", default=None, metavar="PEM",
+                       help="require clients of the gateway to present a certificate signed by this CA (default: "
+                            "no client certificates; clients are identified by --api-keys)")
+    else:
+        p.add_argument("--tls-ca", default=None, metavar="PEM",
+                       help="CA of the peers, PEM: require client certificates signed by it (mutual TLS) and "
+                            "verify the services this one calls with it")
+    p.add_argument("--tls-server-name", default=None, metavar="NAME",
+                   help="name the certificates of called services are checked against (default: the host of "
+                        "each address)")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow plaintext gRPC off loopback; without TLS flags, plaintext is allowed only on "
+                        "loopback (127.0.0.1, ::1, localhost), always with a warning in the log")
+
+
+def draft_lengths(text: str) -> list:
+    out = []
+    for part in text.split(","):
+        part = part.strip()
+        if part == "adaptive":
+            out.append(None)
+            continue
+        try:
+            k = int(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"draft lengths are integers or 'adaptive', got {part!r}") from None
+        if not 1 <= k <= 64:
+            raise argparse.ArgumentTypeError(f"draft lengths must be in [1, 64], got {k}")
+        out.append(k)
+    if not out:
+        raise argparse.ArgumentTypeError("no draft lengths given")
+    return out
+
+
+def setup_torch(args) -> None:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
