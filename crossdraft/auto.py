@@ -137,7 +137,8 @@ class AutoState:
         elif stage == "length":
             k0 = None if None in self.lengths else self.lengths[0]
             self.incumbent = (self.algorithm, k0)
-            self.challengers = [(self.algorithm, k) for k in self.lengths if k != k0]
+            # (the target's own step drafts nothing: no length to search)
+            self.challengers = [] if self.algorithm == "none" else [(self.algorithm, k) for k in self.lengths if k != k0]
         else:
             self.choice, self.challengers = self.incumbent, []
         self.capped = []

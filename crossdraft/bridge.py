@@ -79,12 +79,12 @@ class TokenTrack:
         self.window = window
         self.ids: list = []
         self.ends: list = []  # byte offset where each token ends in `text`
-        self.text = b""  # every byte appended so far
+        self.text = bytearray()  # every byte appended so far (appended in place: linear in a long session)
         self.done = 0  # bytes of `text` covered by `ids` (an incomplete character stays out)
         self.exact = True  # ids spell text[:done] exactly
 
     def reset(self, text: bytes) -> None:
-        self.ids, self.ends, self.text, self.done, self.exact = [], [], b"", 0, True
+        self.ids, self.ends, self.text, self.done, self.exact = [], [], bytearray(), 0, True
         self.extend(text)
 
     def extend(self, delta: bytes) -> None:
@@ -97,10 +97,10 @@ class TokenTrack:
         new = None
         if j > 0:
             start = self.ends[j - 1]
-            new = _try(v.encode_mid, self.text[start:complete])
+            new = _try(v.encode_mid, bytes(self.text[start:complete]))
         if new is None:  # from the start: the encoder's own prefix (SentencePiece's "▁") is allowed
             j, start = 0, 0
-            new = _try(v.encode_from_start, self.text[:complete])
+            new = _try(v.encode_from_start, bytes(self.text[:complete]))
         self.exact = new is not None
         if new is None:  # the tokenizer cannot spell this text: an approximation is fine for a drafter
             new = list(v.encode_fn(self.text[:complete].decode("utf-8", errors="replace")))
@@ -135,7 +135,7 @@ def slem_candidates(target: Vocab, ids: list, ends: list, text: bytes, draft: by
         return []
     j = window_start(target, ids, window)
     start = ends[j - 1] if j > 0 else 0
-    seg = text[start:] + draft
+    seg = bytes(text[start:]) + draft  # (text may be a bytearray: only its tail is copied)
     seg = seg[: utf8_complete(seg)]
     tail = ids[j:]
     enc = _try(target.encode_mid if start > 0 else target.encode_from_start, seg)

@@ -14,8 +14,8 @@ import os
 import sys
 
 from .errors import CrossdraftError, InvalidArgument
-from .options import (draft_lengths, positive_int, add_model_args, add_slrs_args, add_tls_args, check_slrs_args,
-                      model_dtype, setup_torch)
+from .options import (add_batching_args, add_model_args, add_slrs_args, add_tls_args, check_batching_args,
+                      check_slrs_args, draft_lengths, model_dtype, positive_int, setup_torch)
 from .prompts import read_prompts, zoo_dir
 
 REDIS_PASSWORD_ENV = "CROSSDRAFT_REDIS_PASSWORD"
@@ -59,6 +59,10 @@ def _generate_parser(sub) -> None:
     g.add_argument("--json", action="store_true", help="one JSON object per prompt on stdout")
     g.add_argument("--compare", action="store_true",
                    help="also run the target alone on each prompt and report the speedup and whether outputs match")
+    g.add_argument("--batch-size", type=int, default=1,
+                   help="run the prompts together, this many sessions at a time, their forward passes batched "
+                        "(continuous batching, as the services do it); each output as it would be alone, up to "
+                        "float rounding of batched products (default: 1, one after the other)")
     g.add_argument("--gateway", help="HOST:PORT of a crossdraft gateway: generate there over gRPC (--target and "
                                      "--drafter are then the gateway's; --compare is in-process only)")
     g.add_argument("--api-key", default=None,
@@ -146,9 +150,7 @@ def _model_service_parsers(roles) -> None:
         r.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0: all)")
         r.add_argument("--max-sessions", type=int, default=16,
                        help="sessions served at once; more are answered RESOURCE_EXHAUSTED (default: 16)")
-        r.add_argument("--kv-slots", type=int, default=4,
-                       help="per-session KV caches kept in memory, least recently used evicted; a session whose "
-                            "cache was evicted rebuilds it from its committed ids (default: 4)")
+        add_batching_args(r)
         r.add_argument("--grace", type=float, default=10.0,
                        help="seconds in-flight calls get to finish after SIGTERM (default: 10)")
         r.add_argument("--metrics-port", type=int, default=0,
@@ -184,6 +186,7 @@ def _gateway_parsers(roles) -> None:
         _gateway_args(r)
         if r is al:
             add_model_args(r)
+            add_batching_args(r)
         else:
             r.add_argument("--debug", action="store_true", help="show a traceback on unexpected errors")
 
@@ -290,11 +293,28 @@ def _generate_via_gateway(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from .engine import Engine
-    from .sampling import SamplingParams
-
     if args.gateway:
         return _generate_via_gateway(args)
+    params, prompts, algo = _check_generate(args)
+    setup_torch(args)
+    from .engine import Engine
+
+    engine = Engine.load(args.target, args.drafter if algo != "none" else None, device=args.device,
+                         dtype=model_dtype(args), fast=not args.hf_runner, draft_top_k=args.draft_top_k,
+                         slrs_tau=args.slrs_tau, slrs_budget=args.slrs_budget)
+    if args.batch_size > 1:
+        return _generate_batch(args, engine, prompts, params, algo)
+    for prompt in prompts:
+        res = engine.generate(prompt, args.max_new_tokens, params, algo, args.draft_tokens)
+        base = engine.generate(prompt, args.max_new_tokens, params, "none") if args.compare else None
+        _print_generation(args, res, base)
+    return 0
+
+
+def _check_generate(args) -> tuple:
+    """(sampling params, prompts, algorithm) of `generate`, every flag checked before a model loads."""
+    from .sampling import SamplingParams
+
     if (args.prompt is None) == (args.prompts_file is None):
         raise InvalidArgument("give either a PROMPT or --prompts-file, not both or neither")
     if not args.target:
@@ -308,32 +328,61 @@ def cmd_generate(args) -> int:
         raise InvalidArgument(f"unknown algorithm {algo!r}; choose one of auto, same, tli, slem, slrs, none")
     if algo not in ("none", "auto") and not args.drafter:
         raise InvalidArgument(f"algorithm {algo!r} needs --drafter")
-    setup_torch(args)
     if args.draft_top_k < 0:
         raise InvalidArgument(f"--draft-top-k must be >= 0, got {args.draft_top_k}")
+    if not 1 <= args.batch_size <= 1024:
+        raise InvalidArgument(f"--batch-size must be in [1, 1024], got {args.batch_size}")
     check_slrs_args(args)
-    engine = Engine.load(args.target, args.drafter if algo != "none" else None, device=args.device, dtype=model_dtype(args),
-                         fast=not args.hf_runner, draft_top_k=args.draft_top_k,
-                         slrs_tau=args.slrs_tau, slrs_budget=args.slrs_budget)
-    for prompt in prompts:
-        res = engine.generate(prompt, args.max_new_tokens, params, algo, args.draft_tokens)
-        out = res.as_json()
-        if args.compare and res.algorithm != "none":
-            base = engine.generate(prompt, args.max_new_tokens, params, "none")
-            out["target_alone_seconds"] = round(base.seconds, 6)
-            out["speedup"] = round(base.seconds / res.seconds * res.new_tokens / max(base.new_tokens, 1), 3) if res.seconds else None
-            out["identical_to_target_alone"] = base.ids == res.ids
-        if args.json:
-            print(json.dumps(out, ensure_ascii=False), flush=True)
-        else:
-            sys.stdout.write(res.text + "\n")
-            line = (f"[{res.algorithm}] {res.new_tokens} tokens in {res.seconds:.2f}s "
-                    f"({out['tokens_per_second']} tok/s), {res.rounds} target passes, "
-                    f"accepted {res.accepted_tokens}/{res.draft_tokens} drafted")
-            if "speedup" in out:
-                line += (f"; target alone {out['target_alone_seconds']:.2f}s -> speedup {out['speedup']}x, "
-                         f"identical: {out['identical_to_target_alone']}")
-            print(line, file=sys.stderr, flush=True)
+    return params, prompts, algo
+
+
+def _print_generation(args, res, base=None) -> None:
+    """One generation on stdout (its text, or with --json its JSON), its statistics on stderr; with
+    `base` (the target alone on the same prompt) the speedup and whether the outputs are identical."""
+    out = res.as_json()
+    if base is not None and res.algorithm != "none":
+        out["target_alone_seconds"] = round(base.seconds, 6)
+        out["speedup"] = round(base.seconds / res.seconds * res.new_tokens / max(base.new_tokens, 1), 3) \
+            if res.seconds else None
+        out["identical_to_target_alone"] = base.ids == res.ids
+    if args.json:
+        print(json.dumps(out, ensure_ascii=False), flush=True)
+        return
+    sys.stdout.write(res.text + "\n")
+    line = (f"[{res.algorithm}] {res.new_tokens} tokens in {res.seconds:.2f}s "
+            f"({out['tokens_per_second']} tok/s), {res.rounds} target passes, "
+            f"accepted {res.accepted_tokens}/{res.draft_tokens} drafted")
+    if "speedup" in out:
+        line += (f"; target alone {out['target_alone_seconds']:.2f}s -> speedup {out['speedup']}x, "
+                 f"identical: {out['identical_to_target_alone']}")
+    print(line, file=sys.stderr, flush=True)
+
+
+def _generate_batch(args, engine, prompts: list, params, algo: str) -> int:
+    """`generate --batch-size N`: the prompts run together, N sessions at a time, their forward passes
+    batched (`Engine.generate_batch`); each printed as it would be alone, then the batch's throughput
+    (and, with --compare, the target alone batched the same way)."""
+    import time
+
+    t0 = time.perf_counter()
+    results = engine.generate_batch(prompts, args.max_new_tokens, params, algo, args.draft_tokens, args.batch_size)
+    wall = time.perf_counter() - t0
+    bases, base_wall = None, None
+    if args.compare:
+        t0 = time.perf_counter()
+        bases = engine.generate_batch(prompts, args.max_new_tokens, params, "none", None, args.batch_size)
+        base_wall = time.perf_counter() - t0
+    for i, res in enumerate(results):
+        _print_generation(args, res, bases[i] if bases else None)
+    tokens = sum(r.new_tokens for r in results)
+    line = f"batch of {len(prompts)} prompts, {args.batch_size} at a time: {tokens} tokens in {wall:.2f}s " \
+           f"({tokens / wall:.1f} tok/s over all sessions)"
+    if bases:
+        base_tokens = sum(r.new_tokens for r in bases)
+        same = sum(r.ids == b.ids for r, b in zip(results, bases))
+        line += (f"; target alone batched {base_tokens / base_wall:.1f} tok/s -> "
+                 f"{(tokens / wall) / (base_tokens / base_wall):.2f}x, identical {same}/{len(results)}")
+    print(line, file=sys.stderr, flush=True)
     return 0
 
 
@@ -374,8 +423,8 @@ def cmd_serve(args) -> int:
         v = getattr(args, name, None)
         if v is not None and not 0.1 <= v <= 86400:
             raise InvalidArgument(f"--{name.replace('_', '-')} must be in [0.1, 86400] seconds, got {v}")
-    if not 1 <= getattr(args, "kv_slots", 1) <= 1024:
-        raise InvalidArgument(f"--kv-slots must be in [1, 1024], got {args.kv_slots}")
+    if args.role != "gateway":
+        check_batching_args(args)
     if not 0 <= getattr(args, "metrics_port", 0) <= 65535:
         raise InvalidArgument(f"--metrics-port must be in [0, 65535], got {args.metrics_port}")
     if getattr(args, "verdict_key_file", None):

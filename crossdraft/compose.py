@@ -14,6 +14,7 @@ import os
 
 from prometheus_client import CollectorRegistry
 
+from crossdraft.batched import Limits
 from crossdraft.seal import Sealer
 from crossdraft.serving.channels import PLAINTEXT
 from crossdraft.serving.metrics import ServiceMetrics
@@ -38,9 +39,10 @@ def serve_all(args) -> int:
     gmetrics = ServiceMetrics("gateway", registry)
     # one process: its own random key seals the verifier's verdicts for its gateway
     sealer = Sealer(os.urandom(32))
-    verifier = VerifierServicer(args.target, max_sessions=args.max_sessions,
-                                metrics=ServiceMetrics("verifier", registry), sealer=sealer)
-    drafter = DrafterServicer(args.drafter, max_sessions=args.max_sessions, metrics=ServiceMetrics("drafter", registry))
+    limits = Limits.from_args(args)
+    verifier = VerifierServicer(args.target, limits, metrics=ServiceMetrics("verifier", registry), sealer=sealer,
+                                max_model_len=args.max_model_len or None)
+    drafter = DrafterServicer(args.drafter, limits, metrics=ServiceMetrics("drafter", registry))
     vsvc = Service(VERIFIER_SERVICE, verifier_pb2_grpc.add_VerifierServiceServicer_to_server, verifier,
                    "127.0.0.1", 0, max_workers=args.max_sessions + 8, grace_s=args.grace,
                    on_error=verifier.metrics.error)

@@ -13,7 +13,11 @@ drafter tokens:
           like tli's q (the verifier's token-level rejection rule applies unchanged). Greedy, slrs is
           slem (rejection sampling against a one-hot p is exact match).
 Its context is its own canonical tokenization of the committed text (`TokenTrack`), updated from
-each verdict's text; only the KV past the first changed token is recomputed.
+each verdict's text; only the KV past the first changed token is recomputed. The KV cache is the
+session's own (`DraftKV`), and drafting is a program of forward steps (`draft(k)`, see
+`crossdraft.scheduler`): a drafter service batches the drafting steps of all its sessions into shared
+passes, and `propose(k)` runs them alone. A draft depends only on the session's own logits and its
+(seed, round, offset) uniforms, never on which sessions shared a pass.
 
 Never: sees target logits, decides acceptance, imports grpc or redis.
 """
@@ -29,8 +33,9 @@ import torch
 from .bridge import Intersection, TokenTrack
 from .errors import FailedPrecondition
 from .protocol import TEXT, TOKENS, Proposal, Verdict
-from .runner import Runner
+from .runner import Runner, Step
 from .sampling import SamplingParams, draft_uniform, probs_from_logits, sample
+from .scheduler import drive
 from .slrs import DEFAULT_BUDGET, DEFAULT_TAU, Explorer, draw
 from .vocab import Vocab
 
@@ -45,14 +50,15 @@ def _lcp(a: list, b: list) -> int:
     return i
 
 
-class KVIds:
-    """The ids whose KV a drafter cache holds: a drafter's, or shared by drafters over one context
-    (`Drafter.share_kv`); also the key of that cache in a `runner.KVPool`."""
+class DraftKV:
+    """A drafter session's KV cache and the drafter ids whose keys and values it holds, in order: one
+    drafter's, or shared by the drafters of one session over one context (`Drafter.share_kv`)."""
 
-    __slots__ = ("ids",)
+    __slots__ = ("ids", "cache")
 
-    def __init__(self):
+    def __init__(self, runner: Runner):
         self.ids: list = []
+        self.cache = runner.new_cache()
 
 
 class Drafter:
@@ -79,9 +85,9 @@ class Drafter:
         self.explorer: Optional[Explorer] = None
         if mode == "slrs":
             self.explorer = Explorer(vocab, target_vocab, slrs_tau, slrs_budget)
-        # the drafter ids whose KV is in this drafter's cache, in order; drafters of other modes over the
-        # same text may share the cache and this record of it (`share_kv`)
-        self.kv = KVIds()
+        # this session's KV cache and the drafter ids in it; drafters of other modes over the same text may
+        # share it (`share_kv`)
+        self.kv = DraftKV(runner)
         self._behind_ids: list = []  # committed while another drafter ran (`defer`), not yet observed
         self._behind_text = b""
 
@@ -97,7 +103,7 @@ class Drafter:
         """A drafter for one more session: the intersection, the explorer, the tokenizers and the runner
         shared (read-only, or used under the caller's lock), the session state and KV record its own."""
         d = copy.copy(self)
-        d.kv = KVIds()
+        d.kv = DraftKV(self.runner)
         d._behind_ids, d._behind_text = [], b""
         return d
 
@@ -106,8 +112,7 @@ class Drafter:
         context (the drafter's tokens of the committed text), so a cache one of them filled serves the
         others: when `auto` switches among them, the next one continues where the last left off
         instead of catching up on everything committed since it last drafted. (What one drafted past
-        the committed text is cut back, as after any round, by the common prefix with the context.)
-        The caller installs the cache of `self.kv` (KVPool key) before each draft."""
+        the committed text is cut back, as after any round, by the common prefix with the context.)"""
         if (self.mode == "same") != (other.mode == "same") or self.vocab is not other.vocab:
             raise ValueError("only drafters of one model over the same context can share a KV cache")
         self.kv = other.kv
@@ -120,10 +125,7 @@ class Drafter:
             dp = replace(params, top_k=min(params.top_k, draft_top_k) if params.top_k else draft_top_k)
         self.draft_params = dp
         self.committed = len(prompt_target_ids)  # target positions committed
-        rows = self.inter.rows if self.inter is not None else None
-        if self.runner.pruned_rows is not rows:  # the runner may be shared by drafters of several modes
-            self.runner.prune_head(rows)
-        self.runner.reset()
+        self.kv.cache.truncate(0)
         self.kv_ids = []
         self._behind_ids, self._behind_text = [], b""
         if self.mode == "same":
@@ -161,26 +163,53 @@ class Drafter:
             self.ctx = self.bos + self.track.ids
 
     # --- drafting -----------------------------------------------------------------------------
-    def _logits_after(self, ctx: list) -> torch.Tensor:
+    @property
+    def exact_match(self) -> bool:
+        """Whether what is committed cannot depend on what this drafter drafts: greedy decoding, or slem
+        (every committed token is the target's own draw, matched or not). Only then may a round's draft
+        length follow the verifier's load (`load.draft_cap`): under token-level rejection sampling (same,
+        tli, slrs) the draft shapes which of the target's equally likely outputs a seed gives, and a
+        seeded output must not depend on which sessions shared its passes."""
+        return self.params.greedy or self.mode == "slem"
+
+    @property
+    def room(self) -> int:
+        """Positions this session's cache may hold: its reservation under a KV budget, or the context.
+        A context that outgrows it drafts nothing more (every round is then the target's own step)."""
+        limit = self.kv.cache.limit
+        return self.runner.max_length if limit is None else min(limit, self.runner.max_length)
+
+    @property
+    def rows(self):
+        """The LM head rows this drafter drafts from: tli's intersection, or None (the whole head)."""
+        return self.inter.rows if self.mode == "tli" else None
+
+    def _logits_after(self, ctx: list):
+        """Program: the drafter's logits after `ctx`, its cache brought there (only past the common prefix)."""
         keep = _lcp(self.kv_ids, ctx)
         if keep == len(ctx):
             keep -= 1  # the last context token must be run again for its logits
-        self.runner.truncate(keep)
-        logits = self.runner.forward(ctx[keep:], last_only=True, pruned=self.mode == "tli")
+        self.kv.cache.truncate(min(keep, self.kv.cache.length))
+        logits = yield Step(self.kv.cache, ctx[keep:], last=True, rows=self.rows)
         self.kv_ids = list(ctx)
         return logits[0]
 
     def propose(self, k: int) -> Proposal:
+        """A draft of at most k drafter tokens, run alone."""
+        return drive(self.runner, self.draft(k))
+
+    def draft(self, k: int):
+        """Program: a proposal of at most k drafter tokens (fewer at the drafter's EOS or an unsure guess)."""
         t0 = time.perf_counter_ns()
         self._catch_up()
         greedy = self.params.greedy
         text = self.mode == "slem" or (self.mode == "slrs" and greedy)  # greedy slrs is slem
-        k = max(0, min(k, self.runner.max_length - len(self.ctx) - 1))
+        k = max(0, min(k, self.room - len(self.ctx) - 1))
         if k == 0 or not self.ctx:
             return Proposal(seq=self.committed, kind=TEXT if text else TOKENS)
         if self.mode == "slrs" and not greedy:
-            return self._propose_slrs(k, t0)
-        logits = self._logits_after(self.ctx)
+            return (yield from self._draft_slrs(k, t0))
+        logits = yield from self._logits_after(self.ctx)
         rows, q_ids, q_probs = [], [], []
         eos = False
         inter = self.inter
@@ -204,7 +233,7 @@ class Drafter:
             if conf < self.min_confidence:
                 break
             if i + 1 < k:
-                logits = self.runner.forward([d_id], last_only=True, pruned=self.mode == "tli")[0]
+                logits = (yield Step(self.kv.cache, [d_id], last=True, rows=self.rows))[0]
                 self.kv_ids.append(d_id)
         drafted = len(rows)
         ns = time.perf_counter_ns() - t0
@@ -217,30 +246,47 @@ class Drafter:
                         q_ids=None if greedy else q_ids, q_probs=None if greedy else q_probs,
                         drafted=drafted, draft_ns=ns)
 
-    def _propose_slrs(self, k: int, t0: int) -> Proposal:
-        """Up to k candidates, each drawn from its r (see slrs.py); r goes out as the candidate's q."""
+    def _tree(self, base: list, tree_ids: list, parents: list):
+        """Program: the logits of a token tree after `base` (the cache brought to base first); node by
+        node when the tree does not fit after the context."""
+        keep = _lcp(self.kv_ids, base)
+        cache = self.kv.cache
+        cache.truncate(min(keep, cache.length))
+        if keep < len(base):
+            yield Step(cache, base[keep:], last=True, rows=self.rows)
+        self.kv_ids = list(base)
+        if len(base) + len(tree_ids) <= self.room:
+            return (yield Step(cache, tree_ids, rows=self.rows, parents=parents))
+        out = []
+        for i in range(len(tree_ids)):
+            chain, j = [], i
+            while j >= 0:
+                chain.append(tree_ids[j])
+                j = parents[j]
+            cache.truncate(len(base))
+            out.append((yield Step(cache, chain[::-1], last=True, rows=self.rows))[0])
+        cache.truncate(len(base))
+        return torch.stack(out)
+
+    def _draft_slrs(self, k: int, t0: int):
+        """Program: up to k candidates, each drawn from its r (see slrs.py); r goes out as the candidate's q."""
         ctx, leftover = list(self.ctx), b""
         seed, pos = self.params.seed, self.committed
         tb = self.target_vocab.token_bytes
-        room = self.runner.max_length - 1
+        room = self.room - 1
         tids, q_ids, q_probs = [], [], []
-        rows = fallbacks = 0
-        fwd_ns = 0
-
         n0 = len(ctx)
         cache: dict = {}  # drafter ids after the round's context -> q: a node explored at one position
         # is often the next position's root (see slrs.next_state); a tree pass also yields its inner nodes
-        forwards = 0
+        work = {"rows": 0, "forwards": 0, "fwd_ns": 0, "fallbacks": 0}
 
         def q_many(paths):
-            """q after ctx + path for each path: the ones not cached in one tree pass over ctx[-1] and
-            every prefix of those paths (the runner's cache is brought to ctx[:-1] first)."""
-            nonlocal fwd_ns, rows, forwards
+            """Program: q after ctx + path for each path: the ones not cached in one tree pass over ctx[-1]
+            and every prefix of those paths."""
             rel = tuple(ctx[n0:])
             todo = [p for p in paths if rel + tuple(p) not in cache and len(ctx) + len(p) <= room]
             if todo:
                 f0 = time.perf_counter_ns()
-                base = ctx[:-1]
                 nodes = {(): 0}
                 tree_ids, parents = [ctx[-1]], [-1]
                 for p in todo:
@@ -249,26 +295,18 @@ class Drafter:
                             nodes[p[:n]] = len(tree_ids)
                             tree_ids.append(p[n - 1])
                             parents.append(nodes[p[:n - 1]])
-                keep = _lcp(self.kv_ids, base)
-                self.runner.truncate(min(keep, self.runner.length))
-                if keep < len(base):
-                    self.runner.forward(base[keep:], last_only=True)
-                self.kv_ids = list(base)
-                if len(base) + len(tree_ids) <= self.runner.max_length:
-                    logits = self.runner.forward_tree(tree_ids, parents)
-                else:  # the tree does not fit after the context: node by node
-                    logits = Runner.forward_tree(self.runner, tree_ids, parents)
+                logits = yield from self._tree(ctx[:-1], tree_ids, parents)
                 probs = probs_from_logits(logits, self.draft_params).cpu()  # [nodes, V_D]
                 for pre, j in nodes.items():
                     cache.setdefault(rel + pre, probs[j])
-                rows += len(tree_ids)
-                forwards += 1
-                fwd_ns += time.perf_counter_ns() - f0
+                work["rows"] += len(tree_ids)
+                work["forwards"] += 1
+                work["fwd_ns"] += time.perf_counter_ns() - f0
             return [cache.get(rel + tuple(p)) if len(ctx) + len(p) <= room else None for p in paths]
 
         for i in range(k):
-            prop = self.explorer.explore(leftover, q_many)
-            fallbacks += int(prop.hit)
+            prop = yield from self.explorer.explore_program(leftover, q_many)
+            work["fallbacks"] += int(prop.hit)
             if not float(prop.mass.sum()) > 0.0:
                 break
             ids, probs = prop.support()
@@ -286,5 +324,5 @@ class Drafter:
                 break
         ns = time.perf_counter_ns() - t0
         return Proposal(seq=self.committed, kind=TOKENS, target_ids=tids, q_ids=q_ids, q_probs=q_probs,
-                        drafted=forwards, draft_ns=ns, psi_ns=ns, psi_forward_ns=fwd_ns, psi_rows=rows,
-                        slrs_fallbacks=fallbacks)
+                        drafted=work["forwards"], draft_ns=ns, psi_ns=ns, psi_forward_ns=work["fwd_ns"],
+                        psi_rows=work["rows"], slrs_fallbacks=work["fallbacks"])

@@ -1,23 +1,30 @@
-"""The in-process engine: one target, optionally one drafter, and the draft -> verify -> commit loop.
+"""The in-process engine: one target, optionally one drafter, and generations run on them.
 
-Owns: choosing the algorithm (`auto`), the draft length (fixed or adaptive), the loop, and the
-statistics of a generation. The drafter and the verifier only exchange `Proposal`s and `Verdict`s,
-so the services run the same two objects on two machines with the same results.
+Owns: resolving the algorithm (the static rule, and `auto`'s measuring state per decoding mode),
+setting a generation up (its verifier, its drafters), running it through the round loop
+(`rounds.run_rounds`, the same loop the drafter service runs) and its result and statistics. One
+prompt runs alone (`generate`); several run together (`generate_batch`), each its own session, their
+forward passes batched by one `Scheduler` per model, exactly as the services batch their sessions.
+The drafter and the verifier only exchange `Proposal`s and `Verdict`s, so the services run the same
+objects on two machines with the same results.
 
 Never: parses command lines, prints, imports grpc or redis.
 """
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+from .auto import LENGTHS, AutoMemory, AutoState, arm_name, mode_key
 from .drafter import Drafter
 from .errors import FailedPrecondition, InvalidArgument, Unimplemented
-from .auto import LENGTHS, AutoMemory, AutoState, arm_name, mode_key
-from .drafter import MODES
-from .runner import KVPool, Runner, load_model, make_runner
+from .load import CostModel
+from .rounds import DraftLength, LocalVerifier, RoundStats, run_rounds  # noqa: F401 - DraftLength, RoundStats: re-exported
+from .runner import Runner, load_model, make_runner
 from .sampling import SamplingParams
+from .scheduler import DEFAULT_MAX_BATCH_TOKENS, Scheduler
 from .slrs import DEFAULT_BUDGET, DEFAULT_TAU
 from .verifier import Verifier
 from .vocab import Vocab
@@ -62,65 +69,6 @@ class GenerationResult:
         return out
 
 
-@dataclass
-class RoundStats:
-    """A generation's round counters, kept the same way in process and by the drafter service."""
-
-    rounds: int = 0
-    draft_tokens: int = 0  # candidate target tokens verified
-    accepted_tokens: int = 0
-    drafted: int = 0  # drafter tokens drafted
-    draft_ns: int = 0
-    verify_ns: int = 0
-    bridge_ns: int = 0
-    network_ns: int = 0  # the services only: round trip minus the verifier's time
-    psi_ns: int = 0  # slrs: of draft_ns, computing the proposal distributions
-    psi_forward_ns: int = 0  # slrs: of psi_ns, the drafter forward passes
-    slrs_fallbacks: int = 0  # slrs: positions where the work bound cut the tree
-    slrs_rows: int = 0  # slrs: drafter positions run to compute r
-    accepted_by_position: list = field(default_factory=list)  # [i]: rounds whose i-th candidate was accepted
-
-    def add(self, proposal, verdict) -> None:
-        """Count one round (proposal None: the target alone)."""
-        if proposal is not None:
-            self.draft_ns += proposal.draft_ns
-            self.drafted += proposal.drafted
-            self.psi_ns += getattr(proposal, "psi_ns", 0)
-            self.psi_forward_ns += getattr(proposal, "psi_forward_ns", 0)
-            self.slrs_fallbacks += getattr(proposal, "slrs_fallbacks", 0)
-            self.slrs_rows += getattr(proposal, "psi_rows", 0)
-        self.rounds += 1
-        self.draft_tokens += verdict.candidates
-        self.accepted_tokens += verdict.accepted
-        self.verify_ns += verdict.verify_ns
-        self.bridge_ns += verdict.bridge_ns
-        by_pos = self.accepted_by_position
-        by_pos.extend([0] * (verdict.accepted - len(by_pos)))
-        for i in range(verdict.accepted):
-            by_pos[i] += 1
-
-    def profile(self) -> dict:
-        out = {"draft_s": self.draft_ns / 1e9, "verify_s": self.verify_ns / 1e9, "bridge_s": self.bridge_ns / 1e9}
-        if self.psi_ns:  # slrs only: the cost of computing psi / r, and of that the drafter's forwards
-            out.update(psi_s=self.psi_ns / 1e9, psi_forward_s=self.psi_forward_ns / 1e9)
-        return out
-
-
-class DraftLength:
-    """Draft length per round: fixed, or adaptive from observed acceptance only (so that a seeded
-    sampled run stays reproducible): +2 after a round that accepted every candidate, -1 otherwise."""
-
-    def __init__(self, fixed: Optional[int] = None, start: int = 5, lo: int = 1, hi: int = 16):
-        self.fixed = fixed
-        self.k = fixed if fixed is not None else start
-        self.lo, self.hi = lo, hi
-
-    def update(self, candidates: int, accepted: int) -> None:
-        if self.fixed is not None or candidates == 0:
-            return
-        self.k = min(self.hi, self.k + 2) if accepted == candidates else max(self.lo, self.k - 1)
-
-
 def resolve_algorithm(algorithm: str, params: SamplingParams, target_vocab: Vocab,
                       drafter_vocab: Optional[Vocab], check_tli: Optional[Callable[[], object]] = None,
                       slrs: bool = False) -> tuple:
@@ -162,13 +110,15 @@ def auto_algorithms(params: SamplingParams, target_vocab: Vocab, drafter_vocab: 
                     check_tli: Optional[Callable[[], object]] = None) -> list:
     """The algorithms the measuring `auto` (auto.py) tries for a pair, the static rule's pick
     (`resolve_algorithm`) first: it is auto's incumbent, kept unless another measures faster.
-    None without a drafter; same for identical tokenizers (tli and slem only add work there);
+    Without a drafter, none; for identical tokenizers same (tli and slem only add work there);
     otherwise slem and tli (when the vocabularies share enough), and under sampling slrs too
-    (greedy, slrs is slem)."""
+    (greedy, slrs is slem). Always last: none, the target's own step, so that where no algorithm pays
+    for its drafting (a weak drafter at temperature 1), auto finds that out and is no slower than the
+    target alone."""
     if drafter_vocab is None:
         return ["none"]
     if drafter_vocab.same_as(target_vocab):
-        return ["same"]
+        return ["same", "none"]
     tli = True
     try:
         if check_tli is not None:
@@ -176,8 +126,10 @@ def auto_algorithms(params: SamplingParams, target_vocab: Vocab, drafter_vocab: 
     except FailedPrecondition:
         tli = False
     if params.greedy:
-        return ["slem", "tli"] if tli else ["slem"]
-    return ["tli", "slem", "slrs"] if tli else ["slem", "slrs"]
+        algos = ["slem", "tli"] if tli else ["slem"]
+    else:
+        algos = ["tli", "slem", "slrs"] if tli else ["slem", "slrs"]
+    return algos + ["none"]
 
 
 class Engine:
@@ -187,11 +139,10 @@ class Engine:
                  slrs_tau: float = DEFAULT_TAU, slrs_budget: int = DEFAULT_BUDGET):
         self.target_vocab = target_vocab
         self.slrs_tau, self.slrs_budget = slrs_tau, slrs_budget
-        self.verifier = Verifier(target_runner, target_vocab, window)
+        self.verifier = Verifier(target_runner, target_vocab, window)  # one stream's: its cache is reused
         self.drafter_runner, self.drafter_vocab = drafter_runner, drafter_vocab
         self.window, self.draft_top_k, self.min_confidence = window, draft_top_k, min_confidence
-        self._drafters: dict = {}
-        self._kv: Optional[KVPool] = None  # one drafter KV cache per mode (auto switches modes per round)
+        self._drafters: dict = {}  # mode -> this engine's drafter (one stream's; batches fork them)
         self.auto_memory = AutoMemory()  # what `auto` measured with this pair, per decoding mode
 
     @classmethod
@@ -204,6 +155,10 @@ class Engine:
             dv = Vocab.load(drafter)
             dr = make_runner(load_model(drafter, device, dtype), fast=fast)
         return cls(tr, tv, dr, dv, **kw)
+
+    @property
+    def target_runner(self) -> Runner:
+        return self.verifier.runner
 
     def drafter(self, mode: str) -> Drafter:
         if self.drafter_runner is None:
@@ -225,96 +180,106 @@ class Engine:
                                  self.drafter_vocab if self.drafter_runner is not None else None,
                                  lambda: self.drafter("tli"), slrs=True)
 
-    def _use(self, d: Drafter) -> None:
-        """Install drafter `d`'s own KV cache in the shared drafter runner (and tli's pruned head)."""
-        if self._kv is None:
-            self._kv = KVPool(self.drafter_runner, slots=len(MODES))
-        if not self._kv.activate(d.kv):
-            d.kv_ids = []  # a fresh cache: the next draft recomputes its context
-        rows = d.inter.rows if d.inter is not None else None
-        if rows is not None and self.drafter_runner.pruned_rows is not rows:
-            self.drafter_runner.prune_head(rows)
-
-    def generate(self, prompt: str, max_new_tokens: int = 128, params: SamplingParams = SamplingParams(),
-                 algorithm: str = "auto", draft_tokens: Optional[int] = None) -> GenerationResult:
+    def _plan(self, prompt: str, params: SamplingParams, algorithm: str, draft_tokens: Optional[int]) -> tuple:
+        """(params, modes to start drafters for, why, auto state or None), the request checked."""
         params = params.validate()
         if not isinstance(prompt, str) or not prompt:
             raise InvalidArgument("the prompt is empty")
         if draft_tokens is not None and not 1 <= draft_tokens <= 64:
             raise InvalidArgument(f"draft tokens must be in [1, 64], got {draft_tokens}")
-        state: Optional[AutoState] = None
         if algorithm == "auto" and self.drafter_runner is not None:
             algos = auto_algorithms(params, self.target_vocab, self.drafter_vocab, lambda: self.drafter("tli"))
             lengths = (draft_tokens,) if draft_tokens is not None else LENGTHS
             state = self.auto_memory.get((mode_key(params), draft_tokens), algos, lengths)
             state.begin_session()
-            modes, why = state.algorithms_in_play(), ""
-        else:
-            algo, why = self.resolve(algorithm, params)
-            modes = [algo] if algo != "none" else []
+            return params, [a for a in state.algorithms_in_play() if a != "none"], "", state
+        algo, why = self.resolve(algorithm, params)
+        return params, ([algo] if algo != "none" else []), why, None
+
+    def generate(self, prompt: str, max_new_tokens: int = 128, params: SamplingParams = SamplingParams(),
+                 algorithm: str = "auto", draft_tokens: Optional[int] = None) -> GenerationResult:
+        """One prompt, alone: every forward pass is its own."""
+        params, modes, why, state = self._plan(prompt, params, algorithm, draft_tokens)
         # The clock starts before the prompt is encoded and prefilled: a generation's time is what its
         # caller waits, as for Hugging Face's generate() and for a request through the services.
         t0 = time.perf_counter()
         prompt_ids = self.target_vocab.encode_prompt(prompt)
         v = self.verifier
         v.start(prompt_ids, max_new_tokens, params)
-        prefill_s = time.perf_counter() - t0
         drafters = {m: self.drafter(m) for m in modes}
+        return self._run(prompt, prompt_ids, params, v, drafters, LocalVerifier(v),
+                         lambda d, k: d.propose(k), why, state, draft_tokens, t0)
+
+    def generate_batch(self, prompts: list, max_new_tokens: int = 128, params=SamplingParams(),
+                       algorithm: str = "auto", draft_tokens: Optional[int] = None, concurrency: int = 8,
+                       max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS) -> list:
+        """Several prompts together, `concurrency` sessions at a time, each session's forward passes
+        batched with the others' by one scheduler per model (continuous batching, as the services do
+        it). `params`: one SamplingParams for all, or one per prompt. Results in the order of `prompts`;
+        each equals what `generate` gives for its prompt, up to float rounding of batched products."""
+        if not 1 <= concurrency <= 1024:
+            raise InvalidArgument(f"concurrency must be in [1, 1024], got {concurrency}")
+        plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise InvalidArgument("give one SamplingParams for all prompts or one per prompt")
+        cost = CostModel()
+        target = Scheduler(self.target_runner, max_batch_tokens, "target", observer=cost.observe)
+        drafts = Scheduler(self.drafter_runner, max_batch_tokens, "drafter") if self.drafter_runner else None
+        try:
+            with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="session") as pool:
+                futures = [pool.submit(self._batched_session, p, max_new_tokens, sp, algorithm, draft_tokens,
+                                       target, drafts, cost) for p, sp in zip(prompts, plist)]
+                return [f.result() for f in futures]
+        finally:
+            target.close()
+            if drafts is not None:
+                drafts.close()
+
+    def _batched_session(self, prompt, max_new_tokens, params, algorithm, draft_tokens, target: Scheduler,
+                         drafts: Optional[Scheduler], cost: CostModel) -> GenerationResult:
+        """One session of a batch: its own verifier and drafters (forks: own caches and state)."""
+        params, modes, why, state = self._plan(prompt, params, algorithm, draft_tokens)
+        t0 = time.perf_counter()
+        prompt_ids = self.target_vocab.encode_prompt(prompt)
+        v = Verifier(self.target_runner, self.target_vocab, self.window)
+        v.open(prompt_ids, max_new_tokens, params)
+        target.run(v.prefill())
+        drafters = {m: self.drafter(m).fork() for m in modes}
+        text = [d for d in drafters.values() if d.mode != "same"]
+        for d in text[1:]:  # one KV cache for the session's drafters over one context (Drafter.share_kv)
+            d.share_kv(text[0])
+        return self._run(prompt, prompt_ids, params, v, drafters, LocalVerifier(v, target, cost),
+                         lambda d, k: drafts.run(d.draft(k)), why, state, draft_tokens, t0)
+
+    def _run(self, prompt, prompt_ids, params, v: Verifier, drafters: dict, link, draft, why: str,
+             state: Optional[AutoState], draft_tokens: Optional[int], t0: float) -> GenerationResult:
+        """The rounds of one started session (`rounds.run_rounds`), and its result."""
+        prefill_s = time.perf_counter() - t0
         for d in drafters.values():
-            self._use(d)
             d.start(prompt, prompt_ids, params)
-        lengths: dict = {}  # algorithm -> its DraftLength in this session (per arm state of `adaptive`)
-        stats = RoundStats()
         used: dict = {}  # algorithm -> rounds it ran in this session
-        arm = (modes[0], draft_tokens) if modes else None
-        last = None  # the drafter of the previous round: a round after a switch is not measured
-        while not v.finished:
-            r0 = time.perf_counter()
-            if state is not None:
-                arm = state.next_arm()
-            drafter = drafters.get(arm[0]) if arm is not None else None
-            if drafter is not None:
-                k = lengths.get(arm)
-                if k is None:  # (not setdefault: that would build a DraftLength every round)
-                    k = lengths[arm] = DraftLength(arm[1])
-                self._use(drafter)  # (a no-op unless the previous round ran another algorithm's drafter)
-                prop = drafter.propose(k.k)
-            else:
-                prop = None
-            verdict = v.verify(prop)  # None: the target alone, one token
-            stats.add(prop, verdict)
-            if drafter is not None and not verdict.finished:
-                drafter.observe(verdict)
-                for d in drafters.values():  # the others catch up when they next draft
-                    if d is not drafter:
-                        d.defer(verdict)
-                k.update(verdict.candidates, verdict.accepted)
-            if state is not None:
-                state.record(arm, len(verdict.ids), time.perf_counter() - r0, measured=drafter is last)
-                last = drafter
-                if len(drafters) > 1 and state.stage == "decided":  # the other algorithms are done with
-                    drafters = {state.algorithm: drafters[state.algorithm]}
-            if arm is not None:
-                used[arm[0]] = used.get(arm[0], 0) + 1
+        stats = RoundStats()
+        for r in run_rounds(link, drafters, draft, len(prompt_ids), state, draft_tokens):
+            stats = r.stats
+            if r.arm is not None:
+                used[r.arm[0]] = used.get(r.arm[0], 0) + 1
         seconds = time.perf_counter() - t0
         new = v.new_ids
-        text = self.target_vocab.bytes_of(new).decode("utf-8", errors="replace")
         profile = stats.profile()
         profile["prefill_s"] = prefill_s  # encoding the prompt and the target's prefill
         profile["other_s"] = seconds - prefill_s - (stats.draft_ns + stats.verify_ns) / 1e9
         auto = None
         if state is not None:
             best = state.best()
-            algo = best[0]
-            why = state.explain()
+            algo, why = best[0], state.explain()
             auto = state.summary()
             auto["rounds_by_algorithm"] = used
             auto["keeps"] = arm_name(*best)
         else:
-            algo = modes[0] if modes else "none"
+            algo = next(iter(drafters), "none")
         return GenerationResult(
-            text=text, ids=new, new_tokens=len(new), seconds=seconds, algorithm=algo, rounds=stats.rounds,
-            draft_tokens=stats.draft_tokens, accepted_tokens=stats.accepted_tokens, drafted=stats.drafted,
-            finish_reason=v.finish_reason, why=why, profile=profile,
-            accepted_by_position=stats.accepted_by_position, slrs_fallbacks=stats.slrs_fallbacks,
+            text=self.target_vocab.bytes_of(new).decode("utf-8", errors="replace"), ids=new, new_tokens=len(new),
+            seconds=seconds, algorithm=algo, rounds=stats.rounds, draft_tokens=stats.draft_tokens,
+            accepted_tokens=stats.accepted_tokens, drafted=stats.drafted, finish_reason=v.finish_reason, why=why,
+            profile=profile, accepted_by_position=stats.accepted_by_position, slrs_fallbacks=stats.slrs_fallbacks,
             slrs_rows=stats.slrs_rows, auto=auto)

@@ -110,3 +110,26 @@ def setup_torch(args) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+
+
+def add_batching_args(p: argparse.ArgumentParser) -> None:
+    """A model service's batching and KV memory (crossdraft/batched.py, kvbudget.py, scheduler.py)."""
+    p.add_argument("--max-model-len", type=int, default=0,
+                   help="context one session may use, in this model's tokens (default: 0, the model's own)")
+    p.add_argument("--kv-budget-mb", type=float, default=0.0,
+                   help="KV cache memory all sessions may reserve, MiB; a session reserves what it can use at "
+                        "most and waits for room, then gets RESOURCE_EXHAUSTED (default: 0, enough for "
+                        "--max-sessions sessions of --max-model-len)")
+    p.add_argument("--kv-wait-seconds", type=float, default=10.0,
+                   help="how long a new session waits for room in the KV budget (default: 10)")
+    p.add_argument("--max-batch-tokens", type=int, default=512,
+                   help="tokens in one batched forward pass; a longer prompt's prefill runs in chunks of what "
+                        "is left after the running sessions' rounds (default: 512)")
+
+
+def check_batching_args(args) -> None:
+    from .batched import Limits
+
+    if args.max_model_len and args.max_model_len < 2:
+        raise InvalidArgument(f"--max-model-len must be >= 2 (or 0: the model's own), got {args.max_model_len}")
+    Limits.from_args(args)

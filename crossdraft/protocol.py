@@ -1,4 +1,4 @@
-"""The messages between a drafter and a verifier, in process and (later) on the wire.
+"""The messages between a drafter and a verifier, in process and on the wire (crossdraft/wire.py).
 
 Owns: `Proposal` (drafter -> verifier) and `Verdict` (verifier -> drafter). They carry plain Python
 values so that the gRPC layer converts them field by field, and they are the only thing the two
@@ -44,3 +44,5 @@ class Verdict:
     finish_reason: str = ""  # "length" or "eos"
     verify_ns: int = 0
     bridge_ns: int = 0  # of verify_ns: re-tokenization and alignment (SLEM)
+    load: Optional[object] = None  # the verifier's load (`load.LoadHint`), for load-aware draft lengths
+    seal: bytes = b""  # on the wire: the verifier's seal of this verdict for the gateway (crossdraft/seal.py)

@@ -1,30 +1,38 @@
-"""Model runner: a causal LM with an explicit KV cache that grows by several tokens at once and rolls back.
+"""Model runner: a causal LM run over KV caches that its callers own, many sequences in one pass.
 
-Owns: loading a Hugging Face `AutoModelForCausalLM` (a local directory or a Hub id) and running it
-one block of tokens at a time. The contract every algorithm relies on:
+Owns: loading a Hugging Face `AutoModelForCausalLM` (a local directory or a Hub id) and running it.
+Two contracts, the second built on the first:
 
-    runner.length                 tokens whose keys/values are in the cache
-    runner.forward(ids)           append ids at positions length.. length+n-1, return logits [n, V]
+    cache = runner.new_cache()            a sequence's KV cache (`KVCache`); grows as it is used
+    runner.forward_batch([Step, ...])     one pass over several sequences' blocks, each appended to its
+                                          own cache at its own length -> each step's logits
+    runner.check(step)                    ValueError if a step cannot run (context full), before a batch
+
+    runner.length                         the installed cache (`runner.cache`): what single-sequence
+    runner.forward(ids)                   callers use; append ids at positions length.., logits [n, V]
     runner.forward(ids, last_only=True)   the same, logits of the last position only [1, V]
     runner.forward(ids, pruned=True)      logits over the pruned head's rows only (TLI drafting)
-    runner.truncate(n)            forget every position >= n (rejected drafts)
+    runner.truncate(n)                    forget every position >= n (rejected drafts)
     runner.forward_tree(ids, parents)     logits [n, V] of a tree of tokens after the cache (node i
-                                  follows parents[i], -1: the cache's end); the cache is left as it was
+                                          follows parents[i], -1: the cache's end); the cache is left as it was
 
 Two implementations sit behind it:
 - `LlamaRunner`, for Llama-family decoders (llama, qwen2, mistral without sliding window) with the
-  default RoPE: the weights of the loaded Hugging Face model, run by a lean forward with a
-  preallocated cache. On a CPU a small model's step is dominated by framework overhead, and this path
-  removes most of it (see the README's profile). Numerically it is the Hugging Face computation; the
-  tests compare logits and greedy outputs with the Hugging Face model.
-- `HFRunner`, any other causal LM, through the model's own forward and a `DynamicCache`.
+  default RoPE: the weights of the loaded Hugging Face model, run by a lean forward. A batch's tokens go
+  through every matrix product together (the weights are read once for all of them: what makes a
+  batch cheaper than its sequences one by one), and each sequence attends over its own cache. On a
+  CPU a small model's step is dominated by framework overhead, and this path removes most of it (see
+  docs/benchmarks.md). Numerically it is the Hugging Face computation; the tests compare logits and
+  greedy outputs with the Hugging Face model, and batched logits with one-by-one logits.
+- `HFRunner`, any other causal LM, through the model's own forward and a `DynamicCache` per sequence;
+  a batch runs its sequences one at a time.
 
-Never: knows about tokenizers, sampling or speculation.
+Never: knows about sessions, tokenizers, sampling or speculation.
 """
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -33,6 +41,7 @@ import torch.nn.functional as F
 from .errors import ModelLoadError
 
 FAST_MODEL_TYPES = {"llama", "qwen2", "mistral"}
+BLOCK = 64  # a KV cache grows in whole blocks of this many positions
 
 
 def pick_device(device: Optional[str] = None) -> torch.device:
@@ -84,57 +93,145 @@ def make_runner(model, max_length: Optional[int] = None, fast: bool = True) -> "
     return HFRunner(model, max_length)
 
 
+class KVCache:
+    """One sequence's KV cache, owned by its caller (a session), run by a runner.
+
+    `length`: positions whose keys and values are in it. `data`: the runner's own representation
+    (opaque to callers). `truncate(n)` forgets every position >= n (rejected drafts); entries past
+    `length` are stale and overwritten before they are read. A cache grows as it is used (see
+    `LlamaRunner`: in blocks, never to more than the runner's `max_length`), so an open session holds
+    memory for the positions it has used, not for the model's whole context. `limit`: the positions it
+    may grow to (a session's reservation under a KV budget, crossdraft/kvbudget.py); None: the runner's
+    max_length."""
+
+    __slots__ = ("data", "length", "limit")
+
+    def __init__(self, data=None, length: int = 0, limit: Optional[int] = None):
+        self.data, self.length, self.limit = data, length, limit
+
+    def truncate(self, length: int) -> None:
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} positions to {length}")
+        self.length = length
+
+
+@dataclass(eq=False)
+class Step:
+    """One sequence's block in a batched forward (`Runner.forward_batch`).
+
+    ids are appended to `cache` at positions cache.length.. (the cache grows by len(ids)); the result is
+    their logits [n, V], or only the last position's [1, V] with `last`. `rows`: a pruned LM head, the
+    logits of these vocabulary rows only [.., len(rows)] (TLI drafting); None: the whole head.
+    `parents`: the ids are a token tree hung after the cache instead (node i follows node parents[i],
+    -1: the cache's end; slrs): logits of every node, and the cache keeps its length. `chunk`: a long
+    step (a prompt's prefill, with `last`) that a scheduler may run in pieces over several passes
+    (`crossdraft.scheduler`); runners ignore it."""
+
+    cache: KVCache
+    ids: list
+    last: bool = False
+    rows: Optional[torch.Tensor] = None
+    parents: Optional[list] = None
+    chunk: bool = False
+
+    @property
+    def tokens(self) -> int:
+        return len(self.ids)
+
+    @property
+    def end(self) -> int:
+        """The cache positions the step writes: a tree's nodes too are written past the end (then forgotten)."""
+        return self.cache.length + len(self.ids)
+
+
 class Runner:
-    """Common part: the pruned head and the bookkeeping of `length`."""
+    """What every runner shares: the batched contract over callers' caches, and the single-sequence
+    contract of the module docstring over one installed cache (`self.cache`), built on it.
+
+    Subclasses implement `new_cache()`, `_forward(ids, last_only, rows)` and `_forward_tree(ids,
+    parents)` on the installed cache; `LlamaRunner` also overrides `forward_batch` with a real batched
+    pass. The default `forward_batch` runs the steps one after the other (the generic runner's
+    "one session at a time", through the same scheduler)."""
 
     vocab_size: int
     max_length: int
-    length: int = 0
     device: torch.device
+    cache: KVCache
     pruned_rows: Optional[torch.Tensor] = None
 
-    def prune_head(self, rows: Optional[torch.Tensor]) -> None:
-        """Keep only these vocabulary rows of the LM head for `forward(..., pruned=True)`."""
+    # --- the batched contract --------------------------------------------------------------------
+    def new_cache(self) -> KVCache:
         raise NotImplementedError
+
+    def check(self, step: Step) -> None:
+        """ValueError if the step cannot run (its cache would pass the context); checked before a batch
+        so that one sequence's bad step never fails the others."""
+        need = step.cache.length + len(step.ids)
+        room = self.max_length if step.cache.limit is None else min(step.cache.limit, self.max_length)
+        if not step.ids:
+            raise ValueError("a step needs at least one token")
+        if need > room:
+            raise ValueError(f"context full: {step.cache.length} + {len(step.ids)} > {room} positions")
+        if step.parents is not None:
+            if len(step.parents) != len(step.ids) or any(not -1 <= p < i for i, p in enumerate(step.parents)):
+                raise ValueError("forward_tree: every parent must come before its child")
+
+    def forward_batch(self, steps: list) -> list:
+        """Logits of each step (see `Step`), in order. The default runs them one at a time."""
+        out = []
+        for s in steps:
+            self.check(s)
+            prev, self.cache = self.cache, s.cache
+            try:
+                if s.parents is not None:
+                    out.append(self._forward_tree(s.ids, s.parents, s.rows))
+                else:
+                    out.append(self._forward(s.ids, s.last, s.rows))
+            finally:
+                self.cache = prev
+        return out
+
+    # --- the single-sequence contract over the installed cache -------------------------------------
+    @property
+    def length(self) -> int:
+        return self.cache.length
+
+    def prune_head(self, rows: Optional[torch.Tensor]) -> None:
+        """The rows `forward(..., pruned=True)` keeps (TLI drafting)."""
+        self.pruned_rows = None if rows is None else rows.to(self.device)
 
     def forward(self, ids, last_only: bool = False, pruned: bool = False) -> torch.Tensor:
-        raise NotImplementedError
-
-    def truncate(self, length: int) -> None:
-        raise NotImplementedError
+        rows = self.pruned_rows if pruned else None
+        return self.forward_batch([Step(self.cache, list(ids), last_only, rows)])[0]
 
     def forward_tree(self, ids, parents) -> torch.Tensor:
         """Logits [n, V] of every node of a token tree hung after the cache: node i is token ids[i]
         following node parents[i] (-1: the last cached position; parents[i] < i). The cache is as
-        before afterwards. This default runs each node's chain on its own; LlamaRunner runs the whole
-        tree in one pass with a tree attention mask."""
-        base = self.length
+        before afterwards."""
+        return self.forward_batch([Step(self.cache, list(ids), parents=list(parents))])[0]
+
+    def truncate(self, length: int) -> None:
+        self.cache.truncate(length)
+
+    def reset(self) -> None:
+        self.truncate(0)
+
+    def _forward(self, ids, last_only: bool, rows) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _forward_tree(self, ids, parents, rows=None) -> torch.Tensor:
+        """Each node's chain run on its own (LlamaRunner runs the tree in one pass)."""
+        base = self.cache.length
         out = []
         for i in range(len(ids)):
             chain, j = [], i
             while j >= 0:
                 chain.append(ids[j])
                 j = parents[j]
-            self.truncate(base)
-            out.append(self.forward(chain[::-1], last_only=True)[0])
-        self.truncate(base)
+            self.cache.truncate(base)
+            out.append(self._forward(chain[::-1], True, rows)[0])
+        self.cache.truncate(base)
         return torch.stack(out)
-
-    def reset(self) -> None:
-        self.truncate(0)
-
-    def new_cache(self):
-        """A fresh, empty KV cache of this runner's shape, not installed (see `swap_cache`)."""
-        raise NotImplementedError
-
-    def swap_cache(self, cache):
-        """Install `cache` (from `new_cache` or an earlier `swap_cache`) with its length; return the
-        cache that was installed, with its length, so it can be swapped back later unchanged."""
-        raise NotImplementedError
-
-    def _check_room(self, n: int) -> None:
-        if self.length + n > self.max_length:
-            raise ValueError(f"context full: {self.length} + {n} > {self.max_length} positions")
 
 
 class _Linear:
@@ -161,7 +258,8 @@ class _Linear:
 
 
 class LlamaRunner(Runner):
-    """Lean forward for Llama-family weights with a preallocated KV cache [layers, kv_heads, max_len, head_dim]."""
+    """Lean forward for Llama-family weights: many sequences' blocks in one pass (`forward_batch`), each over
+    its own KV cache [layers, kv_heads, capacity, head_dim] that grows in blocks of `BLOCK` positions."""
 
     @staticmethod
     def supports(model) -> bool:
@@ -214,16 +312,11 @@ class LlamaRunner(Runner):
         self.cos = (emb.cos() * scale).to(self.dtype)  # [max_len, head_dim]
         self.sin = (emb.sin() * scale).to(self.dtype)
         self.scaling = self.head_dim ** -0.5
-        shape = (len(self.layers), self.n_kv, self.max_length, self.head_dim)
-        self.k_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
-        self.v_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
-        self.length = 0
+        # bytes of keys and values one position takes in a cache (all layers): what KV budgets count
+        self.bytes_per_token = 2 * len(self.layers) * self.n_kv * self.head_dim * self.dtype.itemsize
         self.pruned_rows = None
-        self.pruned_head = None
-
-    def prune_head(self, rows):
-        self.pruned_rows = rows
-        self.pruned_head = None if rows is None else _Linear(self.lm_head.w.index_select(0, rows.to(self.device)))
+        self._heads: dict = {}  # id(rows) -> (rows, pruned head): the pruned LM heads in use
+        self.cache = self.new_cache()
 
     def _rms(self, x, w):
         xf = x.float()
@@ -236,102 +329,160 @@ class LlamaRunner(Runner):
         rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return x * cos + rot * sin
 
-    @torch.inference_mode()
-    def forward(self, ids, last_only=False, pruned=False):
-        n = len(ids)
-        self._check_room(n)
-        start, end = self.length, self.length + n
-        idx = torch.as_tensor(ids, device=self.device, dtype=torch.long)
-        x = self.embed.index_select(0, idx)  # [n, hidden]
-        cos, sin = self.cos[start:end], self.sin[start:end]
-        mask = None
-        if n > 1:  # causal within the new block, everything before it visible
-            mask = torch.ones(n, end, dtype=torch.bool, device=self.device).tril_(diagonal=start)
+    # --- caches -----------------------------------------------------------------------------------
+    def new_cache(self) -> KVCache:
+        return KVCache(None, 0)
+
+    def _reserve(self, cache: KVCache, end: int) -> None:
+        """Room for positions [0, end) in `cache`: allocated on first use, then grown (doubling, in whole
+        blocks, never past its limit or max_length) with its entries copied."""
+        data = cache.data
+        cap = 0 if data is None else data[0].shape[2]
+        if end <= cap:
+            return
+        room = self.max_length if cache.limit is None else min(cache.limit, self.max_length)
+        new_cap = min(room, max(-(-end // BLOCK) * BLOCK, 2 * cap))
+        shape = (len(self.layers), self.n_kv, new_cap, self.head_dim)
+        k = torch.empty(shape, device=self.device, dtype=self.dtype)
+        v = torch.empty(shape, device=self.device, dtype=self.dtype)
+        if data is not None and cache.length:
+            k[:, :, :cache.length] = data[0][:, :, :cache.length]
+            v[:, :, :cache.length] = data[1][:, :, :cache.length]
+        cache.data = (k, v)
+
+    @staticmethod
+    def capacity(cache: KVCache) -> int:
+        """Positions allocated in `cache` (its memory is capacity x bytes_per_token)."""
+        return 0 if cache.data is None else cache.data[0].shape[2]
+
+    def _head(self, rows):
+        if rows is None:
+            return self.lm_head
+        got = self._heads.get(id(rows))
+        if got is None or got[0] is not rows:
+            if len(self._heads) > 8:  # rows of drafters no longer used
+                self._heads.clear()
+            got = self._heads[id(rows)] = (rows, _Linear(self.lm_head.w.index_select(0, rows.to(self.device))))
+        return got[1]
+
+    # --- the forward pass ------------------------------------------------------------------------------
+    def _rms(self, x, w):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return w * xf.to(x.dtype)
+
+    @staticmethod
+    def _rope(x, cos, sin):  # x [n, h, d]; cos/sin [n, 1, d]
+        half = x.shape[-1] // 2
+        rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rot * sin
+
+    def _plan(self, steps: list) -> tuple:
+        """(token ids [N], positions [N], [(step, offset, n, start, mask or None)]) of a batch."""
+        ids, pos, plan, off = [], [], [], 0
+        for s in steps:
+            n, start = len(s.ids), s.cache.length
+            ids.extend(s.ids)
+            mask = None
+            if s.parents is not None:  # a tree: node i at start + depth(i), seeing the cache and its ancestors
+                depth, anc = [], torch.zeros(n, n, dtype=torch.bool)
+                for i, p in enumerate(s.parents):
+                    depth.append(depth[p] + 1 if p >= 0 else 0)
+                    if p >= 0:
+                        anc[i] = anc[p]
+                    anc[i, i] = True
+                if start + max(depth) >= self.max_length:
+                    raise ValueError(f"context full: a tree reaches position {start + max(depth)} of {self.max_length}")
+                pos.extend(start + d for d in depth)
+                mask = torch.ones(n, start + n, dtype=torch.bool, device=self.device)
+                mask[:, start:] = anc.to(self.device)
+            else:
+                pos.extend(range(start, start + n))
+                if n > 1:  # causal within the block, everything before it visible
+                    mask = torch.ones(n, start + n, dtype=torch.bool, device=self.device).tril_(diagonal=start)
+            plan.append((s, off, n, start, mask))
+            off += n
+        dev = self.device
+        return (torch.as_tensor(ids, device=dev, dtype=torch.long), torch.as_tensor(pos, device=dev, dtype=torch.long),
+                plan)
+
+    def _attend(self, li: int, plan: list, q, k, v) -> torch.Tensor:
+        """Attention of every step over its own cache, its block's keys and values written there first.
+        q [N, H, D], k and v [N, KV, D] -> [N, H*D]. Explicit matmuls rather than SDPA: for the short
+        blocks of decoding they cost half as much on a CPU, and they are the same whatever else is in
+        the batch (a step's attention never depends on the other steps)."""
         H, KV, D = self.n_heads, self.n_kv, self.head_dim
+        G = H // KV
+        out = torch.empty(q.shape[0], H, D, device=q.device, dtype=q.dtype)
+        for s, off, n, start, mask in plan:
+            kc, vc = s.cache.data
+            end = start + n
+            kc[li, :, start:end] = k[off:off + n].transpose(0, 1)
+            vc[li, :, start:end] = v[off:off + n].transpose(0, 1)
+            qs = q[off:off + n].transpose(0, 1).reshape(KV, G * n, D)  # head h uses kv head h // G
+            scores = torch.matmul(qs, kc[li, :, :end].transpose(1, 2)) * self.scaling  # [KV, G n, end]
+            if mask is not None:
+                scores = scores.masked_fill(~(mask.repeat(G, 1) if G > 1 else mask), float("-inf"))
+            p = torch.softmax(scores if scores.dtype.itemsize >= 4 else scores.float(), dim=-1).to(q.dtype)
+            o = torch.matmul(p, vc[li, :, :end])  # [KV, G n, D]
+            out[off:off + n] = o.view(H, n, D).transpose(0, 1)
+        return out.view(q.shape[0], H * D)
+
+    def _heads_of(self, x, plan: list) -> list:
+        """Each step's logits from the final hidden states x [N, hidden]: one matmul per head in use."""
+        if len(plan) == 1:
+            s, _, n, _, _ = plan[0]
+            return [self._head(s.rows)(x[-1:] if s.last else x)]
+        groups: dict = {}
+        for i, (s, off, n, _, _) in enumerate(plan):
+            rows = list(range(off + n - 1, off + n)) if s.last else list(range(off, off + n))
+            groups.setdefault(id(s.rows), (s.rows, []))[1].append((i, rows))
+        out = [None] * len(plan)
+        for rows, members in groups.values():
+            idx = [r for _, rr in members for r in rr]
+            logits = self._head(rows)(x.index_select(0, torch.as_tensor(idx, device=x.device)))
+            at = 0
+            for i, rr in members:
+                out[i] = logits[at: at + len(rr)]
+                at += len(rr)
+        return out
+
+    @torch.inference_mode()
+    def forward_batch(self, steps: list) -> list:
+        for s in steps:
+            self.check(s)
+        for s in steps:
+            self._reserve(s.cache, s.end)
+        idx, pos, plan = self._plan(steps)
+        x = self.embed.index_select(0, idx)  # [N, hidden]
+        cos, sin = self.cos.index_select(0, pos)[:, None], self.sin.index_select(0, pos)[:, None]  # [N, 1, D]
+        H, KV, D = self.n_heads, self.n_kv, self.head_dim
+        N = x.shape[0]
         for li, (w_in, qkv_proj, o_proj, w_post, gate_up, down) in enumerate(self.layers):
             h = self._rms(x, w_in)
-            qkv = qkv_proj(h)  # [n, (H + 2 KV) D]
-            q = qkv[:, : H * D].view(n, H, D).transpose(0, 1)  # [H, n, D]
-            k = qkv[:, H * D: (H + KV) * D].view(n, KV, D).transpose(0, 1)  # [KV, n, D]
-            v = qkv[:, (H + KV) * D:].view(n, KV, D).transpose(0, 1)
-            q = self._rope(q, cos, sin)
-            self.k_cache[li, :, start:end] = self._rope(k, cos, sin)
-            self.v_cache[li, :, start:end] = v
-            keys, vals = self.k_cache[li, :, :end], self.v_cache[li, :, :end]  # [KV, end, D]
-            o = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, scale=self.scaling,
-                                               enable_gqa=H != KV)  # [H, n, D]
-            x = x + o_proj(o.transpose(0, 1).reshape(n, H * D))
+            qkv = qkv_proj(h)  # [N, (H + 2 KV) D]
+            q = self._rope(qkv[:, : H * D].view(N, H, D), cos, sin)
+            k = self._rope(qkv[:, H * D: (H + KV) * D].view(N, KV, D), cos, sin)
+            v = qkv[:, (H + KV) * D:].view(N, KV, D)
+            x = x + o_proj(self._attend(li, plan, q, k, v))
             h = self._rms(x, w_post)
             g, u = gate_up(h).chunk(2, dim=-1)
             x = x + down(F.silu(g) * u)
-        self.length = end
-        if last_only:
-            x = x[-1:]
-        x = self._rms(x, self.norm)
-        head = self.pruned_head if pruned else self.lm_head
-        return head(x)  # [n or 1, V or |pruned|]
+        for s, _, n, _, _ in plan:
+            if s.parents is None:  # (a tree's entries are stale from now on)
+                s.cache.length += n
+        return self._heads_of(self._rms(x, self.norm), plan)
 
-    def truncate(self, length):
-        if not 0 <= length <= self.length:
-            raise ValueError(f"cannot truncate a cache of {self.length} positions to {length}")
-        self.length = length  # stale entries beyond `length` are overwritten before they are read
+    def _forward(self, ids, last_only, rows):
+        return self.forward_batch([Step(self.cache, list(ids), last_only, rows)])[0]
 
-    def new_cache(self):
-        return (torch.zeros_like(self.k_cache), torch.zeros_like(self.v_cache), 0)
-
-    def swap_cache(self, cache):
-        old = (self.k_cache, self.v_cache, self.length)
-        self.k_cache, self.v_cache, self.length = cache
-        return old
-
-    @torch.inference_mode()
-    def forward_tree(self, ids, parents):
-        """One pass over a token tree (see Runner.forward_tree): node i sits at position
-        length + depth(i) and attends to the cache and to its own ancestors; its keys and values are
-        written past the cache's end and forgotten afterwards."""
-        n = len(ids)
-        self._check_room(n)
-        start, end = self.length, self.length + n
-        depth = []
-        anc = torch.zeros(n, n, dtype=torch.bool)
-        for i, p in enumerate(parents):
-            if not -1 <= p < i:
-                raise ValueError("forward_tree: every parent must come before its child")
-            depth.append(depth[p] + 1 if p >= 0 else 0)
-            if p >= 0:
-                anc[i] = anc[p]
-            anc[i, i] = True
-        pos = torch.tensor(depth, device=self.device, dtype=torch.long) + start
-        if int(pos.max()) >= self.max_length:
-            raise ValueError(f"context full: a tree reaches position {int(pos.max())} of {self.max_length}")
-        mask = torch.ones(n, end, dtype=torch.bool, device=self.device)
-        mask[:, start:] = anc.to(self.device)
-        idx = torch.as_tensor(list(ids), device=self.device, dtype=torch.long)
-        x = self.embed.index_select(0, idx)  # [n, hidden]
-        cos, sin = self.cos.index_select(0, pos), self.sin.index_select(0, pos)
-        H, KV, D = self.n_heads, self.n_kv, self.head_dim
-        for li, (w_in, qkv_proj, o_proj, w_post, gate_up, down) in enumerate(self.layers):
-            h = self._rms(x, w_in)
-            qkv = qkv_proj(h)
-            q = qkv[:, : H * D].view(n, H, D).transpose(0, 1)
-            k = qkv[:, H * D: (H + KV) * D].view(n, KV, D).transpose(0, 1)
-            v = qkv[:, (H + KV) * D:].view(n, KV, D).transpose(0, 1)
-            q = self._rope(q, cos, sin)
-            self.k_cache[li, :, start:end] = self._rope(k, cos, sin)
-            self.v_cache[li, :, start:end] = v
-            keys, vals = self.k_cache[li, :, :end], self.v_cache[li, :, :end]
-            o = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, scale=self.scaling,
-                                               enable_gqa=H != KV)
-            x = x + o_proj(o.transpose(0, 1).reshape(n, H * D))
-            h = self._rms(x, w_post)
-            g, u = gate_up(h).chunk(2, dim=-1)
-            x = x + down(F.silu(g) * u)
-        x = self._rms(x, self.norm)  # (length unchanged: the tree's entries are stale from now on)
-        return self.lm_head(x)
+    def _forward_tree(self, ids, parents, rows=None):
+        return self.forward_batch([Step(self.cache, list(ids), rows=rows, parents=list(parents))])[0]
 
 
 class HFRunner(Runner):
-    """Any causal LM through its own forward with a `DynamicCache` that is cropped on rollback."""
+    """Any causal LM through its own forward, each sequence's cache a `DynamicCache` cropped on rollback.
+    Batches run one sequence at a time (`Runner.forward_batch`)."""
 
     def __init__(self, model, max_length: Optional[int] = None):
         from transformers import DynamicCache
@@ -342,110 +493,40 @@ class HFRunner(Runner):
         self.max_length = int(max_length or getattr(model.config, "max_position_embeddings", 2048))
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self._cache_cls = DynamicCache
-        self.cache = DynamicCache(config=model.config)
-        self.length = 0
         self.pruned_rows = None
+        cfg = model.config
+        heads = getattr(cfg, "num_attention_heads", 1)
+        kv = getattr(cfg, "num_key_value_heads", None) or heads
+        head_dim = getattr(cfg, "head_dim", None) or getattr(cfg, "hidden_size", heads) // heads
+        self.bytes_per_token = 2 * getattr(cfg, "num_hidden_layers", 1) * kv * head_dim * self.dtype.itemsize
+        self.cache = self.new_cache()
 
-    def prune_head(self, rows):
-        self.pruned_rows = None if rows is None else rows.to(self.device)
+    def new_cache(self) -> KVCache:
+        return KVCache(None, 0)
+
+    @staticmethod
+    def capacity(cache: KVCache) -> int:
+        return 0 if cache.data is None else cache.data.get_seq_length()
+
+    def _installed(self):
+        """The installed cache's DynamicCache, cropped to its length (a truncate is applied lazily)."""
+        c = self.cache
+        if c.data is None or c.length == 0:
+            c.data = self._cache_cls(config=self.model.config)
+        elif c.data.get_seq_length() > c.length:
+            c.data.crop(c.length - c.data.get_seq_length())  # (a negative count: remove that many)
+        return c.data
 
     @torch.inference_mode()
-    def forward(self, ids, last_only=False, pruned=False):
+    def _forward(self, ids, last_only, rows):
         n = len(ids)
-        self._check_room(n)
+        data = self._installed()
         inp = torch.as_tensor([list(ids)], device=self.device, dtype=torch.long)
-        out = self.model(input_ids=inp, cache=self.cache, use_cache=True,
-                         logits_to_keep=1 if last_only else 0)
-        self.length += n
+        out = self.model(input_ids=inp, cache=data, use_cache=True, logits_to_keep=1 if last_only else 0)
+        self.cache.length += n
         logits = out.logits[0]
         if last_only:
             logits = logits[-1:]
-        if pruned and self.pruned_rows is not None:
-            logits = logits.index_select(-1, self.pruned_rows)
+        if rows is not None:
+            logits = logits.index_select(-1, rows.to(self.device))
         return logits
-
-    def truncate(self, length):
-        if not 0 <= length <= self.length:
-            raise ValueError(f"cannot truncate a cache of {self.length} positions to {length}")
-        if length == 0:
-            self.cache = self._cache_cls(config=self.model.config)
-        elif length < self.length:
-            self.cache.crop(length - self.length)
-        self.length = length
-
-    def new_cache(self):
-        return (self._cache_cls(config=self.model.config), 0)
-
-    def swap_cache(self, cache):
-        old = (self.cache, self.length)
-        self.cache, self.length = cache
-        return old
-
-
-class KVPool:
-    """Per-session KV caches of one runner: at most `slots` of them, least recently used evicted.
-
-    The runner computes with one installed cache at a time; the others are parked. `activate(key)`
-    installs the cache of `key`: True if it was kept (installed or parked), False if `key` had none
-    (never had one, or it was evicted): then the installed cache is empty and the caller rebuilds it
-    from the session's committed ids. With `slots` = 1 every switch between sessions is a rebuild.
-    Memory: each slot is one runner cache (for a Llama runner, layers x 2 x kv heads x max length x
-    head dim values). Not thread-safe: callers hold their own lock.
-
-    Never: knows what the sessions are or how to rebuild them."""
-
-    def __init__(self, runner: Runner, slots: int = 1):
-        if slots < 1:
-            raise ValueError(f"a KV pool needs at least one slot, got {slots}")
-        self.runner, self.slots = runner, slots
-        self.owner = None  # the key whose cache is installed
-        self.parked: "OrderedDict" = OrderedDict()  # key -> cache, least recently used first
-        self.free: list = []  # caches of no session
-        self.count = 1  # caches allocated: the runner's own to begin with
-        self.hits = self.misses = self.evictions = 0
-
-    def activate(self, key) -> bool:
-        if self.owner == key:
-            self.hits += 1
-            return True
-        cache = self.parked.pop(key, None)
-        if cache is not None:
-            self._install(key, cache)
-            self.hits += 1
-            return True
-        self.misses += 1
-        if self.free:
-            cache = self.free.pop()
-        elif self.count < self.slots:
-            cache = self.runner.new_cache()
-            self.count += 1
-        elif self.parked:
-            _, cache = self.parked.popitem(last=False)
-            self.evictions += 1
-        if cache is None:  # one slot: the installed cache changes hands
-            if self.owner is not None:
-                self.evictions += 1
-        else:
-            self._install(key, cache)
-        self.owner = key
-        self.runner.reset()
-        return False
-
-    def _install(self, key, cache) -> None:
-        previous = self.runner.swap_cache(cache)
-        if self.owner is not None:
-            self.parked[self.owner] = previous
-        else:
-            self.free.append(previous)
-        self.owner = key
-
-    def release(self, key) -> None:
-        """The session ended: its cache holds nobody's state any more."""
-        if self.owner == key:
-            self.owner = None
-        elif key in self.parked:
-            self.free.append(self.parked.pop(key))
-
-    def __contains__(self, key) -> bool:
-        return key == self.owner or key in self.parked
-

@@ -151,6 +151,20 @@ class Explorer:
         after context + path, or None where it cannot be run (the drafter's context is full: that
         node becomes a leaf). Nodes are expanded in batches, most probable first (the drafter runs a
         batch as one tree pass), at most `budget` per call."""
+        def program(paths):
+            return q_many(paths)
+            yield  # (a generator that yields nothing: q_many runs at once)
+
+        it = self.explore_program(leftover, program)
+        try:
+            while True:
+                next(it)
+        except StopIteration as done:
+            return done.value
+
+    def explore_program(self, leftover: bytes, q_many):
+        """`explore` as a program (`crossdraft.scheduler`): q_many(paths) is itself a program whose forward
+        steps this one yields, so a drafter service can batch the tree passes of many sessions."""
         out = Proposal(torch.zeros(len(self.target), dtype=torch.float64))
         mass: dict = {}  # candidate -> mass of its explicit leaves (added to out.mass at the end)
         frontier: list = []
@@ -182,7 +196,7 @@ class Explorer:
                     settle(path, s, -negw, hit=True)
                 break
             batch = [heapq.heappop(frontier) for _ in range(min(room, len(frontier)))]
-            qs = q_many([node[2] for node in batch])
+            qs = yield from q_many([node[2] for node in batch])
             for (negw, _, path, s), q in zip(batch, qs):
                 w = -negw
                 if q is None:

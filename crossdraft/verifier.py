@@ -1,35 +1,43 @@
 """The verifier: the target model's side of one generation. It alone decides what is committed.
 
-Owns: the committed target ids of a session, the target's KV cache, and turning a `Proposal` into a
-`Verdict` with one target forward pass over [last committed token] + candidates. It is the trust
-boundary: a proposal can only make a round commit fewer tokens, never different ones.
+Owns: the committed target ids of a session, its KV cache, and turning a `Proposal` into a `Verdict`
+with one target forward pass over [last committed token] + candidates. It is the trust boundary: a
+proposal can only make a round commit fewer tokens, never different ones.
+
+The forward passes are steps of programs (`crossdraft.scheduler`): `prefill()` and `round(proposal)`
+yield their `runner.Step`s, so a scheduler can put many sessions' rounds into one batched pass;
+`start` and `verify` run them alone (one stream in process). Either way the verdict depends only on
+the session's own logits and its (seed, position) uniforms, never on which sessions shared a pass.
 
 Never: drafts, imports grpc or redis, or keeps anything but this session's state.
 """
 from __future__ import annotations
 
 import time
+from typing import Optional
 
 from .algorithms import verify_greedy, verify_match, verify_rejection
 from .bridge import slem_candidates
 from .errors import InvalidArgument
 from .protocol import TEXT, TOKENS, Proposal, Verdict
-from .runner import Runner
+from .runner import KVCache, Runner, Step
 from .sampling import TARGET, SamplingParams, probs_from_logits, sample, uniform
+from .scheduler import drive
 from .vocab import Vocab
 
 MAX_CANDIDATES = 64  # per round; more is never useful and bounds the work a proposal can ask for
 
 
 class Verifier:
-    def __init__(self, runner: Runner, vocab: Vocab, window: int = 4):
+    def __init__(self, runner: Runner, vocab: Vocab, window: int = 4, cache: Optional[KVCache] = None):
         self.runner = runner
         self.vocab = vocab
         self.window = window
+        self.cache = cache if cache is not None else runner.new_cache()
 
     # --- session ------------------------------------------------------------------------------
-    def start(self, prompt_ids: list, max_new_tokens: int, params: SamplingParams) -> None:
-        """Prefill everything but the last prompt token (its logits come with the first round)."""
+    def open(self, prompt_ids: list, max_new_tokens: int, params: SamplingParams) -> None:
+        """Check the request against the model and set the session up; `prefill()` then fills the cache."""
         if not prompt_ids:
             raise InvalidArgument("the prompt is empty")
         room = self.runner.max_length - len(prompt_ids)
@@ -49,12 +57,21 @@ class Verifier:
         for t in self.ids:
             off += len(tb[t]) if tb[t] is not None else 0
             self.ends.append(off)
-        self.text = self.vocab.bytes_of(self.ids)
+        self.text = bytearray(self.vocab.bytes_of(self.ids))  # appended in place: linear in a long session
         self.finished = False
         self.finish_reason = ""
-        self.runner.reset()
-        if len(prompt_ids) > 1:
-            self.runner.forward(prompt_ids[:-1], last_only=True)
+        self.cache.truncate(0)
+
+    def prefill(self):
+        """Program: everything but the last committed token into the cache (its logits come with the
+        next round); a long prompt may run in chunks (`Step.chunk`)."""
+        if len(self.ids) > 1:
+            yield Step(self.cache, self.ids[:-1], last=True, chunk=True)
+
+    def start(self, prompt_ids: list, max_new_tokens: int, params: SamplingParams) -> None:
+        """`open`, then the prefill run alone."""
+        self.open(prompt_ids, max_new_tokens, params)
+        drive(self.runner, self.prefill())
 
     @property
     def new_ids(self) -> list:
@@ -70,28 +87,36 @@ class Verifier:
         return self.verify(None)
 
     def verify(self, proposal: "Proposal | None") -> Verdict:
+        """A round run alone."""
+        return drive(self.runner, self.round(proposal))
+
+    def round(self, proposal: "Proposal | None"):
+        """Program: one round. A stale proposal (drafted after another committed length) is a round of
+        the target alone; the services answer it earlier, without a pass (`wire.empty_verdict`)."""
         t0 = time.perf_counter_ns()
         seq = len(self.ids)
         cands, bridge_ns = self._candidates(proposal)
         cands = cands[: min(MAX_CANDIDATES, self.remaining - 1)]
-        logits = self.runner.forward([self.ids[-1]] + cands)  # [n+1, V]
-        p = self.params
-        if p.greedy:
-            a, y = verify_greedy(logits, cands)
-        else:
-            probs = probs_from_logits(logits, p)  # [n+1, V]
-            if proposal is not None and proposal.kind == TOKENS and proposal.q_ids is not None:
-                a, y = verify_rejection(probs, cands, proposal.q_ids, proposal.q_probs, p.seed, seq)
-            elif cands:
-                a, y = verify_match(probs, cands, p.seed, seq)
-            else:
-                a, y = 0, sample(probs[0], uniform(p.seed, seq, TARGET))
+        logits = yield Step(self.cache, [self.ids[-1]] + cands)  # [n+1, V]
+        a, y = self._decide(logits, cands, proposal, seq)
         # keep the KV of the last committed token and of the accepted candidates
-        self.runner.truncate(seq + a)
+        self.cache.truncate(seq + a)
         new = self._commit(cands[:a] + [y])
         return Verdict(seq=seq, ids=new, text=self.vocab.bytes_of(new), candidates=len(cands), accepted=a,
                        finished=self.finished, finish_reason=self.finish_reason,
                        verify_ns=time.perf_counter_ns() - t0, bridge_ns=bridge_ns)
+
+    def _decide(self, logits, cands: list, proposal, seq: int) -> tuple:
+        """(candidates accepted, the target's own token) by the rule that fits the proposal."""
+        p = self.params
+        if p.greedy:
+            return verify_greedy(logits, cands)
+        probs = probs_from_logits(logits, p)  # [n+1, V]
+        if proposal is not None and proposal.kind == TOKENS and proposal.q_ids is not None:
+            return verify_rejection(probs, cands, proposal.q_ids, proposal.q_probs, p.seed, seq)
+        if cands:
+            return verify_match(probs, cands, p.seed, seq)
+        return 0, sample(probs[0], uniform(p.seed, seq, TARGET))
 
     def _candidates(self, proposal) -> tuple:
         if proposal is None:

@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 
 from .errors import InvalidArgument
+from .load import LoadHint
 from .protocol import TEXT, TOKENS, Proposal, Verdict
 from .sampling import SamplingParams
 from .v1 import common_pb2, drafter_pb2, verifier_pb2
@@ -242,9 +243,33 @@ def _check_verdict(seq, ids, text_len, candidates, accepted, finished, finish_re
 def verdict_to_proto(v: Verdict) -> verifier_pb2.Verdict:
     reason = finish_reason_to_proto(v.finish_reason)
     _check_verdict(v.seq, v.ids, len(v.text), v.candidates, v.accepted, v.finished, v.finish_reason)
-    return verifier_pb2.Verdict(seq=v.seq, ids=v.ids, text=bytes(v.text), candidates=v.candidates,
-                                accepted=v.accepted, finished=bool(v.finished), finish_reason=reason,
-                                verify_ns=v.verify_ns, bridge_ns=v.bridge_ns)
+    msg = verifier_pb2.Verdict(seq=v.seq, ids=v.ids, text=bytes(v.text), candidates=v.candidates,
+                               accepted=v.accepted, finished=bool(v.finished), finish_reason=reason,
+                               verify_ns=v.verify_ns, bridge_ns=v.bridge_ns)
+    if v.load is not None:
+        msg.load.CopyFrom(load_to_proto(v.load))
+    return msg
+
+
+def load_to_proto(h: LoadHint) -> verifier_pb2.LoadHint:
+    return verifier_pb2.LoadHint(sequences_per_pass=h.sequences, pass_fixed_ns=_ns(h.fixed_s),
+                                 pass_token_ns=_ns(h.token_s))
+
+
+def load_from_proto(msg: verifier_pb2.LoadHint) -> Optional[LoadHint]:
+    """A verifier's load hint, or None when it is missing or not plausible (it only tunes speed)."""
+    seqs = msg.sequences_per_pass
+    if not (math.isfinite(seqs) and 0.0 < seqs <= 1e6) or msg.pass_fixed_ns > 10**12 or msg.pass_token_ns > 10**12:
+        return None
+    return LoadHint(sequences=seqs, fixed_s=msg.pass_fixed_ns / 1e9, token_s=msg.pass_token_ns / 1e9)
+
+
+def cache_usage_to_proto(u: dict) -> common_pb2.CacheUsage:
+    """`BatchedModel.usage()` -> the GetInfo message."""
+    return common_pb2.CacheUsage(
+        budget_bytes=u["budget_bytes"], reserved_bytes=u["reserved_bytes"], allocated_bytes=u["allocated_bytes"],
+        queued_sessions=u["queued"], refused_sessions=u["refused"], max_batch_tokens=u["max_batch_tokens"],
+        sequences_per_pass=u.get("sequences_per_pass", 0.0), passes=u["passes"], max_model_len=u["max_model_len"])
 
 
 def verdict_from_proto(msg: verifier_pb2.Verdict) -> Verdict:
@@ -253,7 +278,8 @@ def verdict_from_proto(msg: verifier_pb2.Verdict) -> Verdict:
     ids = list(msg.ids)
     _check_verdict(msg.seq, ids, len(msg.text), msg.candidates, msg.accepted, msg.finished, reason)
     return Verdict(seq=msg.seq, ids=ids, text=bytes(msg.text), candidates=msg.candidates, accepted=msg.accepted,
-                   finished=msg.finished, finish_reason=reason, verify_ns=msg.verify_ns, bridge_ns=msg.bridge_ns)
+                   finished=msg.finished, finish_reason=reason, verify_ns=msg.verify_ns, bridge_ns=msg.bridge_ns,
+                   load=load_from_proto(msg.load) if msg.HasField("load") else None)
 
 
 def empty_verdict(seq: int) -> Verdict:

@@ -1,10 +1,9 @@
 """The drafter service: a small model behind `crossdraft.v1.DrafterService`.
 
-Owns: running a session against a verifier: it opens one Verify stream (the drafter is the client),
-sends the VerifyStart, then per round `Drafter.propose(k)` -> Proposal -> Verdict ->
-`Drafter.observe`, with the engine's adaptive draft length (`engine.DraftLength`), and streams each
-committed delta back to its caller, the last one with the final statistics. The same loop as
-`Engine.generate`, with the verifier on the other end of a stream, so outputs are identical.
+Owns: running sessions against verifiers. A session opens one Verify stream (the drafter is the
+client, `link.RemoteVerifier`) and runs the round loop every generation runs (`rounds.run_rounds`,
+the same function as `Engine.generate`), streaming each committed delta back to its caller, the last
+one with the final statistics. A round's delta goes back once the next proposal is on its way.
 
 The target's tokenizer comes from the verifier (`GetTokenizer`), is loaded with `Vocab.load` and
 cached per tokenizer fingerprint; so are the per-mode drafters built against it (the TLI
@@ -13,19 +12,19 @@ bridged: `same` with different tokenizers, or a pair without an intersection for
 FAILED_PRECONDITION. `auto` measures here as in process (`crossdraft/auto.py`; one `AutoState` per
 target tokenizer and decoding mode, shared by this process's sessions, round trips included in what
 it measures): an auto session holds one drafter per algorithm it may try, until the search decides.
-A round's delta goes back to the caller once the next proposal is on its way (see `_run`).
 
-Sessions and the KV cache: as on the verifier, per-session KV caches live in a `runner.KVPool` of
-`--kv-slots` caches (least recently used evicted); each session keeps its state in its own `Drafter`
-(a copy of the cached one), its drafting runs under one lock, and a session whose cache was evicted
-rebuilds it from its own context (its canonical tokenization of the committed text) at its next draft.
+Sessions, batching and memory: each session has its own drafters (forks of the cached ones) over one
+KV cache of its own, admitted under the KV budget (`--kv-budget-mb`; it reserves about what its text
+will take in drafter tokens, measured on its prompt). Every draft is a program run by the model's
+scheduler (`crossdraft.batched.BatchedModel`), so the drafting steps of all sessions share forward
+passes (continuous batching). Each verdict carries the verifier's load, from which a round's draft
+length is capped (`crossdraft/load.py`): at high load a session drafts less, or nothing.
 
 Never: decides acceptance or commits anything; the verifier alone does.
 """
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 import uuid
@@ -36,11 +35,12 @@ import grpc
 
 from crossdraft import wire
 from crossdraft.auto import LENGTHS, AutoMemory, mode_key
+from crossdraft.batched import BatchedModel, Limits
 from crossdraft.drafter import Drafter
-from crossdraft.engine import DraftLength, RoundStats, auto_algorithms, resolve_algorithm
-from crossdraft.errors import Aborted, InvalidArgument, ResourceExhausted, Unavailable
-from crossdraft.protocol import TOKENS, Proposal
-from crossdraft.runner import KVPool
+from crossdraft.engine import auto_algorithms, resolve_algorithm
+from crossdraft.errors import InvalidArgument, ResourceExhausted, Unavailable
+from crossdraft.protocol import Proposal
+from crossdraft.rounds import run_rounds
 from crossdraft.serving.channels import CHANNEL_OPTIONS, PLAINTEXT, TLS
 from crossdraft.serving.metrics import ServiceMetrics
 from crossdraft.serving.models import dtype_name, load_warm, model_id
@@ -50,6 +50,8 @@ from crossdraft.serving.streams import decoupled
 from crossdraft.serving.tokenizers import fetch_tokenizer
 from crossdraft.v1 import drafter_pb2, drafter_pb2_grpc, verifier_pb2, verifier_pb2_grpc
 
+from .link import RemoteVerifier
+
 log = logging.getLogger("crossdraft.drafter_service")
 
 SERVICE_NAME = drafter_pb2.DESCRIPTOR.services_by_name["DrafterService"].full_name
@@ -58,59 +60,68 @@ ALGORITHMS = ("same", "tli", "slem", "slrs")
 # here drafts exactly what `crossdraft generate` drafts.
 WINDOW, DRAFT_TOP_K, MIN_CONFIDENCE = 4, 0, 0.4
 INFO_TIMEOUT_S = 10.0
-DEFAULT_KV_SLOTS = 4  # per-session KV caches kept
 DELTA_BUFFER = 64  # committed deltas queued for a caller that reads slowly, then the session waits
 
 
 class DrafterSessions:
-    """The drafter runner's per-session KV caches (`KVPool`, `kv_slots`) and the session count."""
+    """The drafter model's sessions: how many run, their KV reservations, and their drafting, batched."""
 
-    def __init__(self, runner, max_sessions: int = 16, metrics: Optional[ServiceMetrics] = None,
-                 kv_slots: int = DEFAULT_KV_SLOTS):
-        self.runner, self.max_sessions = runner, max_sessions
-        self.metrics = metrics
+    def __init__(self, model: BatchedModel):
+        self.model = model
+        self.runner, self.max_sessions = model.runner, model.limits.max_sessions
         self.lock = threading.Lock()
-        self.kv = KVPool(runner, kv_slots)
         self.active = 0
-        self.misses = 0
+        self.caches: dict = {}  # id -> the KV cache of a running session (GetInfo's allocated bytes)
 
     def acquire(self) -> None:
         with self.lock:
             if self.active >= self.max_sessions:
-                raise ResourceExhausted(f"this drafter runs at most {self.max_sessions} sessions at once")
+                raise ResourceExhausted(f"this drafter runs at most {self.max_sessions} sessions at once "
+                                        "(--max-sessions)")
             self.active += 1
 
-    def release(self, drafters) -> None:
-        """The session ended: one session fewer, and its drafters' caches hold nothing."""
+    def admit(self, drafters: dict, target_prompt: int, remaining: int) -> int:
+        """Reserve KV room for a started session's drafters (one cache, see `Drafter.share_kv`): its
+        prompt in drafter tokens plus `remaining` target tokens at 1.5 times the prompt's ratio of drafter
+        to target tokens (at least 2: a drafter is small, so a generous reservation is cheap). A context
+        that outgrows it drafts nothing more (target-only rounds: slower, never wrong)."""
+        caches = {id(d.kv.cache): d.kv.cache for d in drafters.values()}
+        if not caches:
+            return 0
+        ctx = max(len(d.ctx) for d in drafters.values())
+        ratio = max(2.0, 1.5 * ctx / max(1, target_prompt))
+        positions = int(ctx + ratio * remaining) + 16
+        reserved = 0
+        for c in caches.values():
+            reserved += self.model.admit(c, positions)
+        with self.lock:
+            self.caches.update(caches)
+        return reserved
+
+    def release(self, drafters: dict, reserved: int) -> None:
         with self.lock:
             self.active -= 1
-            for d in drafters:
-                self.kv.release(d.kv)
+            for d in drafters.values():
+                self.caches.pop(id(d.kv.cache), None)
+        if reserved:
+            self.model.release(reserved)
 
-    def start(self, drafter: Drafter, prompt: str, ids: list, params) -> None:
-        with self.lock:
-            self.kv.activate(drafter.kv)  # an empty cache for it; the previous owner's is parked or evicted
-            drafter.start(prompt, ids, params)
+    def draft(self, drafter: Drafter, k: int) -> Proposal:
+        return self.model.run(drafter.draft(k))
 
-    def propose(self, drafter: Drafter, k: int) -> Proposal:
+    def usage(self) -> dict:
         with self.lock:
-            rows = drafter.inter.rows if drafter.inter is not None else None
-            if self.runner.pruned_rows is not rows:  # sessions of other modes share the runner
-                self.runner.prune_head(rows)
-            if not self.kv.activate(drafter.kv):  # a miss: its cache was evicted by other sessions
-                self.misses += 1
-                if self.metrics is not None:
-                    self.metrics.kv_rebuild()
-                drafter.kv_ids = []  # recomputed from the session's context at this draft
-            return drafter.propose(k)
+            caches = list(self.caches.values())
+        return self.model.usage(caches)
 
 
 class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
-    def __init__(self, model: str, max_sessions: int = 16, metrics: Optional[ServiceMetrics] = None,
-                 kv_slots: int = DEFAULT_KV_SLOTS, tls: TLS = PLAINTEXT):
+    def __init__(self, model: str, limits: Limits = Limits(), metrics: Optional[ServiceMetrics] = None,
+                 tls: TLS = PLAINTEXT, max_model_len: Optional[int] = None):
         self.model = model
         self.tls = tls  # how it calls verifiers: TLS with the CA and its own certificate, or plaintext
-        self.max_sessions, self.kv_slots = max_sessions, kv_slots
+        self.limits, self.max_model_len = limits, max_model_len
+        self.max_sessions = limits.max_sessions
         self.metrics = metrics if metrics is not None else ServiceMetrics("drafter")
         self.sessions: Optional[DrafterSessions] = None  # set by load()
         self._channels: dict = {}  # verifier address -> channel
@@ -121,10 +132,12 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
 
     # --- lifecycle ----------------------------------------------------------------------------
     def load(self, device: Optional[str] = None, fast: bool = True) -> None:
-        vocab, runner = load_warm(self.model, device, fast)
+        vocab, runner = load_warm(self.model, device, fast, max_length=self.max_model_len)
         self.vocab, self.runner = vocab, runner
         self.fingerprint = vocab.fingerprint()
-        self.sessions = DrafterSessions(runner, self.max_sessions, metrics=self.metrics, kv_slots=self.kv_slots)
+        model = BatchedModel(runner, self.limits, "drafter", observer=self.metrics.batch)
+        self.metrics.kv_budget(model.budget.budget)
+        self.sessions = DrafterSessions(model)
 
     def _ready(self) -> DrafterSessions:
         if self.sessions is None:
@@ -173,10 +186,46 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
             model_id=model_id(self.model), tokenizer_fingerprint=self.fingerprint,
             vocab_size=self.runner.vocab_size, algorithms=[wire.algorithm_to_proto(a) for a in ALGORITHMS],
             max_context=self.runner.max_length, device=str(self.runner.device), dtype=dtype_name(self.runner),
-            active_sessions=sessions.active, max_sessions=sessions.max_sessions)
+            active_sessions=sessions.active, max_sessions=sessions.max_sessions,
+            cache=wire.cache_usage_to_proto(sessions.usage()))
 
     def RunSession(self, request, context):
         sessions = self._ready()
+        sid, params, algorithm, committed = self._check(request)
+        stub, target_vocab, fp = self._target(request.verifier_address)
+        algo, modes, why, state = self._plan(algorithm, params, request.draft_tokens or None, target_vocab, fp)
+        drafters = {m: self._template(fp, m, target_vocab).fork() for m in modes}
+        text = [d for d in drafters.values() if d.mode != "same"]
+        for d in text[1:]:  # tli, slem and slrs of one session draft on one KV cache (Drafter.share_kv)
+            d.share_kv(text[0])
+        prompt_ids = list(request.prompt_ids) or target_vocab.encode_prompt(request.prompt)
+        n_target = len(target_vocab)
+        for t in prompt_ids + committed:
+            if not 0 <= t < n_target:
+                raise InvalidArgument(f"token id {t} is outside the target's vocabulary of {n_target}")
+        start = wire.SessionStart(sid, prompt_ids, committed, params, request.max_new_tokens, algo)
+        sessions.acquire()
+        reserved = 0
+        done = SimpleNamespace(new_tokens=0, seconds=0.0, finished=False)  # filled in by _run
+        try:
+            for d in drafters.values():
+                d.start(request.prompt, prompt_ids + committed, params)
+            reserved = sessions.admit(drafters, len(prompt_ids) + len(committed), start.remaining)
+            self.metrics.session_started()
+            # The round loop runs in a worker thread: sending a delta to the caller (which blocks until
+            # the transport takes it) overlaps the next round instead of delaying it.
+            yield from decoupled(
+                lambda stop: self._run(stub, start, drafters, why, request.draft_tokens or None, context, done,
+                                       stop, request.resume_draft_tokens or None, state),
+                maxsize=DELTA_BUFFER, name=f"draft-{sid[:16]}")
+        finally:
+            sessions.release(drafters, reserved)
+            self.metrics.kv_usage(sessions.model.budget.usage())
+            self.metrics.session_finished(done.new_tokens, done.seconds, done.finished)
+
+    @staticmethod
+    def _check(request) -> tuple:
+        """(session id, sampling params, algorithm, committed ids) of a RunSessionRequest, checked."""
         sid = wire.check_session_id(request.session_id or uuid.uuid4().hex)
         params = wire.sampling_params_from_proto(request.params if request.HasField("params") else None)
         algorithm = wire.algorithm_from_proto(request.algorithm)
@@ -191,168 +240,74 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
         for name in ("draft_tokens", "resume_draft_tokens"):
             v = getattr(request, name)
             if v and not 1 <= v <= wire.MAX_TARGET_IDS:
-                raise InvalidArgument(f"{name.replace('_', ' ')} must be in [1, {wire.MAX_TARGET_IDS}] (or 0: adaptive), got {v}")
-        stub, target_vocab, fp = self._target(request.verifier_address)
-        state = None
+                raise InvalidArgument(f"{name.replace('_', ' ')} must be in [1, {wire.MAX_TARGET_IDS}] "
+                                      f"(or 0: adaptive), got {v}")
+        return sid, params, algorithm, committed
+
+    def _plan(self, algorithm: str, params, fixed: Optional[int], target_vocab, fp: str) -> tuple:
+        """(the algorithm the Verify stream opens with, the modes to start drafters for, why, auto state)."""
+        tli = lambda: self._template(fp, "tli", target_vocab)  # noqa: E731
         if algorithm == "auto":  # measured, as in process (crossdraft/auto.py), per target and mode
-            algos = auto_algorithms(params, target_vocab, self.vocab, lambda: self._template(fp, "tli", target_vocab))
-            fixed = request.draft_tokens or None
+            algos = auto_algorithms(params, target_vocab, self.vocab, tli)
             state = self.auto_memory.get((fp, mode_key(params), fixed), algos, (fixed,) if fixed else LENGTHS)
             state.begin_session()
-            modes = state.algorithms_in_play()
+            in_play = state.algorithms_in_play()
             # The verifier needs a resolved algorithm to open the stream: the first this session runs.
             # It decides every round by the proposal's kind, so later rounds may run another.
-            algo, why = modes[0], ""
-        else:
-            algo, why = resolve_algorithm(algorithm, params, target_vocab, self.vocab,
-                                          lambda: self._template(fp, "tli", target_vocab), slrs=True)
-            modes = [algo] if algo != "none" else []
-        drafters = {m: self._template(fp, m, target_vocab).fork() for m in modes}
-        text = [d for d in drafters.values() if d.mode != "same"]
-        for d in text[1:]:  # tli, slem and slrs of one session draft on one KV cache (Drafter.share_kv)
-            d.share_kv(text[0])
-        prompt_ids = list(request.prompt_ids) or target_vocab.encode_prompt(request.prompt)
-        n_target = len(target_vocab)
-        for t in prompt_ids + committed:
-            if not 0 <= t < n_target:
-                raise InvalidArgument(f"token id {t} is outside the target's vocabulary of {n_target}")
-        start = wire.SessionStart(sid, prompt_ids, committed, params, request.max_new_tokens, algo)
-        sessions.acquire()
-        self.metrics.session_started()
-        done = SimpleNamespace(new_tokens=0, seconds=0.0, finished=False)  # filled in by _run
+            return in_play[0], [a for a in in_play if a != "none"], "", state
+        algo, why = resolve_algorithm(algorithm, params, target_vocab, self.vocab, tli, slrs=True)
+        return algo, ([algo] if algo != "none" else []), why, None
+
+    def _run(self, stub, start: wire.SessionStart, drafters: dict, why: str, draft_tokens: Optional[int],
+             context, done: SimpleNamespace, stop: Optional[threading.Event] = None,
+             resume_k: Optional[int] = None, state=None):
+        """The session's rounds (`rounds.run_rounds`) against the verifier at the other end of a Verify
+        stream, each committed delta as a RunSessionResponse; `done` gets the session's new_tokens, seconds
+        and finished (for the metrics)."""
+        link = RemoteVerifier(stub, start, context)
+        base = offset = len(start.committed_ids)
+        t0 = time.perf_counter()
+        algo_enum, first, rounds = wire.algorithm_to_proto(start.algorithm), True, 0
         try:
-            # The round loop runs in a worker thread: sending a delta to the caller (which blocks until
-            # the transport takes it) overlaps the next round instead of delaying it.
-            yield from decoupled(
-                lambda stop: self._run(stub, start, request.prompt, drafters, why, request.draft_tokens or None,
-                                       context, done, stop, request.resume_draft_tokens or None, state),
-                maxsize=DELTA_BUFFER, name=f"draft-{sid[:16]}")
-        finally:
-            sessions.release(list(drafters.values()))
-            self.metrics.session_finished(done.new_tokens, done.seconds, done.finished)
-
-    def _run(self, stub, start: wire.SessionStart, prompt: str, drafters: dict, why: str,
-             draft_tokens: Optional[int], context, done: Optional[SimpleNamespace] = None,
-             stop: Optional[threading.Event] = None, resume_k: Optional[int] = None, state=None):
-        """The engine's loop (`Engine.generate`) with the verifier on the other end of a stream; `done`
-        gets the session's new_tokens, seconds and finished (for the metrics). `drafters`: algorithm ->
-        this session's Drafter (none: the target alone; several: `auto`, whose `state` picks each round's)."""
-        m = self.metrics
-        done = done if done is not None else SimpleNamespace()
-        requests: "queue.SimpleQueue" = queue.SimpleQueue()
-
-        def request_stream():
-            while (msg := requests.get()) is not None:
-                yield msg
-
-        requests.put(verifier_pb2.VerifyRequest(start=wire.start_to_proto(start)))
-        call = stub.Verify(request_stream())
-        context.add_callback(call.cancel)  # the caller went away: end the Verify stream too
-        finished = False
-        algo_enum = wire.algorithm_to_proto(start.algorithm)
-        try:
-            committed_len = len(start.prompt_ids) + len(start.committed_ids)
-            offset = len(start.committed_ids)
-            t0 = time.perf_counter()
-            for d in drafters.values():
-                self.sessions.start(d, prompt, start.prompt_ids + start.committed_ids, start.params)
-            lengths: dict = {}  # arm -> its DraftLength in this session
-
-            def length_of(arm) -> DraftLength:
-                k = lengths.get(arm)
-                if k is None:
-                    k = lengths[arm] = DraftLength(arm[1])
-                    if resume_k is not None and arm[1] is None:  # a resumed session: where it left off
-                        k.k = max(k.lo, min(k.hi, resume_k))
-                return k
-
-            arm = (next(iter(drafters)), draft_tokens) if drafters else None
-            k = length_of(arm) if arm is not None else DraftLength(draft_tokens)
-            drafter = last = None
-            c = RoundStats()
-            first = True
-            # A round's delta goes to the caller once the next proposal is on its way, not before the
-            # next draft: sending it (serialising, the gateway's commit to Redis, its reply to the
-            # client) then runs while the verifier works and this process waits, instead of taking
-            # the GIL and a core from the drafting. Costs the caller one draft of latency.
-            pending = None
-            while not finished:
-                r0 = time.perf_counter()
-                if state is not None and drafters:
-                    arm = state.next_arm()
-                    k = length_of(arm)
-                drafter = drafters.get(arm[0]) if arm is not None else None
-                if drafter is None:
-                    proposal = Proposal(seq=committed_len, kind=TOKENS)  # none: the target alone
-                else:
-                    proposal = self.sessions.propose(drafter, k.k)
-                sent = time.perf_counter_ns()
-                requests.put(verifier_pb2.VerifyRequest(proposal=wire.proposal_to_proto(proposal)))
-                if pending is not None:
-                    yield pending
-                    pending = None
-                resp = next(call, None)
-                if resp is None:
-                    raise Unavailable("the verifier closed the session's stream before it finished")
-                rtt = time.perf_counter_ns() - sent
-                verdict = wire.verdict_from_proto(resp.verdict)
-                if verdict.seq != committed_len:
-                    raise Aborted(f"the verifier is at committed length {verdict.seq}, this drafter at {committed_len}")
-                c.add(proposal, verdict)
-                c.network_ns += max(0, rtt - verdict.verify_ns)
-                m.round(verdict.candidates, verdict.accepted, len(verdict.ids), draft_ns=proposal.draft_ns,
-                        network_ns=rtt - verdict.verify_ns, round_ns=proposal.draft_ns + rtt)
-                committed_len += len(verdict.ids)
-                finished = verdict.finished
-                done.new_tokens = committed_len - len(start.prompt_ids) - len(start.committed_ids)
-                done.seconds, done.finished = time.perf_counter() - t0, finished
-                if drafter is not None and not finished:
-                    drafter.observe(verdict)
-                    for d in drafters.values():  # the others catch up when they next draft
-                        if d is not drafter:
-                            d.defer(verdict)
-                    k.update(verdict.candidates, verdict.accepted)
-                if state is not None and drafter is not None:
-                    state.record(arm, len(verdict.ids), time.perf_counter() - r0, measured=drafter is last)
-                    last = drafter
-                    if len(drafters) > 1 and state.stage == "decided":  # the others are done with
-                        drafters = {state.algorithm: drafters[state.algorithm]}
-                if verdict.ids or finished:
-                    seconds = time.perf_counter() - t0
-                    stats = SimpleNamespace(
-                        new_tokens=committed_len - len(start.prompt_ids) - len(start.committed_ids), rounds=c.rounds,
-                        draft_tokens=c.draft_tokens, accepted_tokens=c.accepted_tokens, drafted=c.drafted,
-                        accepted_by_position=c.accepted_by_position, seconds=seconds, profile=c.profile())
-                    if state is not None:  # auto: the algorithm of this round; why, at the end
-                        algo_enum = wire.algorithm_to_proto(arm[0] if arm is not None else "none")
-                        why = state.explain() if finished else ""
-                    msg = drafter_pb2.RunSessionResponse(
-                        token_offset=offset, ids=verdict.ids, text=verdict.text, finished=finished,
-                        finish_reason=wire.finish_reason_to_proto(verdict.finish_reason), algorithm=algo_enum,
-                        why=why if first or state is not None else "",
-                        stats=wire.stats_to_proto(stats, network_ns=c.network_ns),
-                        next_draft_tokens=k.k, seal=resp.verdict.seal)
-                    if finished or (stop is not None and stop.is_set()):
-                        yield msg
-                    else:
-                        pending = msg
-                    first = False
-                    offset += len(verdict.ids)
-                if stop is not None and stop.is_set():
-                    break  # the caller went away
+            for r in run_rounds(link, drafters, self.sessions.draft, len(start.prompt_ids) + offset, state,
+                                draft_tokens, resume_k, stop):
+                v, c, rounds = r.verdict, r.stats, r.stats.rounds
+                c.network_ns += max(0, r.rtt_ns - v.verify_ns)
+                self.metrics.round(v.candidates, v.accepted, len(v.ids), draft_ns=r.proposal.draft_ns,
+                                   network_ns=r.rtt_ns - v.verify_ns, round_ns=r.proposal.draft_ns + r.rtt_ns)
+                done.new_tokens = offset + len(v.ids) - base
+                done.seconds, done.finished = time.perf_counter() - t0, v.finished
+                if not (v.ids or v.finished):
+                    continue
+                if state is not None:  # auto: the algorithm of this round; why, at the end
+                    algo_enum = wire.algorithm_to_proto(r.arm[0] if r.arm is not None else "none")
+                    why = state.explain() if v.finished else ""
+                yield self._delta(r, offset, done.new_tokens, algo_enum, why if first or state is not None else "",
+                                  done.seconds)
+                first = False
+                offset += len(v.ids)
             log.info("session %s: %s, %d rounds, %d new tokens, %.3f s", start.session_id, start.algorithm,
-                     c.rounds, committed_len - len(start.prompt_ids) - len(start.committed_ids),
-                     time.perf_counter() - t0)
+                     rounds, done.new_tokens, time.perf_counter() - t0)
         finally:
-            requests.put(None)  # half-close the Verify stream
-            if not finished:
-                call.cancel()
+            link.close()
+
+    @staticmethod
+    def _delta(r, offset: int, new_tokens: int, algo_enum: int, why: str, seconds: float):
+        """A round's RunSessionResponse; `new_tokens`: committed by this call so far."""
+        v, c = r.verdict, r.stats
+        stats = SimpleNamespace(new_tokens=new_tokens, rounds=c.rounds, draft_tokens=c.draft_tokens,
+                                accepted_tokens=c.accepted_tokens, drafted=c.drafted,
+                                accepted_by_position=c.accepted_by_position, seconds=seconds, profile=c.profile())
+        return drafter_pb2.RunSessionResponse(
+            token_offset=offset, ids=v.ids, text=v.text, finished=v.finished,
+            finish_reason=wire.finish_reason_to_proto(v.finish_reason), algorithm=algo_enum, why=why,
+            stats=wire.stats_to_proto(stats, network_ns=c.network_ns), next_draft_tokens=r.k_next, seal=v.seal)
 
 
 def serve(args) -> int:
     """`crossdraft serve drafter`: listen at once (health NOT_SERVING), load and warm the model,
     then SERVING until SIGTERM."""
     setup_logging()
-    servicer = DrafterServicer(args.model, max_sessions=args.max_sessions, kv_slots=args.kv_slots,
-                               tls=TLS.from_args(args))
+    servicer = DrafterServicer(args.model, Limits.from_args(args), tls=TLS.from_args(args),
+                               max_model_len=args.max_model_len or None)
     return run_model_service(SERVICE_NAME, drafter_pb2_grpc.add_DrafterServiceServicer_to_server, servicer, args, log)

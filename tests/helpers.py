@@ -14,7 +14,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from crossdraft.runner import Runner
+from crossdraft.runner import KVCache, Runner
 
 # --------------------------------------------------------------------------------------------------
 # corpus
@@ -243,19 +243,19 @@ def train_tiny(model, hf_tok, steps: int = 150, seq: int = 48, batch: int = 16, 
 class TableRunner(Runner):
     """A `Runner` whose next-token logits are a pure function `fn(context tuple) -> [V] float64`.
 
-    The "KV cache" is just the list of ids appended so far, so truncate/extend are trivially exact;
-    results are memoised per context."""
+    A "KV cache" is just the list of ids appended so far (`KVCache.data`), so truncate/extend are
+    trivially exact; results are memoised per context. Batches run one sequence at a time."""
 
     def __init__(self, fn: Callable[[tuple], torch.Tensor], vocab_size: int, max_length: int = 64):
         self.fn = fn
         self.vocab_size = vocab_size
         self.max_length = max_length
-        self.ctx: list = []
-        self.length = 0
         self.pruned_rows = None
         self.device = torch.device("cpu")
         self._memo: dict = {}
         self.calls = 0  # forward passes
+        self.bytes_per_token = 8
+        self.cache = self.new_cache()
 
     def logits_at(self, ctx: tuple) -> torch.Tensor:
         r = self._memo.get(ctx)
@@ -263,36 +263,26 @@ class TableRunner(Runner):
             r = self._memo[ctx] = torch.as_tensor(self.fn(ctx), dtype=torch.float64)
         return r
 
-    def prune_head(self, rows):
-        self.pruned_rows = rows
-
     def new_cache(self):
-        return []
+        return KVCache([], 0)
 
-    def swap_cache(self, cache):
-        old, self.ctx = self.ctx, cache
-        self.length = len(self.ctx)
-        return old
+    @property
+    def ctx(self) -> list:
+        return self.cache.data[: self.cache.length]
 
-    def forward(self, ids, last_only=False, pruned=False):
-        ids = list(ids)
-        self._check_room(len(ids))
+    def _forward(self, ids, last_only, rows):
+        ctx = self.cache.data
+        del ctx[self.cache.length:]
         self.calls += 1
         out = []
         for t in ids:
-            self.ctx.append(int(t))
-            out.append(self.logits_at(tuple(self.ctx)))
-        self.length = len(self.ctx)
+            ctx.append(int(t))
+            out.append(self.logits_at(tuple(ctx)))
+        self.cache.length = len(ctx)
         x = torch.stack(out[-1:] if last_only else out)
-        if pruned and self.pruned_rows is not None:
-            x = x.index_select(-1, self.pruned_rows)
+        if rows is not None:
+            x = x.index_select(-1, rows)
         return x
-
-    def truncate(self, length):
-        if not 0 <= length <= self.length:
-            raise ValueError(f"cannot truncate {self.length} to {length}")
-        del self.ctx[length:]
-        self.length = length
 
 
 def hashed_logits(ctx: tuple, vocab_size: int, salt: int, scale: float = 2.0) -> torch.Tensor:

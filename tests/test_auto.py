@@ -198,7 +198,7 @@ class Cycle(AutoState):
 @pytest.mark.parametrize("pair", ["bpe/spm", "spm/bpe", "bpe/ascii", "bpe/bpe"])
 def test_greedy_identical_to_target_alone_with_a_switch_every_round(trained_models, pair):
     engine = make_engine(trained_models, pair)
-    algos = ["same"] if pair == "bpe/bpe" else ["tli", "slem"]
+    algos = (["same"] if pair == "bpe/bpe" else ["tli", "slem"]) + ["none"]  # none: the target's own step
     cyc = Cycle(algos, (None, 1, 3))
     engine.auto_memory.put((mode_key(SamplingParams()), None), cyc)
     switched = 0
@@ -234,10 +234,11 @@ class DecideAfter(AutoState):
 
 
 def test_drafters_share_one_cache_and_draft_what_a_fresh_cache_gives(trained_models):
-    """tli and slem draft on one KV cache (Drafter.share_kv), installed before each draft (with tli's
-    pruned head), also after a mid-session decision dropped the other drafter; and on every draft the
-    logits the cache gives equal a fresh forward of the whole context (so what one drafter left in the
-    cache, its own draft past the committed text included, never leaks into the other's)."""
+    """tli and slem draft on one KV cache (Drafter.share_kv), which holds exactly the ids on record
+    before each draft, also after a mid-session decision dropped the other drafter; and on every draft
+    the logits the cache gives (with tli's pruned head) equal a fresh forward of the whole context (so
+    what one drafter left in the cache, its own draft past the committed text included, never leaks
+    into the other's)."""
     import torch
 
     from crossdraft.runner import make_runner
@@ -254,14 +255,14 @@ def test_drafters_share_one_cache_and_draft_what_a_fresh_cache_gives(trained_mod
         orig_propose, orig_logits = d.propose, d._logits_after
 
         def propose(k, d=d, orig=orig_propose):
-            assert engine._kv.owner is d.kv and engine.drafter_runner.length == len(d.kv_ids)
+            assert d.kv.cache.length == len(d.kv_ids)
             if d.inter is not None:
-                assert engine.drafter_runner.pruned_rows is d.inter.rows
+                assert d.rows is d.inter.rows
             seen.append(d.mode)
             return orig(k)
 
         def logits_after(ctx, d=d, orig=orig_logits):
-            got = orig(ctx)
+            got = yield from orig(ctx)
             fresh.prune_head(d.inter.rows if d.inter is not None else None)
             fresh.reset()
             want = fresh.forward(list(ctx), last_only=True, pruned=d.mode == "tli")[0]
@@ -301,11 +302,12 @@ def test_auto_without_a_drafter_is_the_target_alone(trained_models):
 
 
 def test_auto_sampled_distribution_is_the_targets_with_a_switch_every_round():
-    """tli, slem and slrs at three draft lengths, the arm changing on every round (and the cycle
-    running on across generations, so each position is reached under each arm): the output
-    distribution is the target's (chi-square over the enumerated outcomes, as for each algorithm)."""
+    """tli, slem and slrs at three draft lengths and the target's own step, the arm changing on every
+    round (and the cycle running on across generations, so each position is reached under each arm):
+    the output distribution is the target's (chi-square over the enumerated outcomes, as for each
+    algorithm)."""
     eng = slrs_engine(D_STRADDLE)
-    cyc = Cycle(["tli", "slem", "slrs"], (None, 1, 2))
+    cyc = Cycle(["tli", "slem", "slrs", "none"], (None, 1, 2))
     eng.auto_memory.put((mode_key(T1), None), cyc)
     expected = exact_distribution(eng, T1)
     n = 9000
@@ -318,12 +320,13 @@ def test_auto_sampled_distribution_is_the_targets_with_a_switch_every_round():
 
 
 def test_auto_sampling_search_runs_every_algorithm(trained_models):
-    """Under sampling the search tries tli, slem and slrs on a real tokenizer pair and settles."""
+    """Under sampling the search tries tli, slem, slrs and the target's own step on a real tokenizer
+    pair and settles."""
     engine = make_engine(trained_models, "bpe/spm")
     seen = set()
     for i, prompt in enumerate(PROMPTS * 2):
         r = engine.generate(prompt, GREEDY_NEW, SamplingParams(temperature=1.0, seed=i), "auto")
         seen |= set(r.auto["rounds_by_algorithm"])
         assert r.new_tokens == GREEDY_NEW or r.finish_reason == "eos"
-    assert seen == {"tli", "slem", "slrs"}
+    assert seen == {"tli", "slem", "slrs", "none"}
     assert engine.auto_memory.get((mode_key(T1), None), [], ()).stage == "decided"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from crossdraft.runner import HFRunner, KVPool, LlamaRunner, make_runner
+from crossdraft.runner import HFRunner, LlamaRunner, Step, make_runner
 from helpers import tiny_llama
 
 V = 300
@@ -165,48 +165,6 @@ def test_unsupported_configs_fall_back_to_hf_runner():
     assert isinstance(make_runner(model, 32), HFRunner)
 
 
-@pytest.mark.parametrize("kind", list(RUNNERS))
-@pytest.mark.parametrize("slots", [1, 2, 3])
-def test_kv_pool_sessions_interleaved(model, kind, slots):
-    """Three sessions extend their own contexts in turns through one runner and a KVPool: every step's
-    logits equal HF's full forward of that session's context; a session whose cache was kept (parked
-    or installed) continues from it, an evicted one is rebuilt; hits and misses are what LRU predicts."""
-    runner = RUNNERS[kind](model, 96)
-    pool = KVPool(runner, slots)
-    ctx = {s: _ids(10 + 3 * s, seed=20 + s) for s in range(3)}
-    cached = {s: 0 for s in range(3)}  # positions of each session's context in its cache
-    order = [0, 1, 0, 2, 1, 0, 2, 2, 1, 0, 1, 2]
-    lru: list = []  # the expected LRU order of sessions holding a cache, most recent last
-    for step, s in enumerate(order):
-        expect_hit = s in lru
-        if not expect_hit and len(lru) == slots:
-            lru.pop(0)
-        if s in lru:
-            lru.remove(s)
-        lru.append(s)
-        hit = pool.activate(s)
-        assert hit == expect_hit, (step, s)
-        if not hit:
-            assert runner.length == 0
-            cached[s] = 0
-        else:
-            assert runner.length == cached[s]
-        new = _ids(2, seed=100 + step)
-        feed = ctx[s][cached[s]:] + new
-        got = runner.forward(feed)
-        ctx[s] = ctx[s] + new
-        cached[s] = len(ctx[s])
-        torch.testing.assert_close(got[-1], full_logits(model, ctx[s])[-1], rtol=0, atol=1e-9)
-    assert pool.hits + pool.misses == len(order) and pool.count <= slots
-    for s in range(3):
-        pool.release(s)
-    assert pool.owner is None and not pool.parked
-
-
-def test_kv_pool_rejects_no_slots(model):
-    with pytest.raises(ValueError):
-        KVPool(LlamaRunner(model, 16), 0)
-
 @pytest.mark.parametrize("fast", [True, False])
 def test_forward_tree_matches_sequential_forwards(fast):
     """forward_tree (slrs evaluates the drafter's tree of continuations in one pass) gives each node
@@ -235,3 +193,65 @@ def test_forward_tree_matches_sequential_forwards(fast):
     after = r.forward([20], last_only=True)[0]  # the cache still holds exactly the prefix
     r.reset()
     assert torch.allclose(after, r.forward(prefix + [20], last_only=True)[0], atol=1e-9)
+
+
+@pytest.mark.parametrize("kind", list(RUNNERS))
+def test_batched_forward_equals_one_sequence_at_a_time(model, kind):
+    """One `forward_batch` over several sequences' caches, each at its own length with its own kind of
+    block (a prefill, a verification block, one token, last position only, a pruned head, a token
+    tree), gives every step the logits of that sequence alone (float64: to 1e-9), and leaves each cache
+    as its own forward would (a tree leaves its length unchanged)."""
+    runner = RUNNERS[kind](model, 128)
+    seqs = [_ids(40, seed=30 + i) for i in range(5)]
+    caches = [runner.new_cache() for _ in seqs]
+    pre = [0, 9, 20, 31, 12]  # positions already in each cache
+    if any(pre):
+        runner.forward_batch([Step(c, s[:n]) for c, s, n in zip(caches, seqs, pre) if n])
+    rows = torch.tensor([3, 0, 299, 17])
+    tree_ids, parents = [7, 8, 9, 10], [-1, 0, 0, 2]
+    steps = [Step(caches[0], seqs[0][:17]),  # a prefill from nothing
+             Step(caches[1], seqs[1][9:14]),  # a verification block
+             Step(caches[2], seqs[2][20:21]),  # one token
+             Step(caches[3], seqs[3][31:38], last=True, rows=rows),  # last position, pruned head
+             Step(caches[4], tree_ids, parents=parents)]  # a tree after 12 positions
+    got = runner.forward_batch(steps)
+    assert [c.length for c in caches] == [17, 14, 21, 38, 12]
+    ref = [full_logits(model, seqs[0][:17]), full_logits(model, seqs[1][:14])[9:],
+           full_logits(model, seqs[2][:21])[20:], full_logits(model, seqs[3][:38])[-1:, rows]]
+    for g, r in zip(got[:4], ref):
+        torch.testing.assert_close(g, r, rtol=0, atol=1e-9)
+    for i in range(len(tree_ids)):  # each node: its chain after the 12 cached positions
+        chain, j = [], i
+        while j >= 0:
+            chain.append(tree_ids[j])
+            j = parents[j]
+        want = full_logits(model, seqs[4][:12] + chain[::-1])[-1]
+        torch.testing.assert_close(got[4][i], want, rtol=0, atol=1e-9)
+    # and each cache goes on as its sequence alone would
+    nxt = runner.forward_batch([Step(c, s[c.length:c.length + 2]) for c, s in zip(caches, seqs)])
+    for c, s, g in zip(caches, seqs, nxt):
+        torch.testing.assert_close(g, full_logits(model, s[:c.length])[-2:], rtol=0, atol=1e-9)
+
+
+def test_a_cache_grows_in_blocks_up_to_its_limit(model):
+    """A Llama cache holds nothing until used, then grows by doubling in whole blocks (its entries
+    kept), never past its limit (a session's KV reservation) or the context; a step that would pass
+    the limit is refused before the pass (`check`), and the cache is unchanged."""
+    from crossdraft.runner import BLOCK, KVCache
+
+    runner = LlamaRunner(model, 4 * BLOCK)
+    c = runner.new_cache()
+    assert runner.capacity(c) == 0
+    ids = _ids(3 * BLOCK, seed=40)
+    runner.forward_batch([Step(c, ids[:5])])
+    assert runner.capacity(c) == BLOCK
+    runner.forward_batch([Step(c, ids[5:BLOCK + 3])])
+    assert runner.capacity(c) == 2 * BLOCK
+    last = runner.forward_batch([Step(c, ids[BLOCK + 3:BLOCK + 4])])[0]
+    torch.testing.assert_close(last, full_logits(model, ids[:BLOCK + 4])[-1:], rtol=0, atol=1e-9)
+    limited = KVCache(limit=BLOCK + 10)
+    runner.forward_batch([Step(limited, ids[:BLOCK + 1])])
+    assert runner.capacity(limited) == BLOCK + 10  # doubling stops at the limit
+    with pytest.raises(ValueError, match="context full"):
+        runner.check(Step(limited, ids[:10]))
+    assert limited.length == BLOCK + 1

@@ -272,10 +272,10 @@ def through_the_wire(engine: Engine) -> dict:
     """Make every Proposal and Verdict of `engine` cross the wire (both ways, as bytes), checking on
     the way that nothing changed. Returns the counters of what crossed."""
     v = engine.verifier
-    in_process = v.verify
+    in_process = v.round
     crossed = {"proposals": 0, "q_rows": 0, "text": 0}
 
-    def verify(proposal):
+    def round_(proposal):  # (a round is a program: see crossdraft/scheduler.py)
         if proposal is not None:
             wired = wire.proposal_from_proto(verifier_pb2.Proposal.FromString(
                 wire.proposal_to_proto(proposal).SerializeToString()), vocab_size=v.runner.vocab_size)
@@ -284,12 +284,12 @@ def through_the_wire(engine: Engine) -> dict:
             crossed["q_rows"] += len(wired.q_ids or [])
             crossed["text"] += len(wired.text)
             proposal = wired
-        verdict = in_process(proposal)
+        verdict = yield from in_process(proposal)
         wired = wire.verdict_from_proto(verifier_pb2.Verdict.FromString(wire.verdict_to_proto(verdict).SerializeToString()))
         assert wired == verdict
         return wired
 
-    v.verify = verify
+    v.round = round_
     return crossed
 
 

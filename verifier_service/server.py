@@ -1,26 +1,27 @@
 """The verifier service: the target model behind `crossdraft.v1.VerifierService`.
 
 Owns: converting messages (`crossdraft.wire`) and calling the core's `crossdraft.verifier.Verifier`,
-one per session, all over the service's one target runner; the sessions table; the tokenizer files
-it hands to drafters.
+one per session; the sessions table; the tokenizer files it hands to drafters.
 
-Sessions and the KV cache. Each open session (one Verify stream) keeps its own state in a `Verifier`
-(committed ids and text, sampling parameters, limits) in a bounded table (`TargetSessions`, at most
-`max_sessions`). KV caches are per session in a `runner.KVPool` of `--kv-slots` caches, least
-recently used evicted: switching between sessions that hold a slot swaps caches without copying; a
-round of a session whose cache was evicted is a miss, and the cache is rebuilt from that session's
-committed target ids (one prefill of all but the last committed token, the state `Verifier.verify`
-leaves behind) before verifying. Rounds of all sessions are served one at a time under one lock.
-Greedy and sampled outputs do not depend on which sessions interleave (a prefill computes the same
-keys and values as the rounds did, up to float rounding in the last bits); batching rounds of several
-sessions into one forward pass is later work.
+Sessions, batching and memory. Each open session (one Verify stream) has its own `Verifier` (committed
+ids and text, sampling parameters, limits) and its own KV cache, admitted under the KV budget
+(`--kv-budget-mb`: a session reserves its prompt plus max_new_tokens positions, waits up to
+`--kv-wait-seconds` for room, then RESOURCE_EXHAUSTED naming the limit; its cache grows as it is
+used, up to that). Every session's prefill and rounds are programs run by the model's scheduler
+(`crossdraft.batched.BatchedModel`): whatever rounds wait when the model is free go into one forward
+pass, a long prompt's prefill in chunks of `--max-batch-tokens` (continuous batching). A round's
+outcome depends only on its session's logits and (seed, position) uniforms; batched matrix products may
+round differently in the last bits from one sequence alone. Every verdict carries the verifier's load
+(`Verdict.load`: sequences per pass and the fitted cost of a pass), from which drafters choose their
+draft lengths (crossdraft/load.py).
 
 A stale proposal (its seq is not the committed length) gets `wire.empty_verdict` without a forward
 pass; a malformed one (it fails `wire.proposal_from_proto`'s checks) is ignored: that round is the
-target's own step (counted in `crossdraft_bad_proposals_total`). A Verify stream opened for a session that already has one takes it over (a failover: the
+target's own step (counted in `crossdraft_bad_proposals_total`); neither touches the other sessions of
+the batch. A Verify stream opened for a session that already has one takes it over (a failover: the
 gateway resumed the session on another drafter, from the committed ids); the older stream's next
-round is refused ABORTED, so a drafter that wakes up late cannot change anything. The trust boundary stays in the core: a proposal can make a round commit fewer tokens, never
-different ones.
+round is refused ABORTED, so a drafter that wakes up late cannot change anything. The trust boundary
+stays in the core: a proposal can make a round commit fewer tokens, never different ones.
 
 Never: drafts, decides acceptance itself, or imports anything of the drafter.
 """
@@ -31,13 +32,12 @@ import os
 import tempfile
 import threading
 import time
-from collections import OrderedDict
 from typing import Optional
 
 from crossdraft import wire
+from crossdraft.batched import BatchedModel, Limits
 from crossdraft.errors import Aborted, InvalidArgument, ResourceExhausted, Unavailable, Unimplemented
 from crossdraft.protocol import TOKENS, Proposal, Verdict
-from crossdraft.runner import KVPool
 from crossdraft.seal import Sealer, sealer_from_args
 from crossdraft.serving.metrics import ServiceMetrics
 from crossdraft.serving.models import dtype_name, load_warm, model_id
@@ -57,99 +57,105 @@ ALGORITHMS = ("same", "tli", "slem", "slrs", "none")
 # Verdicts computed but not yet sent, per stream: a drafter that sends proposals without reading
 # verdicts stalls its own session here instead of growing the verifier's memory.
 VERDICT_BUFFER = 8
-DEFAULT_KV_SLOTS = 4  # per-session KV caches kept (each one runner cache: max length x layers x kv width)
 
 
 class TargetSessions:
-    """Open sessions of the one target runner: per-session `Verifier` state in a bounded LRU table,
-    per-session KV caches in a `KVPool` of `kv_slots`, every round under `lock`."""
+    """Open sessions over the one target model: per-session `Verifier` and KV cache (admitted under
+    the model's KV budget), their programs batched by the model's scheduler."""
 
-    def __init__(self, runner, vocab, max_sessions: int = 16, window: int = 4,
-                 metrics: Optional[ServiceMetrics] = None, kv_slots: int = DEFAULT_KV_SLOTS):
-        self.runner, self.vocab, self.window = runner, vocab, window
-        self.metrics = metrics
-        self.max_sessions = max_sessions
+    def __init__(self, model: BatchedModel, vocab, window: int = 4):
+        self.model, self.vocab, self.window = model, vocab, window
+        self.runner = model.runner
+        self.max_sessions = model.limits.max_sessions
         self.lock = threading.Lock()
-        self.sessions: "OrderedDict[str, Verifier]" = OrderedDict()
-        self.kv = KVPool(runner, kv_slots)
-        self.misses = 0  # rounds that had to rebuild the KV cache
+        self.sessions: dict = {}  # session id -> (Verifier, bytes reserved)
+        self.opening = 0  # sessions being admitted and prefilled
 
     def __len__(self):
         return len(self.sessions)
 
     def open(self, start: wire.SessionStart) -> Verifier:
-        """A new session: validate against the model, prefill prompt + committed ids."""
+        """A new session: validated against the model, admitted under the KV budget, prefilled."""
+        sid = start.session_id
         with self.lock:
-            sid = start.session_id
             old = self.sessions.pop(sid, None)
             if old is not None:  # a failover: the new stream takes the session over (see `verify`)
-                self.kv.release(sid)
+                self.model.release(old[1])
                 log.info("session %s: a new Verify stream takes it over from the previous one", sid)
-            if len(self.sessions) >= self.max_sessions:
-                raise ResourceExhausted(f"this verifier serves at most {self.max_sessions} sessions at once")
+            if len(self.sessions) + self.opening >= self.max_sessions:
+                raise ResourceExhausted(f"this verifier serves at most {self.max_sessions} sessions at once "
+                                        "(--max-sessions)")
+            self.opening += 1
+        reserved = 0
+        try:
             v = Verifier(self.runner, self.vocab, self.window)
-            self.kv.activate(sid)  # an empty cache for it; the previous owner's is parked or evicted
-            try:
-                v.start(start.prompt_ids + start.committed_ids, start.remaining, start.params)
-            except BaseException:
-                self.kv.release(sid)
-                raise
-            self.sessions[sid] = v
+            ids = start.prompt_ids + start.committed_ids
+            v.open(ids, start.remaining, start.params)
+            reserved = self.model.admit(v.cache, len(ids) + start.remaining)
+            self.model.run(v.prefill())
+            with self.lock:
+                self.sessions[sid] = (v, reserved)
             return v
+        except BaseException:
+            if reserved:
+                self.model.release(reserved)
+            raise
+        finally:
+            with self.lock:
+                self.opening -= 1
 
     def verify(self, sid: str, proposal, mine: Optional[Verifier] = None) -> Verdict:
-        """A round of session `sid`; `mine`, the stream's own `Verifier`: if another stream took the
-        session over meanwhile, this (older) stream is refused ABORTED and changes nothing."""
+        """A round of session `sid`, batched with whatever else waits; `mine`, the stream's own `Verifier`:
+        if another stream took the session over meanwhile, this (older) stream is refused ABORTED."""
         with self.lock:
-            v = self.sessions.get(sid)
-            if v is None or (mine is not None and v is not mine):
-                raise Aborted(f"session {sid!r} was taken over by a newer Verify stream")
-            self.sessions.move_to_end(sid)
-            committed = len(v.ids)
-            if proposal.seq != committed:
-                return wire.empty_verdict(committed)  # stale: no forward pass
-            if not self.kv.activate(sid):
-                self._rebuild(v)
-            return v.verify(proposal)
-
-    def _rebuild(self, v: Verifier) -> None:
-        """A miss: the session's cache was evicted. Refill the (empty) installed cache with its
-        committed ids but the last (whose logits come with the next round), as `verify` leaves it."""
-        self.misses += 1
-        if self.metrics is not None:
-            self.metrics.kv_rebuild()
-        if len(v.ids) > 1:
-            self.runner.forward(v.ids[:-1], last_only=True)
+            entry = self.sessions.get(sid)
+        if entry is None or (mine is not None and entry[0] is not mine):
+            raise Aborted(f"session {sid!r} was taken over by a newer Verify stream")
+        v = entry[0]
+        committed = len(v.ids)
+        if proposal.seq != committed:
+            return wire.empty_verdict(committed)  # stale: no forward pass
+        verdict = self.model.run(v.round(proposal))
+        verdict.load = self.model.cost.hint()
+        return verdict
 
     def close(self, sid: str, mine: Optional[Verifier] = None) -> None:
         with self.lock:
-            if mine is not None and self.sessions.get(sid) is not mine:
-                return  # taken over: the session (and its cache) now belong to the newer stream
-            self.sessions.pop(sid, None)
-            self.kv.release(sid)
+            entry = self.sessions.get(sid)
+            if entry is None or (mine is not None and entry[0] is not mine):
+                return  # taken over: the session (and its reservation) now belong to the newer stream
+            del self.sessions[sid]
+        self.model.release(entry[1])
+
+    def usage(self) -> dict:
+        with self.lock:
+            caches = [v.cache for v, _ in self.sessions.values()]
+        return self.model.usage(caches)
 
 
 class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
     """Thin: messages in, the core's Verifier, messages out. Errors are raised as CrossdraftError and
-    mapped to status codes by `common.ErrorInterceptor`."""
+    mapped to status codes by `crossdraft.serving.status.ErrorInterceptor`."""
 
-    def __init__(self, model: str, max_sessions: int = 16, metrics: Optional[ServiceMetrics] = None,
-                 kv_slots: int = DEFAULT_KV_SLOTS, sealer: Optional[Sealer] = None):
+    def __init__(self, model: str, limits: Limits = Limits(), metrics: Optional[ServiceMetrics] = None,
+                 sealer: Optional[Sealer] = None, max_model_len: Optional[int] = None):
         self.model = model
         self.sealer = sealer  # seals every verdict for the gateway (crossdraft/seal.py); None: unsealed
-        self.max_sessions, self.kv_slots = max_sessions, kv_slots
+        self.limits, self.max_model_len = limits, max_model_len
+        self.max_sessions = limits.max_sessions
         self.metrics = metrics if metrics is not None else ServiceMetrics("verifier")
         self.sessions: Optional[TargetSessions] = None  # set by load()
         self._tmp = None
 
     # --- lifecycle ----------------------------------------------------------------------------
     def load(self, device: Optional[str] = None, fast: bool = True) -> None:
-        vocab, runner = load_warm(self.model, device, fast)
+        vocab, runner = load_warm(self.model, device, fast, max_length=self.max_model_len)
         self.vocab, self.runner = vocab, runner
         self.fingerprint = vocab.fingerprint()
         self.tokenizer_files = self._tokenizer_files(vocab)
-        self.sessions = TargetSessions(runner, vocab, self.max_sessions, metrics=self.metrics,
-                                      kv_slots=self.kv_slots)
+        model = BatchedModel(runner, self.limits, "verifier", observer=self.metrics.batch)
+        self.metrics.kv_budget(model.budget.budget)
+        self.sessions = TargetSessions(model, vocab)
 
     def _tokenizer_files(self, vocab) -> list:
         """[(file name, path)]: the tokenizer files of the model directory, or (a Hub id) the
@@ -174,7 +180,8 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
             vocab_size=self.runner.vocab_size, algorithms=[wire.algorithm_to_proto(a) for a in ALGORITHMS],
             max_context=self.runner.max_length, eos_ids=sorted(self.vocab.eos_ids),
             device=str(self.runner.device), dtype=dtype_name(self.runner),
-            active_sessions=len(sessions), max_sessions=sessions.max_sessions)
+            active_sessions=len(sessions), max_sessions=sessions.max_sessions,
+            cache=wire.cache_usage_to_proto(sessions.usage()))
 
     def GetTokenizer(self, request, context):
         self._ready()
@@ -200,7 +207,10 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
         if start.algorithm not in ALGORITHMS:
             raise Unimplemented(f"algorithm {start.algorithm!r} is not implemented yet")
         t0 = time.perf_counter()
-        v = sessions.open(start)
+        try:
+            v = sessions.open(start)
+        finally:
+            self.metrics.kv_usage(sessions.model.budget.usage())
         m = self.metrics
         m.session_started()
         rounds = 0
@@ -239,6 +249,7 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
             yield from decoupled(verdicts, maxsize=VERDICT_BUFFER, name=f"verify-{start.session_id[:16]}")
         finally:
             sessions.close(start.session_id, mine=v)
+            m.kv_usage(sessions.model.budget.usage())
             m.session_finished(len(v.ids) - len(start.prompt_ids) - len(start.committed_ids),
                                time.perf_counter() - t0, finished=bool(v.finish_reason))
             log.info("session %s: %d rounds, %d new tokens, %s, %.3f s", start.session_id, rounds,
@@ -250,7 +261,7 @@ def serve(args) -> int:
     """`crossdraft serve verifier`: listen at once (health NOT_SERVING), load and warm the model,
     then SERVING until SIGTERM."""
     setup_logging()
-    servicer = VerifierServicer(args.model, max_sessions=args.max_sessions, kv_slots=args.kv_slots,
-                                sealer=sealer_from_args(args))
+    servicer = VerifierServicer(args.model, Limits.from_args(args), sealer=sealer_from_args(args),
+                                max_model_len=args.max_model_len or None)
     return run_model_service(SERVICE_NAME, verifier_pb2_grpc.add_VerifierServiceServicer_to_server, servicer, args, log)
 

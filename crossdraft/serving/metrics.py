@@ -31,6 +31,8 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02
                    0.1, 0.25, 0.5, 1.0, 2.5)
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 SESSION_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
+TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 ROLES = ("verifier", "drafter", "gateway")
 
 def position_label(i: int) -> str:
@@ -65,8 +67,22 @@ def _families(registry: CollectorRegistry) -> dict:
                                "per round (drafter)", ["role"], buckets=LATENCY_BUCKETS, registry=r),
         "round_s": Histogram(p + "round_seconds", "Whole round: drafting plus the round trip (drafter)", ["role"],
                              buckets=LATENCY_BUCKETS, registry=r),
-        "kv_rebuilds": Counter(p + "kv_cache_rebuilds", "KV cache rebuilds after another session took the cache "
-                               "(misses)", ["role"], registry=r),
+        "batch_sequences": Histogram(p + "batch_sequences", "Sequences (sessions' steps) per batched forward pass",
+                                     ["role"], buckets=BATCH_BUCKETS, registry=r),
+        "batch_tokens": Histogram(p + "batch_tokens", "Tokens per batched forward pass", ["role"],
+                                  buckets=TOKEN_BUCKETS, registry=r),
+        "forward_s": Histogram(p + "forward_seconds", "Batched forward passes", ["role"], buckets=LATENCY_BUCKETS,
+                               registry=r),
+        "queue_wait_s": Histogram(p + "queue_wait_seconds", "Time a step waited for its forward pass", ["role"],
+                                  buckets=LATENCY_BUCKETS, registry=r),
+        "kv_budget": Gauge(p + "kv_budget_bytes", "KV cache memory the sessions may reserve (--kv-budget-mb)",
+                           ["role"], registry=r),
+        "kv_reserved": Gauge(p + "kv_reserved_bytes", "KV cache memory reserved by the open sessions", ["role"],
+                             registry=r),
+        "kv_queued": Gauge(p + "kv_sessions_queued", "Sessions waiting for room in the KV budget", ["role"],
+                           registry=r),
+        "kv_refused": Counter(p + "kv_sessions_refused", "Sessions refused for want of KV room", ["role"],
+                              registry=r),
         "ttft_s": Histogram(p + "time_to_first_token_seconds", "From a session's start to its first committed "
                             "token (gateway)", ["role"], buckets=TTFT_BUCKETS, registry=r),
         "session_s": Histogram(p + "session_seconds", "Whole sessions, start to end (gateway)", ["role"],
@@ -111,12 +127,14 @@ class ServiceMetrics:
         # histograms are bound on first use, so a role shows only the latencies it measures
         lab = {k: v.labels(role=role) for k, v in f.items()
                if k not in ("accepted_by_position", "errors", "draft_s", "verify_s", "network_s", "round_s",
-                            "ttft_s", "session_s", "failovers", "takeovers", "bad_proposals", "unsealed_deltas", "slow_clients")}
+                            "ttft_s", "session_s", "failovers", "takeovers", "bad_proposals", "unsealed_deltas",
+                            "slow_clients", "batch_sequences", "batch_tokens", "forward_s", "queue_wait_s",
+                            "kv_budget", "kv_reserved", "kv_queued", "kv_refused")}
         self.sessions_started, self.sessions_finished = lab["sessions_started"], lab["sessions_finished"]
         self.sessions_active, self.rounds = lab["sessions_active"], lab["rounds"]
         self.draft_tokens, self.accepted_tokens = lab["draft_tokens"], lab["accepted_tokens"]
         self.generated_tokens, self.last_tps = lab["generated_tokens"], lab["last_tps"]
-        self.kv_rebuilds = lab["kv_rebuilds"]
+        self._refused_seen = 0
         self.by_position = [f["accepted_by_position"].labels(role=role, position=position_label(i))
                             for i in range(1, MAX_POSITION + 1)]
         self._server = None
@@ -201,8 +219,25 @@ class ServiceMetrics:
     def takeover(self) -> None:
         self._child("takeovers").inc()
 
-    def kv_rebuild(self) -> None:
-        self.kv_rebuilds.inc()
+    def batch(self, sequences: int, tokens: int, seconds: float, waits=()) -> None:
+        """One batched forward pass of the model (the scheduler's observer)."""
+        self._child("batch_sequences").observe(sequences)
+        self._child("batch_tokens").observe(tokens)
+        self._child("forward_s").observe(max(0.0, seconds))
+        wait = self._child("queue_wait_s")
+        for w in waits:
+            wait.observe(max(0.0, w))
+
+    def kv_budget(self, budget_bytes: int) -> None:
+        self._child("kv_budget").set(budget_bytes)
+
+    def kv_usage(self, usage: dict) -> None:
+        """The KV budget's state (`KVBudget.usage()`), after a session was admitted, refused or ended."""
+        self._child("kv_reserved").set(usage["reserved_bytes"])
+        self._child("kv_queued").set(usage["queued"])
+        if usage["refused"] > self._refused_seen:
+            self._child("kv_refused").inc(usage["refused"] - self._refused_seen)
+            self._refused_seen = usage["refused"]
 
     def error(self, code) -> None:
         """An error answered with this status (a grpc.StatusCode or its name)."""

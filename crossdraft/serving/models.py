@@ -7,13 +7,19 @@ from __future__ import annotations
 import os
 
 
-def load_warm(model: str, device=None, fast: bool = True) -> tuple:
-    """(Vocab, Runner) of a model, warmed up by one short forward: what a service loads before SERVING."""
+def load_warm(model: str, device=None, fast: bool = True, max_length=None) -> tuple:
+    """(Vocab, Runner) of a model, warmed up by one short forward: what a service loads before SERVING.
+    `max_length`: the context a session may use (--max-model-len; default: the model's own)."""
+    from crossdraft.errors import InvalidArgument
     from crossdraft.runner import load_model, make_runner
     from crossdraft.vocab import Vocab
 
     vocab = Vocab.load(model)
-    runner = make_runner(load_model(model, device), fast=fast)
+    loaded = load_model(model, device)
+    own = getattr(loaded.config, "max_position_embeddings", None)
+    if max_length is not None and (max_length < 2 or (own and max_length > own)):
+        raise InvalidArgument(f"--max-model-len must be in [2, {own}] for {model}, got {max_length}")
+    runner = make_runner(loaded, max_length, fast=fast)
     runner.forward([0], last_only=True)
     runner.reset()
     return vocab, runner

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from crossdraft.v1 import common_pb2 as crossdraft_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63rossdraft/v1/drafter.proto\x12\rcrossdraft.v1\x1a\x1a\x63rossdraft/v1/common.proto\"\x1e\n\x1c\x44rafterServiceGetInfoRequest\"\xf5\x01\n\x1d\x44rafterServiceGetInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x1d\n\x15tokenizer_fingerprint\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12,\n\nalgorithms\x18\x04 \x03(\x0e\x32\x18.crossdraft.v1.Algorithm\x12\x13\n\x0bmax_context\x18\x05 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x17\n\x0f\x61\x63tive_sessions\x18\x08 \x01(\r\x12\x14\n\x0cmax_sessions\x18\t \x01(\r\"\xa3\x02\n\x11RunSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x18\n\x10verifier_address\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x12\n\nprompt_ids\x18\x04 \x03(\x05\x12\x15\n\rcommitted_ids\x18\x05 \x03(\x05\x12-\n\x06params\x18\x06 \x01(\x0b\x32\x1d.crossdraft.v1.SamplingParams\x12+\n\talgorithm\x18\x07 \x01(\x0e\x32\x18.crossdraft.v1.Algorithm\x12\x16\n\x0emax_new_tokens\x18\x08 \x01(\r\x12\x14\n\x0c\x64raft_tokens\x18\t \x01(\r\x12\x1b\n\x13resume_draft_tokens\x18\n \x01(\r\"\x93\x02\n\x12RunSessionResponse\x12\x14\n\x0ctoken_offset\x18\x01 \x01(\r\x12\x0b\n\x03ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\x0c\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12\x32\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1b.crossdraft.v1.FinishReason\x12+\n\talgorithm\x18\x06 \x01(\x0e\x32\x18.crossdraft.v1.Algorithm\x12\x0b\n\x03why\x18\x07 \x01(\t\x12#\n\x05stats\x18\x08 \x01(\x0b\x32\x14.crossdraft.v1.Stats\x12\x19\n\x11next_draft_tokens\x18\t \x01(\r\x12\x0c\n\x04seal\x18\n \x01(\x0c\x32\xcb\x01\n\x0e\x44rafterService\x12\x64\n\x07GetInfo\x12+.crossdraft.v1.DrafterServiceGetInfoRequest\x1a,.crossdraft.v1.DrafterServiceGetInfoResponse\x12S\n\nRunSession\x12 .crossdraft.v1.RunSessionRequest\x1a!.crossdraft.v1.RunSessionResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63rossdraft/v1/drafter.proto\x12\rcrossdraft.v1\x1a\x1a\x63rossdraft/v1/common.proto\"\x1e\n\x1c\x44rafterServiceGetInfoRequest\"\x9f\x02\n\x1d\x44rafterServiceGetInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x1d\n\x15tokenizer_fingerprint\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12,\n\nalgorithms\x18\x04 \x03(\x0e\x32\x18.crossdraft.v1.Algorithm\x12\x13\n\x0bmax_context\x18\x05 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x17\n\x0f\x61\x63tive_sessions\x18\x08 \x01(\r\x12\x14\n\x0cmax_sessions\x18\t \x01(\r\x12(\n\x05\x63\x61\x63he\x18\n \x01(\x0b\x32\x19.crossdraft.v1.CacheUsage\"\xa3\x02\n\x11RunSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x18\n\x10verifier_address\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x12\n\nprompt_ids\x18\x04 \x03(\x05\x12\x15\n\rcommitted_ids\x18\x05 \x03(\x05\x12-\n\x06params\x18\x06 \x01(\x0b\x32\x1d.crossdraft.v1.SamplingParams\x12+\n\talgorithm\x18\x07 \x01(\x0e\x32\x18.crossdraft.v1.Algorithm\x12\x16\n\x0emax_new_tokens\x18\x08 \x01(\r\x12\x14\n\x0c\x64raft_tokens\x18\t \x01(\r\x12\x1b\n\x13resume_draft_tokens\x18\n \x01(\r\"\x93\x02\n\x12RunSessionResponse\x12\x14\n\x0ctoken_offset\x18\x01 \x01(\r\x12\x0b\n\x03ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\x0c\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12\x32\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1b.crossdraft.v1.FinishReason\x12+\n\talgorithm\x18\x06 \x01(\x0e\x32\x18.crossdraft.v1.Algorithm\x12\x0b\n\x03why\x18\x07 \x01(\t\x12#\n\x05stats\x18\x08 \x01(\x0b\x32\x14.crossdraft.v1.Stats\x12\x19\n\x11next_draft_tokens\x18\t \x01(\r\x12\x0c\n\x04seal\x18\n \x01(\x0c\x32\xcb\x01\n\x0e\x44rafterService\x12\x64\n\x07GetInfo\x12+.crossdraft.v1.DrafterServiceGetInfoRequest\x1a,.crossdraft.v1.DrafterServiceGetInfoResponse\x12S\n\nRunSession\x12 .crossdraft.v1.RunSessionRequest\x1a!.crossdraft.v1.RunSessionResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,11 +35,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DRAFTERSERVICEGETINFOREQUEST']._serialized_start=74
   _globals['_DRAFTERSERVICEGETINFOREQUEST']._serialized_end=104
   _globals['_DRAFTERSERVICEGETINFORESPONSE']._serialized_start=107
-  _globals['_DRAFTERSERVICEGETINFORESPONSE']._serialized_end=352
-  _globals['_RUNSESSIONREQUEST']._serialized_start=355
-  _globals['_RUNSESSIONREQUEST']._serialized_end=646
-  _globals['_RUNSESSIONRESPONSE']._serialized_start=649
-  _globals['_RUNSESSIONRESPONSE']._serialized_end=924
-  _globals['_DRAFTERSERVICE']._serialized_start=927
-  _globals['_DRAFTERSERVICE']._serialized_end=1130
+  _globals['_DRAFTERSERVICEGETINFORESPONSE']._serialized_end=394
+  _globals['_RUNSESSIONREQUEST']._serialized_start=397
+  _globals['_RUNSESSIONREQUEST']._serialized_end=688
+  _globals['_RUNSESSIONRESPONSE']._serialized_start=691
+  _globals['_RUNSESSIONRESPONSE']._serialized_end=966
+  _globals['_DRAFTERSERVICE']._serialized_start=969
+  _globals['_DRAFTERSERVICE']._serialized_end=1172
 # @@protoc_insertion_point(module_scope)

@@ -12,7 +12,7 @@ class DrafterServiceGetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DrafterServiceGetInfoResponse(_message.Message):
-    __slots__ = ("model_id", "tokenizer_fingerprint", "vocab_size", "algorithms", "max_context", "device", "dtype", "active_sessions", "max_sessions")
+    __slots__ = ("model_id", "tokenizer_fingerprint", "vocab_size", "algorithms", "max_context", "device", "dtype", "active_sessions", "max_sessions", "cache")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -22,6 +22,7 @@ class DrafterServiceGetInfoResponse(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     MAX_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     tokenizer_fingerprint: str
     vocab_size: int
@@ -31,7 +32,8 @@ class DrafterServiceGetInfoResponse(_message.Message):
     dtype: str
     active_sessions: int
     max_sessions: int
-    def __init__(self, model_id: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ..., algorithms: _Optional[_Iterable[_Union[_common_pb2.Algorithm, str]]] = ..., max_context: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., active_sessions: _Optional[int] = ..., max_sessions: _Optional[int] = ...) -> None: ...
+    cache: _common_pb2.CacheUsage
+    def __init__(self, model_id: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ..., algorithms: _Optional[_Iterable[_Union[_common_pb2.Algorithm, str]]] = ..., max_context: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., active_sessions: _Optional[int] = ..., max_sessions: _Optional[int] = ..., cache: _Optional[_Union[_common_pb2.CacheUsage, _Mapping]] = ...) -> None: ...
 
 class RunSessionRequest(_message.Message):
     __slots__ = ("session_id", "verifier_address", "prompt", "prompt_ids", "committed_ids", "params", "algorithm", "max_new_tokens", "draft_tokens", "resume_draft_tokens")

@@ -22,7 +22,7 @@ class VerifierServiceGetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class VerifierServiceGetInfoResponse(_message.Message):
-    __slots__ = ("model_id", "tokenizer_fingerprint", "vocab_size", "algorithms", "max_context", "eos_ids", "device", "dtype", "active_sessions", "max_sessions")
+    __slots__ = ("model_id", "tokenizer_fingerprint", "vocab_size", "algorithms", "max_context", "eos_ids", "device", "dtype", "active_sessions", "max_sessions", "cache")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -33,6 +33,7 @@ class VerifierServiceGetInfoResponse(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     MAX_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     tokenizer_fingerprint: str
     vocab_size: int
@@ -43,7 +44,8 @@ class VerifierServiceGetInfoResponse(_message.Message):
     dtype: str
     active_sessions: int
     max_sessions: int
-    def __init__(self, model_id: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ..., algorithms: _Optional[_Iterable[_Union[_common_pb2.Algorithm, str]]] = ..., max_context: _Optional[int] = ..., eos_ids: _Optional[_Iterable[int]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., active_sessions: _Optional[int] = ..., max_sessions: _Optional[int] = ...) -> None: ...
+    cache: _common_pb2.CacheUsage
+    def __init__(self, model_id: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ..., algorithms: _Optional[_Iterable[_Union[_common_pb2.Algorithm, str]]] = ..., max_context: _Optional[int] = ..., eos_ids: _Optional[_Iterable[int]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., active_sessions: _Optional[int] = ..., max_sessions: _Optional[int] = ..., cache: _Optional[_Union[_common_pb2.CacheUsage, _Mapping]] = ...) -> None: ...
 
 class GetTokenizerRequest(_message.Message):
     __slots__ = ()
@@ -110,7 +112,7 @@ class Proposal(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., kind: _Optional[_Union[ProposalKind, str]] = ..., target_ids: _Optional[_Iterable[int]] = ..., q_rows: _Optional[_Iterable[_Union[SparseDistribution, _Mapping]]] = ..., text: _Optional[bytes] = ..., eos: _Optional[bool] = ..., drafted: _Optional[int] = ..., draft_ns: _Optional[int] = ...) -> None: ...
 
 class Verdict(_message.Message):
-    __slots__ = ("seq", "ids", "text", "candidates", "accepted", "finished", "finish_reason", "verify_ns", "bridge_ns", "seal")
+    __slots__ = ("seq", "ids", "text", "candidates", "accepted", "finished", "finish_reason", "verify_ns", "bridge_ns", "seal", "load")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -121,6 +123,7 @@ class Verdict(_message.Message):
     VERIFY_NS_FIELD_NUMBER: _ClassVar[int]
     BRIDGE_NS_FIELD_NUMBER: _ClassVar[int]
     SEAL_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FIELD_NUMBER: _ClassVar[int]
     seq: int
     ids: _containers.RepeatedScalarFieldContainer[int]
     text: bytes
@@ -131,7 +134,18 @@ class Verdict(_message.Message):
     verify_ns: int
     bridge_ns: int
     seal: bytes
-    def __init__(self, seq: _Optional[int] = ..., ids: _Optional[_Iterable[int]] = ..., text: _Optional[bytes] = ..., candidates: _Optional[int] = ..., accepted: _Optional[int] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., verify_ns: _Optional[int] = ..., bridge_ns: _Optional[int] = ..., seal: _Optional[bytes] = ...) -> None: ...
+    load: LoadHint
+    def __init__(self, seq: _Optional[int] = ..., ids: _Optional[_Iterable[int]] = ..., text: _Optional[bytes] = ..., candidates: _Optional[int] = ..., accepted: _Optional[int] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., verify_ns: _Optional[int] = ..., bridge_ns: _Optional[int] = ..., seal: _Optional[bytes] = ..., load: _Optional[_Union[LoadHint, _Mapping]] = ...) -> None: ...
+
+class LoadHint(_message.Message):
+    __slots__ = ("sequences_per_pass", "pass_fixed_ns", "pass_token_ns")
+    SEQUENCES_PER_PASS_FIELD_NUMBER: _ClassVar[int]
+    PASS_FIXED_NS_FIELD_NUMBER: _ClassVar[int]
+    PASS_TOKEN_NS_FIELD_NUMBER: _ClassVar[int]
+    sequences_per_pass: float
+    pass_fixed_ns: int
+    pass_token_ns: int
+    def __init__(self, sequences_per_pass: _Optional[float] = ..., pass_fixed_ns: _Optional[int] = ..., pass_token_ns: _Optional[int] = ...) -> None: ...
 
 class VerifyRequest(_message.Message):
     __slots__ = ("start", "proposal")

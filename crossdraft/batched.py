@@ -1,0 +1,102 @@
+"""One model served to many sessions at once: what a model service (verifier or drafter) runs.
+
+Owns: a model's runner with the `Scheduler` that batches its sessions' steps (continuous batching,
+crossdraft/scheduler.py), the `CostModel` of its passes (the load a verifier reports for load-aware
+speculation, crossdraft/load.py), the `KVBudget` its sessions are admitted under
+(crossdraft/kvbudget.py), and the limits an operator sets for all of them (`Limits`).
+
+Never: knows what a session is for (verification or drafting), imports grpc or metrics libraries
+(a service passes an `observer` for each pass and reads `usage()`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from .errors import InvalidArgument
+from .kvbudget import KVBudget, default_budget
+from .load import CostModel
+from .runner import KVCache, Runner
+from .scheduler import DEFAULT_MAX_BATCH_TOKENS, Scheduler
+
+
+@dataclass(frozen=True)
+class Limits:
+    """An operator's limits for one model service (`crossdraft serve verifier|drafter` flags)."""
+    max_sessions: int = 16  # sessions open at once
+    kv_budget_mb: float = 0.0  # KV cache memory of all sessions; 0: max_sessions x max_model_len
+    kv_wait_s: float = 10.0  # how long a session waits for KV room before RESOURCE_EXHAUSTED
+    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS  # tokens in one forward pass (prefill is chunked to fit)
+
+    def check(self) -> "Limits":
+        if not 1 <= self.max_sessions <= 4096:
+            raise InvalidArgument(f"--max-sessions must be in [1, 4096], got {self.max_sessions}")
+        if self.kv_budget_mb < 0:
+            raise InvalidArgument(f"--kv-budget-mb must be >= 0, got {self.kv_budget_mb:g}")
+        if not 0 <= self.kv_wait_s <= 3600:
+            raise InvalidArgument(f"--kv-wait-seconds must be in [0, 3600], got {self.kv_wait_s:g}")
+        if not 16 <= self.max_batch_tokens <= 1 << 20:
+            raise InvalidArgument(f"--max-batch-tokens must be in [16, 1048576], got {self.max_batch_tokens}")
+        return self
+
+    @classmethod
+    def from_args(cls, args) -> "Limits":
+        return cls(max_sessions=args.max_sessions, kv_budget_mb=getattr(args, "kv_budget_mb", 0.0) or 0.0,
+                   kv_wait_s=getattr(args, "kv_wait_seconds", 10.0),
+                   max_batch_tokens=getattr(args, "max_batch_tokens", DEFAULT_MAX_BATCH_TOKENS)).check()
+
+
+class BatchedModel:
+    """A runner, its scheduler, the cost model of its passes and the KV budget of its sessions."""
+
+    def __init__(self, runner: Runner, limits: Limits = Limits(), name: str = "model",
+                 observer: Optional[Callable] = None):
+        self.runner, self.limits, self.name = runner, limits, name
+        self.cost = CostModel()
+        self.budget = KVBudget(default_budget(runner.bytes_per_token, runner.max_length, limits.max_sessions,
+                                              limits.kv_budget_mb),
+                               runner.bytes_per_token, runner.max_length, limits.kv_wait_s, what=f"{name} KV cache")
+        self._observer = observer
+        self.scheduler = Scheduler(runner, limits.max_batch_tokens, name, observer=self._observe)
+
+    def _observe(self, sequences: int, tokens: int, seconds: float, waits: list) -> None:
+        self.cost.observe(sequences, tokens, seconds)
+        if self._observer is not None:
+            self._observer(sequences, tokens, seconds, waits)
+
+    def admit(self, cache: KVCache, positions: int) -> int:
+        """Admit a session's cache under the budget for at most `positions` (waits, then ResourceExhausted
+        naming the limit); the cache then never grows past them. Returns the bytes reserved, to give back
+        with `release` when the session ends."""
+        positions = max(1, min(positions, self.runner.max_length))
+        reserved = self.budget.reserve(positions)
+        cache.limit = positions
+        return reserved
+
+    def release(self, reserved: int) -> None:
+        self.budget.release(reserved)
+
+    def run(self, program):
+        return self.scheduler.run(program)
+
+    def submit(self, program):
+        return self.scheduler.submit(program)
+
+    def allocated(self, caches) -> int:
+        """Bytes the given caches hold now (their capacity, not their length)."""
+        cap = getattr(self.runner, "capacity", None)
+        return sum(cap(c) for c in caches) * self.runner.bytes_per_token if cap else 0
+
+    def usage(self, caches=()) -> dict:
+        out = self.budget.usage()
+        out.update(allocated_bytes=self.allocated(caches), max_model_len=self.runner.max_length,
+                   max_batch_tokens=self.limits.max_batch_tokens, passes=self.scheduler.passes)
+        hint = self.cost.hint()
+        if hint is not None:
+            out.update(sequences_per_pass=round(hint.sequences, 3), pass_fixed_s=hint.fixed_s,
+                       pass_token_s=hint.token_s)
+        return out
+
+    def close(self) -> None:
+        self.scheduler.close()
+

@@ -1,0 +1,122 @@
+"""Load-aware speculation: how many tokens a round should draft when the target verifies many
+sessions' rounds in one batched pass.
+
+Owns: the cost model of the target's batched forward pass (seconds = fixed + per_token x tokens,
+fitted online from the passes a scheduler runs), the load it reports (`LoadHint`: sequences per pass
+and that cost), and the cap on a round's draft length that follows (`draft_cap`).
+
+Why. At batch 1 a forward pass costs about the same for 1 token as for 5 (reading the weights
+dominates), so verifying k candidates is nearly free and speculation wins. When many sessions share
+a pass, the pass is already full: every candidate is a row of real work, and a rejected one is work
+thrown away, so the best draft length shrinks, to zero when the target's own step is cheaper per
+committed token. Counted in the verifier's time, the bottleneck that batching shares (drafters scale
+out on their own machines), a session that drafts k drafter tokens per round, each worth r candidate
+target tokens of which a fraction alpha is accepted position by position, commits per round
+
+    1 + a(k),  a(k) = alpha + alpha^2 + ... + alpha^(r k)        (expected accepted candidates)
+
+and takes, of a pass shared by B sequences, fixed / B + per_token x (1 + r k). The cap is the k in
+0..k_max with the most committed tokens per unit of that time. At B = 1 the fixed cost dwarfs the
+rest (the cap is off below `SHARED` sequences per pass: alone, the adaptive length already measures
+what pays); at high load it falls to 1 or 0. vLLM's
+`speculative_disable_by_batch_size` is a fixed threshold; this one follows the measured pass cost of
+this model on this machine, and each session's own acceptance.
+
+It applies where drafts cannot change what is committed (greedy decoding, and slem, whose every token
+is the target's own draw): under token-level rejection sampling the draft decides which of the
+target's equally likely outputs a seed gives, and a seeded session must give the same output whatever
+shares its passes (`Drafter.exact_match`). There, `auto`'s arm `none` (the target's own step), measured
+like the others, is what stops speculation that does not pay.
+
+Never: runs models, knows about sessions' state beyond the counters it is given, imports grpc.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Optional
+
+HALF_LIFE = 64.0  # passes: the weight of a pass in the fit halves after this many more
+MIN_PASSES = 8  # passes observed before the model is used
+PRIOR_ALPHA = 0.5  # per-position acceptance assumed before a session has rounds of its own
+PRIOR_ROUNDS = 4  # ... weighted as this many rounds of evidence
+# Below this many sequences per pass the cap stays off: alone, a session's adaptive length (and auto)
+# already measure what pays, and the fixed cost of a pass is its own to amortise.
+SHARED = 1.5
+
+
+@dataclass(frozen=True)
+class LoadHint:
+    """What a verifier tells a drafter about its load (in the verdicts, `Verdict.load` on the wire)."""
+    sequences: float  # sequences per batched pass, recent mean
+    fixed_s: float  # a pass's cost that does not depend on its size
+    token_s: float  # its cost per token in the pass
+
+
+class CostModel:
+    """Exponentially weighted least squares of pass seconds on pass tokens, and the mean sequences
+    per pass. Thread-safe: the scheduler's thread observes, the sessions' threads read."""
+
+    def __init__(self, half_life: float = HALF_LIFE):
+        self.decay = 0.5 ** (1.0 / half_life)
+        self._lock = threading.Lock()
+        self.n = 0
+        self._w = self._x = self._y = self._xx = self._xy = self._seq = 0.0
+
+    def observe(self, sequences: int, tokens: int, seconds: float, *_waits) -> None:
+        """One pass (the scheduler's observer signature)."""
+        d = self.decay
+        with self._lock:
+            self.n += 1
+            self._w = self._w * d + 1.0
+            self._x = self._x * d + tokens
+            self._y = self._y * d + seconds
+            self._xx = self._xx * d + tokens * tokens
+            self._xy = self._xy * d + tokens * seconds
+            self._seq = self._seq * d + sequences
+
+    def hint(self) -> Optional[LoadHint]:
+        with self._lock:
+            if self.n < MIN_PASSES or self._w <= 0:
+                return None
+            w, mx, my = self._w, self._x / self._w, self._y / self._w
+            var = self._xx / w - mx * mx
+            slope = (self._xy / w - mx * my) / var if var > 1e-9 else 0.0
+            slope = max(0.0, slope)
+            fixed = max(0.0, my - slope * mx)
+            return LoadHint(sequences=self._seq / w, fixed_s=fixed, token_s=slope)
+
+
+def expected_accepted(alpha: float, candidates: float) -> float:
+    """alpha + alpha^2 + ... over `candidates` positions (fractional counts interpolate)."""
+    if candidates <= 0:
+        return 0.0
+    if alpha >= 1.0:
+        return candidates
+    return alpha * (1.0 - alpha ** candidates) / (1.0 - alpha)
+
+
+def acceptance(accepted: int, candidates: int, rounds_short: int) -> float:
+    """A session's per-position acceptance: accepted candidates over the positions that were tried
+    (each accepted one, and one rejection per round that stopped short), with a weak prior."""
+    tried = accepted + rounds_short
+    return (accepted + PRIOR_ALPHA * PRIOR_ROUNDS) / (tried + PRIOR_ROUNDS)
+
+
+def draft_cap(hint: Optional[LoadHint], alpha: float, ratio: float, k_max: int) -> int:
+    """The draft length in 0..k_max with the most committed tokens per unit of verifier time (see the
+    module docstring); k_max when there is no measured load yet. `ratio`: candidate target tokens per
+    drafted token (about 1 for same and tli; slem's drafter tokens are often shorter)."""
+    if hint is None or k_max <= 0 or hint.sequences < SHARED:
+        return max(0, k_max)
+    share = hint.fixed_s / max(1.0, hint.sequences)
+    best_k, best = 0, 0.0
+    for k in range(0, k_max + 1):
+        cands = ratio * k
+        cost = share + hint.token_s * (1.0 + cands)
+        if cost <= 0:
+            return k_max
+        rate = (1.0 + expected_accepted(alpha, cands)) / cost
+        if rate > best * (1.0 + 1e-9):
+            best_k, best = k, rate
+    return best_k

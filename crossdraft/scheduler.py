@@ -1,0 +1,204 @@
+"""Continuous batching: many sequences' steps in each forward pass of one model.
+
+Owns: running *programs* against one runner. A program is a generator that yields `runner.Step`s and
+receives each step's logits back (`logits = yield Step(...)`), and finally returns its result: a
+verification round (`Verifier.round`), a prefill (`Verifier.prefill`), a draft (`Drafter.draft`).
+Written that way, the same program runs alone (`drive`: each step is a forward pass of its own, what
+one stream in process does) or batched with every other program that waits (`Scheduler`).
+
+The scheduler's loop, in one thread per model, as vLLM's and TGI's schedulers do it:
+1. take the programs submitted since the last pass and run each up to its first step;
+2. build the next pass from every waiting step, oldest first, under a token budget
+   (`max_batch_tokens`): steps of running sequences first (a verification block, a drafted token),
+   then chunks of long steps marked `chunk=True` (a new prompt's prefill) with what is left, so a long
+   prompt adds at most one pass's worth of tokens to any pass and never stalls the others; a step
+   alone in a pass always runs whatever its size;
+3. one `runner.forward_batch`, then each program gets its logits and runs on to its next step.
+No timer: a pass starts as soon as the model is free and something waits, so at low load a step
+runs at once, and at high load every step that waits shares the next pass.
+
+One sequence's trouble never fails the others: a step that cannot run (context full) fails its own
+program before the pass (`runner.check`); an exception in a program's own code fails that program;
+a cancelled program (its future cancelled: the session ended) is dropped before the next pass.
+What each pass cost goes to `observer(sequences, tokens, seconds, waits)` (metrics, the load model).
+
+Never: knows what a program is for, or touches sessions, sampling or the wire.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import replace
+from typing import Callable, Generator, Optional
+
+from .runner import Runner, Step
+
+log = logging.getLogger("crossdraft.scheduler")
+
+DEFAULT_MAX_BATCH_TOKENS = 512
+
+Program = Generator  # yields Step, receives logits, returns its result
+
+
+def drive(runner: Runner, program: Program):
+    """Run a program alone: each of its steps is one forward pass. Returns its result."""
+    try:
+        step = next(program)
+        while True:
+            step = program.send(runner.forward_batch([step])[0])
+    except StopIteration as done:
+        return done.value
+
+
+class _Entry:
+    """A submitted program: its future, the step it waits on, and how much of a chunked step has run."""
+
+    __slots__ = ("program", "future", "step", "done", "since")
+
+    def __init__(self, program, future):
+        self.program, self.future = program, future
+        self.step: Optional[Step] = None
+        self.done = 0  # tokens of a chunked step already run
+        self.since = time.perf_counter()  # when its current step started waiting
+
+
+class Scheduler:
+    """One model's batching loop (see the module docstring). `submit(program)` from any thread returns a
+    Future of the program's result; `run(program)` waits for it."""
+
+    def __init__(self, runner: Runner, max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, name: str = "model",
+                 observer: Optional[Callable] = None):
+        if max_batch_tokens < 1:
+            raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
+        self.runner, self.max_batch_tokens, self.name = runner, max_batch_tokens, name
+        self.observer = observer
+        self._cond = threading.Condition()
+        self._incoming: deque = deque()
+        self._closed = False
+        self._thread: Optional[threading.Thread] = None
+        self.passes = 0
+
+    # --- callers ----------------------------------------------------------------------------------
+    def submit(self, program: Program) -> Future:
+        fut: Future = Future()
+        with self._cond:
+            if self._closed:
+                raise RuntimeError(f"the {self.name} scheduler is closed")
+            self._incoming.append(_Entry(program, fut))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name=f"{self.name}-scheduler", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+        return fut
+
+    def run(self, program: Program):
+        return self.submit(program).result()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30.0)
+
+    # --- the loop -------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        active: list = []
+        while True:
+            with self._cond:
+                while not self._incoming and not active and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    break
+                new = list(self._incoming)
+                self._incoming.clear()
+            for e in new:
+                if e.future.set_running_or_notify_cancel():
+                    self._advance(e, None, first=True)
+                    if e.step is not None:
+                        active.append(e)
+            active = [e for e in active if not self._dropped(e)]
+            if active:
+                self._pass(active)
+                active = [e for e in active if e.step is not None]
+        for e in active + list(self._incoming):
+            e.program.close()
+            if not e.future.done():
+                e.future.set_exception(RuntimeError(f"the {self.name} scheduler closed"))
+
+    @staticmethod
+    def _dropped(e: _Entry) -> bool:
+        if e.future.cancelled():
+            e.program.close()
+            e.step = None
+            return True
+        return False
+
+    def _advance(self, e: _Entry, logits, first: bool = False) -> None:
+        """Run a program on to its next step (checked: a step that cannot run fails its program)."""
+        try:
+            step = next(e.program) if first else e.program.send(logits)
+            self.runner.check(step)
+            if step.chunk and not step.last:
+                raise ValueError("a chunked step must ask for the last position's logits only")
+        except StopIteration as done:
+            e.step = None
+            e.future.set_result(done.value)
+            return
+        except BaseException as exc:  # noqa: BLE001 - this program fails, the others go on
+            e.step = None
+            e.program.close()
+            e.future.set_exception(exc)
+            return
+        e.step, e.done, e.since = step, 0, time.perf_counter()
+
+    def _select(self, active: list) -> list:
+        """[(entry, step to run)] for the next pass: whole steps first, then chunks, under the budget."""
+        budget = self.max_batch_tokens
+        out = []
+        for e in active:  # oldest first (entries keep their submission order)
+            s = e.step
+            if s.chunk:
+                continue
+            if len(s.ids) <= budget or not out:
+                out.append((e, s))
+                budget -= len(s.ids)
+        for e in active:
+            s = e.step
+            if not s.chunk or (budget <= 0 and out):
+                continue
+            take = min(len(s.ids) - e.done, max(budget, 1))
+            piece = s if take == len(s.ids) else replace(s, ids=s.ids[e.done: e.done + take], chunk=False)
+            out.append((e, piece))
+            budget -= take
+        return out
+
+    def _pass(self, active: list) -> None:
+        chosen = self._select(active)
+        t0 = time.perf_counter()
+        waits = [t0 - e.since for e, _ in chosen]
+        try:
+            results = self.runner.forward_batch([s for _, s in chosen])
+        except BaseException as exc:  # noqa: BLE001 - checked steps should not fail; if they do, these do
+            log.exception("%s: a batched forward pass failed", self.name)
+            for e, _ in chosen:
+                e.step = None
+                e.program.close()
+                e.future.set_exception(exc)
+            return
+        seconds = time.perf_counter() - t0
+        self.passes += 1
+        if self.observer is not None:
+            try:
+                self.observer(len(chosen), sum(len(s.ids) for _, s in chosen), seconds, waits)
+            except Exception:  # noqa: BLE001 - counting must never stop the model
+                log.exception("%s: the pass observer failed", self.name)
+        for (e, piece), logits in zip(chosen, results):
+            if e.step.chunk:
+                e.done += len(piece.ids)
+                if e.done < len(e.step.ids):
+                    continue  # more chunks to go; it keeps its place in the queue
+            self._advance(e, logits)

@@ -1,0 +1,56 @@
+"""The drafter's end of a session's Verify stream, as the round loop's "verifier" (`rounds.VerifierLink`).
+
+Owns: opening the bidirectional Verify stream (the drafter is the client) with the session's
+VerifyStart, sending each round's proposal, reading each verdict (checked by `wire.verdict_from_proto`,
+its seal kept for the gateway), remembering the verifier's load hint, and ending the stream: a
+half-close after the last verdict, a cancel otherwise (the caller went away, or the session failed).
+
+Never: drafts, decides anything about acceptance, or trusts the verdict's shape without checking it.
+"""
+from __future__ import annotations
+
+import queue
+from typing import Optional
+
+from crossdraft import wire
+from crossdraft.errors import Unavailable
+from crossdraft.protocol import Proposal, Verdict
+from crossdraft.v1 import verifier_pb2
+
+
+class RemoteVerifier:
+    def __init__(self, stub, start: wire.SessionStart, context=None):
+        """Open the stream; `context`: the RunSession call's, whose end cancels the stream too."""
+        self._requests: "queue.SimpleQueue" = queue.SimpleQueue()
+        self._requests.put(verifier_pb2.VerifyRequest(start=wire.start_to_proto(start)))
+        self.call = stub.Verify(self._stream())
+        if context is not None:
+            context.add_callback(self.call.cancel)  # the caller went away: end the Verify stream too
+        self._load = None
+        self.finished = False
+
+    def _stream(self):
+        while (msg := self._requests.get()) is not None:
+            yield msg
+
+    def submit(self, proposal: Proposal) -> None:
+        self._requests.put(verifier_pb2.VerifyRequest(proposal=wire.proposal_to_proto(proposal)))
+
+    def result(self) -> Verdict:
+        resp = next(self.call, None)
+        if resp is None:
+            raise Unavailable("the verifier closed the session's stream before it finished")
+        verdict = wire.verdict_from_proto(resp.verdict)
+        verdict.seal = resp.verdict.seal
+        if verdict.load is not None:
+            self._load = verdict.load
+        self.finished = verdict.finished
+        return verdict
+
+    def load(self) -> Optional[object]:
+        return self._load
+
+    def close(self) -> None:
+        self._requests.put(None)  # half-close the Verify stream
+        if not self.finished:
+            self.call.cancel()

@@ -1,0 +1,135 @@
+"""crossdraft.scheduler: programs (generators of forward steps) run alone (`drive`) or batched
+(`Scheduler`) give the same results; the scheduler puts whatever waits into one pass, chunks a long
+prefill under the token budget so running sequences go on meanwhile, and one program's failure or
+cancellation never touches the others. Counts of passes and sequences, never timings."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from crossdraft.runner import LlamaRunner, Step
+from crossdraft.scheduler import Scheduler, drive
+from helpers import tiny_llama
+
+V = 211
+
+
+@pytest.fixture(scope="module")
+def runner():
+    return LlamaRunner(tiny_llama(V, seed=3, kv_heads=2), 256)
+
+
+def greedy(runner, prompt: list, n: int):
+    """Program: prefill `prompt`, then n greedy tokens one step at a time; returns the tokens."""
+    cache = runner.new_cache()
+    logits = yield Step(cache, prompt, last=True, chunk=True)
+    out = []
+    for _ in range(n):
+        t = int(logits[-1].argmax())
+        out.append(t)
+        logits = yield Step(cache, [t])
+    return out
+
+
+class Passes:
+    """The scheduler's observer: (sequences, tokens) of every pass."""
+
+    def __init__(self):
+        self.seen = []
+        self.lock = threading.Lock()
+
+    def __call__(self, sequences, tokens, seconds, waits):
+        assert len(waits) == sequences and seconds >= 0
+        with self.lock:
+            self.seen.append((sequences, tokens))
+
+
+def prompts(k: int, n: int = 12) -> list:
+    g = torch.Generator().manual_seed(k)
+    return [torch.randint(1, V, (n + i,), generator=g).tolist() for i in range(k)]
+
+
+def test_batched_programs_give_what_each_gives_alone(runner):
+    """Eight programs submitted together: fewer passes than steps (they share passes), and each result
+    is what the program gives alone (float64: batching changes no greedy choice)."""
+    ps = prompts(8)
+    alone = [drive(runner, greedy(runner, p, 10)) for p in ps]
+    passes = Passes()
+    sched = Scheduler(runner, max_batch_tokens=512, observer=passes)
+    try:
+        futures = [sched.submit(greedy(runner, p, 10)) for p in ps]
+        got = [f.result(timeout=120) for f in futures]
+    finally:
+        sched.close()
+    assert got == alone
+    steps = sum(1 + 10 for _ in ps)
+    assert sum(s for s, _ in passes.seen) == steps  # every step ran exactly once
+    assert len(passes.seen) < steps and max(s for s, _ in passes.seen) > 1
+
+
+def test_a_long_prefill_is_chunked_and_the_running_sequences_go_on(runner):
+    """A 200-token prompt arriving while another sequence decodes, under a budget of 32 tokens a pass:
+    no pass takes more than 32 tokens, the prompt's prefill spans several passes, and the running
+    sequence takes a step in each of them instead of waiting for the prefill to end."""
+    passes = Passes()
+    sched = Scheduler(runner, max_batch_tokens=32, observer=passes)
+    started = threading.Event()
+
+    def running():
+        out = yield from greedy(runner, prompts(1)[0], 1)
+        started.set()
+        return out + (yield from greedy(runner, prompts(2)[1][:8], 20))
+
+    try:
+        a = sched.submit(running())
+        assert started.wait(60)
+        long_prompt = torch.randint(1, V, (200,), generator=torch.Generator().manual_seed(9)).tolist()
+        b = sched.submit(greedy(runner, long_prompt, 2))
+        a.result(timeout=120), b.result(timeout=120)
+        assert b.result() == drive(runner, greedy(runner, long_prompt, 2))
+    finally:
+        sched.close()
+    assert max(t for _, t in passes.seen) <= 32
+    shared = [p for p in passes.seen if p[0] == 2]
+    assert len(shared) >= 5  # the prefill's chunks ran beside the other sequence's steps
+
+
+def test_one_program_fails_alone(runner):
+    """A step past the context, and an exception in a program's own code, fail that program only; a
+    cancelled program is dropped; the others finish with their own results."""
+    def too_long():
+        yield Step(runner.new_cache(), list(range(1, 300)))  # 299 > 256 positions
+
+    def broken():
+        yield Step(runner.new_cache(), [5, 6, 7], last=True)
+        raise RuntimeError("a bug in this program")
+
+    ps = prompts(3)
+    sched = Scheduler(runner, max_batch_tokens=512)
+    try:
+        futs = [sched.submit(greedy(runner, p, 6)) for p in ps]
+        bad = [sched.submit(too_long()), sched.submit(broken())]
+        with sched._cond:  # (the loop cannot take it before it is cancelled: a session gone before its turn)
+            cancelled = sched.submit(greedy(runner, ps[0], 50))
+            assert cancelled.cancel()
+        with pytest.raises(ValueError, match="context full"):
+            bad[0].result(timeout=60)
+        with pytest.raises(RuntimeError, match="a bug"):
+            bad[1].result(timeout=60)
+        assert [f.result(timeout=60) for f in futs] == [drive(runner, greedy(runner, p, 6)) for p in ps]
+        assert cancelled.cancelled()
+    finally:
+        sched.close()
+
+
+def test_drive_runs_each_step_as_its_own_pass(runner):
+    p = prompts(1)[0]
+    cache = runner.new_cache()
+    want = runner.forward_batch([Step(cache, p, last=True)])[0]
+
+    def one():
+        return (yield Step(runner.new_cache(), p, last=True))
+
+    torch.testing.assert_close(drive(runner, one()), want, rtol=0, atol=0)
