@@ -120,8 +120,8 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
         self._cache_lock = threading.Lock()
 
     # --- lifecycle ----------------------------------------------------------------------------
-    def load(self, device: Optional[str] = None, fast: bool = True) -> None:
-        vocab, runner = load_warm(self.model, device, fast)
+    def load(self, device: Optional[str] = None, fast: bool = True, dtype=None) -> None:
+        vocab, runner = load_warm(self.model, device, fast, dtype)
         self.vocab, self.runner = vocab, runner
         self.fingerprint = vocab.fingerprint()
         self.sessions = DrafterSessions(runner, self.max_sessions, metrics=self.metrics, kv_slots=self.kv_slots)

@@ -4,18 +4,24 @@ Never: imports grpc.
 """
 from __future__ import annotations
 
+import logging
 import os
 
+log = logging.getLogger("crossdraft.services")
 
-def load_warm(model: str, device=None, fast: bool = True) -> tuple:
-    """(Vocab, Runner) of a model, warmed up by one short forward: what a service loads before SERVING."""
+
+def load_warm(model: str, device=None, fast: bool = True, dtype=None) -> tuple:
+    """(Vocab, Runner) of a model, warmed up by one short forward: what a service loads before SERVING.
+    `dtype`: a torch dtype (`--dtype`, `options.model_dtype`); None: the device's default."""
     from crossdraft.runner import load_model, make_runner
     from crossdraft.vocab import Vocab
 
     vocab = Vocab.load(model)
-    runner = make_runner(load_model(model, device), fast=fast)
+    runner = make_runner(load_model(model, device, dtype), fast=fast)
     runner.forward([0], last_only=True)
     runner.reset()
+    log.info("loaded %s: %s on %s, %s, context %d", model_id(model), dtype_name(runner), runner.device,
+             type(runner).__name__, runner.max_length)
     return vocab, runner
 
 
