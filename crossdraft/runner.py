@@ -14,9 +14,10 @@ one block of tokens at a time. The contract every algorithm relies on:
 Two implementations sit behind it:
 - `LlamaRunner`, for Llama-family decoders (llama, qwen2, mistral) with a RoPE whose frequencies do not
   change with the length (default, linear, llama3, yarn): the weights of the loaded Hugging Face
-  model, run by a lean forward with a preallocated cache. On a CPU a small model's step is dominated by framework overhead, and this path
-  removes most of it (see the README's profile). Numerically it is the Hugging Face computation; the
-  tests compare logits and greedy outputs with the Hugging Face model.
+  model, run by a lean forward with a preallocated cache. On a CPU a small model's step is dominated
+  by framework overhead, and this path removes most of it (see the README's profile). Numerically it
+  is the Hugging Face computation; the tests compare logits and greedy outputs with the Hugging Face
+  model.
 - `HFRunner`, any other causal LM, through the model's own forward and a `DynamicCache`.
 
 A model with sliding-window attention in use (mistral's `sliding_window`, qwen2's `use_sliding_window`
