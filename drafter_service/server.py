@@ -8,9 +8,10 @@ committed delta back to its caller, the last one with the final statistics. The 
 
 The target's tokenizer comes from the verifier (`GetTokenizer`), is loaded with `Vocab.load` and
 cached per tokenizer fingerprint; so are the per-mode drafters built against it (the TLI
-intersection is computed once per target tokenizer). Building them is the check that the pair can be
-bridged: `same` with different tokenizers, or a pair without an intersection for `tli`, is answered
-FAILED_PRECONDITION. `auto` measures here as in process (`crossdraft/auto.py`; one `AutoState` per
+intersection is computed once per target tokenizer); those caches, the channels to verifiers and the
+check that a verifier may be dialled at all (--allowed-verifiers) are `targets.Targets`'s. Building
+the drafters is the check that the pair can be bridged: `same` with different tokenizers, or a pair
+without an intersection for `tli`, is answered FAILED_PRECONDITION. `auto` measures here as in process (`crossdraft/auto.py`; one `AutoState` per
 target tokenizer and decoding mode, shared by this process's sessions, round trips included in what
 it measures): an auto session holds one drafter per algorithm it may try, until the search decides.
 A round's delta goes back to the caller once the next proposal is on its way (see `_run`).
@@ -32,8 +33,6 @@ import uuid
 from types import SimpleNamespace
 from typing import Optional
 
-import grpc
-
 from crossdraft import wire
 from crossdraft.auto import LENGTHS, AutoMemory, mode_key
 from crossdraft.drafter import Drafter
@@ -41,14 +40,15 @@ from crossdraft.engine import DraftLength, RoundStats, auto_algorithms, resolve_
 from crossdraft.errors import Aborted, InvalidArgument, ResourceExhausted, Unavailable
 from crossdraft.protocol import TOKENS, Proposal
 from crossdraft.runner import KVPool
-from crossdraft.serving.channels import CHANNEL_OPTIONS, PLAINTEXT, TLS
+from crossdraft.serving.channels import PLAINTEXT, TLS, is_loopback
 from crossdraft.serving.metrics import ServiceMetrics
 from crossdraft.serving.models import dtype_name, load_warm, model_id
 from crossdraft.serving.service import run_model_service, setup_logging
-from crossdraft.serving.status import one_line
 from crossdraft.serving.streams import decoupled
-from crossdraft.serving.tokenizers import fetch_tokenizer
-from crossdraft.v1 import drafter_pb2, drafter_pb2_grpc, verifier_pb2, verifier_pb2_grpc
+from crossdraft.v1 import drafter_pb2, drafter_pb2_grpc, verifier_pb2
+
+from .allowed import AllowedVerifiers
+from .targets import Targets
 
 log = logging.getLogger("crossdraft.drafter_service")
 
@@ -57,7 +57,6 @@ ALGORITHMS = ("same", "tli", "slem", "slrs")
 # The drafter's settings, as the in-process engine's defaults (Engine.__init__), so that a session
 # here drafts exactly what `crossdraft generate` drafts.
 WINDOW, DRAFT_TOP_K, MIN_CONFIDENCE = 4, 0, 0.4
-INFO_TIMEOUT_S = 10.0
 DEFAULT_KV_SLOTS = 4  # per-session KV caches kept
 DELTA_BUFFER = 64  # committed deltas queued for a caller that reads slowly, then the session waits
 
@@ -107,17 +106,15 @@ class DrafterSessions:
 
 class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
     def __init__(self, model: str, max_sessions: int = 16, metrics: Optional[ServiceMetrics] = None,
-                 kv_slots: int = DEFAULT_KV_SLOTS, tls: TLS = PLAINTEXT):
+                 kv_slots: int = DEFAULT_KV_SLOTS, tls: TLS = PLAINTEXT, allowed: Optional[AllowedVerifiers] = None):
         self.model = model
         self.tls = tls  # how it calls verifiers: TLS with the CA and its own certificate, or plaintext
         self.max_sessions, self.kv_slots = max_sessions, kv_slots
         self.metrics = metrics if metrics is not None else ServiceMetrics("drafter")
         self.sessions: Optional[DrafterSessions] = None  # set by load()
-        self._channels: dict = {}  # verifier address -> channel
-        self._vocabs: dict = {}  # target tokenizer fingerprint -> Vocab
-        self._templates: dict = {}  # (fingerprint, mode) -> Drafter (copied per session)
+        # channels, target tokenizers and template drafters (copied per session), bounded; the allow-list
+        self.targets = Targets(self._make_drafter, tls, allowed)
         self.auto_memory = AutoMemory()  # what `auto` measured, per target tokenizer and decoding mode
-        self._cache_lock = threading.Lock()
 
     # --- lifecycle ----------------------------------------------------------------------------
     def load(self, device: Optional[str] = None, fast: bool = True, dtype=None) -> None:
@@ -131,40 +128,9 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
             raise Unavailable("the drafter's model is still loading")
         return self.sessions
 
-    # --- the verifier's side: channel, tokenizer, drafters built against it -----------------------
-    def _stub(self, address: str):
-        with self._cache_lock:
-            ch = self._channels.get(address)
-            if ch is None:
-                ch = self._channels[address] = self.tls.channel(address, CHANNEL_OPTIONS, "verifier")
-        return verifier_pb2_grpc.VerifierServiceStub(ch)
-
-    def _target(self, address: str):
-        """(stub, target Vocab, fingerprint) of the verifier at address."""
-        stub = self._stub(address)
-        try:
-            info = stub.GetInfo(verifier_pb2.VerifierServiceGetInfoRequest(), timeout=INFO_TIMEOUT_S)
-        except grpc.RpcError as e:
-            if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                raise Unavailable(f"verifier {address} cannot be reached: {one_line(e.details() or '')}") from None
-            raise
-        fp = info.tokenizer_fingerprint
-        with self._cache_lock:  # one fetch per tokenizer, even with sessions starting together
-            vocab = self._vocabs.get(fp)
-            if vocab is None:
-                vocab = self._vocabs[fp] = fetch_tokenizer(stub, fp, address)
-        return stub, vocab, fp
-
-    def _template(self, fp: str, mode: str, target_vocab) -> Drafter:
-        """The drafter for this target tokenizer and mode, built once: this is where an unbridgeable
-        pair is found (FailedPrecondition)."""
-        key = (fp, mode)
-        with self._cache_lock:
-            d = self._templates.get(key)
-            if d is None:
-                d = self._templates[key] = Drafter(self.runner, self.vocab, target_vocab, mode, DRAFT_TOP_K,
-                                                   WINDOW, MIN_CONFIDENCE)
-        return d
+    def _make_drafter(self, target_vocab, mode: str) -> Drafter:
+        """A template drafter for this target tokenizer and mode (`Targets` keeps it; sessions fork it)."""
+        return Drafter(self.runner, self.vocab, target_vocab, mode, DRAFT_TOP_K, WINDOW, MIN_CONFIDENCE)
 
     # --- RPCs ---------------------------------------------------------------------------------
     def GetInfo(self, request, context):
@@ -192,10 +158,11 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
             v = getattr(request, name)
             if v and not 1 <= v <= wire.MAX_TARGET_IDS:
                 raise InvalidArgument(f"{name.replace('_', ' ')} must be in [1, {wire.MAX_TARGET_IDS}] (or 0: adaptive), got {v}")
-        stub, target_vocab, fp = self._target(request.verifier_address)
+        stub, target_vocab, fp = self.targets.target(request.verifier_address)
         state = None
         if algorithm == "auto":  # measured, as in process (crossdraft/auto.py), per target and mode
-            algos = auto_algorithms(params, target_vocab, self.vocab, lambda: self._template(fp, "tli", target_vocab))
+            algos = auto_algorithms(params, target_vocab, self.vocab,
+                                    lambda: self.targets.drafter(fp, "tli", target_vocab))
             fixed = request.draft_tokens or None
             state = self.auto_memory.get((fp, mode_key(params), fixed), algos, (fixed,) if fixed else LENGTHS)
             state.begin_session()
@@ -205,9 +172,9 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
             algo, why = modes[0], ""
         else:
             algo, why = resolve_algorithm(algorithm, params, target_vocab, self.vocab,
-                                          lambda: self._template(fp, "tli", target_vocab), slrs=True)
+                                          lambda: self.targets.drafter(fp, "tli", target_vocab), slrs=True)
             modes = [algo] if algo != "none" else []
-        drafters = {m: self._template(fp, m, target_vocab).fork() for m in modes}
+        drafters = {m: self.targets.drafter(fp, m, target_vocab).fork() for m in modes}
         text = [d for d in drafters.values() if d.mode != "same"]
         for d in text[1:]:  # tli, slem and slrs of one session draft on one KV cache (Drafter.share_kv)
             d.share_kv(text[0])
@@ -353,6 +320,9 @@ def serve(args) -> int:
     """`crossdraft serve drafter`: listen at once (health NOT_SERVING), load and warm the model,
     then SERVING until SIGTERM."""
     setup_logging()
+    allowed = AllowedVerifiers.parse(getattr(args, "allowed_verifiers", None))
+    if allowed.any and not is_loopback(args.host):
+        log.warning("no --allowed-verifiers: whoever can call this drafter can make it dial any address")
     servicer = DrafterServicer(args.model, max_sessions=args.max_sessions, kv_slots=args.kv_slots,
-                               tls=TLS.from_args(args))
+                               tls=TLS.from_args(args), allowed=allowed)
     return run_model_service(SERVICE_NAME, drafter_pb2_grpc.add_DrafterServiceServicer_to_server, servicer, args, log)
