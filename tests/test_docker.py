@@ -86,6 +86,7 @@ def test_compose_commands_parse_and_point_at_each_other():
         assert (a.command, a.role, a.host) == ("serve", name, "0.0.0.0")
     gw = args["gateway"]
     assert gw.drafters == f"drafter:{args['drafter'].port}" and gw.verifiers == f"verifier:{args['verifier'].port}"
+    assert args["drafter"].allowed_verifiers == gw.verifiers  # the drafter dials the compose verifier, nothing else
     assert gw.redis == "redis://redis:6379/0"  # no password in it: it comes from the environment
     assert services["gateway"]["environment"]["CROSSDRAFT_REDIS_PASSWORD"].startswith("${REDIS_PASSWORD:?")
     assert services["redis"]["environment"]["REDIS_PASSWORD"].startswith("${REDIS_PASSWORD:?")
