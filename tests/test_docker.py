@@ -18,12 +18,13 @@ import sys
 import time
 from pathlib import Path
 
+import needs
 import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
-ZOO = ROOT.parent / "shared" / "zoo"
+ZOO = needs.zoo_path()
 IMAGE = os.environ.get("CROSSDRAFT_DOCKER_IMAGE", "crossdraft:0.1.0")
 
 
