@@ -8,10 +8,10 @@ committed delta back to its caller, the last one with the final statistics. The 
 
 The target's tokenizer comes from the verifier (`GetTokenizer`), is loaded with `Vocab.load` and
 cached per tokenizer fingerprint; so are the per-mode drafters built against it (the TLI
-intersection is computed once per target tokenizer); those caches, the channels to verifiers and the
-check that a verifier may be dialled at all (--allowed-verifiers) are `targets.Targets`'s. Building
-the drafters is the check that the pair can be bridged: `same` with different tokenizers, or a pair
-without an intersection for `tli`, is answered FAILED_PRECONDITION. `auto` measures here as in process (`crossdraft/auto.py`; one `AutoState` per
+intersection is computed once per target tokenizer; `targets.Targets` keeps these caches and the
+channels, and checks --allowed-verifiers). Building them is the check that the pair can be
+bridged: `same` with different tokenizers, or a pair without an intersection for `tli`, is answered
+FAILED_PRECONDITION. `auto` measures here as in process (`crossdraft/auto.py`; one `AutoState` per
 target tokenizer and decoding mode, shared by this process's sessions, round trips included in what
 it measures): an auto session holds one drafter per algorithm it may try, until the search decides.
 A round's delta goes back to the caller once the next proposal is on its way (see `_run`).

@@ -46,7 +46,8 @@ def engine_bf16(served):
 
 def test_get_info_reports_the_dtype_asked_for(served):
     with grpc.insecure_channel(served["verifier"]) as ch:
-        info = verifier_pb2_grpc.VerifierServiceStub(ch).GetInfo(verifier_pb2.VerifierServiceGetInfoRequest(), timeout=5)
+        stub = verifier_pb2_grpc.VerifierServiceStub(ch)
+        info = stub.GetInfo(verifier_pb2.VerifierServiceGetInfoRequest(), timeout=5)
     assert (info.device, info.dtype) == ("cpu", "bfloat16")  # the CPU's default is float32
     with grpc.insecure_channel(served["drafter"]) as ch:
         info = drafter_pb2_grpc.DrafterServiceStub(ch).GetInfo(drafter_pb2.DrafterServiceGetInfoRequest(), timeout=5)
