@@ -49,6 +49,7 @@ Never: runs models, knows how a round is made, imports grpc or redis.
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Optional
 
@@ -326,24 +327,49 @@ class AutoState:
         return f"still measuring ({s['stage']} stage, {s['incumbent']} leads): {figures}"
 
 
-class AutoMemory:
-    """The `AutoState`s of a process, one per key (the pair and the decoding mode)."""
+MEMORY_ENTRIES = 64  # AutoStates a process keeps (pairs x decoding modes x fixed lengths), least recently used out
 
-    def __init__(self):
-        self._states: dict = {}
+
+class AutoMemory:
+    """The `AutoState`s of a process, one per key (the pair and the decoding mode), at most `max_entries`
+    of them: the least recently used is forgotten (a session that holds it keeps using it; the next
+    session with that key searches again). Keys come from requests (`mode_key` buckets their sampling
+    parameters), so without the bound a client could grow a process's memory with distinct keys."""
+
+    def __init__(self, max_entries: int = MEMORY_ENTRIES):
+        if max_entries < 1:
+            raise ValueError(f"an AutoMemory keeps at least one state, got {max_entries}")
+        self.max_entries = max_entries
+        self._states: "OrderedDict" = OrderedDict()  # key -> AutoState, least recently used first
         self._lock = threading.Lock()
 
     def get(self, key, algorithms: list, lengths: tuple) -> AutoState:
         with self._lock:
             st = self._states.get(key)
             if st is None:
-                st = self._states[key] = AutoState(algorithms, lengths)
+                st = self._install(key, AutoState(algorithms, lengths))
+            self._states.move_to_end(key)
             return st
 
     def put(self, key, state: AutoState) -> None:
         """Install a state (a caller that already knows, or a test that forces a schedule)."""
         with self._lock:
-            self._states[key] = state
+            self._install(key, state)
+
+    def _install(self, key, state: AutoState) -> AutoState:
+        self._states[key] = state
+        self._states.move_to_end(key)
+        while len(self._states) > self.max_entries:
+            self._states.popitem(last=False)
+        return state
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._states)
+
+    def __contains__(self, key) -> bool:
+        with self._lock:
+            return key in self._states
 
     def clear(self) -> None:
         with self._lock:
@@ -351,6 +377,11 @@ class AutoMemory:
 
 
 def mode_key(params) -> tuple:
-    """Decoding modes that auto measures apart: greedy, or sampling at this temperature/top-k/top-p."""
-    return ("greedy",) if params.greedy else ("sampling", round(params.temperature, 3), params.top_k,
-                                              round(params.top_p, 3))
+    """Decoding modes that auto measures apart: greedy, or sampling in a bucket of temperature (steps of
+    0.1), top-k (0: off, else its power of two: 1, 2-3, 4-7, ...) and top-p (steps of 0.05). Nearby
+    settings draft alike, so they share what auto measured; the buckets also keep a client from making a
+    new key with every request."""
+    if params.greedy:
+        return ("greedy",)
+    top_k = 1 << (params.top_k.bit_length() - 1) if params.top_k > 0 else 0
+    return ("sampling", round(params.temperature, 1), top_k, round(params.top_p * 20) / 20)

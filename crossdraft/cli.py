@@ -156,6 +156,12 @@ def _model_service_parsers(roles) -> None:
         r.add_argument("--metrics-port", type=int, default=0,
                        help="serve Prometheus metrics over HTTP at HOST:PORT/metrics (default: 0, off)")
         add_tls_args(r)
+        if role == "drafter":
+            r.add_argument("--allowed-verifiers", default=None, metavar="HOST:PORT,...",
+                           help="the only verifier addresses a session may name (`*` wildcards in a host, `*` for "
+                                "a port; a DNS name also allows the addresses it resolves to); others are answered "
+                                "PERMISSION_DENIED without a connection (default: any address, with a warning when "
+                                "listening off loopback)")
         if role == "verifier":
             r.add_argument("--verdict-key-file", default=None, metavar="FILE",
                            help="seal every verdict with this key (HMAC-SHA256), shared with the gateways and never "

@@ -70,6 +70,13 @@ class Aborted(CrossdraftError):
     exit_code = 1
 
 
+class PermissionDenied(CrossdraftError):
+    """The caller may not do this here: e.g. name a verifier a drafter is not allowed to dial."""
+
+    code = "PERMISSION_DENIED"
+    exit_code = 2
+
+
 class Unauthenticated(CrossdraftError):
     """A request to a gateway with API keys came without a key, or with one it does not know."""
 

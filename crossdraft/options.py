@@ -52,8 +52,9 @@ def check_slrs_args(args) -> None:
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if available)")
-    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
-                   help="weights and activations (default: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16", "float64"), default="auto",
+                   help="weights and activations (default: float32 on CPU, bfloat16 on CUDA; float64 for tests "
+                        "that must rule out rounding)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: all cores)")
     p.add_argument("--hf-runner", action="store_true",
                    help="run models through Hugging Face's own forward instead of the lean Llama runner")

@@ -17,8 +17,9 @@ Two contracts, the second built on the first:
                                           follows parents[i], -1: the cache's end); the cache is left as it was
 
 Two implementations sit behind it:
-- `LlamaRunner`, for Llama-family decoders (llama, qwen2, mistral without sliding window) with the
-  default RoPE: the weights of the loaded Hugging Face model, run by a lean forward. A batch's tokens go
+- `LlamaRunner`, for Llama-family decoders (llama, qwen2, mistral) with a RoPE whose frequencies do not
+  change with the length (default, linear, llama3, yarn): the weights of the loaded Hugging Face
+  model, run by a lean forward. A batch's tokens go
   through every matrix product together (the weights are read once for all of them: what makes a
   batch cheaper than its sequences one by one), and each sequence attends over its own cache. On a
   CPU a small model's step is dominated by framework overhead, and this path removes most of it (see
@@ -27,10 +28,15 @@ Two implementations sit behind it:
 - `HFRunner`, any other causal LM, through the model's own forward and a `DynamicCache` per sequence;
   a batch runs its sequences one at a time.
 
+A model with sliding-window attention in use (mistral's `sliding_window`, qwen2's `use_sliding_window`
+layers) gets a context capped below its window (`context_limit`): there every position sees every
+earlier one, so the window changes nothing and both runners are exact; past it they would not be.
+
 Never: knows about sessions, tokenizers, sampling or speculation.
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -42,6 +48,13 @@ from .errors import ModelLoadError
 
 FAST_MODEL_TYPES = {"llama", "qwen2", "mistral"}
 BLOCK = 64  # a KV cache grows in whole blocks of this many positions
+# RoPE schemes whose frequencies are fixed once the model is built: its rotary embedding holds them
+# (`inv_freq`, `attention_scaling`, the scaling included), and LlamaRunner's tables are computed from
+# them. "dynamic" (NTK) and "longrope" change them with the length of each forward call, which a KV
+# cache cannot follow exactly: those stay on HFRunner, as Hugging Face computes them.
+STATIC_ROPE_TYPES = {"default", "linear", "llama3", "yarn"}
+
+log = logging.getLogger("crossdraft.runner")
 
 
 def pick_device(device: Optional[str] = None) -> torch.device:
@@ -88,9 +101,40 @@ def load_model(name_or_path: str, device: Optional[str] = None, dtype: Optional[
 
 def make_runner(model, max_length: Optional[int] = None, fast: bool = True) -> "Runner":
     """The fastest runner that is exact for this model."""
+    limit = context_limit(model.config, max_length)
+    if limit < (max_length or _max_positions(model.config)):
+        log.info("%s has sliding-window attention (window %d): its context is capped at %d positions, where "
+                 "the window masks nothing and the output is exact", getattr(model.config, "model_type", "the model"),
+                 sliding_window(model.config), limit)
     if fast and LlamaRunner.supports(model):
         return LlamaRunner(model, max_length)
     return HFRunner(model, max_length)
+
+
+def sliding_window(config) -> Optional[int]:
+    """The attention window of a model that has one in use, else None: mistral's `sliding_window` (every
+    layer), qwen2's when `use_sliding_window` (the layers `layer_types` marks "sliding_attention")."""
+    window = getattr(config, "sliding_window", None)
+    if not window or getattr(config, "use_sliding_window", True) is False:
+        return None
+    types = getattr(config, "layer_types", None)
+    if types is not None and "sliding_attention" not in types:
+        return None
+    return int(window)
+
+
+def _max_positions(config) -> int:
+    return int(getattr(config, "max_position_embeddings", None) or 2048)
+
+
+def context_limit(config, max_length: Optional[int] = None) -> int:
+    """Positions a runner holds: `max_length` (default: the model's max_position_embeddings), and with a
+    sliding window W in use at most W - 1. A query at position i attends to keys i - W + 1 .. i, so in a
+    context of at most W positions the window masks nothing; W - 1 because transformers' sliding-window
+    cache (HFRunner) cannot roll back once it has held W positions."""
+    limit = int(max_length or _max_positions(config))
+    window = sliding_window(config)
+    return limit if window is None else min(limit, window - 1)
 
 
 class KVCache:
@@ -267,14 +311,17 @@ class LlamaRunner(Runner):
         if getattr(cfg, "model_type", None) not in FAST_MODEL_TYPES:
             return False
         rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
-        if (rope.get("rope_type") or rope.get("type") or "default") != "default":
+        if any(isinstance(v, dict) for v in rope.values()):  # per-layer-type RoPE
             return False
-        if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True) and cfg.model_type == "mistral":
+        if (rope.get("rope_type") or rope.get("type") or "default") not in STATIC_ROPE_TYPES:
             return False
         if getattr(cfg, "hidden_act", "silu") != "silu" or getattr(cfg, "mlp_bias", False):
             return False
         inner = getattr(model, "model", None)
-        return inner is not None and hasattr(inner, "layers") and hasattr(inner, "rotary_emb")
+        if inner is None or not hasattr(inner, "layers") or not hasattr(inner, "rotary_emb"):
+            return False
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        return 2 * inner.rotary_emb.inv_freq.numel() == head_dim  # RoPE over the whole head (no partial rotary)
 
     def __init__(self, model, max_length: Optional[int] = None):
         cfg = model.config
@@ -285,7 +332,7 @@ class LlamaRunner(Runner):
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
         self.eps = cfg.rms_norm_eps
-        self.max_length = int(max_length or cfg.max_position_embeddings)
+        self.max_length = context_limit(cfg, max_length)
         self.vocab_size = model.lm_head.weight.shape[0]
         self.embed = inner.embed_tokens.weight.detach()
         self.norm = inner.norm.weight.detach()
@@ -303,7 +350,8 @@ class LlamaRunner(Runner):
             self.layers.append((layer.input_layernorm.weight.detach(), _Linear(wqkv, bqkv), _Linear(wo, bo),
                                 layer.post_attention_layernorm.weight.detach(), _Linear(wgu),
                                 _Linear(m.down_proj.weight.detach())))
-        # RoPE tables exactly as the model's own rotary embedding computes them (float32).
+        # RoPE tables exactly as the model's own rotary embedding computes them (float32), with the scaling
+        # of a static scheme (linear, llama3, yarn) already in its inv_freq and attention_scaling.
         rot = inner.rotary_emb
         pos = torch.arange(self.max_length, device=self.device, dtype=torch.float32)
         freqs = pos[:, None] * rot.inv_freq.to(self.device, torch.float32)[None, :]
@@ -490,7 +538,7 @@ class HFRunner(Runner):
         self.model = model
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
-        self.max_length = int(max_length or getattr(model.config, "max_position_embeddings", 2048))
+        self.max_length = context_limit(model.config, max_length)
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self._cache_cls = DynamicCache
         self.pruned_rows = None

@@ -7,7 +7,8 @@ one with the final statistics. A round's delta goes back once the next proposal 
 
 The target's tokenizer comes from the verifier (`GetTokenizer`), is loaded with `Vocab.load` and
 cached per tokenizer fingerprint; so are the per-mode drafters built against it (the TLI
-intersection is computed once per target tokenizer). Building them is the check that the pair can be
+intersection is computed once per target tokenizer; `targets.Targets` keeps these caches and the
+channels, and checks --allowed-verifiers). Building them is the check that the pair can be
 bridged: `same` with different tokenizers, or a pair without an intersection for `tli`, is answered
 FAILED_PRECONDITION. `auto` measures here as in process (`crossdraft/auto.py`; one `AutoState` per
 target tokenizer and decoding mode, shared by this process's sessions, round trips included in what
@@ -18,7 +19,8 @@ KV cache of its own, admitted under the KV budget (`--kv-budget-mb`; it reserves
 will take in drafter tokens, measured on its prompt). Every draft is a program run by the model's
 scheduler (`crossdraft.batched.BatchedModel`), so the drafting steps of all sessions share forward
 passes (continuous batching). Each verdict carries the verifier's load, from which a round's draft
-length is capped (`crossdraft/load.py`): at high load a session drafts less, or nothing.
+length is capped where drafts cannot change the output (`crossdraft/load.py`): at high load a
+session drafts less, or nothing.
 
 Never: decides acceptance or commits anything; the verifier alone does.
 """
@@ -31,8 +33,6 @@ import uuid
 from types import SimpleNamespace
 from typing import Optional
 
-import grpc
-
 from crossdraft import wire
 from crossdraft.auto import LENGTHS, AutoMemory, mode_key
 from crossdraft.batched import BatchedModel, Limits
@@ -41,16 +41,16 @@ from crossdraft.engine import auto_algorithms, resolve_algorithm
 from crossdraft.errors import InvalidArgument, ResourceExhausted, Unavailable
 from crossdraft.protocol import Proposal
 from crossdraft.rounds import run_rounds
-from crossdraft.serving.channels import CHANNEL_OPTIONS, PLAINTEXT, TLS
+from crossdraft.serving.channels import PLAINTEXT, TLS, is_loopback
 from crossdraft.serving.metrics import ServiceMetrics
 from crossdraft.serving.models import dtype_name, load_warm, model_id
 from crossdraft.serving.service import run_model_service, setup_logging
-from crossdraft.serving.status import one_line
 from crossdraft.serving.streams import decoupled
-from crossdraft.serving.tokenizers import fetch_tokenizer
-from crossdraft.v1 import drafter_pb2, drafter_pb2_grpc, verifier_pb2, verifier_pb2_grpc
+from crossdraft.v1 import drafter_pb2, drafter_pb2_grpc
 
+from .allowed import AllowedVerifiers
 from .link import RemoteVerifier
+from .targets import Targets
 
 log = logging.getLogger("crossdraft.drafter_service")
 
@@ -59,7 +59,6 @@ ALGORITHMS = ("same", "tli", "slem", "slrs")
 # The drafter's settings, as the in-process engine's defaults (Engine.__init__), so that a session
 # here drafts exactly what `crossdraft generate` drafts.
 WINDOW, DRAFT_TOP_K, MIN_CONFIDENCE = 4, 0, 0.4
-INFO_TIMEOUT_S = 10.0
 DELTA_BUFFER = 64  # committed deltas queued for a caller that reads slowly, then the session waits
 
 
@@ -117,22 +116,21 @@ class DrafterSessions:
 
 class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
     def __init__(self, model: str, limits: Limits = Limits(), metrics: Optional[ServiceMetrics] = None,
-                 tls: TLS = PLAINTEXT, max_model_len: Optional[int] = None):
+                 tls: TLS = PLAINTEXT, max_model_len: Optional[int] = None,
+                 allowed: Optional[AllowedVerifiers] = None):
         self.model = model
         self.tls = tls  # how it calls verifiers: TLS with the CA and its own certificate, or plaintext
         self.limits, self.max_model_len = limits, max_model_len
         self.max_sessions = limits.max_sessions
         self.metrics = metrics if metrics is not None else ServiceMetrics("drafter")
         self.sessions: Optional[DrafterSessions] = None  # set by load()
-        self._channels: dict = {}  # verifier address -> channel
-        self._vocabs: dict = {}  # target tokenizer fingerprint -> Vocab
-        self._templates: dict = {}  # (fingerprint, mode) -> Drafter (copied per session)
+        # channels, target tokenizers and template drafters (copied per session), bounded; the allow-list
+        self.targets = Targets(self._make_drafter, tls, allowed)
         self.auto_memory = AutoMemory()  # what `auto` measured, per target tokenizer and decoding mode
-        self._cache_lock = threading.Lock()
 
     # --- lifecycle ----------------------------------------------------------------------------
-    def load(self, device: Optional[str] = None, fast: bool = True) -> None:
-        vocab, runner = load_warm(self.model, device, fast, max_length=self.max_model_len)
+    def load(self, device: Optional[str] = None, fast: bool = True, dtype=None) -> None:
+        vocab, runner = load_warm(self.model, device, fast, dtype, max_length=self.max_model_len)
         self.vocab, self.runner = vocab, runner
         self.fingerprint = vocab.fingerprint()
         model = BatchedModel(runner, self.limits, "drafter", observer=self.metrics.batch)
@@ -144,40 +142,9 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
             raise Unavailable("the drafter's model is still loading")
         return self.sessions
 
-    # --- the verifier's side: channel, tokenizer, drafters built against it -----------------------
-    def _stub(self, address: str):
-        with self._cache_lock:
-            ch = self._channels.get(address)
-            if ch is None:
-                ch = self._channels[address] = self.tls.channel(address, CHANNEL_OPTIONS, "verifier")
-        return verifier_pb2_grpc.VerifierServiceStub(ch)
-
-    def _target(self, address: str):
-        """(stub, target Vocab, fingerprint) of the verifier at address."""
-        stub = self._stub(address)
-        try:
-            info = stub.GetInfo(verifier_pb2.VerifierServiceGetInfoRequest(), timeout=INFO_TIMEOUT_S)
-        except grpc.RpcError as e:
-            if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                raise Unavailable(f"verifier {address} cannot be reached: {one_line(e.details() or '')}") from None
-            raise
-        fp = info.tokenizer_fingerprint
-        with self._cache_lock:  # one fetch per tokenizer, even with sessions starting together
-            vocab = self._vocabs.get(fp)
-            if vocab is None:
-                vocab = self._vocabs[fp] = fetch_tokenizer(stub, fp, address)
-        return stub, vocab, fp
-
-    def _template(self, fp: str, mode: str, target_vocab) -> Drafter:
-        """The drafter for this target tokenizer and mode, built once: this is where an unbridgeable
-        pair is found (FailedPrecondition)."""
-        key = (fp, mode)
-        with self._cache_lock:
-            d = self._templates.get(key)
-            if d is None:
-                d = self._templates[key] = Drafter(self.runner, self.vocab, target_vocab, mode, DRAFT_TOP_K,
-                                                   WINDOW, MIN_CONFIDENCE)
-        return d
+    def _make_drafter(self, target_vocab, mode: str) -> Drafter:
+        """A template drafter for this target tokenizer and mode (`Targets` keeps it; sessions fork it)."""
+        return Drafter(self.runner, self.vocab, target_vocab, mode, DRAFT_TOP_K, WINDOW, MIN_CONFIDENCE)
 
     # --- RPCs ---------------------------------------------------------------------------------
     def GetInfo(self, request, context):
@@ -192,9 +159,9 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
     def RunSession(self, request, context):
         sessions = self._ready()
         sid, params, algorithm, committed = self._check(request)
-        stub, target_vocab, fp = self._target(request.verifier_address)
+        stub, target_vocab, fp = self.targets.target(request.verifier_address)
         algo, modes, why, state = self._plan(algorithm, params, request.draft_tokens or None, target_vocab, fp)
-        drafters = {m: self._template(fp, m, target_vocab).fork() for m in modes}
+        drafters = {m: self.targets.drafter(fp, m, target_vocab).fork() for m in modes}
         text = [d for d in drafters.values() if d.mode != "same"]
         for d in text[1:]:  # tli, slem and slrs of one session draft on one KV cache (Drafter.share_kv)
             d.share_kv(text[0])
@@ -246,7 +213,7 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
 
     def _plan(self, algorithm: str, params, fixed: Optional[int], target_vocab, fp: str) -> tuple:
         """(the algorithm the Verify stream opens with, the modes to start drafters for, why, auto state)."""
-        tli = lambda: self._template(fp, "tli", target_vocab)  # noqa: E731
+        tli = lambda: self.targets.drafter(fp, "tli", target_vocab)  # noqa: E731
         if algorithm == "auto":  # measured, as in process (crossdraft/auto.py), per target and mode
             algos = auto_algorithms(params, target_vocab, self.vocab, tli)
             state = self.auto_memory.get((fp, mode_key(params), fixed), algos, (fixed,) if fixed else LENGTHS)
@@ -308,6 +275,9 @@ def serve(args) -> int:
     """`crossdraft serve drafter`: listen at once (health NOT_SERVING), load and warm the model,
     then SERVING until SIGTERM."""
     setup_logging()
+    allowed = AllowedVerifiers.parse(getattr(args, "allowed_verifiers", None))
+    if allowed.any and not is_loopback(args.host):
+        log.warning("no --allowed-verifiers: whoever can call this drafter can make it dial any address")
     servicer = DrafterServicer(args.model, Limits.from_args(args), tls=TLS.from_args(args),
-                               max_model_len=args.max_model_len or None)
+                               max_model_len=args.max_model_len or None, allowed=allowed)
     return run_model_service(SERVICE_NAME, drafter_pb2_grpc.add_DrafterServiceServicer_to_server, servicer, args, log)

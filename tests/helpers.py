@@ -196,16 +196,20 @@ def vocab(name: str):
 
 def tiny_llama(vocab_size: int, seed: int = 0, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
                max_pos: int = 256, model_type: str = "llama", bias: bool = False, tie: bool = False,
-               bos: Optional[int] = None, eos: Optional[int] = None):
-    """A random-weight decoder in float64 (eval mode)."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+               bos: Optional[int] = None, eos: Optional[int] = None, **config):
+    """A random-weight decoder in float64 (eval mode); `config`: more fields of its config (rope_parameters,
+    sliding_window, ...)."""
+    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM)
 
     torch.manual_seed(seed)
     kw = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
               num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_pos,
-              tie_word_embeddings=tie, bos_token_id=bos, eos_token_id=eos, pad_token_id=eos)
+              tie_word_embeddings=tie, bos_token_id=bos, eos_token_id=eos, pad_token_id=eos, **config)
     if model_type == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**kw))
+    elif model_type == "mistral":
+        model = MistralForCausalLM(MistralConfig(**kw))
     else:
         model = LlamaForCausalLM(LlamaConfig(attention_bias=bias, **kw))
     return model.to(torch.float64).eval()

@@ -166,6 +166,36 @@ def test_search_skips_what_is_fixed():
 def test_mode_key_separates_decoding_modes():
     assert mode_key(SamplingParams()) != mode_key(T1)
     assert mode_key(T1) != mode_key(SamplingParams(temperature=1.0, top_k=5))
+    assert mode_key(SamplingParams(temperature=0.7, top_p=0.9)) != mode_key(SamplingParams(temperature=0.8, top_p=0.95))
+
+
+def test_mode_key_buckets_nearby_sampling_parameters():
+    """Nearby settings share what auto measured, and a sweep of settings makes few keys."""
+    a = SamplingParams(temperature=0.71, top_k=40, top_p=0.93, seed=1)
+    b = SamplingParams(temperature=0.74, top_k=50, top_p=0.94, seed=2)
+    assert mode_key(a) == mode_key(b)
+    sweep = {mode_key(SamplingParams(temperature=1.0 + i * 1e-5, top_k=300 + i // 10, top_p=0.9 + i * 1e-5))
+             for i in range(1000)}
+    assert sweep == {("sampling", 1.0, 256, 0.9)}  # top-k 300..399: one power of two
+
+
+def test_auto_memory_is_bounded_least_recently_used_out():
+    """A client sweeping sampling parameters (or fixed draft lengths) cannot grow a process's memory: at
+    most max_entries states are kept, and the one used all along is never the one evicted."""
+    from crossdraft.auto import LENGTHS, MEMORY_ENTRIES, AutoMemory
+
+    assert AutoMemory().max_entries == MEMORY_ENTRIES  # as the engine and the drafter service make it
+    mem = AutoMemory(max_entries=8)
+    kept = ("fp", mode_key(T1), None)
+    first = mem.get(kept, ["tli", "slem"], LENGTHS)
+    for i in range(500):
+        params = SamplingParams(temperature=0.05 + i * 0.2, top_k=i, top_p=0.3 + (i % 14) * 0.05, seed=i)
+        mem.get(("fp", mode_key(params), 1 + i % 64), ["tli", "slem"], LENGTHS)
+        assert len(mem) <= 8
+        if i % 5 == 0:
+            assert mem.get(kept, ["tli", "slem"], LENGTHS) is first  # still there: recently used
+    assert len(mem) == 8 and kept in mem
+    assert ("fp", mode_key(SamplingParams(temperature=0.05, seed=0)), 1) not in mem  # the oldest went first
 
 
 # --------------------------------------------------------------------------------------------------

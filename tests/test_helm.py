@@ -189,6 +189,7 @@ def test_kubernetes_validate_rejects_an_unknown_field(tmp_path):
     (["--set", "redis.auth.password=hunter2"], "password"),  # a password is never a value
     (["--set", "redis.external.password=hunter2"], "password"),
     (["--set", "redis.enabled=false"], "/redis/external/url"),  # external Redis needs its URL
+    (["--set-json", 'networkPolicy.extraAllowedVerifiers=["no-port"]'], "/networkPolicy/extraAllowedVerifiers/0"),
 ])
 def test_schema_rejects(sets, message):
     proc = helm("template", RELEASE, str(CHART), *sets, check=False)
@@ -488,23 +489,76 @@ def _allowed_sources(objs: list, target: dict, port: int) -> set:
     return out
 
 
-def test_network_policies_let_only_the_right_roles_through():
-    objs = objects("gpu-two-pools")
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_network_policies_are_on_and_let_only_the_right_roles_through(name):
+    """Secure by default (docs/threat-model.md): in every value set, the chart's defaults included, only
+    the gateway reaches the drafters and Redis, only the gateway and the drafters reach the verifiers, and
+    the metrics ports are open to `metricsFrom` (any source when empty)."""
+    objs, vals = objects(name), values(name)
     ws = workloads(objs)
     gw, redis, verifier = f"{FULL}-gateway", f"{FULL}-redis", f"{FULL}-verifier"
     drafters = {n for n, w in ws.items() if component(w) == "drafter"}
-    assert len(drafters) == 2
+    assert len(drafters) == len(vals["drafter"]["pools"])
+    metrics_from = vals["networkPolicy"]["metricsFrom"]
     for d in drafters:
         assert _allowed_sources(objs, ws[d], 50052) == {gw}
+        assert _allowed_sources(objs, ws[d], 50051) == set()  # no rule opens a drafter's other ports
         monitoring = _allowed_sources(objs, ws[d], 9090)
-        assert len(monitoring) == 1 and "monitoring" in next(iter(monitoring))
+        if not vals["metrics"]["enabled"]:
+            assert monitoring == set()
+        elif metrics_from:
+            assert len(monitoring) == 1 and "monitoring" in next(iter(monitoring))
+        else:
+            assert monitoring == {"*"}
     assert _allowed_sources(objs, ws[verifier], 50051) == {gw} | drafters
-    assert _allowed_sources(objs, ws[redis], 6379) == {gw}
+    if vals["redis"]["enabled"]:
+        assert _allowed_sources(objs, ws[redis], 6379) == {gw}
     gateway_from = _allowed_sources(objs, ws[gw], 50050)
-    assert "helm-test" in gateway_from and any("clients" in s for s in gateway_from) and len(gateway_from) == 2
-    assert _allowed_sources(objs, ws[d], 50051) == set()  # no rule opens a drafter's other ports
-    for name in ("default", "external-redis", "static"):
-        assert not by_kind(objects(name), "NetworkPolicy")
+    if vals["networkPolicy"]["gatewayFrom"]:
+        assert "helm-test" in gateway_from and any("clients" in s for s in gateway_from) and len(gateway_from) == 2
+    else:
+        assert gateway_from == {"*"}
+
+
+def test_network_policies_can_be_turned_off():
+    out = helm("template", RELEASE, str(CHART), "--namespace", NAMESPACE, "--set", "networkPolicy.enabled=false").stdout
+    assert not by_kind([d for d in yaml.safe_load_all(out) if d], "NetworkPolicy")
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_drafters_may_dial_the_release_verifiers_and_nothing_else(name):
+    """Each drafter's --allowed-verifiers allows every verifier address the gateway is given (and the
+    StatefulSet's other pod names, should replicas change), and refuses anything else a session could name."""
+    from drafter_service.allowed import AllowedVerifiers
+    from gateway.pool import parse_addresses
+
+    objs, vals = objects(name), values(name)
+    gw = by_kind(objs, "Deployment")[f"{FULL}-gateway"]["spec"]["template"]["spec"]["containers"][0]
+    verifiers = parse_addresses(flag(gw["args"], "verifiers"), "--verifiers")
+    drafters = parse_addresses(flag(gw["args"], "drafters"), "--drafters")
+    port, suffix = vals["verifier"]["port"], f".{NAMESPACE}.svc.cluster.local"
+    others = [*drafters, f"{FULL}-redis{suffix}:6379", f"{FULL}-verifier-0.{FULL}-verifier.other.svc.cluster.local:{port}",
+              f"{FULL}-verifier-0.{FULL}-verifier{suffix}:{port + 1}", "evil.example.com:443", "169.254.169.254:80"]
+    seen = 0
+    for w, c in crossdraft_containers(objs):
+        if c["name"] != "drafter":
+            continue
+        allowed = AllowedVerifiers.parse(flag(c["args"], "allowed-verifiers"))
+        assert all(allowed.allows(a) for a in verifiers + [f"{FULL}-verifier-9.{FULL}-verifier{suffix}:{port}"])
+        assert not any(allowed.allows(a) for a in others), [a for a in others if allowed.allows(a)]
+        seen += 1
+    assert seen == len(vals["drafter"]["pools"])
+
+
+def test_more_allowed_verifiers_from_values():
+    out = helm("template", RELEASE, str(CHART), "--namespace", NAMESPACE, "--set-json",
+               'networkPolicy.extraAllowedVerifiers=["verifier.other-team.svc:50051","*.gpu.internal:*"]').stdout
+    from drafter_service.allowed import AllowedVerifiers
+
+    (c,) = [c for _, c in crossdraft_containers([d for d in yaml.safe_load_all(out) if d]) if c["name"] == "drafter"]
+    allowed = AllowedVerifiers.parse(flag(c["args"], "allowed-verifiers"))
+    assert allowed.allows("verifier.other-team.svc:50051") and allowed.allows("a.gpu.internal:1")
+    assert not allowed.allows("verifier.other-team.svc:50052")
 
 
 def test_service_monitor_scrapes_drafters_and_verifiers():

@@ -26,11 +26,22 @@ for the CLOSE tables at N = 60,000 (with the engine's default confidence stop; ~
 power of ~0.998 at p < 1e-4. The test asserts that power (> 0.99), that the biased run is rejected
 (p < 1e-4; observed chi2 ~ 136, p ~ 1e-12), and that the biased run fits the DP's own prediction
 of it.
+
+Long rounds. With max_new_tokens = 3 a round verifies at most two candidates, and bugs in the residual
+after a late rejection, or in uniforms reused across a long round, live at four and more. So a second
+table of settings runs max_new_tokens = 5 (364 outcomes) with draft lengths 4 and 5 and the drafter's
+confidence stop off: the first round of every run verifies four candidates (unless the drafter draws
+EOS), for same, tli, slem and slrs. Its negative control uses CLOSE tables with P("ab") = 0.05 (CLOSE4),
+where each acceptance the 1% bias moves shifts more relative mass; rare outcomes are merged into bins of
+at least 50 expected counts (`MIN_EXPECTED_LONG`). At N = 30,000 the DP gives a non-centrality of ~137
+with ~102 degrees of freedom, a power of ~0.999 at p < 1e-4, asserted (> 0.99) as above, and the biased
+run must be rejected (observed chi2 ~ 238, p ~ 1e-12) while it fits the DP's prediction of it.
 """
 from __future__ import annotations
 
 import math
 from collections import Counter
+from typing import Optional
 
 import pytest
 import torch
@@ -55,44 +66,49 @@ N_POWER = 60_000  # CLOSE tables: the test the negative control is run against (
 N = 20_000  # FAR tables
 BIAS = 1.01  # the negative control's acceptance bias
 T1 = SamplingParams(temperature=1.0)
+MAX_NEW_LONG = 5  # long rounds: a first round of four candidates, then the rest
+N_POWER_LONG = 30_000  # CLOSE4 tli k=4 and its negative control
+MIN_EXPECTED_LONG = 50.0  # bins of the long settings' chi-square tests (their power is computed with it)
+P_AB_CLOSE4 = 0.05
 
 
 def make_vocab(tokens, eos=EOS):
     return Vocab.from_tokens(tokens, longest_match_encoder(tokens), [eos], name="".join(t or "#" for t in tokens))
 
 
-def far_engine(drafter_tokens=None) -> Engine:
-    """Independent pseudo-random target and drafter tables (functions of the id contexts)."""
+def far_engine(drafter_tokens=None, **engine_kw) -> Engine:
+    """Independent pseudo-random target and drafter tables (functions of the id contexts). `engine_kw`:
+    Engine settings (min_confidence=0.0: no confidence stop, rounds as long as the draft length)."""
     tv = make_vocab(T_TOKENS)
     tr = TableRunner(lambda c: hashed_logits(c, 4, salt=11, scale=1.5), 4, 64)
     if drafter_tokens is None:
         return Engine(tr, tv)
     V = len(drafter_tokens)
     dr = TableRunner(lambda c: hashed_logits(c, V, salt=22, scale=1.5), V, 64)
-    return Engine(tr, tv, dr, make_vocab(drafter_tokens))
+    return Engine(tr, tv, dr, make_vocab(drafter_tokens), **engine_kw)
 
 
-def _text_logits(text: bytes) -> torch.Tensor:
+def _text_logits(text: bytes, p_ab: float = 0.1) -> torch.Tensor:
     """CLOSE tables' shared part, a function of the text: logits over the target's 4 tokens with
-    P("ab") = 0.1 and EOS made rarer (most outcomes have 3 tokens)."""
+    P("ab") = p_ab and EOS made rarer (most outcomes have 3 tokens)."""
     x = hashed_logits(text, 4, salt=5, scale=1.0)
     x[EOS] -= 1.5
-    x[2] = torch.logsumexp(x[[0, 1, EOS]], 0) + math.log(0.1 / 0.9)
+    x[2] = torch.logsumexp(x[[0, 1, EOS]], 0) + math.log(p_ab / (1 - p_ab))
     return x
 
 
-def close_engine(drafter_tokens=None) -> Engine:
+def close_engine(drafter_tokens=None, p_ab: float = 0.1, **engine_kw) -> Engine:
     """Target: the text's logits plus a small term of its own id context (so it depends on the ids it
     generated, not only on the text). Drafter: the same text logits for the tokens it shares with the
     target (a drafter token with no target counterpart gets the largest logit; "ab" is lowered by 2)."""
     tv = make_vocab(T_TOKENS)
-    tr = TableRunner(lambda c: _text_logits(tv.bytes_of(c)) + 0.05 * hashed_logits(c, 4, salt=6), 4, 64)
+    tr = TableRunner(lambda c: _text_logits(tv.bytes_of(c), p_ab) + 0.05 * hashed_logits(c, 4, salt=6), 4, 64)
     if drafter_tokens is None:
         return Engine(tr, tv)
     dv = make_vocab(drafter_tokens)
 
     def drafter_fn(ctx):
-        base = _text_logits(dv.bytes_of(ctx))
+        base = _text_logits(dv.bytes_of(ctx), p_ab)
         out = torch.empty(len(drafter_tokens), dtype=torch.float64)
         for i, t in enumerate(drafter_tokens):
             out[i] = base[T_TOKENS.index(t)] if t in T_TOKENS else base.max()
@@ -100,7 +116,16 @@ def close_engine(drafter_tokens=None) -> Engine:
                 out[i] -= 2.0
         return out
 
-    return Engine(tr, tv, TableRunner(drafter_fn, len(drafter_tokens), 64), dv)
+    return Engine(tr, tv, TableRunner(drafter_fn, len(drafter_tokens), 64), dv, **engine_kw)
+
+
+def close4_engine(drafter_tokens=None) -> Engine:
+    """CLOSE tables with P("ab") = 0.05 and no confidence stop: the long settings' negative control."""
+    return close_engine(drafter_tokens, P_AB_CLOSE4, min_confidence=0.0)
+
+
+def far_long_engine(drafter_tokens=None) -> Engine:
+    return far_engine(drafter_tokens, min_confidence=0.0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -108,7 +133,7 @@ def close_engine(drafter_tokens=None) -> Engine:
 # --------------------------------------------------------------------------------------------------
 
 def exact_distribution(engine: Engine, params: SamplingParams, mode: str = "none", k: int = 0,
-                       factor: float = 1.0) -> dict:
+                       factor: float = 1.0, max_new: int = MAX_NEW) -> dict:
     """Outcome (tuple of new target ids) -> probability.
 
     mode "none": the target alone (every token drawn from p). mode "same"/"tli": token-level
@@ -149,11 +174,11 @@ def exact_distribution(engine: Engine, params: SamplingParams, mode: str = "none
 
     def rec(ids, dctx, j, n_c, prob):
         new = ids[len(prompt):]
-        if len(new) == MAX_NEW or (new and new[-1] in tv.eos_ids):
+        if len(new) == max_new or (new and new[-1] in tv.eos_ids):
             out[new] += prob
             return
         if j == 0:  # a round starts
-            n_c = min(k, MAX_NEW - len(new) - 1)
+            n_c = min(k, max_new - len(new) - 1)
             if n_c:
                 dctx = canon(ids)
         p = p_of(ids)
@@ -186,16 +211,20 @@ def exact_distribution(engine: Engine, params: SamplingParams, mode: str = "none
     return dict(out)
 
 
-def run_counts(engine, params: SamplingParams, algorithm: str, n: int, k=None, seed0: int = 0) -> tuple:
-    """(Counter of outcomes, candidates verified, candidates accepted) over n runs with seeds seed0.."""
+def run_counts(engine, params: SamplingParams, algorithm: str, n: int, k=None, seed0: int = 0,
+               max_new: int = MAX_NEW, by_position: Optional[Counter] = None) -> tuple:
+    """(Counter of outcomes, candidates verified, candidates accepted) over n runs with seeds seed0..;
+    `by_position`, if given, gets [i]: rounds whose i-th candidate was accepted."""
     c: Counter = Counter()
     cands = acc = 0
     for s in range(seed0, seed0 + n):
-        r = engine.generate(PROMPT, MAX_NEW, SamplingParams(params.temperature, params.top_k, params.top_p, s),
+        r = engine.generate(PROMPT, max_new, SamplingParams(params.temperature, params.top_k, params.top_p, s),
                             algorithm, draft_tokens=k)
         c[tuple(r.ids)] += 1
         cands += r.draft_tokens
         acc += r.accepted_tokens
+        if by_position is not None:
+            by_position.update(dict(enumerate(r.accepted_by_position)))
     return c, cands, acc
 
 
@@ -311,6 +340,66 @@ def test_negative_control_detects_a_one_percent_acceptance_bias(monkeypatch):
     stat_b, p_b, _ = chi_square(counts, biased)  # and the biased engine is what the DP predicts
     assert p_b > ALPHA, (f"the biased engine does not follow the DP (chi2={stat_b:.1f}, p={p_b:.3g}): "
                          "if the drafting rule changed (draft length, confidence stop), update exact_distribution")
+
+
+# --- long rounds: four and more candidates -------------------------------------------------------
+
+def test_enumeration_and_dp_agree_for_long_rounds():
+    """As above for max_new_tokens = 5 and draft lengths 4 and 5 (rounds of four candidates)."""
+    for make in (far_long_engine, close4_engine):
+        none = exact_distribution(make(), T1, max_new=MAX_NEW_LONG)
+        assert len(none) == 364  # 243 sequences of 5 non-EOS tokens + 121 ending in EOS
+        for tokens, mode in ((T_TOKENS, "same"), (D_TOKENS, "tli")):
+            for k in (4, 5):
+                spec = exact_distribution(make(tokens), T1, mode, k, max_new=MAX_NEW_LONG)
+                assert max(abs(spec.get(o, 0.0) - none[o]) for o in none) < 1e-12 and set(spec) == set(none)
+
+
+LONG_CASES = [
+    # (tables, algorithm, drafter tokens, params, draft_tokens, N, fourth): `fourth`, the least share of
+    # runs whose round of four accepted its fourth candidate (the late positions ran, not only existed)
+    ("close4", "tli", D_TOKENS, T1, 4, N_POWER_LONG, 0.3),
+    ("close4", "same", T_TOKENS, T1, 4, N // 2, 0.3),
+    ("far", "same", T_TOKENS, SamplingParams(temperature=0.8), 4, N // 2, 0.01),
+    ("far", "tli", D_TOKENS, SamplingParams(temperature=1.0, top_k=3, top_p=0.9), 5, N // 2, 0.01),
+    ("close4", "slem", D_TOKENS, T1, 4, N // 2, 0.002),
+    ("far", "slrs", D_TOKENS, T1, 4, N // 4, 0.002),
+]
+
+
+@pytest.mark.parametrize("tables,algorithm,tokens,params,k,n,fourth", LONG_CASES,
+                         ids=[f"{c[0]}-{c[1]}-k{c[4]}-t{c[3].temperature}-topk{c[3].top_k}-topp{c[3].top_p}"
+                              for c in LONG_CASES])
+def test_long_rounds_output_distribution_is_the_targets(tables, algorithm, tokens, params, k, n, fourth):
+    engine = (close4_engine if tables == "close4" else far_long_engine)(tokens)
+    expected = exact_distribution(engine, params, max_new=MAX_NEW_LONG)
+    accepted_at: Counter = Counter()
+    counts, cands, acc = run_counts(engine, params, algorithm, n, k, seed0=3_000_000, max_new=MAX_NEW_LONG,
+                                    by_position=accepted_at)
+    stat, p, df = chi_square(counts, expected, MIN_EXPECTED_LONG)
+    print(f"{tables} {algorithm} k={k} {params}: chi2={stat:.1f} df={df} p={p:.3g}; {acc}/{cands} candidates "
+          f"accepted; accepted at positions 1-5: {[accepted_at[i] for i in range(5)]}")
+    assert cands > 3 * n and cands - acc > 0.05 * cands and acc > 0.1 * cands, (cands, acc)
+    assert accepted_at[3] > fourth * n, accepted_at  # rounds of four candidates, the fourth accepted
+    assert p > ALPHA, (f"{algorithm}: the output distribution is not the target's "
+                       f"(chi2={stat:.1f}, df={df}, p={p:.3g})")
+
+
+def test_negative_control_detects_a_one_percent_acceptance_bias_in_long_rounds(monkeypatch):
+    engine = close4_engine(D_TOKENS)
+    expected = exact_distribution(engine, T1, max_new=MAX_NEW_LONG)
+    biased = exact_distribution(engine, T1, "tli", 4, BIAS, max_new=MAX_NEW_LONG)
+    lam, df, power = noncentrality(expected, biased, N_POWER_LONG, MIN_EXPECTED_LONG)
+    print(f"long negative control at N={N_POWER_LONG}: non-centrality {lam:.1f}, df {df}, "
+          f"power at p<{ALPHA}: {power:.4f}")
+    assert power > 0.99, (lam, df, power)
+    monkeypatch.setattr(algorithms, "uniform", biased_uniform)
+    counts, _, _ = run_counts(engine, T1, "tli", N_POWER_LONG, 4, seed0=3_000_000, max_new=MAX_NEW_LONG)
+    stat, p, df = chi_square(counts, expected, MIN_EXPECTED_LONG)
+    print(f"long negative control: chi2={stat:.1f} df={df} p={p:.3g}")
+    assert p < ALPHA, f"a 1% acceptance bias went undetected in long rounds (chi2={stat:.1f}, df={df}, p={p:.3g})"
+    stat_b, p_b, _ = chi_square(counts, biased, MIN_EXPECTED_LONG)
+    assert p_b > ALPHA, f"the biased engine does not follow the DP in long rounds (chi2={stat_b:.1f}, p={p_b:.3g})"
 
 
 def test_tli_sampling_with_duplicate_drafter_tokens_is_exact():

@@ -157,8 +157,8 @@ def test_float32_model_close_to_hf():
 
 def test_unsupported_configs_fall_back_to_hf_runner():
     model = tiny_llama(V, seed=9)
-    model.config.rope_parameters = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
-    assert not LlamaRunner.supports(model)
+    model.config.rope_parameters = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    assert not LlamaRunner.supports(model)  # its frequencies change with the length: Hugging Face's own forward
     assert isinstance(make_runner(model, 32), HFRunner)
     model = tiny_llama(V, seed=9)
     model.config.hidden_act = "gelu"
@@ -255,3 +255,72 @@ def test_a_cache_grows_in_blocks_up_to_its_limit(model):
     with pytest.raises(ValueError, match="context full"):
         runner.check(Step(limited, ids[:10]))
     assert limited.length == BLOCK + 1
+
+
+# --- scaled RoPE (Llama 3.x and others) and sliding windows --------------------------------------
+
+ORIGINAL_CONTEXT = 32  # `original_max_position_embeddings` of the scaled models; the tests run past it
+SCALED_ROPE = {
+    "llama3": dict(rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=ORIGINAL_CONTEXT),
+    "linear": dict(rope_type="linear", rope_theta=10000.0, factor=4.0),
+    "yarn": dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=ORIGINAL_CONTEXT),
+}
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+@pytest.mark.parametrize("rope", list(SCALED_ROPE))
+def test_scaled_rope_runs_lean_and_equals_hf_past_the_original_context(rope, model_type):
+    """A static RoPE scaling (Llama 3.x's llama3, linear, yarn) is in the model's own inv_freq and
+    attention_scaling: the lean runner takes it, and its logits equal Hugging Face's at every position,
+    including those past original_max_position_embeddings where the scaling matters."""
+    model = tiny_llama(V, seed=11, model_type=model_type, rope_parameters=dict(SCALED_ROPE[rope]))
+    assert model.config.rope_parameters["rope_type"] == rope
+    runner = make_runner(model, 160)
+    assert isinstance(runner, LlamaRunner)
+    ids = _ids(150, seed=12)
+    ref = full_logits(model, ids)
+    got = torch.cat([runner.forward(ids[:20]), runner.forward(ids[20:21]), runner.forward(ids[21:90])])
+    runner.truncate(70)  # a rejected suffix, then past the original context again
+    got = torch.cat([got[:70], runner.forward(ids[70:150])])
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-9)
+    plain = tiny_llama(V, seed=11, model_type=model_type)  # the same weights, unscaled RoPE: other logits
+    assert not torch.allclose(full_logits(plain, ids)[ORIGINAL_CONTEXT:], ref[ORIGINAL_CONTEXT:], atol=1e-6)
+
+
+WINDOW = 16
+WINDOWED = {
+    "mistral": dict(model_type="mistral", sliding_window=WINDOW),
+    "qwen2": dict(model_type="qwen2", use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1),
+}
+
+
+@pytest.mark.parametrize("kind", list(RUNNERS))
+@pytest.mark.parametrize("name", list(WINDOWED))
+def test_sliding_window_models_are_capped_below_the_window_and_exact(name, kind):
+    """Sliding-window attention (mistral; qwen2 with use_sliding_window, on the layers from
+    max_window_layers): both runners hold at most window - 1 positions, where the window masks nothing,
+    and there their logits equal Hugging Face's through blocks, a full context and a rollback (the
+    generic runner's cache could not roll back once it had held `window` positions)."""
+    model = tiny_llama(V, seed=13, **WINDOWED[name])
+    assert model.config.sliding_window == WINDOW
+    long = _ids(2 * WINDOW, seed=14)  # the same weights without a window: equal within it, not past it
+    windowed, causal = full_logits(model, long), full_logits(tiny_llama(V, seed=13, model_type=name), long)
+    torch.testing.assert_close(windowed[:WINDOW], causal[:WINDOW], rtol=0, atol=1e-9)
+    assert not torch.allclose(windowed[WINDOW:], causal[WINDOW:], atol=1e-6)
+    runner = make_runner(model, 64, fast=kind == "llama")
+    assert isinstance(runner, RUNNERS[kind]) and runner.max_length == WINDOW - 1
+    ids = _ids(WINDOW - 1, seed=14)
+    ref = full_logits(model, ids)
+    got = torch.cat([runner.forward(ids[:6]), runner.forward(ids[6:7]), runner.forward(ids[7:])])
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-9)
+    with pytest.raises(ValueError):
+        runner.forward([1])  # the context is full
+    runner.truncate(9)
+    other = ids[:9] + _ids(WINDOW - 10, seed=15)
+    torch.testing.assert_close(runner.forward(other[9:]), full_logits(model, other)[9:], rtol=0, atol=1e-9)
+
+
+def test_qwen2_without_use_sliding_window_keeps_its_whole_context():
+    model = tiny_llama(V, seed=13, model_type="qwen2", use_sliding_window=False, sliding_window=WINDOW)
+    assert isinstance(make_runner(model, 64), LlamaRunner) and make_runner(model, 64).max_length == 64

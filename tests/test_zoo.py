@@ -1,13 +1,14 @@
-"""The model zoo (../shared/zoo): a trained target and four drafters with different vocabularies,
-float32 on the CPU. Greedy output with every drafter and algorithm is identical to the target alone's.
+"""The model zoo (../shared/zoo or $CROSSDRAFT_ZOO, tests/needs.py; missing, these tests fail under CI and
+skip elsewhere): a trained target and four drafters with different vocabularies, float32 on the CPU.
+Greedy output with every drafter and algorithm is identical to the target alone's.
 
 A float32 model has near-ties: should an output differ, the test fails and prints the gap between the
 target's top-2 logits at the first differing position, so that a near-tie is told apart from a bug."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
+import needs
 import pytest
 import torch
 
@@ -16,25 +17,23 @@ from crossdraft.runner import load_model, make_runner
 from crossdraft.sampling import SamplingParams
 from crossdraft.vocab import Vocab
 
-ZOO = Path(__file__).resolve().parents[1].parent / "shared" / "zoo"
 TARGET = "target-bpe8k"
 DRAFTERS = ["drafter-bpe8k", "drafter-spm4k", "drafter-bpe2k", "drafter-bpe6k-alt"]
 MAX_NEW = 48
 N_PROMPTS = 8
-
-pytestmark = pytest.mark.skipif(not (ZOO / TARGET).is_dir(), reason=f"model zoo not found at {ZOO}")
 
 
 @pytest.fixture(scope="module")
 def zoo():
     # One thread (set in conftest): a second one gains ~1.3x on an idle 2-core machine but, spinning
     # against another busy process, has made this module 10x slower.
-    t_vocab = Vocab.load(str(ZOO / TARGET))
-    t_model = load_model(str(ZOO / TARGET), "cpu", torch.float32)
-    drafters = {name: (Vocab.load(str(ZOO / name)), load_model(str(ZOO / name), "cpu", torch.float32))
+    path = needs.zoo(TARGET, *DRAFTERS)
+    t_vocab = Vocab.load(str(path / TARGET))
+    t_model = load_model(str(path / TARGET), "cpu", torch.float32)
+    drafters = {name: (Vocab.load(str(path / name)), load_model(str(path / name), "cpu", torch.float32))
                 for name in DRAFTERS}
     prompts = []
-    with open(ZOO / "dev-prompts.jsonl") as f:
+    with open(path / "dev-prompts.jsonl") as f:
         for line in f:
             text = json.loads(line)["text"]
             if len(text) >= 300:  # the first 800 characters of the first files of at least 300

@@ -148,8 +148,8 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
         self._tmp = None
 
     # --- lifecycle ----------------------------------------------------------------------------
-    def load(self, device: Optional[str] = None, fast: bool = True) -> None:
-        vocab, runner = load_warm(self.model, device, fast, max_length=self.max_model_len)
+    def load(self, device: Optional[str] = None, fast: bool = True, dtype=None) -> None:
+        vocab, runner = load_warm(self.model, device, fast, dtype, max_length=self.max_model_len)
         self.vocab, self.runner = vocab, runner
         self.fingerprint = vocab.fingerprint()
         self.tokenizer_files = self._tokenizer_files(vocab)

@@ -4,24 +4,31 @@ Never: imports grpc.
 """
 from __future__ import annotations
 
+import logging
 import os
 
+log = logging.getLogger("crossdraft.services")
 
-def load_warm(model: str, device=None, fast: bool = True, max_length=None) -> tuple:
+
+
+def load_warm(model: str, device=None, fast: bool = True, dtype=None, max_length=None) -> tuple:
     """(Vocab, Runner) of a model, warmed up by one short forward: what a service loads before SERVING.
-    `max_length`: the context a session may use (--max-model-len; default: the model's own)."""
+    `dtype`: a torch dtype (`--dtype`, `options.model_dtype`); None: the device's default. `max_length`:
+    the context a session may use (--max-model-len; default: the model's own)."""
     from crossdraft.errors import InvalidArgument
     from crossdraft.runner import load_model, make_runner
     from crossdraft.vocab import Vocab
 
     vocab = Vocab.load(model)
-    loaded = load_model(model, device)
+    loaded = load_model(model, device, dtype)
     own = getattr(loaded.config, "max_position_embeddings", None)
     if max_length is not None and (max_length < 2 or (own and max_length > own)):
         raise InvalidArgument(f"--max-model-len must be in [2, {own}] for {model}, got {max_length}")
     runner = make_runner(loaded, max_length, fast=fast)
     runner.forward([0], last_only=True)
     runner.reset()
+    log.info("loaded %s: %s on %s, %s, context %d", model_id(model), dtype_name(runner), runner.device,
+             type(runner).__name__, runner.max_length)
     return vocab, runner
 
 
