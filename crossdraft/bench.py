@@ -347,7 +347,7 @@ def run_bench(args) -> int:
     if not os.path.isdir(args.target):
         raise InvalidArgument(f"target directory not found: {args.target} (the zoo lives in ../shared/zoo)")
     prompts = read_prompts(args.prompts_file, chars=args.prompt_chars, limit=args.num_prompts, min_chars=args.min_chars)
-    algos = [a.strip() for a in args.algorithms.split(",") if a.strip()]
+    algos = [a.strip() for a in (args.algorithms or "same,tli,slem").split(",") if a.strip()]
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     tv, tmodel, trunner, base, drafters, pairs = _load(args, algos, log)
     rows = {}

@@ -113,7 +113,9 @@ def _bench_parser(sub) -> None:
     b.add_argument("--max-new-tokens", type=positive_int, default=128)
     b.add_argument("--temperature", type=float, default=0.0)
     b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--algorithms", default="same,tli,slem", help="comma-separated, from same, tli, slem, slrs, auto (default: same,tli,slem)")
+    b.add_argument("--algorithms", default=None,
+                   help="comma-separated, from same, tli, slem, slrs, auto (default: same,tli,slem; with "
+                        "--concurrency: auto)")
     b.add_argument("--draft-tokens", type=int, default=None, help="fixed draft length (default: adaptive)")
     b.add_argument("--sweep-draft-tokens", type=draft_lengths, default=None, metavar="LIST",
                    help="run every algorithm but auto once per draft length in LIST (comma-separated; "
@@ -127,6 +129,19 @@ def _bench_parser(sub) -> None:
     b.add_argument("--pin-cpus", action="store_true",
                    help="with --distributed: run the verifier on the first core and the drafters on the second "
                         "(as on separate machines; the gateway and Redis float)")
+    b.add_argument("--concurrency", default=None, metavar="LIST",
+                   help="the concurrency benchmark instead (crossdraft/loadbench.py): for each level in LIST "
+                        "(e.g. 1,4,8,16), that many clients at once through redis-server, a verifier, the drafters "
+                        "and a gateway started here (one torch thread each unless --threads), the target alone "
+                        "and each of --algorithms (default there: auto) with each of --drafters (default there: "
+                        "drafter-spm4k), and Hugging Face's batched generate() of the target in the same run: "
+                        "aggregate and per-session tokens/s, TTFT and inter-token latency p50/p95, mean batch size")
+    b.add_argument("--requests-per-client", type=int, default=2,
+                   help="with --concurrency: generations each client runs one after the other (default: 2)")
+    b.add_argument("--gateway", default=None, metavar="HOST:PORT",
+                   help="with --concurrency: a running gateway instead of the processes started here")
+    b.add_argument("--verifier-metrics", default=None, metavar="URL",
+                   help="with --gateway: the verifier's /metrics URL, for the batch sizes")
     b.add_argument("--no-hf", action="store_true", help="skip the Hugging Face generate() baselines")
     b.add_argument("--json-out", default="bench.json", help="where to write the results (default: bench.json)")
     add_slrs_args(b)
@@ -468,9 +483,13 @@ def main(argv=None) -> int:
         if args.command == "generate":
             return cmd_generate(args)
         if args.command == "bench":
+            setup_torch(args)
+            if args.concurrency:
+                from .loadbench import run_concurrency
+
+                return run_concurrency(args)
             from .bench import run_bench
 
-            setup_torch(args)
             return run_bench(args)
         if args.command == "serve":
             return cmd_serve(args)

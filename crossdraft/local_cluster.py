@@ -45,10 +45,13 @@ def free_port() -> int:
 
 class LocalCluster:
     def __init__(self, target: str, drafters: list, threads: int = 1, redis: bool = True,
-                 python: Optional[str] = None, env: Optional[dict] = None, pin: bool = False):
+                 python: Optional[str] = None, env: Optional[dict] = None, pin: bool = False,
+                 model_args: tuple = (), metrics: bool = False):
         """`pin`: on a machine of two or more cores, the verifier runs on core 0 and the drafters on
         core 1 (the gateway, Redis and the caller wherever the kernel puts them), as on separate
-        machines they would not share a core or its caches."""
+        machines they would not share a core or its caches. `model_args`: more flags for the verifier
+        and the drafters (--max-sessions, --max-batch-tokens, ...). `metrics`: each service serves
+        /metrics (`self.metrics`: name -> URL)."""
         self.target, self.drafter_dirs, self.threads, self.use_redis = target, list(drafters), threads, redis
         cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
         if pin and len(cpus) < 2:
@@ -62,6 +65,8 @@ class LocalCluster:
         self.logdir = ""
         self.gateway = self.verifier = ""
         self.drafters: dict = {}  # drafter directory name -> address
+        self.model_args, self.with_metrics = tuple(model_args), metrics
+        self.metrics: dict = {}  # service name -> its /metrics URL (with metrics=True)
 
     def _spawn(self, name: str, cmd: list) -> None:
         path = os.path.join(self.logdir, f"{name}.log")
@@ -72,8 +77,13 @@ class LocalCluster:
                                  preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
         self.procs.append((name, p, path))
 
-    def _serve(self, role: str, *args: str) -> list:
-        return [self.python, "-m", "crossdraft.cli", "serve", role, *args]
+    def _serve(self, role: str, *args: str, name: str = "") -> list:
+        extra = list(self.model_args) if role in ("verifier", "drafter") else []
+        if self.with_metrics:
+            port = free_port()
+            self.metrics[name or role] = f"http://127.0.0.1:{port}/metrics"
+            extra += ["--metrics-port", str(port)]
+        return [self.python, "-m", "crossdraft.cli", "serve", role, *args, *extra]
 
     def start(self, timeout: float = 300.0) -> "LocalCluster":
         self.logdir = tempfile.mkdtemp(prefix="crossdraft-cluster-")
@@ -97,7 +107,7 @@ class LocalCluster:
                 port = free_port()
                 self.drafters[Path(d).name] = f"127.0.0.1:{port}"
                 self._spawn(f"drafter-{Path(d).name}", self._serve("drafter", "--model", d, "--port", str(port),
-                                                                   "--threads", t))
+                                                                   "--threads", t, name=f"drafter-{Path(d).name}"))
             gport = free_port()
             self.gateway = f"127.0.0.1:{gport}"
             gw = ["--port", str(gport), "--drafters", ",".join(self.drafters.values()), "--verifiers", self.verifier,
