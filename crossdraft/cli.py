@@ -17,6 +17,7 @@ from .errors import CrossdraftError, InvalidArgument
 from .options import (draft_lengths, positive_int, add_model_args, add_slrs_args, add_tls_args, check_slrs_args,
                       model_dtype, setup_torch)
 from .prompts import read_prompts, zoo_dir
+from .stops import check_stops
 
 REDIS_PASSWORD_ENV = "CROSSDRAFT_REDIS_PASSWORD"
 API_KEY_ENV = "CROSSDRAFT_API_KEY"
@@ -56,6 +57,9 @@ def _generate_parser(sub) -> None:
     g.add_argument("--draft-top-k", type=int, default=0,
                    help="same/tli under sampling: the drafter samples from its top-k renormalised distribution, "
                         "which it then sends exactly (sparse); 0: its whole distribution (default)")
+    g.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="stop string (repeatable, at most 16): the output ends right before the first one the "
+                        "target writes, with finish reason stop")
     g.add_argument("--json", action="store_true", help="one JSON object per prompt on stdout")
     g.add_argument("--compare", action="store_true",
                    help="also run the target alone on each prompt and report the speedup and whether outputs match")
@@ -265,6 +269,7 @@ def _generate_via_gateway(args) -> int:
     if args.compare:
         raise InvalidArgument("--compare runs in-process only (not with --gateway)")
     prompts = read_prompts(args.prompts_file) if args.prompts_file else [args.prompt]
+    stops = check_stops(args.stop)
     import grpc
 
     from .client import Client
@@ -275,7 +280,7 @@ def _generate_via_gateway(args) -> int:
                     tls_key=args.tls_key, tls_server_name=args.tls_server_name) as client:
             for prompt in prompts:
                 out = client.generate(prompt, args.max_new_tokens, args.temperature, args.seed, args.algorithm,
-                                      args.draft_tokens, args.top_k, args.top_p)
+                                      args.draft_tokens, args.top_k, args.top_p, stop=stops)
                 out.pop("ids"), out.pop("session_id")
                 _print_result(args, out)
     except grpc.RpcError as e:
@@ -300,6 +305,7 @@ def cmd_generate(args) -> int:
     if not args.target:
         raise InvalidArgument("--target is required")
     params = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed).validate()
+    stops = check_stops(args.stop)
     prompts = read_prompts(args.prompts_file) if args.prompts_file else [args.prompt]
     if any(not p for p in prompts):
         raise InvalidArgument("the prompt is empty")
@@ -316,7 +322,7 @@ def cmd_generate(args) -> int:
                          fast=not args.hf_runner, draft_top_k=args.draft_top_k,
                          slrs_tau=args.slrs_tau, slrs_budget=args.slrs_budget)
     for prompt in prompts:
-        res = engine.generate(prompt, args.max_new_tokens, params, algo, args.draft_tokens)
+        res = engine.generate(prompt, args.max_new_tokens, params, algo, args.draft_tokens, stop=stops)
         out = res.as_json()
         if args.compare and res.algorithm != "none":
             base = engine.generate(prompt, args.max_new_tokens, params, "none")

@@ -19,6 +19,7 @@ from .drafter import MODES
 from .runner import KVPool, Runner, load_model, make_runner
 from .sampling import SamplingParams
 from .slrs import DEFAULT_BUDGET, DEFAULT_TAU
+from .stops import StopCut
 from .verifier import Verifier
 from .vocab import Vocab
 
@@ -236,8 +237,11 @@ class Engine:
             self.drafter_runner.prune_head(rows)
 
     def generate(self, prompt: str, max_new_tokens: int = 128, params: SamplingParams = SamplingParams(),
-                 algorithm: str = "auto", draft_tokens: Optional[int] = None) -> GenerationResult:
+                 algorithm: str = "auto", draft_tokens: Optional[int] = None, stop=()) -> GenerationResult:
+        """`stop`: stop strings (crossdraft/stops.py); the text ends before the first one the target
+        writes, with finish_reason 'stop' (the ids keep the rounds up to the one that completed it)."""
         params = params.validate()
+        stops = StopCut(stop or ()) if stop else None
         if not isinstance(prompt, str) or not prompt:
             raise InvalidArgument("the prompt is empty")
         if draft_tokens is not None and not 1 <= draft_tokens <= 64:
@@ -296,9 +300,15 @@ class Engine:
                     drafters = {state.algorithm: drafters[state.algorithm]}
             if arm is not None:
                 used[arm[0]] = used.get(arm[0], 0) + 1
+            if stops is not None and stops.ends(verdict.text):
+                break
         seconds = time.perf_counter() - t0
         new = v.new_ids
-        text = self.target_vocab.bytes_of(new).decode("utf-8", errors="replace")
+        text = self.target_vocab.bytes_of(new)
+        finish_reason = v.finish_reason
+        if stops is not None and stops.hit:
+            text, finish_reason = text[: stops.cut], "stop"
+        text = text.decode("utf-8", errors="replace")
         profile = stats.profile()
         profile["prefill_s"] = prefill_s  # encoding the prompt and the target's prefill
         profile["other_s"] = seconds - prefill_s - (stats.draft_ns + stats.verify_ns) / 1e9
@@ -315,6 +325,6 @@ class Engine:
         return GenerationResult(
             text=text, ids=new, new_tokens=len(new), seconds=seconds, algorithm=algo, rounds=stats.rounds,
             draft_tokens=stats.draft_tokens, accepted_tokens=stats.accepted_tokens, drafted=stats.drafted,
-            finish_reason=v.finish_reason, why=why, profile=profile,
+            finish_reason=finish_reason, why=why, profile=profile,
             accepted_by_position=stats.accepted_by_position, slrs_fallbacks=stats.slrs_fallbacks,
             slrs_rows=stats.slrs_rows, auto=auto)
