@@ -194,6 +194,10 @@ def _gateway_parsers(roles) -> None:
 
 def _gateway_args(r) -> None:
     r.add_argument("--port", type=int, required=True, help="TCP port of the gateway (0: any free port)")
+    r.add_argument("--http-port", type=int, default=None,
+                   help="also serve the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
+                        "/v1/models, /health) on this port, same host, TLS and API keys (0: any free port; "
+                        "default: none; docs/http.md)")
     r.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0: all)")
     r.add_argument("--redis", default=None, help="session store URL, redis://HOST:PORT/DB (default: in memory); "
                    f"a password in ${REDIS_PASSWORD_ENV} is added to it, so it need not be on the command line")
@@ -375,6 +379,8 @@ def cmd_serve(args) -> int:
         raise InvalidArgument(f"--max-sessions must be in [1, 4096], got {args.max_sessions}")
     if not 0 <= args.port <= 65535:
         raise InvalidArgument(f"--port must be in [0, 65535], got {args.port}")
+    if getattr(args, "http_port", None) is not None and not 0 <= args.http_port <= 65535:
+        raise InvalidArgument(f"--http-port must be in [0, 65535], got {args.http_port}")
     for name in ("drafter_timeout", "failover_seconds", "session_lease", "slow_client_seconds",
                  "store_wait_seconds"):
         v = getattr(args, name, None)

@@ -720,13 +720,25 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
 
     def CancelSession(self, request, context):
         self._get(request.session_id, include_output=False, caller=self._caller(context))
-        cancelled = self.store.cancel(request.session_id)
-        with self._lock:
-            call = self._calls.get(request.session_id)
-        if call is not None:
-            call.cancel()
+        cancelled = self.cancel(request.session_id)
         s = self._get(request.session_id, include_output=False)
         return gateway_pb2.CancelSessionResponse(cancelled=cancelled, session=self._session(s, False))
+
+    # --- for the HTTP API (http.py): the same keys, checks and sessions as the RPCs ------------------
+    def caller(self, context) -> str:
+        return self._caller(context)
+
+    def open(self, spec, session_id: str, context, caller: str = ""):
+        return self._open(spec, session_id, context, caller)
+
+    def cancel(self, sid: str) -> bool:
+        """Cancel a session: in the store, and its RunSession call if this process runs it."""
+        cancelled = self.store.cancel(sid)
+        with self._lock:
+            call = self._calls.get(sid)
+        if call is not None:
+            call.cancel()
+        return cancelled
 
 
 # --- serving ------------------------------------------------------------------------------------
@@ -771,6 +783,10 @@ def gateway_service(args, store, drafters: list, verifiers: list, host: str, por
                   max_workers=2 * args.max_sessions + 8, grace_s=args.grace, on_error=servicer.metrics.error,
                   tls=tls, client_ca=getattr(args, "tls_client_ca", None) or "")
     svc.start(handle_signals=handle_signals)
+    if getattr(args, "http_port", None) is not None:  # the OpenAI-compatible HTTP API beside gRPC
+        from .http import serve_http
+
+        svc.http = serve_http(args, servicer, svc, host)
     return svc
 
 
