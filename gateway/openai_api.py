@@ -264,7 +264,7 @@ def usage_chunk(req: ApiRequest, sid: str, created: int, use: dict) -> dict:
 def sse(data) -> bytes:
     """One server-sent event: `data: JSON` (or the text `[DONE]`) and a blank line."""
     text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
-    return f"data: {text}\n\n".encode("utf-8")
+    return f"data: {text}\n\n".encode()
 
 
 def models_list(targets: list, algorithms) -> dict:

@@ -32,7 +32,7 @@ class SessionStops:
     def __init__(self, store):
         self.store = store
         self._lock = threading.Lock()
-        self._cuts: "OrderedDict[str, Optional[StopCut]]" = OrderedDict()
+        self._cuts: OrderedDict[str, Optional[StopCut]] = OrderedDict()
 
     def note(self, sid: str, stops) -> None:
         """A session starts here with these stop strings (none: nothing to do at its commits)."""

@@ -23,14 +23,14 @@ import urllib.request
 import grpc
 import helpers
 import pytest
+from test_gateway import Procs
+from test_services import free_port, save_model
 
 from crossdraft import chat
 from crossdraft.client import Client
 from crossdraft.engine import Engine
 from crossdraft.sampling import SamplingParams
 from crossdraft.v1 import gateway_pb2, gateway_pb2_grpc
-from test_gateway import Procs
-from test_services import free_port, save_model
 
 PROMPT = "class Parser:\n    def get_value(self"
 N = 40

@@ -10,12 +10,12 @@ import json
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_services import save_model
 
 from crossdraft.engine import Engine
 from crossdraft.errors import InvalidArgument
 from crossdraft.sampling import SamplingParams
 from crossdraft.stops import MAX_STOP_BYTES, MAX_STOPS, StopCut, check_stops
-from test_services import save_model
 
 PROMPT = "class Parser:\n    def get_value(self"
 
@@ -53,7 +53,7 @@ def test_the_earliest_stop_string_wins_and_nothing_after_a_hit_goes_out():
 
 
 def test_a_multibyte_stop_string_matches_only_whole_characters():
-    out, _, cut = run(["é"], ["caf".encode(), "é".encode()[:1], "é".encode()[1:] + b"!"])
+    out, _, cut = run(["é"], [b"caf", "é".encode()[:1], "é".encode()[1:] + b"!"])
     assert out == b"caf" and cut.hit
 
 
