@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 import uuid
 from typing import Optional
 
@@ -69,6 +70,7 @@ class OpenAIApp:
         self.servicer, self.ready = servicer, ready
         self.targets = Targets(servicer.verifiers, servicer.drafters)
         self.max_body = BODY_FACTOR * servicer.max_prompt_bytes + (64 << 10)
+        self.threads, self._sized = 2 * servicer.max_sessions + 8, False
         self.app = Starlette(routes=[
             Route("/v1/completions", self.completions, methods=["POST"]),
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
@@ -110,6 +112,9 @@ class OpenAIApp:
 
     # --- a generation -------------------------------------------------------------------------------
     async def _generate(self, request: Request, chat: bool):
+        if not self._sized:  # a whole answer holds a worker thread for its session: as many as gRPC has
+            anyio.to_thread.current_default_thread_limiter().total_tokens = self.threads
+            self._sized = True
         call = _call(request)
         try:
             raw = await self._body(request)
@@ -192,8 +197,6 @@ class OpenAIApp:
     async def _chunks(self, req, sid: str, n_prompt: int, events):
         """The server-sent events of a streaming answer: one chunk per committed delta, the finish
         reason, the usage when asked for, `[DONE]`."""
-        import time
-
         created = int(time.time())
         if req.chat:
             yield api.sse(api.chunk(req, sid, created, role=True))
