@@ -24,16 +24,18 @@ from .vocab import Vocab, utf8_complete
 
 
 class Intersection:
-    """V_D ∩ V_T matched by bytes; the drafter's EOS maps to the target's EOS."""
+    """V_D ∩ V_T matched by bytes; a drafter's EOS maps to the target's EOS of the same name, else to the
+    target's own (`Vocab.eos_id`), each target id at most once (q over the intersection stays 1:1)."""
 
     def __init__(self, drafter: Vocab, target: Vocab):
         rows, tids = [], []
-        t_eos = min(target.eos_ids) if target.eos_ids else None
+        by_name = {target.specials.get(t): t for t in target.eos_ids}
         for i, b in enumerate(drafter.token_bytes):
             if b is None:
-                if i in drafter.eos_ids and t_eos is not None:
+                j = by_name.get(drafter.specials.get(i), target.eos_id) if i in drafter.eos_ids else None
+                if j is not None and j not in tids:
                     rows.append(i)
-                    tids.append(t_eos)
+                    tids.append(j)
                 continue
             j = target.by_bytes.get(b) if b else None
             if j is not None:

@@ -17,6 +17,7 @@ from .errors import CrossdraftError, InvalidArgument
 from .options import (add_batching_args, add_model_args, add_slrs_args, add_tls_args, check_batching_args,
                       check_slrs_args, draft_lengths, model_dtype, positive_int, setup_torch)
 from .prompts import read_prompts, zoo_dir
+from .stops import check_stops
 
 REDIS_PASSWORD_ENV = "CROSSDRAFT_REDIS_PASSWORD"
 API_KEY_ENV = "CROSSDRAFT_API_KEY"
@@ -56,6 +57,9 @@ def _generate_parser(sub) -> None:
     g.add_argument("--draft-top-k", type=int, default=0,
                    help="same/tli under sampling: the drafter samples from its top-k renormalised distribution, "
                         "which it then sends exactly (sparse); 0: its whole distribution (default)")
+    g.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="stop string (repeatable, at most 16): the output ends right before the first one the "
+                        "target writes, with finish reason stop")
     g.add_argument("--json", action="store_true", help="one JSON object per prompt on stdout")
     g.add_argument("--compare", action="store_true",
                    help="also run the target alone on each prompt and report the speedup and whether outputs match")
@@ -214,6 +218,10 @@ def _gateway_parsers(roles) -> None:
 
 def _gateway_args(r) -> None:
     r.add_argument("--port", type=int, required=True, help="TCP port of the gateway (0: any free port)")
+    r.add_argument("--http-port", type=int, default=None,
+                   help="also serve the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
+                        "/v1/models, /health) on this port, same host, TLS and API keys (0: any free port; "
+                        "default: none; docs/http.md)")
     r.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0: all)")
     r.add_argument("--redis", default=None, help="session store URL, redis://HOST:PORT/DB (default: in memory); "
                    f"a password in ${REDIS_PASSWORD_ENV} is added to it, so it need not be on the command line")
@@ -289,6 +297,7 @@ def _generate_via_gateway(args) -> int:
     if args.compare:
         raise InvalidArgument("--compare runs in-process only (not with --gateway)")
     prompts = read_prompts(args.prompts_file) if args.prompts_file else [args.prompt]
+    stops = check_stops(args.stop)
     import grpc
 
     from .client import Client
@@ -299,7 +308,7 @@ def _generate_via_gateway(args) -> int:
                     tls_key=args.tls_key, tls_server_name=args.tls_server_name) as client:
             for prompt in prompts:
                 out = client.generate(prompt, args.max_new_tokens, args.temperature, args.seed, args.algorithm,
-                                      args.draft_tokens, args.top_k, args.top_p)
+                                      args.draft_tokens, args.top_k, args.top_p, stop=stops)
                 out.pop("ids"), out.pop("session_id")
                 _print_result(args, out)
     except grpc.RpcError as e:
@@ -316,7 +325,7 @@ def _generate_via_gateway(args) -> int:
 def cmd_generate(args) -> int:
     if args.gateway:
         return _generate_via_gateway(args)
-    params, prompts, algo = _check_generate(args)
+    params, prompts, algo, stops = _check_generate(args)
     setup_torch(args)
     from .engine import Engine
 
@@ -324,16 +333,17 @@ def cmd_generate(args) -> int:
                          dtype=model_dtype(args), fast=not args.hf_runner, draft_top_k=args.draft_top_k,
                          slrs_tau=args.slrs_tau, slrs_budget=args.slrs_budget)
     if args.batch_size > 1:
-        return _generate_batch(args, engine, prompts, params, algo)
+        return _generate_batch(args, engine, prompts, params, algo, stops)
     for prompt in prompts:
-        res = engine.generate(prompt, args.max_new_tokens, params, algo, args.draft_tokens)
+        res = engine.generate(prompt, args.max_new_tokens, params, algo, args.draft_tokens, stop=stops)
         base = engine.generate(prompt, args.max_new_tokens, params, "none") if args.compare else None
         _print_generation(args, res, base)
     return 0
 
 
 def _check_generate(args) -> tuple:
-    """(sampling params, prompts, algorithm) of `generate`, every flag checked before a model loads."""
+    """(sampling params, prompts, algorithm, stop strings) of `generate`, every flag checked before a model
+    loads."""
     from .sampling import SamplingParams
 
     if (args.prompt is None) == (args.prompts_file is None):
@@ -341,6 +351,7 @@ def _check_generate(args) -> tuple:
     if not args.target:
         raise InvalidArgument("--target is required")
     params = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed).validate()
+    stops = check_stops(args.stop)
     prompts = read_prompts(args.prompts_file) if args.prompts_file else [args.prompt]
     if any(not p for p in prompts):
         raise InvalidArgument("the prompt is empty")
@@ -354,7 +365,7 @@ def _check_generate(args) -> tuple:
     if not 1 <= args.batch_size <= 1024:
         raise InvalidArgument(f"--batch-size must be in [1, 1024], got {args.batch_size}")
     check_slrs_args(args)
-    return params, prompts, algo
+    return params, prompts, algo, stops
 
 
 def _print_generation(args, res, base=None) -> None:
@@ -379,14 +390,15 @@ def _print_generation(args, res, base=None) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def _generate_batch(args, engine, prompts: list, params, algo: str) -> int:
+def _generate_batch(args, engine, prompts: list, params, algo: str, stops: list) -> int:
     """`generate --batch-size N`: the prompts run together, N sessions at a time, their forward passes
     batched (`Engine.generate_batch`); each printed as it would be alone, then the batch's throughput
     (and, with --compare, the target alone batched the same way)."""
     import time
 
     t0 = time.perf_counter()
-    results = engine.generate_batch(prompts, args.max_new_tokens, params, algo, args.draft_tokens, args.batch_size)
+    results = engine.generate_batch(prompts, args.max_new_tokens, params, algo, args.draft_tokens, args.batch_size,
+                                    stop=stops)
     wall = time.perf_counter() - t0
     bases, base_wall = None, None
     if args.compare:
@@ -439,6 +451,8 @@ def cmd_serve(args) -> int:
         raise InvalidArgument(f"--max-sessions must be in [1, 4096], got {args.max_sessions}")
     if not 0 <= args.port <= 65535:
         raise InvalidArgument(f"--port must be in [0, 65535], got {args.port}")
+    if getattr(args, "http_port", None) is not None and not 0 <= args.http_port <= 65535:
+        raise InvalidArgument(f"--http-port must be in [0, 65535], got {args.http_port}")
     for name in ("drafter_timeout", "failover_seconds", "session_lease", "slow_client_seconds",
                  "store_wait_seconds"):
         v = getattr(args, name, None)

@@ -78,7 +78,7 @@ class Client:
 
     @staticmethod
     def _spec(prompt: str, max_new_tokens: int, temperature: float, seed: int, algorithm: str,
-              draft_tokens: Optional[int], top_k: int, top_p: float, model: str, drafter: str):
+              draft_tokens: Optional[int], top_k: int, top_p: float, model: str, drafter: str, stop=()):
         from . import wire
         from .sampling import SamplingParams
         from .v1 import gateway_pb2
@@ -86,11 +86,12 @@ class Client:
         return gateway_pb2.GenerationSpec(
             prompt=prompt, max_new_tokens=max_new_tokens,
             params=wire.sampling_params_to_proto(SamplingParams(temperature, top_k, top_p, seed)),
-            algorithm=wire.algorithm_to_proto(algorithm), draft_tokens=draft_tokens or 0, model=model, drafter=drafter)
+            algorithm=wire.algorithm_to_proto(algorithm), draft_tokens=draft_tokens or 0, model=model, drafter=drafter,
+            stop_strings=list(stop or ()))
 
     def events(self, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0, seed: int = 0,
                algorithm: str = "auto", draft_tokens: Optional[int] = None, top_k: int = 0, top_p: float = 1.0,
-               session_id: str = "", model: str = "", drafter: str = "") -> Iterator:
+               session_id: str = "", model: str = "", drafter: str = "", stop=()) -> Iterator:
         """The raw messages of one generation (GenerateResponse; after a re-attach, AttachSessionResponse:
         the same fields). The session id is chosen here when not given, so that when the gateway goes
         away (UNAVAILABLE) the client re-attaches by itself, for up to `reconnect_s` seconds, from the
@@ -100,7 +101,7 @@ class Client:
         from .v1 import gateway_pb2
 
         spec = self._spec(prompt, max_new_tokens, temperature, seed, algorithm, draft_tokens, top_k, top_p,
-                          model, drafter)
+                          model, drafter, stop)
         sid = session_id or uuid.uuid4().hex
         offset, started, give_up, pause = 0, False, None, 0.1
         while True:
@@ -129,16 +130,16 @@ class Client:
 
     def stream(self, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0, seed: int = 0,
                algorithm: str = "auto", draft_tokens: Optional[int] = None, top_k: int = 0, top_p: float = 1.0,
-               session_id: str = "", model: str = "", drafter: str = "") -> Iterator[str]:
+               session_id: str = "", model: str = "", drafter: str = "", stop=()) -> Iterator[str]:
         """The generated text, delta by delta, as it is committed."""
         for msg in self.events(prompt, max_new_tokens, temperature, seed, algorithm, draft_tokens, top_k, top_p,
-                               session_id, model, drafter):
+                               session_id, model, drafter, stop):
             if msg.WhichOneof("event") == "delta" and msg.delta.text:
                 yield msg.delta.text
 
     def generate(self, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0, seed: int = 0,
                  algorithm: str = "auto", draft_tokens: Optional[int] = None, top_k: int = 0, top_p: float = 1.0,
-                 session_id: str = "", model: str = "", drafter: str = "") -> dict:
+                 session_id: str = "", model: str = "", drafter: str = "", stop=()) -> dict:
         """One generation -> the fields of `engine.GenerationResult.as_json()` (text, new_tokens, seconds,
         tokens_per_second, algorithm, rounds, draft_tokens, accepted_tokens, acceptance, drafted,
         finish_reason, why, profile) plus `ids` and `session_id`."""
@@ -146,7 +147,7 @@ class Client:
 
         text, ids, end, sid = [], [], None, ""
         for msg in self.events(prompt, max_new_tokens, temperature, seed, algorithm, draft_tokens, top_k, top_p,
-                               session_id, model, drafter):
+                               session_id, model, drafter, stop):
             sid = msg.session_id
             if msg.WhichOneof("event") == "delta":
                 text.append(msg.delta.text)

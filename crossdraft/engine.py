@@ -26,6 +26,7 @@ from .runner import Runner, load_model, make_runner
 from .sampling import SamplingParams
 from .scheduler import DEFAULT_MAX_BATCH_TOKENS, Scheduler
 from .slrs import DEFAULT_BUDGET, DEFAULT_TAU
+from .stops import StopCut
 from .verifier import Verifier
 from .vocab import Vocab
 
@@ -197,8 +198,10 @@ class Engine:
         return params, ([algo] if algo != "none" else []), why, None
 
     def generate(self, prompt: str, max_new_tokens: int = 128, params: SamplingParams = SamplingParams(),
-                 algorithm: str = "auto", draft_tokens: Optional[int] = None) -> GenerationResult:
-        """One prompt, alone: every forward pass is its own."""
+                 algorithm: str = "auto", draft_tokens: Optional[int] = None, stop=()) -> GenerationResult:
+        """One prompt, alone: every forward pass is its own. `stop`: stop strings (crossdraft/stops.py);
+        the text ends before the first one the target writes, with finish_reason 'stop' (the ids keep the
+        rounds up to the one that completed it)."""
         params, modes, why, state = self._plan(prompt, params, algorithm, draft_tokens)
         # The clock starts before the prompt is encoded and prefilled: a generation's time is what its
         # caller waits, as for Hugging Face's generate() and for a request through the services.
@@ -208,11 +211,11 @@ class Engine:
         v.start(prompt_ids, max_new_tokens, params)
         drafters = {m: self.drafter(m) for m in modes}
         return self._run(prompt, prompt_ids, params, v, drafters, LocalVerifier(v),
-                         lambda d, k: d.propose(k), why, state, draft_tokens, t0)
+                         lambda d, k: d.propose(k), why, state, draft_tokens, t0, stop)
 
     def generate_batch(self, prompts: list, max_new_tokens: int = 128, params=SamplingParams(),
                        algorithm: str = "auto", draft_tokens: Optional[int] = None, concurrency: int = 8,
-                       max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS) -> list:
+                       max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, stop=()) -> list:
         """Several prompts together, `concurrency` sessions at a time, each session's forward passes
         batched with the others' by one scheduler per model (continuous batching, as the services do
         it). `params`: one SamplingParams for all, or one per prompt. Results in the order of `prompts`;
@@ -228,7 +231,7 @@ class Engine:
         try:
             with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="session") as pool:
                 futures = [pool.submit(self._batched_session, p, max_new_tokens, sp, algorithm, draft_tokens,
-                                       target, drafts, cost) for p, sp in zip(prompts, plist)]
+                                       target, drafts, cost, stop) for p, sp in zip(prompts, plist)]
                 return [f.result() for f in futures]
         finally:
             target.close()
@@ -236,7 +239,7 @@ class Engine:
                 drafts.close()
 
     def _batched_session(self, prompt, max_new_tokens, params, algorithm, draft_tokens, target: Scheduler,
-                         drafts: Optional[Scheduler], cost: CostModel) -> GenerationResult:
+                         drafts: Optional[Scheduler], cost: CostModel, stop=()) -> GenerationResult:
         """One session of a batch: its own verifier and drafters (forks: own caches and state)."""
         params, modes, why, state = self._plan(prompt, params, algorithm, draft_tokens)
         t0 = time.perf_counter()
@@ -249,22 +252,27 @@ class Engine:
         for d in text[1:]:  # one KV cache for the session's drafters over one context (Drafter.share_kv)
             d.share_kv(text[0])
         return self._run(prompt, prompt_ids, params, v, drafters, LocalVerifier(v, target, cost),
-                         lambda d, k: drafts.run(d.draft(k)), why, state, draft_tokens, t0)
+                         lambda d, k: drafts.run(d.draft(k)), why, state, draft_tokens, t0, stop)
 
     def _run(self, prompt, prompt_ids, params, v: Verifier, drafters: dict, link, draft, why: str,
-             state: Optional[AutoState], draft_tokens: Optional[int], t0: float) -> GenerationResult:
+             state: Optional[AutoState], draft_tokens: Optional[int], t0: float, stop=()) -> GenerationResult:
         """The rounds of one started session (`rounds.run_rounds`), and its result."""
         prefill_s = time.perf_counter() - t0
         for d in drafters.values():
             d.start(prompt, prompt_ids, params)
         used: dict = {}  # algorithm -> rounds it ran in this session
         stats = RoundStats()
-        for r in run_rounds(link, drafters, draft, len(prompt_ids), state, draft_tokens):
+        stops = StopCut(stop) if stop else None
+        until = (lambda verdict: stops.ends(verdict.text)) if stops is not None else None
+        for r in run_rounds(link, drafters, draft, len(prompt_ids), state, draft_tokens, until=until):
             stats = r.stats
             if r.arm is not None:
                 used[r.arm[0]] = used.get(r.arm[0], 0) + 1
         seconds = time.perf_counter() - t0
         new = v.new_ids
+        text, finish_reason = self.target_vocab.bytes_of(new), v.finish_reason
+        if stops is not None and stops.hit:
+            text, finish_reason = text[: stops.cut], "stop"
         profile = stats.profile()
         profile["prefill_s"] = prefill_s  # encoding the prompt and the target's prefill
         profile["other_s"] = seconds - prefill_s - (stats.draft_ns + stats.verify_ns) / 1e9
@@ -278,8 +286,8 @@ class Engine:
         else:
             algo = next(iter(drafters), "none")
         return GenerationResult(
-            text=self.target_vocab.bytes_of(new).decode("utf-8", errors="replace"), ids=new, new_tokens=len(new),
+            text=text.decode("utf-8", errors="replace"), ids=new, new_tokens=len(new),
             seconds=seconds, algorithm=algo, rounds=stats.rounds, draft_tokens=stats.draft_tokens,
-            accepted_tokens=stats.accepted_tokens, drafted=stats.drafted, finish_reason=v.finish_reason, why=why,
+            accepted_tokens=stats.accepted_tokens, drafted=stats.drafted, finish_reason=finish_reason, why=why,
             profile=profile, accepted_by_position=stats.accepted_by_position, slrs_fallbacks=stats.slrs_fallbacks,
             slrs_rows=stats.slrs_rows, auto=auto)

@@ -146,13 +146,14 @@ def _length(lengths: dict, arm: tuple, resume_k: Optional[int]) -> DraftLength:
 
 def run_rounds(link, drafters: dict, draft: Callable, committed: int, state=None,
                draft_tokens: Optional[int] = None, resume_k: Optional[int] = None,
-               stop=None) -> Iterator[Round]:
+               stop=None, until: Optional[Callable] = None) -> Iterator[Round]:
     """Run one session's rounds to the end; yields each `Round` (see the module docstring).
 
     drafters: algorithm -> this session's started `Drafter` (empty: the target alone; several: `auto`,
     whose `state` picks each round's arm; an arm whose algorithm has no drafter, "none", is the target's
     own step). committed: the committed length (prompt included) the session starts at. stop: an Event;
-    set, the loop ends after the round in flight."""
+    set, the loop ends after the round in flight. until(verdict): True ends the session after that round,
+    before another is submitted (a stop string, crossdraft/stops.py)."""
     lengths: dict = {}  # arm -> its DraftLength in this session
     stats = RoundStats()
     arm = (next(iter(drafters)), draft_tokens) if drafters else None
@@ -179,7 +180,7 @@ def run_rounds(link, drafters: dict, draft: Callable, committed: int, state=None
             raise Aborted(f"the verifier is at committed length {verdict.seq}, this drafter at {committed}")
         stats.add(proposal, verdict)
         committed += len(verdict.ids)
-        finished = verdict.finished
+        finished = verdict.finished or (until is not None and until(verdict))
         ran = drafter if budget > 0 else None
         if not finished:
             for d in drafters.values():  # the drafter that ran follows now, the others when they next draft

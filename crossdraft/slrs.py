@@ -54,7 +54,7 @@ class TargetTrie:
                 self.maxlen = max(self.maxlen, len(b))
                 for n in range(len(b)):
                     self.inner.add(b[:n])
-        self.eos = min(target.eos_ids) if target.eos_ids else -1
+        self.eos = target.eos_id if target.eos_ids else -1
         self._cand: dict = {}
 
     def extendable(self, s: bytes) -> bool:

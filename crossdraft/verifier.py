@@ -138,7 +138,7 @@ class Verifier:
             cands = slem_candidates(self.vocab, self.ids, self.ends, self.text, text, self.window)
             if proposal.eos and self.vocab.eos_ids and len(text) == len(proposal.text):
                 if self.vocab.bytes_of(cands) == text:
-                    cands = cands + [min(self.vocab.eos_ids)]
+                    cands = cands + [self.vocab.eos_id]
             return cands, time.perf_counter_ns() - t0
         return [], 0
 

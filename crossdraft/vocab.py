@@ -8,6 +8,12 @@ to plain bytes. Special tokens (BOS, EOS, pad, unk) stand for no bytes: they are
 A Vocab can wrap a Hugging Face tokenizer (`Vocab.from_hf`) or be built from a token list and an
 encode function (`Vocab.from_tokens`), which is how the tests build adversarial tokenizers.
 
+End of sequence: `eos_ids` are every id that ends a generation: the tokenizer's EOS and, with
+`Vocab.load`, the `eos_token_id` list of the model's `generation_config.json` (a chat model's end of
+turn: Llama 3's `<|eot_id|>`, Qwen's `<|im_end|>`), as Hugging Face's generate() stops. The fingerprint
+covers them (a verifier hands `generation_config.json` out with its tokenizer files); `same_as` and
+`eos_id` (the one id a drafter's EOS stands for) use the tokenizer's own.
+
 Never: runs a model.
 """
 from __future__ import annotations
@@ -80,6 +86,7 @@ class Vocab:
     name: str = ""
     prefix: bytes = b""  # bytes the encoder prepends to a text (SentencePiece's "▁" at the start)
     fallback_ids: frozenset = frozenset()  # byte-fallback tokens (<0xNN>)
+    tokenizer_eos_ids: Optional[frozenset] = None  # the tokenizer's own EOS (eos_ids less generation_config's)
 
     def __post_init__(self):
         # bytes -> the token that stands for them; an ordinary token wins over a byte-fallback one
@@ -162,7 +169,16 @@ class Vocab:
             raise ModelLoadError(f"cannot load tokenizer {name_or_path!r}: {msg}") from None
         v = cls.from_hf(tok, name=name_or_path)
         v.hf = tok
+        v.add_generation_eos(generation_eos_ids(name_or_path))
         return v
+
+    def add_generation_eos(self, ids) -> None:
+        """Also end generations at `ids` (generation_config.json's eos_token_id); ids outside the
+        vocabulary are ignored."""
+        extra = frozenset(i for i in ids if 0 <= i < len(self.token_bytes))
+        if self.tokenizer_eos_ids is None:
+            self.tokenizer_eos_ids = self.eos_ids
+        self.eos_ids = self.tokenizer_eos_ids | extra
 
     # --- queries ------------------------------------------------------------------------------
     def __len__(self):
@@ -189,7 +205,18 @@ class Vocab:
         return h.hexdigest()[:16]
 
     def same_as(self, other: "Vocab") -> bool:
-        return self.token_bytes == other.token_bytes and self.eos_ids == other.eos_ids
+        """The same tokens and the same tokenizer EOS (a drafter may stop at other ids than the target)."""
+        return self.token_bytes == other.token_bytes and self.own_eos_ids == other.own_eos_ids
+
+    @property
+    def own_eos_ids(self) -> frozenset:
+        return self.eos_ids if self.tokenizer_eos_ids is None else self.tokenizer_eos_ids
+
+    @property
+    def eos_id(self) -> Optional[int]:
+        """The EOS a drafter's EOS is mapped to: the tokenizer's own (a chat tokenizer's end of turn)."""
+        own = self.own_eos_ids or self.eos_ids
+        return min(own) if own else None
 
     def encode_prompt(self, text: str) -> list:
         ids = list(self.encode_fn(text))
@@ -213,6 +240,35 @@ class Vocab:
         if self.prefix and got == self.prefix + data and ids and self.token_bytes[ids[0]] == self.prefix:
             return ids[1:]  # the encoder's prepended marker stood alone: drop it
         return None
+
+
+def generation_eos_ids(name_or_path: str) -> list:
+    """The `eos_token_id` (an int or a list) of a model's generation_config.json: a directory's file, or a
+    Hub id's from the local cache; [] when there is none or it cannot be read."""
+    import json
+    import os
+
+    d = os.path.expanduser(name_or_path)
+    path = os.path.join(d, "generation_config.json")
+    if os.path.isdir(d):
+        path = path if os.path.isfile(path) else None
+    else:
+        try:
+            from transformers.utils import cached_file
+
+            path = cached_file(name_or_path, "generation_config.json", _raise_exceptions_for_missing_entries=False,
+                               _raise_exceptions_for_connection_errors=False)
+        except Exception:  # noqa: BLE001 - no generation config: the tokenizer's EOS only
+            path = None
+    if not path:
+        return []
+    try:
+        with open(path, encoding="utf-8") as f:
+            eos = json.load(f).get("eos_token_id")
+    except (OSError, ValueError, AttributeError):
+        return []
+    eos = [eos] if isinstance(eos, int) else (eos if isinstance(eos, list) else [])
+    return [i for i in eos if isinstance(i, int) and not isinstance(i, bool)]
 
 
 def utf8_complete(data: bytes) -> int:

@@ -53,7 +53,7 @@ _ALGORITHM_NAMES[common_pb2.ALGORITHM_UNSPECIFIED] = "auto"  # not set in a requ
 _FINISH_REASONS = {
     "": common_pb2.FINISH_REASON_UNSPECIFIED, "length": common_pb2.FINISH_REASON_LENGTH,
     "eos": common_pb2.FINISH_REASON_EOS, "cancelled": common_pb2.FINISH_REASON_CANCELLED,
-    "error": common_pb2.FINISH_REASON_ERROR,
+    "error": common_pb2.FINISH_REASON_ERROR, "stop": common_pb2.FINISH_REASON_STOP,
 }
 _FINISH_REASON_NAMES = {v: k for k, v in _FINISH_REASONS.items()}
 
@@ -78,7 +78,7 @@ def algorithm_from_proto(value: int) -> str:
 
 
 def finish_reason_to_proto(reason: str) -> int:
-    """'' (not finished), 'length', 'eos', 'cancelled', 'error' -> FinishReason enum value."""
+    """'' (not finished), 'length', 'eos', 'cancelled', 'error', 'stop' -> FinishReason enum value."""
     try:
         return _FINISH_REASONS[reason]
     except (KeyError, TypeError):

@@ -49,11 +49,13 @@ from crossdraft.serving.channels import TLS, check_plaintext, is_loopback
 from crossdraft.serving.metrics import ServiceMetrics
 from crossdraft.serving.service import Service, setup_logging
 from crossdraft.serving.status import status_of
+from crossdraft.stops import check_stops
 from crossdraft.store import COUNTERS, AlreadyExists, Conflict, MemoryStore, SessionClosed, SessionStore
 from crossdraft.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 from .auth import ApiKeys, KeyLimits, caller_of, load_keys
 from .pool import Pool, parse_addresses
+from .stops import SessionStops, Stopped
 
 log = logging.getLogger("crossdraft.gateway")
 
@@ -174,6 +176,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self._lock = threading.Lock()
         self._active = 0
         self._calls: dict = {}  # session id -> its RunSession call, while this process runs it
+        self.stops = SessionStops(store)  # stop strings, applied to each delta before it is committed
 
     # --- validation -----------------------------------------------------------------------------
     def _request(self, spec: gateway_pb2.GenerationSpec) -> dict:
@@ -190,10 +193,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         if spec.draft_tokens and not 1 <= spec.draft_tokens <= wire.MAX_TARGET_IDS:
             raise InvalidArgument(f"draft_tokens must be in [1, {wire.MAX_TARGET_IDS}] (or 0: adaptive), "
                                   f"got {spec.draft_tokens}")
+        stops = check_stops(list(spec.stop_strings))
         return {"prompt": spec.prompt, "max_new_tokens": spec.max_new_tokens, "algorithm": algorithm,
                 "params": {"temperature": params.temperature, "top_k": params.top_k, "top_p": params.top_p,
                            "seed": params.seed},
-                "draft_tokens": spec.draft_tokens, "model": spec.model, "drafter": spec.drafter}
+                "draft_tokens": spec.draft_tokens, "model": spec.model, "drafter": spec.drafter,
+                **({"stop": stops} if stops else {})}
 
     @staticmethod
     def _spec(req: dict) -> gateway_pb2.GenerationSpec:
@@ -203,7 +208,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             params=common_pb2.SamplingParams(temperature=p.get("temperature", 0.0), top_k=p.get("top_k", 0),
                                              top_p=p.get("top_p", 1.0), seed=p.get("seed", 0)),
             algorithm=wire.algorithm_to_proto(req.get("algorithm", "auto")),
-            draft_tokens=req.get("draft_tokens", 0), model=req.get("model", ""), drafter=req.get("drafter", ""))
+            draft_tokens=req.get("draft_tokens", 0), model=req.get("model", ""), drafter=req.get("drafter", ""),
+            stop_strings=req.get("stop", []))
 
     # --- running a session ----------------------------------------------------------------------
     def _start(self, session_id: str, req: dict) -> Future:
@@ -365,21 +371,40 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             if not started.done():
                 started.set_result(None)
 
-    def _commit(self, sid: str, *args, **kw) -> int:
+    def _commit(self, sid: str, expected_len: int, ids: list, text: bytes, counters: dict, finished: bool,
+                reason: str, result: Optional[dict] = None, resume: Optional[dict] = None) -> int:
         """store.commit, retried while the store is unreachable (a Redis restart) for up to `store_wait_s`:
         a retried commit is applied once (the store recognises a replay), so nothing is lost or doubled.
         Then `_StoreDown`: the session stops here; its committed part stays in the store, and a replica
-        takes it over (its lease runs out) once the store is back and a client attaches."""
+        takes it over (its lease runs out) once the store is back and a client attaches.
+        The session's stop strings apply first (stops.py): a commit that completes one is the last, and
+        `Stopped` (a SessionClosed) then ends the run, which cancels its drafter and verifier."""
+        try:
+            text, finished, reason, resume, stopped = self.stops.apply(sid, text, finished, reason, resume)
+        except CrossdraftError:
+            self.stops.forget(sid)
+            raise
         give_up, pause = time.monotonic() + self.store_wait_s, 0.05
         while True:
             try:
-                return self.store.commit(sid, *args, **kw)
+                length = self.store.commit(sid, expected_len, ids, text, counters, finished, reason, result,
+                                           resume=resume)
             except Unavailable as e:
                 if time.monotonic() > give_up:
+                    self.stops.forget(sid)
                     raise _StoreDown(f"the session store is unreachable: {e}") from None
                 log.warning("session %s: the session store is unreachable, retrying the commit: %s", sid, e)
                 time.sleep(pause)
                 pause = min(1.0, pause * 2)
+                continue
+            except CrossdraftError:  # a conflict, a closed session: whoever goes on reads the matcher's state
+                self.stops.forget(sid)
+                raise
+            if finished:
+                self.stops.forget(sid)
+            if stopped:
+                raise Stopped(f"session {sid!r} ended at a stop string")
+            return length
 
     def _pick_drafter(self, model: str, tried: set) -> Optional[str]:
         """The least-loaded drafter (serving `model`) not in `tried`, counted; None when none is left."""
@@ -623,6 +648,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                 self._adopt_if_orphaned(existing)
                 return session_id, self._follow(session_id, 0, context)
         sid = session_id or uuid.uuid4().hex
+        self.stops.note(sid, req.get("stop"))
         remaining = context.time_remaining() if context is not None else None
         if remaining is not None:  # the client's deadline: the session is cancelled when it passes
             req = dict(req, deadline_unix=time.time() + remaining)
@@ -632,6 +658,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             try:
                 started = self._start(sid, req)
             except AlreadyExists:  # the same id sent twice at once: attach to the one that won
+                self.stops.forget(sid)  # its stop strings are the stored request's
                 if self.limits is not None:
                     self.limits.release(caller, sid)
                 self._get(sid, include_output=False, caller=caller)
@@ -693,13 +720,25 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
 
     def CancelSession(self, request, context):
         self._get(request.session_id, include_output=False, caller=self._caller(context))
-        cancelled = self.store.cancel(request.session_id)
-        with self._lock:
-            call = self._calls.get(request.session_id)
-        if call is not None:
-            call.cancel()
+        cancelled = self.cancel(request.session_id)
         s = self._get(request.session_id, include_output=False)
         return gateway_pb2.CancelSessionResponse(cancelled=cancelled, session=self._session(s, False))
+
+    # --- for the HTTP API (http.py): the same keys, checks and sessions as the RPCs ------------------
+    def caller(self, context) -> str:
+        return self._caller(context)
+
+    def open(self, spec, session_id: str, context, caller: str = ""):
+        return self._open(spec, session_id, context, caller)
+
+    def cancel(self, sid: str) -> bool:
+        """Cancel a session: in the store, and its RunSession call if this process runs it."""
+        cancelled = self.store.cancel(sid)
+        with self._lock:
+            call = self._calls.get(sid)
+        if call is not None:
+            call.cancel()
+        return cancelled
 
 
 # --- serving ------------------------------------------------------------------------------------
@@ -744,6 +783,10 @@ def gateway_service(args, store, drafters: list, verifiers: list, host: str, por
                   max_workers=2 * args.max_sessions + 8, grace_s=args.grace, on_error=servicer.metrics.error,
                   tls=tls, client_ca=getattr(args, "tls_client_ca", None) or "")
     svc.start(handle_signals=handle_signals)
+    if getattr(args, "http_port", None) is not None:  # the OpenAI-compatible HTTP API beside gRPC
+        from .http import serve_http
+
+        svc.http = serve_http(args, servicer, svc, host)
     return svc
 
 

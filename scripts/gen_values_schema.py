@@ -115,8 +115,9 @@ verifier = obj({"model": s(minLength=1), **model_role,
 
 gateway = obj({
     "image": ref("roleImage"), "replicas": i(minimum=0), "port": ref("port"),
+    "httpPort": i(minimum=0, maximum=65535),
     "service": obj({"type": s(enum=["ClusterIP", "NodePort", "LoadBalancer"]), "port": ref("port"),
-                    "annotations": strmap("Service annotations")}),
+                    "httpPort": ref("port"), "annotations": strmap("Service annotations")}),
     "sessionTTLSeconds": {"type": "number", "exclusiveMinimum": 0},
     "maxSessions": i(minimum=1, maximum=4096), "maxPromptBytes": i(minimum=1),
     "graceSeconds": i(minimum=0), "resources": ref("resources"),

@@ -174,12 +174,52 @@ def ascii_bpe(vocab_size: int = 160, seed: int = 2):
     return _hf(tok, eos_token="<eos>", unk_token="<unk>")
 
 
+# --------------------------------------------------------------------------------------------------
+# a chat model: ChatML turns, its end of turn only in generation_config.json
+# --------------------------------------------------------------------------------------------------
+
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+@functools.lru_cache(maxsize=None)
+def chat_corpus(n: int = 300, seed: int = 4) -> tuple:
+    """Conversations of two or three turns: a user's line of code, the assistant's few words, each
+    turn closed by <|im_end|>; after the assistant's turn comes the user's next (or the document's end)."""
+    r = random.Random(seed)
+    docs = []
+    for _ in range(n):
+        turns = []
+        for _ in range(r.randrange(2, 4)):
+            answer = " ".join(r.choice(_WORDS[:6]) for _ in range(r.randrange(1, 3)))
+            turns.append(f"{IM_START}user\n{_statement(r, False)}{IM_END}\n{IM_START}assistant\n{answer}{IM_END}\n")
+        docs.append("".join(turns))
+    return tuple(docs)
+
+
+@functools.lru_cache(maxsize=None)
+def chat_bpe(vocab_size: int = 300, seed: int = 4):
+    """Qwen-style: byte-level BPE with <|endoftext|> as the tokenizer's EOS, <|im_start|> and <|im_end|>
+    special tokens, and a ChatML chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tr = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT, IM_START, IM_END],
+                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(chat_corpus(300, seed) + corpus(100, seed), tr)
+    return _hf(tok, eos_token=EOT, bos_token=EOT, unk_token=EOT, chat_template=CHATML)
+
+
 TOKENIZERS = {
     "bpe": lambda: bytelevel_bpe(400, (EOT,), 0),  # the target's
     "spm": lambda: sentencepiece_bpe(450, 1),
     "spm_bos": lambda: sentencepiece_bpe(450, 1, add_bos=True),  # the same, BOS first in prompts
     "bpe_alt": lambda: bytelevel_bpe(300, ("<s>", "</s>"), 3),
     "ascii": lambda: ascii_bpe(160, 2),
+    "chat": lambda: chat_bpe(300, 4),
 }
 
 
@@ -215,12 +255,13 @@ def tiny_llama(vocab_size: int, seed: int = 0, hidden: int = 64, layers: int = 2
     return model.to(torch.float64).eval()
 
 
-def train_tiny(model, hf_tok, steps: int = 150, seq: int = 48, batch: int = 16, lr: float = 3e-3, seed: int = 0):
-    """A few hundred Adam steps on the synthetic corpus so that greedy continuations are not noise
-    (drafters then agree with the target often enough to exercise the accept path)."""
+def train_tiny(model, hf_tok, steps: int = 150, seq: int = 48, batch: int = 16, lr: float = 3e-3, seed: int = 0,
+               docs=None):
+    """A few hundred Adam steps on the synthetic corpus (or `docs`) so that greedy continuations are not
+    noise (drafters then agree with the target often enough to exercise the accept path)."""
     eos = hf_tok.eos_token_id
     flat = []
-    for doc in corpus(300, 0):
+    for doc in docs if docs is not None else corpus(300, 0):
         flat.extend(hf_tok.backend_tokenizer.encode(doc, add_special_tokens=False).ids)
         flat.append(eos)
     data = torch.tensor(flat, dtype=torch.long)
@@ -317,3 +358,31 @@ def longest_match_encoder(tokens: Sequence[Optional[str]]) -> Callable[[str], li
         return out
 
     return encode
+
+
+@functools.lru_cache(maxsize=None)
+def chat_model():
+    """A tiny Llama trained on `chat_corpus` (about 10 s): greedy, it answers a few words and ends its
+    turn with <|im_end|>, then goes on with the user's next turn."""
+    hf = chat_bpe()
+    model = tiny_llama(len(hf), seed=4, hidden=48, eos=hf.eos_token_id)
+    return train_tiny(model, hf, steps=200, seed=4, docs=chat_corpus(300, 4))[0]
+
+
+def save_chat_model(d, end_of_turn: bool = True):
+    """The chat model in directory d; end_of_turn: its generation_config.json also ends generations at
+    <|im_end|> (as Qwen's and Llama 3's instruct models do), the tokenizer's EOS being <|endoftext|>."""
+    import json
+    import os
+
+    hf = chat_bpe()
+    chat_model().save_pretrained(d)
+    hf.save_pretrained(d)
+    if end_of_turn:
+        path = os.path.join(d, "generation_config.json")
+        with open(path) as f:
+            cfg = json.load(f)
+        cfg["eos_token_id"] = [hf.convert_tokens_to_ids(IM_END), hf.eos_token_id]
+        with open(path, "w") as f:
+            json.dump(cfg, f)
+    return d

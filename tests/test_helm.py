@@ -465,6 +465,25 @@ def test_gateway_is_given_the_rendered_pools(name):
         assert f"{FULL}-redis" in services
 
 
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_gateway_service_exposes_the_http_api(name):
+    """The HTTP API's port: --http-port on the gateway, a named container port, a Service port on it
+    (and no trace of it with gateway.httpPort 0)."""
+    objs, vals = objects(name), values(name)
+    gw = by_kind(objs, "Deployment")[f"{FULL}-gateway"]["spec"]["template"]["spec"]["containers"][0]
+    svc = by_kind(objs, "Service")[f"{FULL}-gateway"]
+    port = vals["gateway"]["httpPort"]
+    assert port and int(flag(gw["args"], "http-port")) == port
+    assert {"name": "http", "containerPort": port, "protocol": "TCP"} in gw["ports"]
+    http = [p for p in svc["spec"]["ports"] if p["name"] == "http"]
+    assert len(http) == 1 and http[0]["targetPort"] == "http" and http[0]["port"] == vals["gateway"]["service"]["httpPort"]
+    off = [d for d in yaml.safe_load_all(helm("template", RELEASE, str(CHART), "--namespace", NAMESPACE,
+                                              *values_args(name), "--set", "gateway.httpPort=0").stdout) if d]
+    gw_off = by_kind(off, "Deployment")[f"{FULL}-gateway"]["spec"]["template"]["spec"]["containers"][0]
+    assert not [a for a in gw_off["args"] if a.startswith("--http-port")]
+    assert [p["name"] for p in by_kind(off, "Service")[f"{FULL}-gateway"]["spec"]["ports"]] == ["grpc"]
+
+
 def _allowed_sources(objs: list, target: dict, port: int) -> set:
     """Names of the workloads whose pods the NetworkPolicies let reach `target` on `port` ('*': any)."""
     ws = workloads(objs)
@@ -518,6 +537,8 @@ def test_network_policies_are_on_and_let_only_the_right_roles_through(name):
         assert "helm-test" in gateway_from and any("clients" in s for s in gateway_from) and len(gateway_from) == 2
     else:
         assert gateway_from == {"*"}
+    if vals["gateway"].get("httpPort"):  # the OpenAI-compatible HTTP port: the same clients as gRPC
+        assert _allowed_sources(objs, ws[gw], vals["gateway"]["httpPort"]) == gateway_from
 
 
 def test_network_policies_can_be_turned_off():

@@ -27,6 +27,7 @@ Never: drafts, decides acceptance itself, or imports anything of the drafter.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -52,7 +53,8 @@ SERVICE_NAME = verifier_pb2.DESCRIPTOR.services_by_name["VerifierService"].full_
 CHUNK_BYTES = 1 << 20
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "spiece.model", "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json",
-                   "chat_template.jinja", "chat_template.json", "config.json")
+                   "chat_template.jinja", "chat_template.json", "config.json",
+                   "generation_config.json")  # its eos_token_id ends generations too (Vocab.load)
 ALGORITHMS = ("same", "tli", "slem", "slrs", "none")
 # Verdicts computed but not yet sent, per stream: a drafter that sends proposals without reading
 # verdicts stalls its own session here instead of growing the verifier's memory.
@@ -165,6 +167,9 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
             self._tmp = tempfile.TemporaryDirectory(prefix="crossdraft-tokenizer-")
             vocab.hf.save_pretrained(self._tmp.name)
             d = self._tmp.name
+            if vocab.eos_ids != vocab.own_eos_ids:  # the EOS of the Hub model's generation_config.json
+                with open(os.path.join(d, "generation_config.json"), "w", encoding="utf-8") as f:
+                    json.dump({"eos_token_id": sorted(vocab.eos_ids)}, f)
         return [(n, os.path.join(d, n)) for n in TOKENIZER_FILES if os.path.isfile(os.path.join(d, n))]
 
     def _ready(self) -> TargetSessions:

@@ -25,43 +25,43 @@ _sym_db = _symbol_database.Default()
 from crossdraft.v1 import common_pb2 as crossdraft_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63rossdraft/v1/gateway.proto\x12\rcrossdraft.v1\x1a\x1a\x63rossdraft/v1/common.proto\"\xca\x01\n\x0eGenerationSpec\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\r\x12-\n\x06params\x18\x03 \x01(\x0b\x32\x1d.crossdraft.v1.SamplingParams\x12+\n\talgorithm\x18\x04 \x01(\x0e\x32\x18.crossdraft.v1.Algorithm\x12\x14\n\x0c\x64raft_tokens\x18\x05 \x01(\r\x12\r\n\x05model\x18\x06 \x01(\t\x12\x0f\n\x07\x64rafter\x18\x07 \x01(\t\"L\n\tTextDelta\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x14\n\x0ctoken_offset\x18\x03 \x01(\r\x12\x0b\n\x03ids\x18\x04 \x03(\x05\"\xcd\x01\n\rGenerationEnd\x12\x32\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x1b.crossdraft.v1.FinishReason\x12+\n\talgorithm\x18\x02 \x01(\x0e\x32\x18.crossdraft.v1.Algorithm\x12\x0b\n\x03why\x18\x03 \x01(\t\x12#\n\x05stats\x18\x04 \x01(\x0b\x32\x14.crossdraft.v1.Stats\x12\x15\n\rerror_message\x18\x05 \x01(\t\x12\x12\n\ntext_bytes\x18\x06 \x01(\x04\"R\n\x0fGenerateRequest\x12+\n\x04spec\x18\x01 \x01(\x0b\x32\x1d.crossdraft.v1.GenerationSpec\x12\x12\n\nsession_id\x18\x02 \x01(\t\"\x87\x01\n\x10GenerateResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12)\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x18.crossdraft.v1.TextDeltaH\x00\x12+\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x1c.crossdraft.v1.GenerationEndH\x00\x42\x07\n\x05\x65vent\"W\n\x14GenerateUnaryRequest\x12+\n\x04spec\x18\x01 \x01(\x0b\x32\x1d.crossdraft.v1.GenerationSpec\x12\x12\n\nsession_id\x18\x02 \x01(\t\"q\n\x15GenerateUnaryResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0b\n\x03ids\x18\x03 \x03(\x05\x12)\n\x03\x65nd\x18\x04 \x01(\x0b\x32\x1c.crossdraft.v1.GenerationEnd\":\n\x14\x41ttachSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\"\x8c\x01\n\x15\x41ttachSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12)\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x18.crossdraft.v1.TextDeltaH\x00\x12+\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x1c.crossdraft.v1.GenerationEndH\x00\x42\x07\n\x05\x65vent\"\xf0\x02\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12,\n\x06status\x18\x02 \x01(\x0e\x32\x1c.crossdraft.v1.SessionStatus\x12+\n\x04spec\x18\x03 \x01(\x0b\x32\x1d.crossdraft.v1.GenerationSpec\x12\x12\n\nnew_tokens\x18\x04 \x01(\r\x12\x12\n\ntext_bytes\x18\x05 \x01(\x04\x12\x0c\n\x04text\x18\x06 \x01(\t\x12\x0b\n\x03ids\x18\x07 \x03(\x05\x12)\n\x03\x65nd\x18\x08 \x01(\x0b\x32\x1c.crossdraft.v1.GenerationEnd\x12#\n\x05stats\x18\t \x01(\x0b\x32\x14.crossdraft.v1.Stats\x12\x17\n\x0f\x63reated_unix_ns\x18\n \x01(\x03\x12\x17\n\x0fupdated_unix_ns\x18\x0b \x01(\x03\x12\x17\n\x0f\x64rafter_address\x18\x0c \x01(\t\x12\x18\n\x10verifier_address\x18\r \x01(\t\"?\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x16\n\x0einclude_output\x18\x02 \x01(\x08\"=\n\x12GetSessionResponse\x12\'\n\x07session\x18\x01 \x01(\x0b\x32\x16.crossdraft.v1.Session\"*\n\x14\x43\x61ncelSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"S\n\x15\x43\x61ncelSessionResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x08\x12\'\n\x07session\x18\x02 \x01(\x0b\x32\x16.crossdraft.v1.Session*\x84\x01\n\rSessionStatus\x12\x1e\n\x1aSESSION_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16SESSION_STATUS_PENDING\x10\x01\x12\x1a\n\x16SESSION_STATUS_RUNNING\x10\x02\x12\x1b\n\x17SESSION_STATUS_FINISHED\x10\x03\x32\xc8\x03\n\x0eGatewayService\x12M\n\x08Generate\x12\x1e.crossdraft.v1.GenerateRequest\x1a\x1f.crossdraft.v1.GenerateResponse0\x01\x12Z\n\rGenerateUnary\x12#.crossdraft.v1.GenerateUnaryRequest\x1a$.crossdraft.v1.GenerateUnaryResponse\x12\\\n\rAttachSession\x12#.crossdraft.v1.AttachSessionRequest\x1a$.crossdraft.v1.AttachSessionResponse0\x01\x12Q\n\nGetSession\x12 .crossdraft.v1.GetSessionRequest\x1a!.crossdraft.v1.GetSessionResponse\x12Z\n\rCancelSession\x12#.crossdraft.v1.CancelSessionRequest\x1a$.crossdraft.v1.CancelSessionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63rossdraft/v1/gateway.proto\x12\rcrossdraft.v1\x1a\x1a\x63rossdraft/v1/common.proto\"\xe0\x01\n\x0eGenerationSpec\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\r\x12-\n\x06params\x18\x03 \x01(\x0b\x32\x1d.crossdraft.v1.SamplingParams\x12+\n\talgorithm\x18\x04 \x01(\x0e\x32\x18.crossdraft.v1.Algorithm\x12\x14\n\x0c\x64raft_tokens\x18\x05 \x01(\r\x12\r\n\x05model\x18\x06 \x01(\t\x12\x0f\n\x07\x64rafter\x18\x07 \x01(\t\x12\x14\n\x0cstop_strings\x18\x08 \x03(\t\"L\n\tTextDelta\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x14\n\x0ctoken_offset\x18\x03 \x01(\r\x12\x0b\n\x03ids\x18\x04 \x03(\x05\"\xcd\x01\n\rGenerationEnd\x12\x32\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x1b.crossdraft.v1.FinishReason\x12+\n\talgorithm\x18\x02 \x01(\x0e\x32\x18.crossdraft.v1.Algorithm\x12\x0b\n\x03why\x18\x03 \x01(\t\x12#\n\x05stats\x18\x04 \x01(\x0b\x32\x14.crossdraft.v1.Stats\x12\x15\n\rerror_message\x18\x05 \x01(\t\x12\x12\n\ntext_bytes\x18\x06 \x01(\x04\"R\n\x0fGenerateRequest\x12+\n\x04spec\x18\x01 \x01(\x0b\x32\x1d.crossdraft.v1.GenerationSpec\x12\x12\n\nsession_id\x18\x02 \x01(\t\"\x87\x01\n\x10GenerateResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12)\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x18.crossdraft.v1.TextDeltaH\x00\x12+\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x1c.crossdraft.v1.GenerationEndH\x00\x42\x07\n\x05\x65vent\"W\n\x14GenerateUnaryRequest\x12+\n\x04spec\x18\x01 \x01(\x0b\x32\x1d.crossdraft.v1.GenerationSpec\x12\x12\n\nsession_id\x18\x02 \x01(\t\"q\n\x15GenerateUnaryResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0b\n\x03ids\x18\x03 \x03(\x05\x12)\n\x03\x65nd\x18\x04 \x01(\x0b\x32\x1c.crossdraft.v1.GenerationEnd\":\n\x14\x41ttachSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\"\x8c\x01\n\x15\x41ttachSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12)\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x18.crossdraft.v1.TextDeltaH\x00\x12+\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x1c.crossdraft.v1.GenerationEndH\x00\x42\x07\n\x05\x65vent\"\xf0\x02\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12,\n\x06status\x18\x02 \x01(\x0e\x32\x1c.crossdraft.v1.SessionStatus\x12+\n\x04spec\x18\x03 \x01(\x0b\x32\x1d.crossdraft.v1.GenerationSpec\x12\x12\n\nnew_tokens\x18\x04 \x01(\r\x12\x12\n\ntext_bytes\x18\x05 \x01(\x04\x12\x0c\n\x04text\x18\x06 \x01(\t\x12\x0b\n\x03ids\x18\x07 \x03(\x05\x12)\n\x03\x65nd\x18\x08 \x01(\x0b\x32\x1c.crossdraft.v1.GenerationEnd\x12#\n\x05stats\x18\t \x01(\x0b\x32\x14.crossdraft.v1.Stats\x12\x17\n\x0f\x63reated_unix_ns\x18\n \x01(\x03\x12\x17\n\x0fupdated_unix_ns\x18\x0b \x01(\x03\x12\x17\n\x0f\x64rafter_address\x18\x0c \x01(\t\x12\x18\n\x10verifier_address\x18\r \x01(\t\"?\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x16\n\x0einclude_output\x18\x02 \x01(\x08\"=\n\x12GetSessionResponse\x12\'\n\x07session\x18\x01 \x01(\x0b\x32\x16.crossdraft.v1.Session\"*\n\x14\x43\x61ncelSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"S\n\x15\x43\x61ncelSessionResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x08\x12\'\n\x07session\x18\x02 \x01(\x0b\x32\x16.crossdraft.v1.Session*\x84\x01\n\rSessionStatus\x12\x1e\n\x1aSESSION_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16SESSION_STATUS_PENDING\x10\x01\x12\x1a\n\x16SESSION_STATUS_RUNNING\x10\x02\x12\x1b\n\x17SESSION_STATUS_FINISHED\x10\x03\x32\xc8\x03\n\x0eGatewayService\x12M\n\x08Generate\x12\x1e.crossdraft.v1.GenerateRequest\x1a\x1f.crossdraft.v1.GenerateResponse0\x01\x12Z\n\rGenerateUnary\x12#.crossdraft.v1.GenerateUnaryRequest\x1a$.crossdraft.v1.GenerateUnaryResponse\x12\\\n\rAttachSession\x12#.crossdraft.v1.AttachSessionRequest\x1a$.crossdraft.v1.AttachSessionResponse0\x01\x12Q\n\nGetSession\x12 .crossdraft.v1.GetSessionRequest\x1a!.crossdraft.v1.GetSessionResponse\x12Z\n\rCancelSession\x12#.crossdraft.v1.CancelSessionRequest\x1a$.crossdraft.v1.CancelSessionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'crossdraft.v1.gateway_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SESSIONSTATUS']._serialized_start=1823
-  _globals['_SESSIONSTATUS']._serialized_end=1955
+  _globals['_SESSIONSTATUS']._serialized_start=1845
+  _globals['_SESSIONSTATUS']._serialized_end=1977
   _globals['_GENERATIONSPEC']._serialized_start=75
-  _globals['_GENERATIONSPEC']._serialized_end=277
-  _globals['_TEXTDELTA']._serialized_start=279
-  _globals['_TEXTDELTA']._serialized_end=355
-  _globals['_GENERATIONEND']._serialized_start=358
-  _globals['_GENERATIONEND']._serialized_end=563
-  _globals['_GENERATEREQUEST']._serialized_start=565
-  _globals['_GENERATEREQUEST']._serialized_end=647
-  _globals['_GENERATERESPONSE']._serialized_start=650
-  _globals['_GENERATERESPONSE']._serialized_end=785
-  _globals['_GENERATEUNARYREQUEST']._serialized_start=787
-  _globals['_GENERATEUNARYREQUEST']._serialized_end=874
-  _globals['_GENERATEUNARYRESPONSE']._serialized_start=876
-  _globals['_GENERATEUNARYRESPONSE']._serialized_end=989
-  _globals['_ATTACHSESSIONREQUEST']._serialized_start=991
-  _globals['_ATTACHSESSIONREQUEST']._serialized_end=1049
-  _globals['_ATTACHSESSIONRESPONSE']._serialized_start=1052
-  _globals['_ATTACHSESSIONRESPONSE']._serialized_end=1192
-  _globals['_SESSION']._serialized_start=1195
-  _globals['_SESSION']._serialized_end=1563
-  _globals['_GETSESSIONREQUEST']._serialized_start=1565
-  _globals['_GETSESSIONREQUEST']._serialized_end=1628
-  _globals['_GETSESSIONRESPONSE']._serialized_start=1630
-  _globals['_GETSESSIONRESPONSE']._serialized_end=1691
-  _globals['_CANCELSESSIONREQUEST']._serialized_start=1693
-  _globals['_CANCELSESSIONREQUEST']._serialized_end=1735
-  _globals['_CANCELSESSIONRESPONSE']._serialized_start=1737
-  _globals['_CANCELSESSIONRESPONSE']._serialized_end=1820
-  _globals['_GATEWAYSERVICE']._serialized_start=1958
-  _globals['_GATEWAYSERVICE']._serialized_end=2414
+  _globals['_GENERATIONSPEC']._serialized_end=299
+  _globals['_TEXTDELTA']._serialized_start=301
+  _globals['_TEXTDELTA']._serialized_end=377
+  _globals['_GENERATIONEND']._serialized_start=380
+  _globals['_GENERATIONEND']._serialized_end=585
+  _globals['_GENERATEREQUEST']._serialized_start=587
+  _globals['_GENERATEREQUEST']._serialized_end=669
+  _globals['_GENERATERESPONSE']._serialized_start=672
+  _globals['_GENERATERESPONSE']._serialized_end=807
+  _globals['_GENERATEUNARYREQUEST']._serialized_start=809
+  _globals['_GENERATEUNARYREQUEST']._serialized_end=896
+  _globals['_GENERATEUNARYRESPONSE']._serialized_start=898
+  _globals['_GENERATEUNARYRESPONSE']._serialized_end=1011
+  _globals['_ATTACHSESSIONREQUEST']._serialized_start=1013
+  _globals['_ATTACHSESSIONREQUEST']._serialized_end=1071
+  _globals['_ATTACHSESSIONRESPONSE']._serialized_start=1074
+  _globals['_ATTACHSESSIONRESPONSE']._serialized_end=1214
+  _globals['_SESSION']._serialized_start=1217
+  _globals['_SESSION']._serialized_end=1585
+  _globals['_GETSESSIONREQUEST']._serialized_start=1587
+  _globals['_GETSESSIONREQUEST']._serialized_end=1650
+  _globals['_GETSESSIONRESPONSE']._serialized_start=1652
+  _globals['_GETSESSIONRESPONSE']._serialized_end=1713
+  _globals['_CANCELSESSIONREQUEST']._serialized_start=1715
+  _globals['_CANCELSESSIONREQUEST']._serialized_end=1757
+  _globals['_CANCELSESSIONRESPONSE']._serialized_start=1759
+  _globals['_CANCELSESSIONRESPONSE']._serialized_end=1842
+  _globals['_GATEWAYSERVICE']._serialized_start=1980
+  _globals['_GATEWAYSERVICE']._serialized_end=2436
 # @@protoc_insertion_point(module_scope)

@@ -20,7 +20,7 @@ SESSION_STATUS_RUNNING: SessionStatus
 SESSION_STATUS_FINISHED: SessionStatus
 
 class GenerationSpec(_message.Message):
-    __slots__ = ("prompt", "max_new_tokens", "params", "algorithm", "draft_tokens", "model", "drafter")
+    __slots__ = ("prompt", "max_new_tokens", "params", "algorithm", "draft_tokens", "model", "drafter", "stop_strings")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
@@ -28,6 +28,7 @@ class GenerationSpec(_message.Message):
     DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DRAFTER_FIELD_NUMBER: _ClassVar[int]
+    STOP_STRINGS_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     max_new_tokens: int
     params: _common_pb2.SamplingParams
@@ -35,7 +36,8 @@ class GenerationSpec(_message.Message):
     draft_tokens: int
     model: str
     drafter: str
-    def __init__(self, prompt: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., algorithm: _Optional[_Union[_common_pb2.Algorithm, str]] = ..., draft_tokens: _Optional[int] = ..., model: _Optional[str] = ..., drafter: _Optional[str] = ...) -> None: ...
+    stop_strings: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, prompt: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., algorithm: _Optional[_Union[_common_pb2.Algorithm, str]] = ..., draft_tokens: _Optional[int] = ..., model: _Optional[str] = ..., drafter: _Optional[str] = ..., stop_strings: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TextDelta(_message.Message):
     __slots__ = ("offset", "text", "token_offset", "ids")
