@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("crossdraft", "drafter_service", "verifier_service", "gateway")
 # what the code writes -> the torch release that introduced it
 TORCH_FEATURES = {
-    "enable_gqa=": "2.5",  # F.scaled_dot_product_attention(..., enable_gqa=...)
+    "dtype.itemsize": "2.1",  # torch.dtype.itemsize (the KV budget's bytes per position, runner.py)
 }
 
 
