@@ -42,6 +42,7 @@ from crossdraft.errors import Aborted, InvalidArgument, ResourceExhausted, Unava
 from crossdraft.protocol import TOKENS, Proposal
 from crossdraft.runner import KVPool
 from crossdraft.serving.channels import CHANNEL_OPTIONS, PLAINTEXT, TLS
+from crossdraft.serving.drain import Drain
 from crossdraft.serving.metrics import ServiceMetrics
 from crossdraft.serving.models import dtype_name, load_warm, model_id
 from crossdraft.serving.service import run_model_service, setup_logging
@@ -118,6 +119,7 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
         self._templates: dict = {}  # (fingerprint, mode) -> Drafter (copied per session)
         self.auto_memory = AutoMemory()  # what `auto` measured, per target tokenizer and decoding mode
         self._cache_lock = threading.Lock()
+        self.drain = Drain("drafter")  # on SIGTERM: no new sessions, running ones handed back (serving/drain.py)
 
     # --- lifecycle ----------------------------------------------------------------------------
     def load(self, device: Optional[str] = None, fast: bool = True) -> None:
@@ -177,6 +179,10 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
 
     def RunSession(self, request, context):
         sessions = self._ready()
+        self.drain.admit()
+        yield from self.drain.hold(self._run_session(sessions, request, context))
+
+    def _run_session(self, sessions: DrafterSessions, request, context):
         sid = wire.check_session_id(request.session_id or uuid.uuid4().hex)
         params = wire.sampling_params_from_proto(request.params if request.HasField("params") else None)
         algorithm = wire.algorithm_from_proto(request.algorithm)

@@ -81,6 +81,9 @@ def _families(registry: CollectorRegistry) -> dict:
                              "a failure (gateway)", ["role"], registry=r),
         "takeovers": Counter(p + "takeovers", "Sessions taken over from a replica that stopped (gateway)", ["role"],
                              registry=r),
+        "store_errors": Counter(p + "store_errors", "Session store errors a gateway went on after (logged), by "
+                                "operation: touch (failover), expire (client deadline), cancelled (a check)",
+                                ["role", "op"], registry=r),
         "errors": Counter(p + "errors", "Calls answered with an error, by gRPC status code", ["role", "code"],
                           registry=r),
     }
@@ -203,6 +206,10 @@ class ServiceMetrics:
 
     def kv_rebuild(self) -> None:
         self.kv_rebuilds.inc()
+
+    def store_error(self, op: str) -> None:
+        """The gateway went on after a session store error in `op` (and logged it)."""
+        self._f["store_errors"].labels(role=self.role, op=op).inc()
 
     def error(self, code) -> None:
         """An error answered with this status (a grpc.StatusCode or its name)."""
