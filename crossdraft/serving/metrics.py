@@ -114,7 +114,8 @@ class ServiceMetrics:
         # histograms are bound on first use, so a role shows only the latencies it measures
         lab = {k: v.labels(role=role) for k, v in f.items()
                if k not in ("accepted_by_position", "errors", "draft_s", "verify_s", "network_s", "round_s",
-                            "ttft_s", "session_s", "failovers", "takeovers", "bad_proposals", "unsealed_deltas", "slow_clients")}
+                            "ttft_s", "session_s", "failovers", "takeovers", "bad_proposals", "unsealed_deltas", "slow_clients",
+                            "store_errors")}
         self.sessions_started, self.sessions_finished = lab["sessions_started"], lab["sessions_finished"]
         self.sessions_active, self.rounds = lab["sessions_active"], lab["rounds"]
         self.draft_tokens, self.accepted_tokens = lab["draft_tokens"], lab["accepted_tokens"]
