@@ -122,10 +122,22 @@ class Pool:
         return m.routable and (st is None or (st.health not in ("not serving", "down") and not st.suspect))
 
     def routable(self) -> list:
-        """The members that take new sessions now, sorted."""
+        """The members that take new sessions now, in their sources' order."""
         members = self.members()
         with self._lock:
-            return sorted(a for a, m in members.items() if self._takes_sessions(m))
+            return [a for a, m in members.items() if self._takes_sessions(m)]
+
+    def _recheck(self) -> bool:
+        """Before refusing for want of a member: check now the members only this gateway's last health
+        check keeps out (one that was loading a moment ago may be SERVING now). True if one came back."""
+        members = self.members()
+        with self._lock:
+            out = {a: m for a, m in members.items() if m.routable and not self._takes_sessions(m)}
+        if not out:
+            return False
+        self.probe(out, forget=False)
+        with self._lock:
+            return any(self._takes_sessions(m) for m in out.values())
 
     def suspect(self, address: str) -> None:
         """A call on this member failed: place no new session on it until a later health check says SERVING."""
@@ -176,6 +188,14 @@ class Pool:
 
     # --- routing --------------------------------------------------------------------------------
     def _serving(self, model: str, exclude=()) -> list:
+        try:
+            return self._serving_now(model, exclude)
+        except (Unavailable, FailedPrecondition):
+            if not self._recheck():
+                raise
+            return self._serving_now(model, exclude)
+
+    def _serving_now(self, model: str, exclude=()) -> list:
         addresses = [a for a in self.routable() if a not in exclude]
         if not addresses:
             known = "" if self.members() else f" (its sources list none: {'; '.join(s.what for s in self.sources)})"
@@ -209,7 +229,7 @@ class Pool:
             same = [a for a in candidates if self._state[a].model == prefer_model]
             candidates = same or candidates
         with self._lock:
-            address = min(candidates, key=lambda a: (self.load_of(a), a))
+            address = min(candidates, key=self.load_of)  # ties: the first in the sources' order
             self.in_flight[address] += 1
             return address
 
@@ -246,9 +266,10 @@ class Pool:
             except Exception:  # noqa: BLE001 - never let the prober die; it logs and tries again
                 log.exception("%s pool: health check round failed", self.kind)
 
-    def probe(self) -> None:
-        """One round: check every member's health and GetInfo at once; forget members that left."""
-        members = self.members()
+    def probe(self, members: Optional[dict] = None, forget: bool = True) -> None:
+        """One round: check every member's (or `members`') health and GetInfo at once; forget members
+        that left."""
+        members = self.members() if members is None else members
         t0 = time.monotonic()
         timeout = max(0.2, min(self.health_s, 2.0))
         calls = {}
@@ -263,7 +284,8 @@ class Pool:
                 log.warning("%s %s: cannot be checked: %s", self.kind, a, e)
         for a, (health, info) in calls.items():
             self._record(a, health, info, t0)
-        self._forget(members)
+        if forget:
+            self._forget(members)
 
     def _record(self, address: str, health, info, t0: float) -> None:
         try:

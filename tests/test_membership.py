@@ -56,14 +56,14 @@ def test_kubernetes_events_reach_routing(standin):
     standin.put("other", "demo-verifier", [("10.0.9.9", READY)], port=50051)  # another Service: not ours
     pool = k8s_pool(standin)
     try:
-        eventually(lambda: pool.routable() == ["10.0.0.1:50052", "10.0.0.2:50052"], "the listed pods")
+        eventually(lambda: sorted(pool.routable()) == ["10.0.0.1:50052", "10.0.0.2:50052"], "the listed pods")
         standin.put("a-2", "demo-drafter-a", [("10.0.0.3", {})], port=50052)  # conditions unset: ready
         eventually(lambda: "10.0.0.3:50052" in pool.routable(), "an added pod")
         standin.put("a-1", "demo-drafter-a", [("10.0.0.1", NOT_READY), ("10.0.0.2", READY)], port=50052)
-        eventually(lambda: pool.routable() == ["10.0.0.2:50052", "10.0.0.3:50052"], "a pod not ready")
+        eventually(lambda: sorted(pool.routable()) == ["10.0.0.2:50052", "10.0.0.3:50052"], "a pod not ready")
         assert "10.0.0.1:50052" in pool.members()  # still a member: its running sessions go on
         standin.put("a-1", "demo-drafter-a", [("10.0.0.1", READY), ("10.0.0.2", TERMINATING)], port=50052)
-        eventually(lambda: pool.routable() == ["10.0.0.1:50052", "10.0.0.3:50052"], "a pod terminating")
+        eventually(lambda: sorted(pool.routable()) == ["10.0.0.1:50052", "10.0.0.3:50052"], "a pod terminating")
         assert pool.members()["10.0.0.2:50052"].terminating
         standin.delete("a-2")
         eventually(lambda: "10.0.0.3:50052" not in pool.members(), "a deleted slice")
@@ -93,7 +93,7 @@ def test_kubernetes_watch_expiry_and_end_are_followed_by_a_new_list(standin):
         standin.compact()
         standin.end_watches()
         eventually(lambda: src.lists > lists, "a new list after 410 Gone")
-        eventually(lambda: pool.routable() == ["10.0.0.2:50052", "10.0.0.3:50052"], "the re-listed table")
+        eventually(lambda: sorted(pool.routable()) == ["10.0.0.2:50052", "10.0.0.3:50052"], "the re-listed table")
         standin.put("a-4", "demo-drafter-a", [("10.0.0.4", READY)], port=50052)
         eventually(lambda: "10.0.0.4:50052" in pool.routable(), "events after the re-list")
     finally:
@@ -130,15 +130,15 @@ def test_dns_source_follows_the_name():
     pool = Pool("drafter", [src], health_s=0)
     pool.start()
     try:
-        assert pool.routable() == ["10.0.0.1:50052", "10.0.0.2:50052"]  # resolved at once
+        assert sorted(pool.routable()) == ["10.0.0.1:50052", "10.0.0.2:50052"]  # resolved at once
         answers["drafters.ml.svc"] = ["10.0.0.2:50052", "10.0.0.3:50052"]
-        eventually(lambda: pool.routable() == ["10.0.0.2:50052", "10.0.0.3:50052"], "the new answer")
+        eventually(lambda: sorted(pool.routable()) == ["10.0.0.2:50052", "10.0.0.3:50052"], "the new answer")
         answers["drafters.ml.svc"] = OSError("SERVFAIL")
         n = len(calls)
         eventually(lambda: len(calls) > n + 2, "lookups go on")
-        assert pool.routable() == ["10.0.0.2:50052", "10.0.0.3:50052"]  # a failed lookup keeps the last answer
+        assert sorted(pool.routable()) == ["10.0.0.2:50052", "10.0.0.3:50052"]  # a failed lookup keeps the last answer
         answers["drafters.ml.svc"] = []
-        eventually(lambda: pool.routable() == [], "an empty answer empties the pool")
+        eventually(lambda: sorted(pool.routable()) == [], "an empty answer empties the pool")
     finally:
         pool.close()
 
