@@ -1,7 +1,7 @@
 """The gateway: `crossdraft.v1.GatewayService`, the client-facing API.
 
-Owns: validating a client's request (before anything is written), placing a session (a drafter by
-least load, a verifier by session affinity: `pool.py`), creating it in the session store, running it
+Owns: validating a client's request (before anything is written), placing a session (a drafter member by
+least load, a verifier member by session affinity: `pool.py`), creating it in the session store, running it
 (one `DrafterService.RunSession` call per session, in a background thread, so that a generation goes
 on when its client goes away), appending every committed delta to the session with
 `store.commit(expected_len, ...)`, and serving the session's event stream from the store to clients
@@ -19,6 +19,11 @@ before the session is created, and a refusal by the drafter or the verifier befo
 pair that cannot be bridged) deletes the session again and returns that status. Any other failure
 before the first commit returns its status and leaves the session `failed`; a failure after it ends
 the stream with FINISH_REASON_ERROR and its message.
+
+Failover (docs/pools.md): a drafter member that fails (dies, hangs, or hands its sessions back while it
+drains) moves only its own sessions, each to another member of its pool, resumed from the committed
+ids on the verifier its affinity gives now; a session runs on the verifier alone only when no drafter is
+left, and its end says so.
 
 Text: the drafter commits raw bytes; clients get valid UTF-8 (an incomplete character held back, an
 invalid byte replaced as the engine's `decode(errors="replace")` does), and byte offsets count the

@@ -15,6 +15,7 @@ The clients never re-attach (`reconnect_s=0`), so any error a client would see f
 from __future__ import annotations
 
 import logging
+import re
 import signal
 import threading
 import time
@@ -174,6 +175,25 @@ def test_a_fourth_drafter_gets_new_sessions(pools, refs):
     while not gauge(pools, "d4", "crossdraft_sessions_started_total"):
         assert time.monotonic() < deadline, "no session reached the new drafter"
         check_all_identical(run_sessions(pools), refs)
+
+
+def test_drain_refuses_new_sessions_and_hands_running_ones_back():
+    """serving/drain.py: while draining, a new session is refused UNAVAILABLE; a running one goes on until
+    hand_back, then ends with UNAVAILABLE after the message in hand; wait_idle sees it gone."""
+    from crossdraft.serving.drain import HAND_BACK, Drain
+
+    d = Drain("drafter")
+    d.admit()  # not draining: admitted
+    stream = d.hold(iter(range(100)))
+    assert [next(stream), next(stream)] == [0, 1] and d.active == 1
+    d.begin()
+    with pytest.raises(Unavailable, match="draining"):
+        d.admit()
+    assert next(stream) == 2 and not d.wait_idle(0.05)  # running sessions go on while draining
+    d.hand_back()
+    with pytest.raises(Unavailable, match=re.escape(HAND_BACK)):
+        next(stream)
+    assert d.wait_idle(1.0) and d.active == 0
 
 
 # --- issue 17.8: store errors in the failover and expiry paths are logged and counted ------------------
