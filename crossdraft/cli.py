@@ -197,6 +197,18 @@ def _gateway_parsers(roles) -> None:
                                       "session affinity.")
     gw.add_argument("--drafters", required=True, help="drafter addresses, HOST:PORT[,HOST:PORT...]")
     gw.add_argument("--verifiers", required=True, help="verifier addresses, HOST:PORT[,HOST:PORT...]")
+    gw.add_argument("--discovery", choices=("static", "dns", "kubernetes"), default="dns",
+                    help="how --drafters/--verifiers become pool members (docs/pools.md): static, each address one "
+                         "member; dns (default), a name is re-resolved and each address it resolves to is a "
+                         "member (a headless Service: its pods); kubernetes, each entry is SERVICE:PORT (a port "
+                         "name or number) whose EndpointSlices are watched through the Kubernetes API")
+    gw.add_argument("--kube-namespace", default="",
+                    help="with --discovery kubernetes: the namespace of the Services (default: the pod's own)")
+    gw.add_argument("--dns-refresh-seconds", type=float, default=5.0,
+                    help="with --discovery dns: how often names are re-resolved (default: 5)")
+    gw.add_argument("--health-seconds", type=float, default=1.0,
+                    help="how often every pool member's health is checked; a member NOT_SERVING (draining) or "
+                         "down gets no new sessions (default: 1)")
     gw.add_argument("--verdict-key-file", default=None, metavar="FILE",
                     help="commit only the deltas a verifier sealed with this key (the verifiers' --verdict-key-file): "
                          "a delta a drafter changed or made up fails that drafter over, and the output stays the "

@@ -42,6 +42,7 @@ from crossdraft.errors import InvalidArgument, ResourceExhausted, Unavailable
 from crossdraft.protocol import Proposal
 from crossdraft.rounds import run_rounds
 from crossdraft.serving.channels import PLAINTEXT, TLS, is_loopback
+from crossdraft.serving.drain import Drain
 from crossdraft.serving.metrics import ServiceMetrics
 from crossdraft.serving.models import dtype_name, load_warm, model_id
 from crossdraft.serving.service import run_model_service, setup_logging
@@ -127,6 +128,7 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
         # channels, target tokenizers and template drafters (copied per session), bounded; the allow-list
         self.targets = Targets(self._make_drafter, tls, allowed)
         self.auto_memory = AutoMemory()  # what `auto` measured, per target tokenizer and decoding mode
+        self.drain = Drain("drafter")  # on SIGTERM: no new sessions, running ones handed back (serving/drain.py)
 
     # --- lifecycle ----------------------------------------------------------------------------
     def load(self, device: Optional[str] = None, fast: bool = True, dtype=None) -> None:
@@ -158,6 +160,10 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
 
     def RunSession(self, request, context):
         sessions = self._ready()
+        self.drain.admit()
+        yield from self.drain.hold(self._run_session(sessions, request, context))
+
+    def _run_session(self, sessions: DrafterSessions, request, context):
         sid, params, algorithm, committed = self._check(request)
         stub, target_vocab, fp = self.targets.target(request.verifier_address)
         algo, modes, why, state = self._plan(algorithm, params, request.draft_tokens or None, target_vocab, fp)

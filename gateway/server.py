@@ -1,7 +1,7 @@
 """The gateway: `crossdraft.v1.GatewayService`, the client-facing API.
 
-Owns: validating a client's request (before anything is written), placing a session (a drafter by
-least load, a verifier by session affinity: `pool.py`), creating it in the session store, running it
+Owns: validating a client's request (before anything is written), placing a session (a drafter member by
+least load, a verifier member by session affinity: `pool.py`), creating it in the session store, running it
 (one `DrafterService.RunSession` call per session, in a background thread, so that a generation goes
 on when its client goes away), appending every committed delta to the session with
 `store.commit(expected_len, ...)`, and serving the session's event stream from the store to clients
@@ -20,6 +20,11 @@ pair that cannot be bridged) deletes the session again and returns that status. 
 before the first commit returns its status and leaves the session `failed`; a failure after it ends
 the stream with FINISH_REASON_ERROR and its message.
 
+Failover (docs/pools.md): a drafter member that fails (dies, hangs, or hands its sessions back while it
+drains) moves only its own sessions, each to another member of its pool, resumed from the committed
+ids on the verifier its affinity gives now; a session runs on the verifier alone only when no drafter is
+left, and its end says so.
+
 Text: the drafter commits raw bytes; clients get valid UTF-8 (an incomplete character held back, an
 invalid byte replaced as the engine's `decode(errors="replace")` does), and byte offsets count the
 UTF-8 of that text.
@@ -37,6 +42,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import Future
+from dataclasses import dataclass, field
 from typing import Optional
 
 import grpc
@@ -54,7 +60,8 @@ from crossdraft.store import COUNTERS, AlreadyExists, Conflict, MemoryStore, Ses
 from crossdraft.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 from .auth import ApiKeys, KeyLimits, caller_of, load_keys
-from .pool import Pool, parse_addresses
+from .membership import DNS_REFRESH_S, sources_for, wait_synced
+from .pool import HEALTH_S, Pool, parse_addresses
 from .stops import SessionStops, Stopped
 
 log = logging.getLogger("crossdraft.gateway")
@@ -74,6 +81,7 @@ FAILOVER_S = 120.0
 STORE_WAIT_S = 30.0  # how long a commit is retried while the session store is unreachable
 LEASE_S = 30.0  # a running session nobody committed to for this long is taken over by a replica it is attached to
 SLOW_CLIENT_S = 30.0  # a streaming client that takes no message for this long is cut (see `_paced`)
+SYNC_WAIT_S = 10.0  # how long `serve` waits for the first answer of the pools' dynamic sources
 FOLLOW_BLOCK_MS = 500  # how long one read of the event stream waits before checking the client is still there
 _STATUS = {"queued": gateway_pb2.SESSION_STATUS_PENDING, "running": gateway_pb2.SESSION_STATUS_RUNNING}
 
@@ -88,6 +96,34 @@ def _reason(name: str) -> int:
 class _StoreDown(Unavailable):
     """The session store stayed unreachable through a commit's retries: not a drafter's fault, so no
     failover; the session stops on this replica."""
+
+
+@dataclass
+class _Run:
+    """One session's run on this replica: where it is (committed ids and length, the last draft length),
+    the drafter it runs on (None: the verifier alone), the members it failed on, its deadline timer."""
+    sid: str
+    req: dict
+    started: Future
+    drafter: Optional[str]
+    give_up: float
+    ids: list = field(default_factory=list)
+    length: int = 0
+    k_next: int = 0
+    why: str = ""
+    finished: bool = False
+    first: bool = True
+    backoff: float = 0.25
+    tried: set = field(default_factory=set)
+    timer: Optional[threading.Timer] = None
+    t0: float = field(default_factory=time.monotonic)
+
+    @property
+    def params(self):
+        from crossdraft.sampling import SamplingParams
+
+        p = self.req["params"]
+        return SamplingParams(p["temperature"], p["top_k"], p["top_p"], p["seed"])
 
 
 class _Watchdog:
@@ -239,114 +275,18 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
 
     def _run(self, sid: str, req: dict, started: Future, resume: bool = False) -> None:
         """Run the session to its end: one RunSession call, and after a failure of the drafter or the
-        verifier (UNAVAILABLE, a broken stream, a drafter silent for `delta_timeout_s`: see
-        `_Watchdog`) another, on another drafter when there is one, resumed from the committed ids
-        and the last draft length; a session that cannot go on within `failover_s` fails. `resume`:
-        take up a session this process claimed (its ids are in the store)."""
-        p = req["params"]
-        from crossdraft.sampling import SamplingParams
-
-        params = SamplingParams(p["temperature"], p["top_k"], p["top_p"], p["seed"])
-        drafter = req["drafter_address"]
-        ids, k_next, length = [], 0, 0
-        if resume:
-            s = self.store.get(sid, include_output=True)
-            ids, length, k_next = list(s.ids), s.length, int(s.resume.get("draft_tokens", 0))
-        finished, why = False, ""
-        t0 = time.monotonic()
-        first = True
-        tried: set = set()
-        give_up = time.monotonic() + self.failover_s
-        backoff = 0.25
-        timer = None
-        if req.get("deadline_unix"):
-            timer = threading.Timer(max(0.0, req["deadline_unix"] - time.time()), self._expire, args=(sid,))
-            timer.daemon = True
-            timer.start()
+        verifier (UNAVAILABLE, a broken stream, a drafter silent for `delta_timeout_s`: see `_Watchdog`,
+        a drafter handing its sessions back as it drains) another, on another member of the pool, resumed
+        from the committed ids and the last draft length; the verifier alone when no drafter is left; a
+        session that cannot go on within `failover_s` fails. `resume`: take up a session this process
+        claimed (its ids are in the store)."""
+        r = self._begin_run(sid, req, started, resume)
         try:
-            while True:
-                call = entry = None
-                if drafter is None:  # no drafter left to try: the verifier alone, one token a round
-                    try:
-                        length, finished = self._verifier_alone(sid, req, ids, length, started, t0)
-                        return
-                    except (SessionClosed, Conflict, _StoreDown):
-                        raise
-                    except Exception as e:  # noqa: BLE001 - the verifier is down too: wait, then try all again
-                        code = status_of(e)[0]
-                        if code not in FAILOVER_CODES or time.monotonic() > give_up:
-                            raise
-                        log.warning("session %s: the verifier alone failed too (%s: %s); retrying", sid, code.name,
-                                    status_of(e)[1])
-                        time.sleep(backoff)
-                        backoff = min(2.0, backoff * 2)
-                        tried.clear()
-                        drafter = self._pick_drafter(req["drafter"], tried)
-                        continue
-                try:
-                    run = wire.session_request(req["verifier_address"], req["prompt"], req["max_new_tokens"], params,
-                                          req["algorithm"], req["draft_tokens"] or None, session_id=sid,
-                                          committed_ids=ids, resume_draft_tokens=k_next)
-                    call = self.drafters.drafter_stub(drafter).RunSession(run)
-                    with self._lock:
-                        self._calls[sid] = call
-                    if self.store.cancelled(sid):  # cancelled while being placed
-                        call.cancel()
-                    entry = self._watchdog.watch(call, self.first_delta_timeout_s)
-                    prev = dict.fromkeys(COUNTERS, 0)  # a call's statistics count that call only
-                    for msg in call:
-                        self._watchdog.kick(entry, self.delta_timeout_s)
-                        if msg.token_offset != len(ids):
-                            raise Aborted(f"drafter {drafter} sent a delta at offset {msg.token_offset}, "
-                                          f"expected {len(ids)}")
-                        now = {k: getattr(msg.stats, k) for k in COUNTERS}
-                        inc = {k: max(0, now[k] - prev[k]) for k in COUNTERS}
-                        prev = now
-                        why = why or msg.why
-                        reason = wire.finish_reason_from_proto(msg.finish_reason) if msg.finished else ""
-                        if self.sealer is not None and not self.sealer.check(
-                                msg.seal, sid, msg.token_offset, list(msg.ids), msg.text, msg.finished, reason):
-                            self.metrics.unsealed_delta()
-                            raise Aborted(f"drafter {drafter} sent a delta at offset {msg.token_offset} without the "
-                                          "verifier's seal (changed on the way, or the verifier has another "
-                                          "--verdict-key-file); nothing of it was committed")
-                        result = None
-                        if msg.finished:  # the end's algorithm, why and statistics go with the final commit
-                            result = {"algorithm": wire.algorithm_from_proto(msg.algorithm), "why": why,
-                                      "stats": json_format.MessageToDict(msg.stats, preserving_proto_field_name=True)}
-                        k_next = msg.next_draft_tokens
-                        length = self._commit(sid, length, list(msg.ids), msg.text, inc, msg.finished, reason,
-                                              result, resume={"draft_tokens": k_next} if k_next else None)
-                        ids.extend(msg.ids)
-                        self.metrics.committed(len(msg.ids), inc["rounds"], inc["draft_tokens"], inc["accepted_tokens"])
-                        if first and msg.ids:
-                            self.metrics.first_token(time.monotonic() - t0)
-                            first = False
-                        finished = msg.finished
-                        if not started.done():
-                            started.set_result(None)
-                        if finished:
-                            break
-                    if not finished:
-                        raise Unavailable(f"drafter {drafter} ended the session's stream before it finished")
-                    return
-                except (SessionClosed, Conflict, _StoreDown):
-                    raise
-                except Exception as e:  # noqa: BLE001 - decide: fail over, or fail
-                    hung = entry is not None and entry[2]
-                    code = grpc.StatusCode.DEADLINE_EXCEEDED if hung else status_of(e)[0]
-                    if code == grpc.StatusCode.CANCELLED and self._is_cancelled(sid):
-                        raise
-                    if code not in FAILOVER_CODES or (not started.done() and code in REFUSALS) \
-                            or time.monotonic() > give_up:
-                        raise
-                    what = f"sent nothing for {self.delta_timeout_s:g} s" if hung else f"{code.name}: {status_of(e)[1]}"
-                    drafter = self._fail_over(sid, drafter, tried, len(ids), what, req["drafter"])
-                finally:
-                    if entry is not None:
-                        self._watchdog.unwatch(entry)
-                    if call is not None and not finished:
-                        call.cancel()
+            while not r.finished:
+                if r.drafter is None:  # no drafter left to try: the verifier alone, one token a round
+                    self._run_alone(r)
+                else:
+                    self._run_on_drafter(r)
         except SessionClosed:  # cancelled (here or on another replica): the store has its final event
             pass
         except _StoreDown as e:  # not marked failed: its committed part waits in the store for a takeover
@@ -358,18 +298,124 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             if not (cancelled and self._is_cancelled(sid)):
                 self._fail(sid, e, started)
         finally:
-            if timer is not None:
-                timer.cancel()
+            self._end_run(r)
+
+    def _begin_run(self, sid: str, req: dict, started: Future, resume: bool) -> "_Run":
+        """The run's state: the committed ids when resuming, the client's deadline timer."""
+        r = _Run(sid=sid, req=req, started=started, drafter=req["drafter_address"],
+                 give_up=time.monotonic() + self.failover_s)
+        if resume:
+            s = self.store.get(sid, include_output=True)
+            r.ids, r.length, r.k_next = list(s.ids), s.length, int(s.resume.get("draft_tokens", 0))
+        if req.get("deadline_unix"):
+            r.timer = threading.Timer(max(0.0, req["deadline_unix"] - time.time()), self._expire, args=(sid,))
+            r.timer.daemon = True
+            r.timer.start()
+        return r
+
+    def _end_run(self, r: "_Run") -> None:
+        if r.timer is not None:
+            r.timer.cancel()
+        with self._lock:
+            self._calls.pop(r.sid, None)
+            self._active -= 1
+        if r.drafter is not None:
+            self.drafters.release(r.drafter)
+        seconds = time.monotonic() - r.t0
+        self.metrics.session_finished(r.length, seconds, r.finished)
+        self.metrics.session_time(seconds)
+        if not r.started.done():
+            r.started.set_result(None)
+
+    def _run_on_drafter(self, r: "_Run") -> None:
+        """One RunSession call on `r.drafter`, committing its deltas; on a failure that a failover can
+        cure, `r.drafter` becomes the next member to try (None: the verifier alone)."""
+        call = entry = None
+        try:
+            run = wire.session_request(r.req["verifier_address"], r.req["prompt"], r.req["max_new_tokens"],
+                                       r.params, r.req["algorithm"], r.req["draft_tokens"] or None, session_id=r.sid,
+                                       committed_ids=r.ids, resume_draft_tokens=r.k_next)
+            call = self.drafters.drafter_stub(r.drafter).RunSession(run)
             with self._lock:
-                self._calls.pop(sid, None)
-                self._active -= 1
-            if drafter is not None:
-                self.drafters.release(drafter)
-            seconds = time.monotonic() - t0
-            self.metrics.session_finished(length, seconds, finished)
-            self.metrics.session_time(seconds)
-            if not started.done():
-                started.set_result(None)
+                self._calls[r.sid] = call
+            if self.store.cancelled(r.sid):  # cancelled while being placed
+                call.cancel()
+            entry = self._watchdog.watch(call, self.first_delta_timeout_s)
+            prev = dict.fromkeys(COUNTERS, 0)  # a call's statistics count that call only
+            for msg in call:
+                self._watchdog.kick(entry, self.delta_timeout_s)
+                prev = self._commit_delta(r, msg, prev)
+                if r.finished:
+                    return
+            raise Unavailable(f"drafter {r.drafter} ended the session's stream before it finished")
+        except (SessionClosed, Conflict, _StoreDown):
+            raise
+        except Exception as e:  # noqa: BLE001 - decide: fail over, or fail
+            hung = entry is not None and entry[2]
+            code = grpc.StatusCode.DEADLINE_EXCEEDED if hung else status_of(e)[0]
+            if code == grpc.StatusCode.CANCELLED and self._is_cancelled(r.sid):
+                raise
+            if code not in FAILOVER_CODES or (not r.started.done() and code in REFUSALS) \
+                    or time.monotonic() > r.give_up:
+                raise
+            what = f"sent nothing for {self.delta_timeout_s:g} s" if hung else f"{code.name}: {status_of(e)[1]}"
+            r.drafter = self._fail_over(r, what)
+        finally:
+            if entry is not None:
+                self._watchdog.unwatch(entry)
+            if call is not None and not r.finished:
+                call.cancel()
+
+    def _commit_delta(self, r: "_Run", msg, prev: dict) -> dict:
+        """Check one RunSession delta (its offset, the verifier's seal) and commit it. -> the call's
+        statistics so far (the next delta's increments are counted against them)."""
+        if msg.token_offset != len(r.ids):
+            raise Aborted(f"drafter {r.drafter} sent a delta at offset {msg.token_offset}, expected {len(r.ids)}")
+        now = {k: getattr(msg.stats, k) for k in COUNTERS}
+        inc = {k: max(0, now[k] - prev[k]) for k in COUNTERS}
+        r.why = r.why or msg.why
+        reason = wire.finish_reason_from_proto(msg.finish_reason) if msg.finished else ""
+        if self.sealer is not None and not self.sealer.check(
+                msg.seal, r.sid, msg.token_offset, list(msg.ids), msg.text, msg.finished, reason):
+            self.metrics.unsealed_delta()
+            raise Aborted(f"drafter {r.drafter} sent a delta at offset {msg.token_offset} without the verifier's "
+                          "seal (changed on the way, or the verifier has another --verdict-key-file); nothing of "
+                          "it was committed")
+        result = None
+        if msg.finished:  # the end's algorithm, why and statistics go with the final commit
+            result = {"algorithm": wire.algorithm_from_proto(msg.algorithm), "why": r.why,
+                      "stats": json_format.MessageToDict(msg.stats, preserving_proto_field_name=True)}
+        k_next = msg.next_draft_tokens
+        r.length = self._commit(r.sid, r.length, list(msg.ids), msg.text, inc, msg.finished, reason, result,
+                                resume={"draft_tokens": k_next} if k_next else None)
+        r.ids.extend(msg.ids)
+        r.k_next = k_next or r.k_next
+        self.metrics.committed(len(msg.ids), inc["rounds"], inc["draft_tokens"], inc["accepted_tokens"])
+        if r.first and msg.ids:
+            self.metrics.first_token(time.monotonic() - r.t0)
+            r.first = False
+        r.finished = msg.finished
+        if not r.started.done():
+            r.started.set_result(None)
+        return now
+
+    def _run_alone(self, r: "_Run") -> None:
+        """The verifier alone; when it fails too (a restarting verifier), wait and try the drafters again."""
+        try:
+            r.length, r.finished = self._verifier_alone(r.sid, r.req, r.ids, r.length, r.started, r.t0)
+        except (SessionClosed, Conflict, _StoreDown):
+            raise
+        except Exception as e:  # noqa: BLE001 - the verifier is down too: wait, then try all again
+            code = status_of(e)[0]
+            if code not in FAILOVER_CODES or time.monotonic() > r.give_up:
+                raise
+            log.warning("session %s: the verifier alone failed too (%s: %s); retrying", r.sid, code.name,
+                        status_of(e)[1])
+            time.sleep(r.backoff)
+            r.backoff = min(2.0, r.backoff * 2)
+            r.tried.clear()
+            self._repick_verifier(r)
+            r.drafter = self._pick_drafter(r.req["drafter"], r.tried)
 
     def _commit(self, sid: str, expected_len: int, ids: list, text: bytes, counters: dict, finished: bool,
                 reason: str, result: Optional[dict] = None, resume: Optional[dict] = None) -> int:
@@ -406,26 +452,52 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                 raise Stopped(f"session {sid!r} ended at a stop string")
             return length
 
-    def _pick_drafter(self, model: str, tried: set) -> Optional[str]:
+    def _pick_drafter(self, model: str, tried: set, prefer_model: str = "") -> Optional[str]:
         """The least-loaded drafter (serving `model`) not in `tried`, counted; None when none is left."""
         try:
-            return self.drafters.pick_least_loaded(model, exclude=tried)
+            return self.drafters.pick_least_loaded(model, exclude=tried, prefer_model=prefer_model)
         except CrossdraftError:
             return None
 
-    def _fail_over(self, sid: str, drafter: str, tried: set, at: int, what: str, model: str) -> Optional[str]:
-        """-> the drafter to resume on, or None: none is left, run on the verifier alone."""
-        tried.add(drafter)
+    def _fail_over(self, r: "_Run", what: str) -> Optional[str]:
+        """`r.drafter` failed: only this session moves, to the least-loaded other member of its pool (the
+        same drafter model first), on the verifier its affinity gives now. -> the drafter to resume on, or
+        None: no drafter is left, run on the verifier alone."""
+        drafter = r.drafter
+        r.tried.add(drafter)
         self.drafters.release(drafter)
-        nxt = self._pick_drafter(model, tried)
+        self.drafters.suspect(drafter)  # no new session there until it answers SERVING again
+        try:
+            model = self.drafters.model_of(drafter)
+        except CrossdraftError:
+            model = ""
+        self._repick_verifier(r)
+        nxt = self._pick_drafter(r.req["drafter"], r.tried, prefer_model=model)
         self.metrics.failover()
-        log.warning("session %s: drafter %s %s; resuming at %d tokens on %s", sid, drafter, what, at,
+        log.warning("session %s: drafter %s %s; resuming at %d tokens on %s", r.sid, drafter, what, len(r.ids),
                     f"drafter {nxt}" if nxt else "the verifier alone")
         try:
-            self.store.touch(sid)  # this replica still owns it
-        except CrossdraftError:
-            pass
+            self.store.touch(r.sid)  # this replica still owns it
+        except CrossdraftError as e:
+            self._store_error("touch", r.sid, e)
         return nxt
+
+    def _repick_verifier(self, r: "_Run") -> None:
+        """The session's verifier by affinity over the verifiers ready now: the same one while it is, another
+        when it left or drains (then the session resumes there from the committed ids)."""
+        try:
+            v = self.verifiers.pick_by_affinity(r.sid, r.req.get("model", ""))
+        except CrossdraftError:
+            return  # none ready now: keep the last one; the retry will tell
+        if v != r.req["verifier_address"]:
+            log.info("session %s: verifier %s is no longer ready; resuming on verifier %s", r.sid,
+                     r.req["verifier_address"], v)
+            r.req = dict(r.req, verifier_address=v)
+
+    def _store_error(self, op: str, sid: str, e: Exception) -> None:
+        """A session store error this replica can go on after: logged and counted, never swallowed."""
+        self.metrics.store_error(op)
+        log.warning("session %s: the session store failed at %s: %s", sid, op, e)
 
     def _verifier_alone(self, sid: str, req: dict, ids: list, length: int, started: Future, t0: float) -> tuple:
         """Run the session on with no drafter: a Verify stream of empty proposals, one target token a
@@ -522,7 +594,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             if self.store.set_status(sid, "cancelled", error="the client's deadline passed",
                                      finish_reason="cancelled") != "cancelled":
                 return
-        except CrossdraftError:
+        except CrossdraftError as e:  # not recorded: the session runs on rather than end unrecorded
+            self._store_error("expire", sid, e)
             return
         log.info("session %s: the client's deadline passed; cancelled", sid)
         with self._lock:
@@ -533,7 +606,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     def _is_cancelled(self, sid: str) -> bool:
         try:
             return self.store.cancelled(sid)
-        except CrossdraftError:
+        except CrossdraftError as e:
+            self._store_error("cancelled", sid, e)
             return False
 
     def _fail(self, sid: str, e: Exception, started: Future) -> None:
@@ -772,7 +846,12 @@ def gateway_service(args, store, drafters: list, verifiers: list, host: str, por
         sealer = sealer_from_args(args)
         if sealer is None:
             log.warning("no --verdict-key-file: drafters are trusted to relay the verifiers' verdicts unchanged")
-    servicer = GatewayServicer(store, Pool("drafter", drafters, pool_tls), Pool("verifier", verifiers, pool_tls),
+    pools = [Pool(kind, pool_sources(args, addresses, f"--{kind}s"), pool_tls,
+                  health_s=getattr(args, "health_seconds", HEALTH_S))
+             for kind, addresses in (("drafter", drafters), ("verifier", verifiers))]
+    for p in pools:
+        p.start()
+    servicer = GatewayServicer(store, *pools,
                                max_sessions=args.max_sessions, max_prompt_bytes=args.max_prompt_bytes,
                                metrics=metrics, delta_timeout_s=args.drafter_timeout,
                                failover_s=args.failover_seconds, lease_s=args.session_lease,
@@ -782,12 +861,20 @@ def gateway_service(args, store, drafters: list, verifiers: list, host: str, por
     svc = Service(SERVICE_NAME, gateway_pb2_grpc.add_GatewayServiceServicer_to_server, servicer, host, port,
                   max_workers=2 * args.max_sessions + 8, grace_s=args.grace, on_error=servicer.metrics.error,
                   tls=tls, client_ca=getattr(args, "tls_client_ca", None) or "")
+    svc.servicer = servicer
     svc.start(handle_signals=handle_signals)
     if getattr(args, "http_port", None) is not None:  # the OpenAI-compatible HTTP API beside gRPC
         from .http import serve_http
 
         svc.http = serve_http(args, servicer, svc, host)
     return svc
+
+
+def pool_sources(args, addresses: list, what: str) -> list:
+    """The membership sources of one pool flag under --discovery (static for `serve all`)."""
+    return sources_for(getattr(args, "discovery", "static"), addresses, what,
+                       refresh_s=getattr(args, "dns_refresh_seconds", DNS_REFRESH_S),
+                       namespace=getattr(args, "kube_namespace", "") or "")
 
 
 def api_keys_and_limits(args, store) -> tuple:
@@ -818,7 +905,12 @@ def serve(args) -> int:
     store = make_store(args.redis, args.ttl)
     metrics = ServiceMetrics("gateway")
     svc = gateway_service(args, store, drafters, verifiers, args.host, args.port, metrics=metrics)
-    log.info("drafters %s, verifiers %s", ",".join(drafters), ",".join(verifiers))
+    log.info("drafters %s, verifiers %s (--discovery %s)", ",".join(drafters), ",".join(verifiers),
+             args.discovery)
+    servicer = svc.servicer
+    if not wait_synced(servicer.drafters.sources + servicer.verifiers.sources, SYNC_WAIT_S):
+        log.warning("the pools' members are not all known after %g s; serving anyway, sessions wait for them",
+                    SYNC_WAIT_S)
     mport = metrics.serve(getattr(args, "metrics_port", 0), args.host)
     if mport:
         log.info("metrics on http://%s:%d/metrics", args.host, mport)

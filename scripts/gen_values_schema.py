@@ -71,6 +71,13 @@ definitions = {
                         "targetCPUUtilizationPercentage": i(minimum=0, maximum=1000),
                         "metrics": lst("autoscaling/v2 metric specs", {"type": "object"}),
                         "behavior": maplike("HPA behavior")}),
+    "drafterAutoscaling": obj({"enabled": b(), "minReplicas": i(minimum=1), "maxReplicas": i(minimum=1),
+                               "targetCPUUtilizationPercentage": i(minimum=0, maximum=1000),
+                               "targetSessionsPerPod": {"type": ["integer", "number", "string"],
+                                                        "description": "0: off; a quantity"},
+                               "keda": obj({"enabled": b(), "serverAddress": s(), "query": s()}),
+                               "metrics": lst("autoscaling/v2 metric specs", {"type": "object"}),
+                               "behavior": maplike("HPA behavior")}),
     "pdb": obj({"enabled": b(), "maxUnavailable": ref("intOrPercent"), "minAvailable": ref("intOrPercent")}),
     "env": lst("container env entries", obj({"name": s(minLength=1)}, required=["name"], extra=True)),
     "args": lst("extra arguments", {"type": ["string", "number", "integer", "boolean"]}),
@@ -103,7 +110,7 @@ model_role = {
     "pdb": ref("pdb"),
     **probes, **placement,
 }
-drafter_defaults = {**model_role, "autoscaling": ref("autoscaling")}
+drafter_defaults = {**model_role, "autoscaling": ref("drafterAutoscaling")}
 pool = obj({"name": s(pattern="^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", maxLength=20), "model": s(minLength=1),
             **copy.deepcopy(drafter_defaults)}, required=["name", "model"],
            description="a drafter pool: a name, a model, and any drafter default overridden")
@@ -123,6 +130,9 @@ gateway = obj({
     "graceSeconds": i(minimum=0), "resources": ref("resources"),
     "auth": obj({"existingSecret": s(), "existingSecretKey": s(minLength=1), "maxSessionsPerKey": i(minimum=0),
                  "requestsPerMinutePerKey": i(minimum=0), "testKeySecret": s(), "testKeySecretKey": s(minLength=1)}),
+    "discovery": s(enum=["static", "dns", "kubernetes"]),
+    "dnsRefreshSeconds": {"type": "number", "exclusiveMinimum": 0},
+    "healthCheckSeconds": {"type": "number", "exclusiveMinimum": 0},
     "autoscaling": ref("autoscaling"), "pdb": ref("pdb"), **probes, **placement})
 
 secret_ref = {"existingSecret": s(), "existingSecretPasswordKey": s(minLength=1)}

@@ -69,6 +69,7 @@ class Cluster:
         log = open(self.root / f"{name}.log", "ab")
         self.procs[name][1] = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         self.wait_serving(name)
+        time.sleep(1.5)  # the gateways' next health check (--health-seconds 1) sees it SERVING again
 
     def log(self, name: str) -> str:
         return (self.root / f"{name}.log").read_text(errors="replace")

@@ -39,7 +39,7 @@ RELEASE, NAMESPACE = "demo", "ml"
 FULL = f"{RELEASE}-crossdraft"
 K8S_VERSIONS = ("1.27.0", "1.35.0")  # the chart's kubeVersion floor (gRPC probes GA) and Helm 4.1's client
 VALUE_SETS = {"default": None, **{p.name[: -len("-values.yaml")]: p for p in sorted(CI_VALUES.glob("*-values.yaml"))}}
-CRD_KINDS = {"ServiceMonitor"}  # not in the Kubernetes schemas: checked by hand below
+CRD_KINDS = {"ServiceMonitor", "ScaledObject"}  # not in the Kubernetes schemas: checked by hand below
 SECRET_ENV = re.compile(r"PASSWORD|SECRET|AUTH|TOKEN$", re.I)  # not MAX_NEW_TOKENS
 
 
@@ -290,15 +290,14 @@ def test_drafter_pools_and_verifier_are_separate_workloads(name):
         assert ref["kind"] == "Deployment" and ws[ref["name"]]["kind"] == "Deployment"
         assert h["spec"]["minReplicas"] <= h["spec"]["maxReplicas"] and h["spec"]["metrics"]
     assert verifiers[0]["metadata"]["name"] not in targets  # a fixed verifier list (see values.yaml)
+    for so in by_kind(objs, "ScaledObject").values():  # a pool scaled by KEDA: KEDA makes its HPA
+        assert so["spec"]["scaleTargetRef"]["name"] not in targets
+        targets[so["spec"]["scaleTargetRef"]["name"]] = so
     for n, w in drafters.items():
         pool = next(p for p in pools if n.endswith(f"-drafter-{p['name']}"))
         scaled = pool.get("autoscaling", {}).get("enabled", vals["drafter"]["autoscaling"]["enabled"])
         assert (n in targets) == scaled and ("replicas" in w["spec"]) == (not scaled)
-    if name == "gpu-two-pools":
-        a, b = (targets[f"{FULL}-drafter-{p}"]["spec"] for p in ("spm4k", "bpe2k"))
-        assert (a["minReplicas"], a["maxReplicas"]) == (2, 10) and a["metrics"][0]["type"] == "Resource"
-        assert b["metrics"] == [{"type": "Pods", "pods": {"metric": {"name": "crossdraft_sessions_active"},
-                                                           "target": {"type": "AverageValue", "averageValue": "8"}}}]
+    # the load metrics of gpu-two-pools: test_drafter_autoscaling_on_load
     if name != "static":
         assert f"{FULL}-gateway" in targets and len(targets) == 1 + len(pools)
     else:
@@ -336,7 +335,9 @@ def test_every_container_has_probes_resources_and_runs_as_non_root(name):
             assert sec.get("runAsNonRoot") is True and sec.get("runAsUser", 0) != 0, where
             assert sec.get("allowPrivilegeEscalation") is False and "ALL" in sec["capabilities"]["drop"], where
             assert sec.get("readOnlyRootFilesystem") is True, where
-            assert spec.get("automountServiceAccountToken") is False, where
+            # a token only where the API is called: the gateway under discovery kubernetes
+            api = owner == f"{FULL}-gateway" and values(name)["gateway"]["discovery"] == "kubernetes"
+            assert spec.get("automountServiceAccountToken") is api, where
     for owner, spec in pods:
         for c in spec["containers"]:
             where = f"{owner}/{c['name']}"
@@ -439,27 +440,47 @@ def test_every_command_line_parses_with_the_cli(name):
 
 @pytest.mark.parametrize("name", VALUE_SETS)
 def test_gateway_is_given_the_rendered_pools(name):
+    """Under each gateway.discovery mode the gateway's pool flags name the rendered Services: kubernetes,
+    SERVICE:grpc (a port of that Service); dns, the headless Services' names (drafter pools and every
+    verifier); static, the drafter pools' names and each verifier pod's stable name."""
     from gateway.pool import parse_addresses
 
     objs, vals = objects(name), values(name)
     services, ws = by_kind(objs, "Service"), workloads(objs)
     gw = by_kind(objs, "Deployment")[f"{FULL}-gateway"]["spec"]["template"]["spec"]["containers"][0]
+    mode = vals["gateway"]["discovery"]
+    assert flag(gw["args"], "discovery") == mode
     suffix = f".{NAMESPACE}.svc.cluster.local"
+
+    def service_of(addr: str) -> tuple:
+        host, port = addr.rsplit(":", 1)
+        if mode == "kubernetes":
+            svc = services[host]
+            assert port in [p["name"] for p in svc["spec"]["ports"]]
+        else:
+            assert host.endswith(suffix)
+            svc = services[host.removesuffix(suffix)]
+            assert int(port) in [p["port"] for p in svc["spec"]["ports"] if p["name"] == "grpc"]
+        return svc
+
     drafters = parse_addresses(flag(gw["args"], "drafters"), "--drafters")
     assert len(drafters) == len(vals["drafter"]["pools"])
     for addr in drafters:
-        host, port = addr.rsplit(":", 1)
-        svc = services[host.removesuffix(suffix)]
-        assert host.endswith(suffix) and svc["spec"]["clusterIP"] == "None"
-        assert int(port) in [p["port"] for p in svc["spec"]["ports"] if p["name"] == "grpc"]
+        svc = service_of(addr)
+        assert svc["spec"]["clusterIP"] == "None"
         chosen = [n for n, w in ws.items() if matches({"matchLabels": svc["spec"]["selector"]}, pod_labels(w))]
         assert len(chosen) == 1 and component(ws[chosen[0]]) == "drafter"
     sts = ws[f"{FULL}-verifier"]
     headless = services[sts["spec"]["serviceName"]]
     assert headless["spec"]["clusterIP"] == "None" and matches({"matchLabels": headless["spec"]["selector"]}, pod_labels(sts))
-    expected = [f"{FULL}-verifier-{i}.{headless['metadata']['name']}{suffix}:{vals['verifier']['port']}"
-                for i in range(sts["spec"]["replicas"])]
-    assert parse_addresses(flag(gw["args"], "verifiers"), "--verifiers") == expected
+    verifiers = parse_addresses(flag(gw["args"], "verifiers"), "--verifiers")
+    if mode == "static":
+        assert verifiers == [f"{FULL}-verifier-{i}.{headless['metadata']['name']}{suffix}:{vals['verifier']['port']}"
+                             for i in range(sts["spec"]["replicas"])]
+    else:
+        assert [service_of(a)["metadata"]["name"] for a in verifiers] == [headless["metadata"]["name"]]
+    if mode == "kubernetes":
+        assert flag(gw["args"], "kube-namespace") == NAMESPACE
     if vals["redis"]["enabled"]:
         assert flag(gw["args"], "redis") == f"redis://{FULL}-redis{suffix}:6379/0"
         assert f"{FULL}-redis" in services
@@ -599,14 +620,60 @@ def test_service_monitor_scrapes_drafters_and_verifiers():
     assert "prometheus.io/scrape" not in render("static") and "--metrics-port=0" in render("static")
 
 
-def test_service_account_has_no_permissions():
+def test_least_privilege_service_accounts():
+    """The pods' shared ServiceAccount has no permission and no token. With gateway.discovery kubernetes
+    the gateway alone runs as its own ServiceAccount, with a token and one Role: get, list and watch on
+    endpointslices in the release's namespace, nothing else; with dns or static, no Role at all."""
+    seen = set()
     for name in VALUE_SETS:
-        objs = objects(name)
-        assert not any(o["kind"] in ("Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding") for o in objs)
-        (sa,) = by_kind(objs, "ServiceAccount").values()
-        assert sa["automountServiceAccountToken"] is False
-        for w in workloads(objs).values():
-            assert w["spec"]["template"]["spec"]["serviceAccountName"] == sa["metadata"]["name"]
+        objs, mode = objects(name), values(name)["gateway"]["discovery"]
+        seen.add(mode)
+        shared = by_kind(objs, "ServiceAccount")[FULL]
+        assert shared["automountServiceAccountToken"] is False
+        assert not any(o["kind"] in ("ClusterRole", "ClusterRoleBinding") for o in objs)
+        roles, bindings = by_kind(objs, "Role"), by_kind(objs, "RoleBinding")
+        for wname, w in workloads(objs).items():
+            spec = w["spec"]["template"]["spec"]
+            if component(w) == "gateway" and mode == "kubernetes":
+                assert spec["serviceAccountName"] == f"{FULL}-gateway" and spec["automountServiceAccountToken"] is True
+            else:
+                assert spec["serviceAccountName"] == FULL and spec["automountServiceAccountToken"] is False, wname
+        if mode != "kubernetes":
+            assert not roles and not bindings
+            continue
+        (role,) = roles.values()
+        assert role["rules"] == [{"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
+                                  "verbs": ["get", "list", "watch"]}]
+        (binding,) = bindings.values()
+        assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                      "name": role["metadata"]["name"]}
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": f"{FULL}-gateway", "namespace": NAMESPACE}]
+    assert seen == {"static", "dns", "kubernetes"}
+
+
+def test_drafter_autoscaling_on_load():
+    """CPU by default; targetSessionsPerPod adds the Pods metric crossdraft_sessions_active (Prometheus
+    adapter); with keda, a ScaledObject on the same load (and CPU) replaces the pool's HPA."""
+    hpas = by_kind(objects("default"), "HorizontalPodAutoscaler")
+    metrics = hpas[f"{FULL}-drafter-smollm2"]["spec"]["metrics"]
+    assert [m["type"] for m in metrics] == ["Resource"] and metrics[0]["resource"]["name"] == "cpu"
+    objs = objects("gpu-two-pools")
+    hpas, scaled = by_kind(objs, "HorizontalPodAutoscaler"), by_kind(objs, "ScaledObject")
+    assert f"{FULL}-drafter-spm4k" not in hpas  # KEDA owns that pool's HPA
+    (pods,) = hpas[f"{FULL}-drafter-bpe2k"]["spec"]["metrics"]  # CPU off: the load alone
+    assert pods == {"type": "Pods", "pods": {"metric": {"name": "crossdraft_sessions_active",
+                                                        "selector": {"matchLabels": {"role": "drafter"}}},
+                                             "target": {"type": "AverageValue", "averageValue": "8"}}}
+    so = scaled[f"{FULL}-drafter-spm4k"]
+    assert so["apiVersion"] == "keda.sh/v1alpha1"
+    assert so["spec"]["scaleTargetRef"]["name"] == f"{FULL}-drafter-spm4k" in by_kind(objs, "Deployment")
+    assert (so["spec"]["minReplicaCount"], so["spec"]["maxReplicaCount"]) == (2, 10)
+    prom, cpu = so["spec"]["triggers"]
+    assert prom["type"] == "prometheus" and prom["metadata"]["threshold"] == "4"
+    assert f'namespace="{NAMESPACE}"' in prom["metadata"]["query"] and f"{FULL}-drafter-spm4k-" in prom["metadata"]["query"]
+    assert cpu == {"type": "cpu", "metricType": "Utilization", "metadata": {"value": "70"}}
+    proc = helm("template", RELEASE, str(CHART), "--set", "drafter.autoscaling.keda.enabled=true", check=False)
+    assert proc.returncode != 0 and "targetSessionsPerPod" in proc.stderr
 
 
 def test_models_from_a_pvc_or_the_hub():

@@ -40,6 +40,7 @@ from crossdraft.batched import BatchedModel, Limits
 from crossdraft.errors import Aborted, InvalidArgument, ResourceExhausted, Unavailable, Unimplemented
 from crossdraft.protocol import TOKENS, Proposal, Verdict
 from crossdraft.seal import Sealer, sealer_from_args
+from crossdraft.serving.drain import Drain
 from crossdraft.serving.metrics import ServiceMetrics
 from crossdraft.serving.models import dtype_name, load_warm, model_id
 from crossdraft.serving.service import run_model_service, setup_logging
@@ -148,6 +149,7 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
         self.metrics = metrics if metrics is not None else ServiceMetrics("verifier")
         self.sessions: Optional[TargetSessions] = None  # set by load()
         self._tmp = None
+        self.drain = Drain("verifier")  # on SIGTERM: no new sessions, running ones handed back (serving/drain.py)
 
     # --- lifecycle ----------------------------------------------------------------------------
     def load(self, device: Optional[str] = None, fast: bool = True, dtype=None) -> None:
@@ -199,6 +201,10 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
 
     def Verify(self, request_iterator, context):
         sessions = self._ready()
+        self.drain.admit()
+        yield from self.drain.hold(self._verify(sessions, request_iterator, context))
+
+    def _verify(self, sessions: TargetSessions, request_iterator, context):
         first = next(request_iterator, None)
         if first is None:
             return

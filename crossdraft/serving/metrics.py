@@ -97,6 +97,9 @@ def _families(registry: CollectorRegistry) -> dict:
                              "a failure (gateway)", ["role"], registry=r),
         "takeovers": Counter(p + "takeovers", "Sessions taken over from a replica that stopped (gateway)", ["role"],
                              registry=r),
+        "store_errors": Counter(p + "store_errors", "Session store errors a gateway went on after (logged), by "
+                                "operation: touch (failover), expire (client deadline), cancelled (a check)",
+                                ["role", "op"], registry=r),
         "errors": Counter(p + "errors", "Calls answered with an error, by gRPC status code", ["role", "code"],
                           registry=r),
     }
@@ -129,7 +132,7 @@ class ServiceMetrics:
                if k not in ("accepted_by_position", "errors", "draft_s", "verify_s", "network_s", "round_s",
                             "ttft_s", "session_s", "failovers", "takeovers", "bad_proposals", "unsealed_deltas",
                             "slow_clients", "batch_sequences", "batch_tokens", "forward_s", "queue_wait_s",
-                            "kv_budget", "kv_reserved", "kv_queued", "kv_refused")}
+                            "kv_budget", "kv_reserved", "kv_queued", "kv_refused", "store_errors")}
         self.sessions_started, self.sessions_finished = lab["sessions_started"], lab["sessions_finished"]
         self.sessions_active, self.rounds = lab["sessions_active"], lab["rounds"]
         self.draft_tokens, self.accepted_tokens = lab["draft_tokens"], lab["accepted_tokens"]
@@ -238,6 +241,10 @@ class ServiceMetrics:
         if usage["refused"] > self._refused_seen:
             self._child("kv_refused").inc(usage["refused"] - self._refused_seen)
             self._refused_seen = usage["refused"]
+
+    def store_error(self, op: str) -> None:
+        """The gateway went on after a session store error in `op` (and logged it)."""
+        self._f["store_errors"].labels(role=self.role, op=op).inc()
 
     def error(self, code) -> None:
         """An error answered with this status (a grpc.StatusCode or its name)."""

@@ -3,7 +3,9 @@
 Owns: building a server (message size limits, the interceptors, standard health checking
 (`grpc.health.v1`: NOT_SERVING until the model is loaded and warmed, then SERVING), server
 reflection) and its life: listening at once, SERVING once ready, and a graceful shutdown on
-SIGTERM/SIGINT (stop accepting, let in-flight calls finish within a grace period).
+SIGTERM/SIGINT (stop accepting, let in-flight calls finish within a grace period). A service given a
+`Drain` (drafters, verifiers) drains first: NOT_SERVING and no new sessions at once, running sessions
+finish or, after half the grace period, are handed back to the gateway (`drain.py`).
 
 Never: touches models or algorithms (it calls the servicer's own `load`).
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from concurrent import futures
 from typing import Callable, Iterable, Optional
 
@@ -23,6 +26,7 @@ from crossdraft.errors import CrossdraftError
 from crossdraft.options import model_dtype
 
 from .channels import CHANNEL_OPTIONS, PLAINTEXT, TLS, check_plaintext
+from .drain import Drain
 from .status import ErrorInterceptor
 
 # Clients reconnect after this long (GOAWAY; calls in flight finish, without a time limit), so that a client
@@ -44,11 +48,13 @@ class Service:
 
     def __init__(self, service_name: str, add_servicer: Callable, servicer, host: str, port: int,
                  max_workers: int = 32, grace_s: float = 10.0, on_error: Optional[Callable] = None,
-                 tls: TLS = PLAINTEXT, client_ca: Optional[str] = None, interceptors: Iterable = ()):
-        """`tls`: listen with TLS when it has a certificate; client certificates signed by `client_ca`
+                 tls: TLS = PLAINTEXT, client_ca: Optional[str] = None, interceptors: Iterable = (),
+                 drain: Optional[Drain] = None):
+        """`drain`: the servicer's sessions drain on SIGTERM before the server stops (see `wait`).
+        `tls`: listen with TLS when it has a certificate; client certificates signed by `client_ca`
         (default: `tls.ca`) are then required. Without a certificate, plaintext (loopback only, unless
         `tls.insecure`). `interceptors` run before the error interceptor (e.g. the gateway's API keys)."""
-        self.service_name, self.host, self.grace_s = service_name, host, grace_s
+        self.service_name, self.host, self.grace_s, self.drain = service_name, host, grace_s, drain
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
                                   interceptors=[*interceptors, ErrorInterceptor(on_error)],
                                   options=CHANNEL_OPTIONS + [("grpc.max_connection_age_ms", int(MAX_CONNECTION_AGE_S * 1000)),
@@ -100,16 +106,34 @@ class Service:
         while not self._stop.wait(0.5):
             pass
         log.info("shutting down (grace %.0f s)", self.grace_s)
+        left = self.grace_s
+        if self.drain is not None:
+            left = self._drain()
         self.health.enter_graceful_shutdown()
-        self.server.stop(self.grace_s).wait()
+        self.server.stop(left).wait()
         log.info("stopped")
+
+    def _drain(self) -> float:
+        """NOT_SERVING and no new sessions; running ones get half the grace period to finish, then are
+        handed back (ended with UNAVAILABLE: the gateway resumes them elsewhere). -> grace left."""
+        t0 = time.monotonic()
+        self._set(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.drain.begin()
+        log.info("draining: %d sessions running, no new ones", self.drain.active)
+        if not self.drain.wait_idle(self.grace_s / 2):
+            log.info("draining: handing %d sessions back to the gateway", self.drain.active)
+            self.drain.hand_back()
+            self.drain.wait_idle(max(0.0, self.grace_s - (time.monotonic() - t0)) / 2)
+        log.info("drained in %.1f s", time.monotonic() - t0)
+        return max(0.0, self.grace_s - (time.monotonic() - t0))
 
 
 def run_model_service(name: str, add_to_server, servicer, args, log) -> int:
     """`crossdraft serve verifier|drafter`: listen at once (health NOT_SERVING), serve metrics on
     `--metrics-port`, load and warm the model, then SERVING until SIGTERM."""
     svc = Service(name, add_to_server, servicer, args.host, args.port, max_workers=args.max_sessions + 8,
-                  grace_s=args.grace, on_error=servicer.metrics.error, tls=TLS.from_args(args))
+                  grace_s=args.grace, on_error=servicer.metrics.error, tls=TLS.from_args(args),
+                  drain=getattr(servicer, "drain", None))
     svc.start()
     metrics_port = servicer.metrics.serve(getattr(args, "metrics_port", 0), args.host)
     if metrics_port:

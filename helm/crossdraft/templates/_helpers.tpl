@@ -145,24 +145,45 @@ maps merge). */}}
 {{- printf "%s-redis" (include "crossdraft.fullname" .) -}}
 {{- end -}}
 
-{{/* --drafters: one headless Service name per pool (its DNS name resolves to the pool's ready pods). */}}
+{{/* --drafters under gateway.discovery: kubernetes, each pool's Service and its port name (its
+EndpointSlices are watched); dns and static, each pool's headless Service name (DNS resolves it to the
+pool's ready pods). */}}
 {{- define "crossdraft.drafterAddresses" -}}
 {{- $root := . -}}
 {{- $addrs := list -}}
 {{- range (include "crossdraft.drafterPools" . | fromJson).pools -}}
-{{- $addrs = append $addrs (printf "%s.%s.svc.%s:%d" (include "crossdraft.drafterName" (dict "root" $root "pool" .)) $root.Release.Namespace $root.Values.clusterDomain (int .port)) -}}
+{{- $svc := include "crossdraft.drafterName" (dict "root" $root "pool" .) -}}
+{{- if eq $root.Values.gateway.discovery "kubernetes" -}}
+{{- $addrs = append $addrs (printf "%s:grpc" $svc) -}}
+{{- else -}}
+{{- $addrs = append $addrs (printf "%s.%s.svc.%s:%d" $svc $root.Release.Namespace $root.Values.clusterDomain (int .port)) -}}
+{{- end -}}
 {{- end -}}
 {{- join "," $addrs -}}
 {{- end -}}
 
-{{/* --verifiers: the stable DNS name of every verifier pod of the StatefulSet. */}}
+{{/* --verifiers: kubernetes, the verifiers' Service and its port name; dns, its headless name (every
+ready verifier pod, so one added later is seen); static, the stable DNS name of every pod of the
+StatefulSet (a `helm upgrade` to add one). */}}
 {{- define "crossdraft.verifierAddresses" -}}
 {{- $name := include "crossdraft.verifierName" . -}}
+{{- $port := int .Values.verifier.port -}}
+{{- if eq .Values.gateway.discovery "kubernetes" -}}
+{{- printf "%s:grpc" $name -}}
+{{- else if eq .Values.gateway.discovery "dns" -}}
+{{- printf "%s.%s.svc.%s:%d" $name .Release.Namespace .Values.clusterDomain $port -}}
+{{- else -}}
 {{- $addrs := list -}}
 {{- range $i := until (int .Values.verifier.replicas) -}}
-{{- $addrs = append $addrs (printf "%s-%d.%s.%s.svc.%s:%d" $name $i $name $.Release.Namespace $.Values.clusterDomain (int $.Values.verifier.port)) -}}
+{{- $addrs = append $addrs (printf "%s-%d.%s.%s.svc.%s:%d" $name $i $name $.Release.Namespace $.Values.clusterDomain $port) -}}
 {{- end -}}
 {{- join "," $addrs -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The gateway's own ServiceAccount under gateway.discovery: kubernetes (it reads EndpointSlices). */}}
+{{- define "crossdraft.gatewayServiceAccountName" -}}
+{{- printf "%s-gateway" (include "crossdraft.fullname" .) -}}
 {{- end -}}
 
 {{/* Redis: URL (never with a password), and the Secret holding the password (empty: none). */}}
@@ -325,10 +346,16 @@ from its Secret, offline mode. */}}
 {{- end }}
 {{- end -}}
 
-{{/* Pod-level settings every role shares: (dict "root" $ "role" MAP "securityContext" MAP). */}}
+{{/* Pod-level settings every role shares: (dict "root" $ "role" MAP "securityContext" MAP
+["serviceAccountName" NAME]: a role's own ServiceAccount, whose token is then mounted). */}}
 {{- define "crossdraft.podCommon" -}}
+{{- if .serviceAccountName }}
+serviceAccountName: {{ .serviceAccountName }}
+automountServiceAccountToken: true
+{{- else }}
 serviceAccountName: {{ include "crossdraft.serviceAccountName" .root }}
 automountServiceAccountToken: {{ .root.Values.serviceAccount.automountToken }}
+{{- end }}
 {{- with .root.Values.imagePullSecrets }}
 imagePullSecrets:
   {{- toYaml . | nindent 2 }}
