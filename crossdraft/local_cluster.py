@@ -45,11 +45,14 @@ def free_port() -> int:
 
 class LocalCluster:
     def __init__(self, target: str, drafters: list, threads: int = 1, redis: bool = True,
-                 python: Optional[str] = None, env: Optional[dict] = None, pin: bool = False):
+                 python: Optional[str] = None, env: Optional[dict] = None, pin: bool = False,
+                 device: str = "auto", dtype: str = "auto"):
         """`pin`: on a machine of two or more cores, the verifier runs on core 0 and the drafters on
         core 1 (the gateway, Redis and the caller wherever the kernel puts them), as on separate
-        machines they would not share a core or its caches."""
+        machines they would not share a core or its caches. `device`, `dtype`: the model services'
+        --device and --dtype (as the in-process side of a comparison loads its models)."""
         self.target, self.drafter_dirs, self.threads, self.use_redis = target, list(drafters), threads, redis
+        self.model_args = ["--device", device or "auto", "--dtype", dtype or "auto"]
         cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
         if pin and len(cpus) < 2:
             raise FailedPrecondition("pinning the verifier and the drafters needs at least two cores")
@@ -92,12 +95,12 @@ class LocalCluster:
             vport = free_port()
             self.verifier = f"127.0.0.1:{vport}"
             self._spawn("verifier", self._serve("verifier", "--model", self.target, "--port", str(vport),
-                                                "--threads", t, "--verdict-key-file", key))
+                                                "--threads", t, "--verdict-key-file", key, *self.model_args))
             for d in self.drafter_dirs:
                 port = free_port()
                 self.drafters[Path(d).name] = f"127.0.0.1:{port}"
                 self._spawn(f"drafter-{Path(d).name}", self._serve("drafter", "--model", d, "--port", str(port),
-                                                                   "--threads", t))
+                                                                   "--threads", t, *self.model_args))
             gport = free_port()
             self.gateway = f"127.0.0.1:{gport}"
             gw = ["--port", str(gport), "--drafters", ",".join(self.drafters.values()), "--verifiers", self.verifier,

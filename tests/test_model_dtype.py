@@ -59,6 +59,21 @@ def test_serve_all_loads_both_models_in_the_dtype_asked_for(served):
     assert "loaded target: bfloat16 on cpu" in log and "loaded drafter-spm: bfloat16 on cpu" in log, log
 
 
+def test_bench_distributed_cluster_loads_the_dtype_asked_for(served):
+    """`bench --distributed --dtype X` compares the engine in X with services started by LocalCluster,
+    which must load X too."""
+    from crossdraft.local_cluster import LocalCluster
+
+    d = served["dirs"]
+    with LocalCluster(str(d["target"]), [str(d["spm"])], redis=False, dtype="bfloat16") as cluster:
+        with grpc.insecure_channel(cluster.verifier) as ch:
+            stub = verifier_pb2_grpc.VerifierServiceStub(ch)
+            assert stub.GetInfo(verifier_pb2.VerifierServiceGetInfoRequest(), timeout=5).dtype == "bfloat16"
+        with grpc.insecure_channel(cluster.drafters["drafter-spm"]) as ch:
+            info = drafter_pb2_grpc.DrafterServiceStub(ch).GetInfo(drafter_pb2.DrafterServiceGetInfoRequest(), timeout=5)
+        assert info.dtype == "bfloat16"
+
+
 @pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(temperature=1.0, seed=5)], ids=["greedy", "T=1"])
 def test_output_identical_to_the_engine_in_that_dtype(served, engine_bf16, params):
     assert engine_bf16.drafter_runner.dtype == torch.bfloat16
