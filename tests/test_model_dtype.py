@@ -7,14 +7,14 @@ from __future__ import annotations
 import grpc
 import pytest
 import torch
+from test_gateway import Procs
+from test_services import save_model
 
 from crossdraft.client import Client
 from crossdraft.engine import Engine
 from crossdraft.sampling import SamplingParams
 from crossdraft.v1 import drafter_pb2, drafter_pb2_grpc, verifier_pb2, verifier_pb2_grpc
 from drafter_service.client import run_session
-from test_gateway import Procs
-from test_services import save_model
 
 PROMPT = "class Parser:\n    def get_value(self"
 N = 24
