@@ -217,8 +217,8 @@ def _start_cluster(args, drafters: list, pairs: list, prompt: str, params, log) 
     threads = args.threads or 1
     log(f"starting redis-server, a verifier, {len(pairs)} drafters and a gateway "
         f"({threads} torch thread(s) each) ...")
-    cluster = LocalCluster(args.target, list(drafters), threads=threads,
-                           pin=args.pin_cpus).start()
+    cluster = LocalCluster(args.target, list(drafters), threads=threads, pin=args.pin_cpus,
+                           device=args.device, dtype=getattr(args, "dtype", "auto")).start()
     client = Client(cluster.gateway)
     try:
         for name, _, applicable, _, _ in pairs:

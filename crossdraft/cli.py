@@ -258,7 +258,8 @@ def _gateway_args(r) -> None:
                         "is back and a client attaches (default: 30)")
     r.add_argument("--slow-client-seconds", type=float, default=30.0,
                    help="a streaming client that takes no message for this long (it stopped reading) has its "
-                        "stream cut with RESOURCE_EXHAUSTED; its session goes on and can be re-attached "
+                        "stream cut with RESOURCE_EXHAUSTED, which it gets when it reads again (if it reads nothing "
+                        "for 60 s more, its call is cancelled); its session goes on and can be re-attached "
                         "(default: 30)")
     r.add_argument("--max-prompt-bytes", type=int, default=256 << 10,
                    help="longest prompt accepted, in UTF-8 bytes (default: 262144)")

@@ -46,12 +46,13 @@ def free_port() -> int:
 class LocalCluster:
     def __init__(self, target: str, drafters: list, threads: int = 1, redis: bool = True,
                  python: Optional[str] = None, env: Optional[dict] = None, pin: bool = False,
-                 model_args: tuple = (), metrics: bool = False):
+                 model_args: tuple = (), metrics: bool = False, device: str = "auto", dtype: str = "auto"):
         """`pin`: on a machine of two or more cores, the verifier runs on core 0 and the drafters on
         core 1 (the gateway, Redis and the caller wherever the kernel puts them), as on separate
-        machines they would not share a core or its caches. `model_args`: more flags for the verifier
-        and the drafters (--max-sessions, --max-batch-tokens, ...). `metrics`: each service serves
-        /metrics (`self.metrics`: name -> URL)."""
+        machines they would not share a core or its caches. `device`, `dtype`: the model services'
+        --device and --dtype (as the in-process side of a comparison loads its models). `model_args`:
+        more flags for the verifier and the drafters (--max-sessions, --max-batch-tokens, ...).
+        `metrics`: each service serves /metrics (`self.metrics`: name -> URL)."""
         self.target, self.drafter_dirs, self.threads, self.use_redis = target, list(drafters), threads, redis
         cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
         if pin and len(cpus) < 2:
@@ -65,7 +66,8 @@ class LocalCluster:
         self.logdir = ""
         self.gateway = self.verifier = ""
         self.drafters: dict = {}  # drafter directory name -> address
-        self.model_args, self.with_metrics = tuple(model_args), metrics
+        self.model_args = ("--device", device or "auto", "--dtype", dtype or "auto", *model_args)
+        self.with_metrics = metrics
         self.metrics: dict = {}  # service name -> its /metrics URL (with metrics=True)
 
     def _spawn(self, name: str, cmd: list) -> None:

@@ -82,6 +82,7 @@ STORE_WAIT_S = 30.0  # how long a commit is retried while the session store is u
 LEASE_S = 30.0  # a running session nobody committed to for this long is taken over by a replica it is attached to
 SLOW_CLIENT_S = 30.0  # a streaming client that takes no message for this long is cut (see `_paced`)
 SYNC_WAIT_S = 10.0  # how long `serve` waits for the first answer of the pools' dynamic sources
+SLOW_CLIENT_GRACE_S = 60.0  # ... and if it takes nothing for this long more, its call is cancelled
 FOLLOW_BLOCK_MS = 500  # how long one read of the event stream waits before checking the client is still there
 _STATUS = {"queued": gateway_pb2.SESSION_STATUS_PENDING, "running": gateway_pb2.SESSION_STATUS_RUNNING}
 
@@ -166,26 +167,57 @@ class _Watchdog:
 
 
 class _SlowClient:
-    """What the watchdog cancels when a streaming client stops taking messages: its call, with
-    RESOURCE_EXHAUSTED and a message (gRPC's Python API cancels only with CANCELLED; the core call under
-    it takes a status, and where that is missing, plain cancel is the fallback)."""
+    """A streaming client that stopped taking messages, as the watchdog sees it (`_paced`).
+
+    gRPC holds the handler's thread in its send while the client's window is full, and its public API
+    ends such a call only with CANCELLED (`ServicerContext.cancel`): a status of our own can only be
+    raised by the handler, once gRPC hands it control again. Hence two steps:
+    1. the watchdog's first `cancel`, when a message was not taken within `slow_client_s`: the stream is
+       cut. Logged and counted now; the handler raises RESOURCE_EXHAUSTED with the message as soon as the
+       client reads again (`check`): it gets what was already on its way, then the status.
+    2. its second, `SLOW_CLIENT_GRACE_S` later if the client still took nothing: the call is cancelled
+       (the client, should it ever read, sees CANCELLED), which frees the handler's thread."""
 
     def __init__(self, servicer: "GatewayServicer", sid: str, context):
         self.servicer, self.sid, self.context = servicer, sid, context
+        self.cut = False
+        self._grace: Optional[list] = None  # the watchdog's entry for step 2
+        self._over = False  # the stream ended: nothing more to watch
+        self._lock = threading.Lock()
 
     def cancel(self) -> None:
+        """The watchdog's call: step 1, then step 2."""
         s = self.servicer
+        with self._lock:
+            if self._over:
+                return
+            step2, self.cut = self.cut, True
+            if not step2:
+                self._grace = s._watchdog.watch(self, SLOW_CLIENT_GRACE_S)
+        if step2:
+            log.warning("session %s: the client took nothing for %g s more; its call is cancelled",
+                        self.sid, SLOW_CLIENT_GRACE_S)
+            self.context.cancel()
+            return
         s.metrics.slow_client()
         log.warning("session %s: the client took no message for %g s; its stream is cut, the session goes on",
                     self.sid, s.slow_client_s)
-        details = (f"the client read nothing for {s.slow_client_s:g} s, so the gateway cut its stream; the session "
-                   f"goes on: re-attach with AttachSession({self.sid}, offset = the bytes you have)")
-        try:
-            from grpc._cython import cygrpc
 
-            self.context._rpc_event.call.cancel(cygrpc.StatusCode.resource_exhausted, details)
-        except Exception:  # noqa: BLE001 - another grpcio: a plain cancel still frees the thread
-            self.context.cancel()
+    def check(self) -> None:
+        """The client took a message: RESOURCE_EXHAUSTED if its stream was cut meanwhile."""
+        with self._lock:
+            cut = self.cut
+        if cut:
+            raise ResourceExhausted(
+                f"the client read nothing for {self.servicer.slow_client_s:g} s, so the gateway cut its stream; the "
+                f"session goes on: re-attach with AttachSession({self.sid}, offset = the bytes you have)")
+
+    def done(self) -> None:
+        """The stream ended (or was closed): nothing of it stays watched."""
+        with self._lock:
+            self._over, grace, self._grace = True, self._grace, None
+        if grace is not None:
+            self.servicer._watchdog.unwatch(grace)
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
@@ -749,16 +781,23 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         window is full, so a client that stops reading holds this handler's thread, and nothing more: the
         gateway buffers no output of its own (it reads the store as the client takes messages), and the
         session runs on, committing to the store. A message the client has not taken within
-        `slow_client_s` cuts the stream with RESOURCE_EXHAUSTED, which frees the thread for others; the
-        client may re-attach from the bytes it has."""
+        `slow_client_s` cuts the stream with RESOURCE_EXHAUSTED, and a client that takes nothing for
+        `SLOW_CLIENT_GRACE_S` more has its call cancelled, which frees the thread for others (`_SlowClient`);
+        the client may re-attach from the bytes it has."""
         cut = _SlowClient(self, sid, context) if context is not None else None
-        for msg in messages:
-            entry = self._watchdog.watch(cut, self.slow_client_s) if cut is not None else None
-            try:
-                yield msg
-            finally:
-                if entry is not None:
-                    self._watchdog.unwatch(entry)
+        try:
+            for msg in messages:
+                entry = self._watchdog.watch(cut, self.slow_client_s) if cut is not None else None
+                try:
+                    yield msg
+                finally:
+                    if entry is not None:
+                        self._watchdog.unwatch(entry)
+                if cut is not None:
+                    cut.check()  # RESOURCE_EXHAUSTED once cut
+        finally:
+            if cut is not None:
+                cut.done()
 
     # --- RPCs -----------------------------------------------------------------------------------
     def Generate(self, request, context):

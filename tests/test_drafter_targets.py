@@ -21,6 +21,7 @@ import time
 
 import grpc
 import pytest
+from test_services import save_model
 
 from crossdraft import wire
 from crossdraft.errors import PermissionDenied
@@ -35,7 +36,6 @@ from drafter_service.client import run_session
 from drafter_service.server import SERVICE_NAME as DRAFTER_SERVICE
 from drafter_service.server import DrafterServicer
 from drafter_service.targets import Targets
-from test_services import save_model
 from verifier_service.server import SERVICE_NAME as VERIFIER_SERVICE
 from verifier_service.server import VerifierServicer
 
@@ -136,7 +136,7 @@ def test_caches_are_bounded_and_an_evicted_channel_closes_after_its_last_call(cl
     a, b, c = cluster["bpe"]
     stub, vocab, fp = t.target(a)
     assert fp == cluster["fp"]["bpe"] and t.cached() == {"channels": [a], "vocabs": [fp], "drafters": []}
-    channel_a = t._channels[a].channel  # noqa: SLF001 - the object whose closing is the point of this test
+    channel_a = t._channels[a].channel
     q, call, seq = open_verify(stub, vocab, "evict-1")
     seq = one_round(q, call, seq)
     assert t.target(b)[1] is vocab and t.target(c)[1] is vocab  # the same tokenizer: no second fetch
@@ -161,7 +161,7 @@ def test_a_hanging_tokenizer_fetch_holds_up_only_the_sessions_that_need_it(clust
     finish once it arrives. (Before: the fetch held the drafter's one cache lock, so every session start
     waited for the slowest verifier.)"""
     gated = cluster["gated"]
-    cluster["drafter_servicer"].targets = Targets(cluster["drafter_servicer"]._make_drafter,  # noqa: SLF001
+    cluster["drafter_servicer"].targets = Targets(cluster["drafter_servicer"]._make_drafter,
                                                   allowed=AllowedVerifiers([*cluster["bpe"], cluster["spm"]]))
     calls_before = gated.tokenizer_calls
     gated.gate.clear()
@@ -176,8 +176,8 @@ def test_a_hanging_tokenizer_fetch_holds_up_only_the_sessions_that_need_it(clust
         for th in threads:
             th.start()
         wait_for(lambda: gated.tokenizer_calls > calls_before, "the first bpe session asks for the tokenizer")
-        ids, text, stats = run_session(cluster["drafter"], cluster["spm"], PROMPT, 12, SamplingParams(), "slem",
-                                       timeout=WAIT_S)
+        _, _, stats = run_session(cluster["drafter"], cluster["spm"], PROMPT, 12, SamplingParams(), "slem",
+                                  timeout=WAIT_S)
         assert stats["new_tokens"] == 12 and not gated.gate.is_set()  # done while the bpe fetch still hangs
     finally:
         gated.gate.set()

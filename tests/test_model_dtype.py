@@ -7,14 +7,14 @@ from __future__ import annotations
 import grpc
 import pytest
 import torch
+from test_gateway import Procs
+from test_services import save_model
 
 from crossdraft.client import Client
 from crossdraft.engine import Engine
 from crossdraft.sampling import SamplingParams
 from crossdraft.v1 import drafter_pb2, drafter_pb2_grpc, verifier_pb2, verifier_pb2_grpc
 from drafter_service.client import run_session
-from test_gateway import Procs
-from test_services import save_model
 
 PROMPT = "class Parser:\n    def get_value(self"
 N = 24
@@ -57,6 +57,21 @@ def test_get_info_reports_the_dtype_asked_for(served):
 def test_serve_all_loads_both_models_in_the_dtype_asked_for(served):
     log = (served["procs"].log_dir / "all.log").read_text(errors="replace")
     assert "loaded target: bfloat16 on cpu" in log and "loaded drafter-spm: bfloat16 on cpu" in log, log
+
+
+def test_bench_distributed_cluster_loads_the_dtype_asked_for(served):
+    """`bench --distributed --dtype X` compares the engine in X with services started by LocalCluster,
+    which must load X too."""
+    from crossdraft.local_cluster import LocalCluster
+
+    d = served["dirs"]
+    with LocalCluster(str(d["target"]), [str(d["spm"])], redis=False, dtype="bfloat16") as cluster:
+        with grpc.insecure_channel(cluster.verifier) as ch:
+            stub = verifier_pb2_grpc.VerifierServiceStub(ch)
+            assert stub.GetInfo(verifier_pb2.VerifierServiceGetInfoRequest(), timeout=5).dtype == "bfloat16"
+        with grpc.insecure_channel(cluster.drafters["drafter-spm"]) as ch:
+            info = drafter_pb2_grpc.DrafterServiceStub(ch).GetInfo(drafter_pb2.DrafterServiceGetInfoRequest(), timeout=5)
+        assert info.dtype == "bfloat16"
 
 
 @pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(temperature=1.0, seed=5)], ids=["greedy", "T=1"])

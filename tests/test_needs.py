@@ -8,7 +8,6 @@ import sys
 
 import needs
 import pytest
-
 from test_services import ROOT
 
 

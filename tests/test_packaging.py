@@ -4,9 +4,9 @@ For each torch feature the code calls, the first torch release that has it: the 
 must not be below it, or `pip install crossdraft` can pick a torch that fails at the first forward pass."""
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
+import tomllib
 from packaging.requirements import Requirement
 from packaging.version import Version
 
