@@ -10,7 +10,7 @@ so each verification pass commits a + 1 tokens.
 
 Randomness: the coin and the sample at absolute position i use `uniform(seed, i, stream)`. The
 decision at a position uses only its own uniforms, never reused for another committed decision,
-so the output distribution is exact (see README, "Why it is lossless").
+so the output distribution is exact (see docs/algorithms.md, "Why it is lossless").
 
 Never: runs models or tokenizers; I/O and timing live in the engine.
 """

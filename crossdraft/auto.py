@@ -1,7 +1,7 @@
 """`auto`: find the fastest algorithm and draft length for a target/drafter pair by measuring it.
 
 Owns: the arms auto chooses among, what each has measured, and which arm a round uses. An arm is an
-algorithm and a draft length (None: the adaptive length of `engine.DraftLength`). What counts is
+algorithm and a draft length (None: the adaptive length of `rounds.DraftLength`). What counts is
 what the user gets: committed target tokens per second of round wall time (drafting, verification
 and bookkeeping, on this machine, with this pair and this kind of decoding).
 

@@ -4,7 +4,9 @@ Owns: argument parsing, reading prompt files, printing, and turning every error 
 non-zero exit code (never a traceback; `--debug` shows one).
 
 Never: contains algorithm logic; everything runs through `crossdraft.engine.Engine` or, for `serve`,
-the service packages (imported lazily, so that the core command line never imports grpc).
+a service package (`serve verifier|drafter|gateway`) or `crossdraft.compose` (`serve all`), imported
+lazily, as are the client (`generate --gateway`) and the benchmarks: `generate` in process and
+`bench` never import grpc.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="crossdraft",
         description="Lossless speculative decoding with a drafter whose tokenizer may differ from the target's "
-                    "(TLI, SLEM; Timor et al., ICML 2025).")
+                    "(TLI, SLEM, SLRS; Timor et al., ICML 2025).")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _generate_parser(sub)
     _key_parsers(sub)
@@ -153,10 +155,13 @@ def _bench_parser(sub) -> None:
 
 
 def _serve_parser(sub):
-    s = sub.add_parser("serve", help="run a crossdraft gRPC service (verifier or drafter)",
-                       description="Run one crossdraft service over gRPC. It listens at once with health "
-                                   "NOT_SERVING, loads and warms its model, then reports SERVING (grpc.health.v1) "
-                                   "and logs 'serving on HOST:PORT'. SIGTERM stops it gracefully.")
+    s = sub.add_parser("serve", help="run a crossdraft gRPC service (verifier, drafter, gateway, or all three)",
+                       description="Run a crossdraft service over gRPC. A verifier or drafter listens at once "
+                                   "with health NOT_SERVING, loads and warms its model, then reports SERVING "
+                                   "(grpc.health.v1); the gateway, which loads no model, reports SERVING once its "
+                                   "session store answers and its pools' members are known (it waits 10 s at "
+                                   "most); `all` once both of its models are loaded and warmed. SIGTERM stops it "
+                                   "gracefully (a verifier or drafter drains first: docs/pools.md).")
     return s.add_subparsers(dest="role", required=True, metavar="ROLE")
 
 

@@ -12,8 +12,8 @@ Owns: building a GenerationSpec from plain values, reading the Generate stream b
 statistics, GetSession and CancelSession as dicts; the channel's TLS (a CA, optionally a client
 certificate) and the API key sent as `authorization: Bearer KEY` metadata with every call.
 
-grpc is imported lazily, inside the methods: the core library imports neither grpc nor redis outside
-its wire and store modules, so `import crossdraft.client` works without grpc and only using it needs it.
+grpc is imported lazily, inside the methods, so `import crossdraft.client` works without grpc and only
+using it needs it (who imports grpc in the core: `crossdraft/serving/__init__.py`).
 A failed call raises `grpc.RpcError` with the gateway's status code and message. A generation whose
 gateway goes away (UNAVAILABLE: killed, restarted, a network cut) is re-attached by itself.
 

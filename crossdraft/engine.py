@@ -73,17 +73,21 @@ class GenerationResult:
 def resolve_algorithm(algorithm: str, params: SamplingParams, target_vocab: Vocab,
                       drafter_vocab: Optional[Vocab], check_tli: Optional[Callable[[], object]] = None,
                       slrs: bool = False) -> tuple:
-    """(algorithm, why). The static `auto` rule, for callers that do not measure (the services;
-    the engine's `auto` measures, see auto.py, and uses `auto_algorithms`): identical tokenizers ->
-    same; otherwise greedy -> slem, sampling -> tli (slem if the vocabularies share too little for
-    tli). On the zoo (README, "Measured") slem beat tli greedy with every drafter, tli beat slem at
-    temperature 1 with every drafter: exact match of a string only pays when the target's choice
-    is predictable, rejection sampling accepts on agreement in probability.
+    """(algorithm, why). An explicit algorithm checked against the pair; `auto` by the static rule:
+    identical tokenizers -> same; otherwise greedy -> slem, sampling -> tli (slem if the vocabularies
+    share too little for tli). The measuring `auto` (auto.py) of the engine and of the drafter service
+    does not call this for `auto` with a drafter: it starts from the same pick (`auto_algorithms`
+    lists it first, as the incumbent) and measures the others against it, slrs among them under
+    sampling, and the target's own step (`none`). On the zoo's CPU (docs/benchmarks.md, main table)
+    slem was faster than tli greedy with drafter-spm4k and drafter-bpe2k and level with
+    drafter-bpe6k-alt, and tli faster than slem at temperature 1 with every drafter: exact match of a
+    string only pays when the target's choice is predictable, rejection sampling accepts on agreement
+    in probability.
 
     drafter_vocab None: no drafter. check_tli raises FailedPrecondition when tli cannot apply to
     the pair (it builds the intersection); the engine and the drafter service share this rule.
-    slrs: whether the caller runs slrs (asked for explicitly; `auto` never picks it). The engine
-    does; the services do not yet (they call this without it and so refuse slrs as UNIMPLEMENTED)."""
+    slrs: whether the caller runs slrs; without it, slrs is refused UNIMPLEMENTED. The engine and the
+    drafter service both run slrs and pass slrs=True."""
     if algorithm not in ALGORITHMS:
         raise InvalidArgument(f"unknown algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
     if algorithm == "slrs" and not slrs:

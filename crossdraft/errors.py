@@ -1,7 +1,8 @@
-"""Typed errors of the core library. Each maps to one gRPC status code (in the services' interceptor)
-and to one CLI exit code; the message is for the user, one line, no traceback.
+"""Typed errors of the core library. Each maps to one gRPC status code (`crossdraft/serving/status.py`,
+the one interceptor every service runs) and to one CLI exit code; the message is for the user, one line,
+no traceback.
 
-Never: imports grpc; the mapping to status codes lives with the services.
+Never: imports grpc; the mapping to status codes lives in `crossdraft/serving/status.py`.
 """
 from __future__ import annotations
 

@@ -11,7 +11,9 @@ it to INVALID_ARGUMENT). Semantic checks that need the model (ids below the voca
 summing to 1, staleness) stay with the verifier, which treats a bad proposal as one that ends
 acceptance; `vocab_size` lets the verifier's service reject out-of-range q ids here already.
 
-This is the only core module that imports the generated protobuf code (`crossdraft.v1.*_pb2`).
+Other core modules import the generated code (`crossdraft.v1`) only where they speak gRPC themselves:
+`client.py` (the gateway's messages, built from plain values), `crossdraft/serving/tokenizers.py`
+(GetTokenizer) and `compose.py` (the services' stubs).
 
 Never: imports grpc, opens channels, decides acceptance, or touches models.
 """

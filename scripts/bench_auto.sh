@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `auto` against every fixed algorithm and draft length, on each drafter of the zoo, greedy and at
-# temperature 1 (docs/bench/cpu-auto-*.{txt,json}), 2 torch threads as in the README's main table.
+# temperature 1 (docs/bench/cpu-auto-*.{txt,json}), 2 torch threads as in the main table of docs/benchmarks.md.
 # About 11 minutes on 2 cores. Run on a quiet machine; `chrt -f 10` (root) keeps other work from skewing
 # the timings. RUN=N writes cpu-auto-*-runN.* instead, for scripts/auto_summary.py to pool several runs;
 # ONLY=greedy or ONLY=t1 runs one of the two.

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the crossdraft CPU image where Docker Hub cannot be reached but Debian's and PyPI's mirrors can
 # (as on this project's machines): a Debian base made with debootstrap and `docker import`, the torch CPU
-# wheel taken from a local folder. Elsewhere, build docker/Dockerfile directly (README, "Docker").
+# wheel taken from a local folder. Elsewhere, build docker/Dockerfile directly (docs/kubernetes.md, "Docker").
 #
 #   bash scripts/build_image_local.sh [TAG]      # default crossdraft:0.1.0
 #

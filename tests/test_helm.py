@@ -1,13 +1,15 @@
 """The Helm chart (helm/crossdraft): lint, render, validate against the Kubernetes schemas, and check the
 rendered objects against what the services need.
 
-Value sets: the chart's defaults and each helm/ci/*-values.yaml (an external Redis; a GPU verifier with two
-drafter pools, network policies and a ServiceMonitor; everything static). For each: `helm lint --strict`,
-`helm template`, `kubernetes-validate --strict` for two Kubernetes versions, and checks of the objects:
-drafter pools and the verifier are separate workloads with separate autoscalers, every container is probed,
-has resources and runs as non-root, no secret value appears in plain text, the gateway's pool addresses are
-the rendered Services, and every crossdraft command line parses with the real CLI. The bundled Redis's
-rendered command is run against a real redis-server, with the gateway's password path (crossdraft/cli.py).
+Value sets: the chart's defaults (Kubernetes discovery, network policies on) and each helm/ci/*-values.yaml
+(an external Redis; a GPU verifier with two drafter pools scaled on sessions per pod, one by KEDA, and a
+ServiceMonitor; everything static: static discovery, no autoscaling, no metrics; TLS and API keys). For
+each: `helm lint --strict`, `helm template`, `kubernetes-validate --strict` for two Kubernetes versions,
+and checks of the objects: drafter pools and the verifier are separate workloads with separate
+autoscalers, every container is probed, has resources and runs as non-root, no secret value appears in
+plain text, the gateway's pool addresses are the rendered Services, and every crossdraft command line
+parses with the real CLI. The bundled Redis's rendered command is run against a real redis-server, with
+the gateway's password path (crossdraft/cli.py).
 
 Helm comes from .tools/helm/helm (scripts/install_helm.sh) or PATH, kubernetes-validate from the test extra;
 without them these tests skip, except when CROSSDRAFT_REQUIRE_HELM=1 (.ci/run sets it), where they fail.

@@ -1,4 +1,5 @@
-"""Exact-distribution tests of sampled speculative decoding (same, tli, slem) on tiny vocabularies.
+"""Exact-distribution tests of sampled speculative decoding (same, tli, slem; slrs in the long rounds) on tiny
+vocabularies (slrs's exact enumeration: tests/test_slrs.py).
 
 Setting: the alphabet {a, b}; the target's tokenizer is {a, b, ab, EOS} and the drafter's
 {a, b, ba, EOS} (canonical encoding: greedy longest match), so the drafter's context is a genuinely

@@ -376,9 +376,8 @@ def test_hostile_proposals_over_grpc_change_nothing(services, engines):
 
 
 def test_interleaved_sessions_rebuild_the_kv_cache(services, engines):
-    """Two sessions on one verifier, rounds alternating (the verifier keeps both caches in its KV pool;
-    with one slot every round is a rebuild, counted in tests/test_metrics.py): each output is still
-    the target alone's."""
+    """Two sessions on one verifier, rounds alternating (each session keeps its own KV cache while it is
+    open, nothing is rebuilt: tests/test_metrics.py counts it): each output is still the target alone's."""
     tv = engines["same"].target_vocab
     refs = [engines["same"].generate(p, 12, GREEDY, "none").ids for p in PROMPTS]
     streams = [VerifyStream(services["verifier"], wire.SessionStart(f"mix-{i}", tv.encode_prompt(p), [], GREEDY, 12, "none"))

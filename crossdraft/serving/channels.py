@@ -24,7 +24,7 @@ log = logging.getLogger("crossdraft.services")
 
 
 # --- TLS ----------------------------------------------------------------------------------------
-# The rule (README, "Security"): a server listens with TLS when given a certificate and key; given a CA
+# The rule (docs/security.md, "TLS and mutual TLS"): a server listens with TLS when given a certificate and key; given a CA
 # too, it requires client certificates signed by it (mutual TLS). Plaintext is allowed without a flag
 # only on loopback (127.0.0.0/8, ::1, localhost); anywhere else it needs `--insecure`. An outgoing
 # channel (the gateway to its pools, a drafter to a verifier) uses TLS when a CA is given, verifying the
