@@ -572,15 +572,19 @@ def test_network_policies_can_be_turned_off():
 @pytest.mark.parametrize("name", VALUE_SETS)
 def test_drafters_may_dial_the_release_verifiers_and_nothing_else(name):
     """Each drafter's --allowed-verifiers allows every verifier address the gateway is given (and the
-    StatefulSet's other pod names, should replicas change), and refuses anything else a session could name."""
+    StatefulSet's other pod names, should replicas change), and refuses anything else a session could name.
+    Under `discovery: kubernetes` the gateway is given the verifiers' Service and port name and dials the
+    pod IPs of its EndpointSlices: the drafter allows them through the Service's DNS name (a headless
+    Service resolves to those pods), which is what is checked for such an entry."""
     from drafter_service.allowed import AllowedVerifiers
     from gateway.pool import parse_addresses
 
     objs, vals = objects(name), values(name)
     gw = by_kind(objs, "Deployment")[f"{FULL}-gateway"]["spec"]["template"]["spec"]["containers"][0]
-    verifiers = parse_addresses(flag(gw["args"], "verifiers"), "--verifiers")
     drafters = parse_addresses(flag(gw["args"], "drafters"), "--drafters")
     port, suffix = vals["verifier"]["port"], f".{NAMESPACE}.svc.cluster.local"
+    verifiers = [a if a.rpartition(":")[2].isdigit() else f"{a.rpartition(':')[0]}{suffix}:{port}"
+                 for a in parse_addresses(flag(gw["args"], "verifiers"), "--verifiers")]
     others = [*drafters, f"{FULL}-redis{suffix}:6379", f"{FULL}-verifier-0.{FULL}-verifier.other.svc.cluster.local:{port}",
               f"{FULL}-verifier-0.{FULL}-verifier{suffix}:{port + 1}", "evil.example.com:443", "169.254.169.254:80"]
     seen = 0
