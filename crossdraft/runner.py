@@ -279,26 +279,60 @@ class Runner:
 
 
 class _Linear:
-    """y = x W^T + b with the memory layout that is fastest for the block size on a CPU.
+    """y = x W^T + b with the kernel that is fastest for the number of rows on a CPU.
 
-    Small-model decoding on a CPU is bound by reading the weights. Measured on the 2-core CI machine
-    (MKL, float32, 1536x512 weights out of cache): one row reads the weights fastest as `x @ W^T`
-    stored contiguous [in, out] (~18 GB/s against ~8 GB/s for `F.linear`), several rows as
-    `(W @ x^T)^T` (~20-30 GB/s). The target's step drops from 11.4 to 7.0 ms and a 5-token
-    verification from 17 to 9.5 ms. On CUDA it is plain `F.linear`."""
+    Small-model decoding on a CPU is bound by reading the weights, and a batched pass by reading them
+    and multiplying. Measured on the 2-core machine (MKL and oneDNN of torch 2.13, float32, 92 MB of
+    2816x512 weights out of cache, one thread), milliseconds for all of them:
 
-    __slots__ = ("w", "wt", "b")
+        rows               1     2     4     8     16    40
+        x @ W^T [in, out]  5.4   6.8   9.6   11.7  17.6  23.6
+        oneDNN, prepacked  6.5   7.6   8.2   8.4   12.1  19.3
+
+    So one or two rows (a target step, a drafter step) multiply by W^T stored contiguous [in, out],
+    and more rows (a verification block, a batch of sessions) by the weights prepacked for oneDNN
+    (`torch.ops.mkldnn._linear_pointwise`, the CPU path of torch.compile), where torch has it, in
+    float32. Elsewhere (CUDA, float64) it is plain `F.linear`. The kernels round differently in the
+    last bits, so a sequence's logits depend slightly on how many rows share its pass (see the tests).
+    A CPU layer holds its weights twice (W^T contiguous, and prepacked); `w` only where `wt` is not."""
+
+    __slots__ = ("w", "wt", "packed", "b")
+    PACKED_FROM = 3  # rows
 
     def __init__(self, w: torch.Tensor, b: Optional[torch.Tensor] = None):
-        self.w = w.contiguous()
-        self.wt = w.t().contiguous() if w.device.type == "cpu" else None
+        cpu = w.device.type == "cpu"
+        self.wt = w.t().contiguous() if cpu else None
+        self.packed = _prepack(w.contiguous()) if cpu and w.dtype == torch.float32 else None
+        self.w = None if cpu else w.contiguous()
         self.b = b
+
+    def rows(self, rows: torch.Tensor) -> "_Linear":
+        """The layer restricted to these output rows (a pruned LM head)."""
+        b = None if self.b is None else self.b[rows]
+        if self.wt is not None:
+            return _Linear(self.wt.index_select(1, rows.to(self.wt.device)).t(), b)
+        return _Linear(self.w.index_select(0, rows.to(self.w.device)), b)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.wt is None:
             return F.linear(x, self.w, self.b)
-        y = torch.matmul(x, self.wt) if x.shape[0] == 1 else torch.matmul(self.w, x.t()).t()
+        if self.packed is not None and x.shape[0] >= self.PACKED_FROM:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.b, "none", [], "")
+        y = torch.matmul(x, self.wt)
         return y if self.b is None else y + self.b
+
+
+def _prepack(w: torch.Tensor):
+    """w prepacked for oneDNN's linear, or None where this torch cannot (then `x @ W^T` serves all rows)."""
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, 8)
+        x = torch.ones(4, w.shape[1], dtype=w.dtype)
+        if not torch.allclose(torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""), x @ w.t(),
+                              rtol=1e-4, atol=1e-3):
+            return None
+        return packed
+    except (AttributeError, RuntimeError):
+        return None
 
 
 class LlamaRunner(Runner):
@@ -410,7 +444,7 @@ class LlamaRunner(Runner):
         if got is None or got[0] is not rows:
             if len(self._heads) > 8:  # rows of drafters no longer used
                 self._heads.clear()
-            got = self._heads[id(rows)] = (rows, _Linear(self.lm_head.w.index_select(0, rows.to(self.device))))
+            got = self._heads[id(rows)] = (rows, self.lm_head.rows(rows))
         return got[1]
 
     # --- the forward pass ------------------------------------------------------------------------------
