@@ -12,6 +12,7 @@ Never: parses command lines, prints, imports grpc or redis.
 """
 from __future__ import annotations
 
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -137,6 +138,24 @@ def auto_algorithms(params: SamplingParams, target_vocab: Vocab, drafter_vocab: 
     return algos + ["none"]
 
 
+class _Count:
+    """A thread-safe count of what is inside a `with` block."""
+
+    def __init__(self):
+        self.n, self._lock = 0, threading.Lock()
+
+    def __enter__(self):
+        with self._lock:
+            self.n += 1
+
+    def __exit__(self, *exc):
+        with self._lock:
+            self.n -= 1
+
+    def get(self) -> int:
+        return self.n
+
+
 class Engine:
     def __init__(self, target_runner: Runner, target_vocab: Vocab,
                  drafter_runner: Optional[Runner] = None, drafter_vocab: Optional[Vocab] = None,
@@ -230,12 +249,17 @@ class Engine:
         if len(plist) != len(prompts):
             raise InvalidArgument("give one SamplingParams for all prompts or one per prompt")
         cost = CostModel()
-        target = Scheduler(self.target_runner, max_batch_tokens, "target", observer=cost.observe)
+        live = _Count()  # sessions running: each submits a round after each verdict (the scheduler gathers them)
+        target = Scheduler(self.target_runner, max_batch_tokens, "target", observer=cost.observe,
+                           expected=live.get)
         drafts = Scheduler(self.drafter_runner, max_batch_tokens, "drafter") if self.drafter_runner else None
         try:
             with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="session") as pool:
-                futures = [pool.submit(self._batched_session, p, max_new_tokens, sp, algorithm, draft_tokens,
-                                       target, drafts, cost, stop) for p, sp in zip(prompts, plist)]
+                def session(p, sp):
+                    with live:
+                        return self._batched_session(p, max_new_tokens, sp, algorithm, draft_tokens, target, drafts,
+                                                     cost, stop)
+                futures = [pool.submit(session, p, sp) for p, sp in zip(prompts, plist)]
                 return [f.result() for f in futures]
         finally:
             target.close()

@@ -14,8 +14,14 @@ The scheduler's loop, in one thread per model, as vLLM's and TGI's schedulers do
    prompt adds at most one pass's worth of tokens to any pass and never stalls the others; a step
    alone in a pass always runs whatever its size;
 3. one `runner.forward_batch`, then each program gets its logits and runs on to its next step.
-No timer: a pass starts as soon as the model is free and something waits, so at low load a step
-runs at once, and at high load every step that waits shares the next pass.
+No fixed timer: a pass starts as soon as the model is free and something waits, so alone a step runs
+at once. One exception, bounded: each session's next step comes back only after a round trip outside
+the model (its verdict goes to the drafter, which sends the next proposal), so right after a pass the
+sessions that were in it are all away, and the first to return would start a pass alone, the others
+joining the one after: batches fragment. With `expected` (how many sessions will submit again, e.g.
+the verifier's open sessions), the loop waits for the ones still away, at most `GATHER_FRACTION` of a
+recent pass and never more than `GATHER_MAX_S`: it costs a session alone nothing (none is away), and
+under load it trades a fraction of a pass for whole batches.
 
 One sequence's trouble never fails the others: a step that cannot run (context full) fails its own
 program before the pass (`runner.check`); an exception in a program's own code fails that program;
@@ -39,6 +45,8 @@ from .runner import Runner, Step
 log = logging.getLogger("crossdraft.scheduler")
 
 DEFAULT_MAX_BATCH_TOKENS = 512
+GATHER_FRACTION = 0.25  # of a recent pass: the longest the loop waits for sessions still away
+GATHER_MAX_S = 0.004
 
 Program = Generator  # yields Step, receives logits, returns its result
 
@@ -70,11 +78,12 @@ class Scheduler:
     Future of the program's result; `run(program)` waits for it."""
 
     def __init__(self, runner: Runner, max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, name: str = "model",
-                 observer: Optional[Callable] = None):
+                 observer: Optional[Callable] = None, expected: Optional[Callable[[], int]] = None):
         if max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
         self.runner, self.max_batch_tokens, self.name = runner, max_batch_tokens, name
-        self.observer = observer
+        self.observer, self.expected = observer, expected
+        self._pass_s = 0.0  # recent pass time (exponential mean): bounds the gathering wait
         self._cond = threading.Condition()
         self._incoming: deque = deque()
         self._closed = False
@@ -113,6 +122,7 @@ class Scheduler:
                     self._cond.wait()
                 if self._closed:
                     break
+                self._gather(len(active))
                 new = list(self._incoming)
                 self._incoming.clear()
             for e in new:
@@ -128,6 +138,17 @@ class Scheduler:
             e.program.close()
             if not e.future.done():
                 e.future.set_exception(RuntimeError(f"the {self.name} scheduler closed"))
+
+    def _gather(self, waiting: int) -> None:
+        """(Under the lock.) Wait briefly for the sessions still away (see the module docstring)."""
+        if self.expected is None or self._pass_s <= 0:
+            return
+        deadline = time.perf_counter() + min(GATHER_MAX_S, GATHER_FRACTION * self._pass_s)
+        while len(self._incoming) + waiting < self.expected() and not self._closed:
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                return
+            self._cond.wait(left)
 
     @staticmethod
     def _dropped(e: _Entry) -> bool:
@@ -191,6 +212,7 @@ class Scheduler:
             return
         seconds = time.perf_counter() - t0
         self.passes += 1
+        self._pass_s = seconds if not self._pass_s else 0.9 * self._pass_s + 0.1 * seconds
         if self.observer is not None:
             try:
                 self.observer(len(chosen), sum(len(s.ids) for _, s in chosen), seconds, waits)

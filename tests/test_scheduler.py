@@ -133,3 +133,37 @@ def test_drive_runs_each_step_as_its_own_pass(runner):
         return (yield Step(runner.new_cache(), p, last=True))
 
     torch.testing.assert_close(drive(runner, one()), want, rtol=0, atol=0)
+
+
+def test_gathering_for_sessions_away_never_stalls_and_changes_no_result(runner):
+    """`expected` says more sessions will come back than ever do (a session that went away for good):
+    the loop's wait for them is bounded, so every step still runs, each program with its own result.
+    Three sessions that submit one step at a time (as rounds come back from drafters) finish too."""
+    ps = prompts(3)
+    alone = [drive(runner, greedy(runner, p, 6)) for p in ps]
+    sched = Scheduler(runner, max_batch_tokens=512, expected=lambda: 10)
+    try:
+        assert [sched.submit(greedy(runner, p, 6)).result(timeout=60) for p in ps] == alone
+
+        def one_step_at_a_time(p):
+            cache = runner.new_cache()
+            logits = sched.run(_one(cache, p, True))
+            out = []
+            for _ in range(6):
+                out.append(int(logits[-1].argmax()))
+                logits = sched.run(_one(cache, [out[-1]], False))
+            return out
+
+        got = [None] * 3
+        threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, one_step_at_a_time(ps[i]))) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert got == alone
+    finally:
+        sched.close()
+
+
+def _one(cache, ids, prefill):
+    return (yield Step(cache, ids, last=True, chunk=prefill))

@@ -157,7 +157,9 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
         self.vocab, self.runner = vocab, runner
         self.fingerprint = vocab.fingerprint()
         self.tokenizer_files = self._tokenizer_files(vocab)
-        model = BatchedModel(runner, self.limits, "verifier", observer=self.metrics.batch)
+        # every open session submits a round after each verdict: the scheduler gathers them (scheduler.py)
+        model = BatchedModel(runner, self.limits, "verifier", observer=self.metrics.batch,
+                             expected=lambda: len(self.sessions) + self.sessions.opening if self.sessions else 0)
         self.metrics.kv_budget(model.budget.budget)
         self.sessions = TargetSessions(model, vocab)
 
