@@ -299,6 +299,8 @@ class Engine:
         seconds = time.perf_counter() - t0
         new = v.new_ids
         text, finish_reason = self.target_vocab.bytes_of(new), v.finish_reason
+        if stops is not None:
+            stops.flush()  # (a stop string that waited on a longer one, which never completed, ends it too)
         if stops is not None and stops.hit:
             text, finish_reason = text[: stops.cut], "stop"
         profile = stats.profile()

@@ -4,8 +4,10 @@ Owns: checking a request's stop strings (`check_stops`: at most MAX_STOPS, each 
 of UTF-8) and `StopCut`, a matcher over the committed byte stream, fed one delta at a time. It says
 which bytes may go out now, holds back a tail that could be the start of a stop string (so that a
 stop string split across two deltas is caught, and nothing of it was sent), and, once a stop string
-is complete, where the output ends: right before the earliest stop string, as OpenAI's API does (the
-stop string itself is not part of the output). The output before the cut is exactly the target's.
+is complete and no stop string that starts earlier can still complete, where the output ends: right
+before the earliest stop string, as OpenAI's API does (the stop string itself is not part of the
+output; at the end of a generation `flush` settles one still waiting). The output before the cut is
+exactly the target's.
 
 Stop strings match the generated text only (never the prompt), as bytes: a UTF-8 stop string can only
 match at character boundaries, so the cut never splits a character.
@@ -69,12 +71,10 @@ class StopCut:
             return b""
         buf = self.held + bytes(data)
         at = self._earliest(buf)
-        if at is not None:
-            self.hit, self.cut = True, self.sent + at
-            self.held = b""
-            self.sent += at
-            return buf[:at]
         keep = self._open_tail(buf)
+        if at is not None and len(buf) - keep >= at:  # no stop string can still complete before it
+            return self._stop(buf, at)
+        # (with a stop string found, one that starts earlier may still complete: hold both)
         out, self.held = buf[: len(buf) - keep], buf[len(buf) - keep:]
         self.sent += len(out)
         return out
@@ -85,10 +85,22 @@ class StopCut:
         return self.hit
 
     def flush(self) -> bytes:
-        """At the end of a generation that no stop string ended: the bytes held back, which go out."""
-        out, self.held = (b"", b"") if self.hit else (self.held, b"")
+        """At the end of the generation: the bytes held back, which go out up to a stop string among
+        them (one that was waiting on a longer one starting earlier, which never completed)."""
+        if self.hit:
+            return b""
+        at = self._earliest(self.held)
+        if at is not None:
+            return self._stop(self.held, at)
+        out, self.held = self.held, b""
         self.sent += len(out)
         return out
+
+    def _stop(self, buf: bytes, at: int) -> bytes:
+        self.hit, self.cut = True, self.sent + at
+        self.held = b""
+        self.sent += at
+        return buf[:at]
 
     def _earliest(self, buf: bytes) -> Optional[int]:
         found = [i for i in (buf.find(s) for s in self.stops) if i >= 0]

@@ -49,10 +49,10 @@ class SessionStops:
         if cut is None:
             return text, finished, reason, resume, False
         out = cut.feed(text)
+        if finished and not cut.hit:
+            out += cut.flush()  # (a stop string among the held bytes ends it too)
         if cut.hit:
             finished, reason = True, "stop"
-        elif finished:
-            out += cut.flush()
         return out, finished, reason, dict(resume or {}, stop_held=cut.held.hex()), cut.hit
 
     def _get(self, sid: str) -> Optional[StopCut]:

@@ -118,3 +118,13 @@ def test_cli_generate_stop(engine, trained_models, tmp_path, capsys):
     assert out["text"] == text[: text.index(stop)] and out["finish_reason"] == "stop"
     assert main(["generate", PROMPT, "--target", str(d), "--algorithm", "none", "--stop", ""]) == 2
     assert "non-empty" in capsys.readouterr().err
+
+
+def test_a_stop_string_found_waits_for_a_longer_one_that_starts_earlier():
+    """'a a' starts before ' ': once ' ' is seen, 'a a' may still complete and end the output earlier."""
+    out, outs, cut = run([" ", "a a"], [b"a ", b"a"])
+    assert out == b"" and cut.hit and cut.cut == 0 and outs == [b"", b""]
+    out, outs, cut = run([" ", "a a"], [b"a ", b"b"])  # it does not: the output ends at ' '
+    assert out == b"a" and cut.hit and cut.cut == 1
+    out, _, cut = run([" ", "a a"], [b"a "])  # the generation ends first: flush settles it at ' '
+    assert out == b"a" and cut.hit and cut.cut == 1
