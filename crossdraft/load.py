@@ -15,10 +15,13 @@ target tokens of which a fraction alpha is accepted position by position, commit
 
     1 + a(k),  a(k) = alpha + alpha^2 + ... + alpha^(r k)        (expected accepted candidates)
 
-and takes, of a pass shared by B sequences, fixed / B + per_token x (1 + r k). The cap is the k in
-0..k_max with the most committed tokens per unit of that time. At B = 1 the fixed cost dwarfs the
-rest (the cap is off below `SHARED` sequences per pass: alone, the adaptive length already measures
-what pays); at high load it falls to 1 or 0. vLLM's
+and takes, of a pass shared by B sequences, fixed / B + per_token x (1 + r k), plus its drafting,
+d x k / B (alone, a round drafts and then verifies; with many sessions the drafter works on one while
+the target verifies another). The cap is the k in 0..k_max with the most committed tokens per unit
+of that time. It is off below `SHARED` sequences per pass: alone, a session's adaptive length (and
+`auto`, whose arms include the target's own step) already measure what pays. Where a shared pass
+costs about the same for 1 token a session as for 5 the cap stays above the adaptive length and
+changes nothing; where every row costs (a full batch, a CPU) it falls to 1 or 0. vLLM's
 `speculative_disable_by_batch_size` is a fixed threshold; this one follows the measured pass cost of
 this model on this machine, and each session's own acceptance.
 
@@ -40,51 +43,58 @@ HALF_LIFE = 64.0  # passes: the weight of a pass in the fit halves after this ma
 MIN_PASSES = 8  # passes observed before the model is used
 PRIOR_ALPHA = 0.5  # per-position acceptance assumed before a session has rounds of its own
 PRIOR_ROUNDS = 4  # ... weighted as this many rounds of evidence
-# Below this many sequences per pass the cap stays off: alone, a session's adaptive length (and auto)
-# already measure what pays, and the fixed cost of a pass is its own to amortise.
-SHARED = 1.5
+MIN_SPREAD = 1.0  # variance of pass sizes (tokens^2) below which the per-token cost cannot be told apart
+SHARED = 1.5  # sequences per pass below which the cap is off (see the module docstring)
 
 
 @dataclass(frozen=True)
 class LoadHint:
     """What a verifier tells a drafter about its load (in the verdicts, `Verdict.load` on the wire)."""
     sequences: float  # sequences per batched pass, recent mean
-    fixed_s: float  # a pass's cost that does not depend on its size
+    fixed_s: float  # a pass's cost that does not depend on its size (passes of two tokens or more)
     token_s: float  # its cost per token in the pass
 
 
 class CostModel:
-    """Exponentially weighted least squares of pass seconds on pass tokens, and the mean sequences
-    per pass. Thread-safe: the scheduler's thread observes, the sessions' threads read."""
+    """Exponentially weighted least squares of pass seconds on pass tokens, and the mean sequences per
+    pass. Passes of one token stay out of the fit: a matrix-vector product is a kernel of its own, far
+    cheaper per row on a CPU than the first rows of a matrix product, and a fit through both would price
+    every row of a shared pass wrong. Thread-safe: the scheduler's thread observes, the sessions'
+    threads read."""
 
     def __init__(self, half_life: float = HALF_LIFE):
         self.decay = 0.5 ** (1.0 / half_life)
         self._lock = threading.Lock()
-        self.n = 0
-        self._w = self._x = self._y = self._xx = self._xy = self._seq = 0.0
+        self.n = 0  # passes of two tokens or more
+        self._w = self._x = self._y = self._xx = self._xy = 0.0  # their weighted sums
+        self._seq_w = self._seq = 0.0  # sequences per pass, every pass
 
     def observe(self, sequences: int, tokens: int, seconds: float, *_waits) -> None:
         """One pass (the scheduler's observer signature)."""
         d = self.decay
         with self._lock:
+            self._seq_w = self._seq_w * d + 1.0
+            self._seq = self._seq * d + sequences
+            if tokens <= 1:
+                return
             self.n += 1
             self._w = self._w * d + 1.0
             self._x = self._x * d + tokens
             self._y = self._y * d + seconds
             self._xx = self._xx * d + tokens * tokens
             self._xy = self._xy * d + tokens * seconds
-            self._seq = self._seq * d + sequences
 
     def hint(self) -> Optional[LoadHint]:
         with self._lock:
-            if self.n < MIN_PASSES or self._w <= 0:
+            if self.n < MIN_PASSES:
                 return None
             w, mx, my = self._w, self._x / self._w, self._y / self._w
             var = self._xx / w - mx * mx
-            slope = (self._xy / w - mx * my) / var if var > 1e-9 else 0.0
-            slope = max(0.0, slope)
+            if var < MIN_SPREAD:  # passes all of one size: no slope to fit (and no cap to set)
+                return None
+            slope = max(0.0, (self._xy / w - mx * my) / var)
             fixed = max(0.0, my - slope * mx)
-            return LoadHint(sequences=self._seq / w, fixed_s=fixed, token_s=slope)
+            return LoadHint(sequences=self._seq / self._seq_w, fixed_s=fixed, token_s=slope)
 
 
 def expected_accepted(alpha: float, candidates: float) -> float:
@@ -103,17 +113,19 @@ def acceptance(accepted: int, candidates: int, rounds_short: int) -> float:
     return (accepted + PRIOR_ALPHA * PRIOR_ROUNDS) / (tried + PRIOR_ROUNDS)
 
 
-def draft_cap(hint: Optional[LoadHint], alpha: float, ratio: float, k_max: int) -> int:
-    """The draft length in 0..k_max with the most committed tokens per unit of verifier time (see the
-    module docstring); k_max when there is no measured load yet. `ratio`: candidate target tokens per
-    drafted token (about 1 for same and tli; slem's drafter tokens are often shorter)."""
+def draft_cap(hint: Optional[LoadHint], alpha: float, ratio: float, k_max: int, draft_s: float = 0.0) -> int:
+    """The draft length in 0..k_max with the most committed tokens per unit of time (see the module
+    docstring); k_max when there is no measured load yet or no sharing. `ratio`: candidate target tokens per drafted
+    token (about 1 for same and tli; slem's drafter tokens are often shorter); `draft_s`: the session's
+    drafting time per drafted token."""
     if hint is None or k_max <= 0 or hint.sequences < SHARED:
         return max(0, k_max)
-    share = hint.fixed_s / max(1.0, hint.sequences)
+    b = hint.sequences
+    share = hint.fixed_s / b
     best_k, best = 0, 0.0
     for k in range(0, k_max + 1):
         cands = ratio * k
-        cost = share + hint.token_s * (1.0 + cands)
+        cost = share + hint.token_s * (1.0 + cands) + draft_s * k / b
         if cost <= 0:
             return k_max
         rate = (1.0 + expected_accepted(alpha, cands)) / cost

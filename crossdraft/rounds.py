@@ -3,8 +3,10 @@
 Owns: `run_rounds`, the loop of one session: which arm a round runs (`auto`'s state, or the one
 algorithm), its draft length (adaptive per arm, capped by the verifier's load: `load.draft_cap`),
 drafting, sending the proposal to "a verifier", applying the verdict to the drafters, the round
-statistics. (The load cap applies where drafts cannot change the output: greedy decoding and slem;
-see `Drafter.exact_match`. A seeded sampled session is the same whatever shares its passes.) The in-process engine (`Engine.generate`) and the drafter service run this same function;
+statistics. The load cap applies where drafts cannot change the output (greedy decoding and slem;
+see `Drafter.exact_match`: a seeded sampled session is the same whatever shares its passes), and only
+to lengths the caller left to crossdraft (a `draft_tokens` the caller fixed is kept, so its rounds are
+reproducible). The in-process engine (`Engine.generate`) and the drafter service run this function;
 they differ only in the verifier they talk to and in how a draft is run:
 
 - `VerifierLink`: `submit(proposal)`, then `result() -> Verdict`, and `load()`; `LocalVerifier` wraps a
@@ -16,6 +18,10 @@ they differ only in the verifier they talk to and in how a draft is run:
 Pipelining: the loop yields a round's outcome once the next round's proposal has been submitted, so
 what the caller does with it (the drafter service sends it to the gateway, which commits it to Redis)
 overlaps the verifier's work instead of delaying the next draft. The last round is yielded at once.
+A session of the target alone (no drafter) goes further over a link that allows it (`link.depth` > 1,
+the drafter service's Verify stream): each of its rounds commits exactly one token, so the next
+proposals' positions are known before the verdicts, and `depth` of them are kept in flight: the
+verifier finds the session's next round waiting when a pass ends, instead of one round trip later.
 
 Never: touches models, the wire or the store; decides nothing about acceptance (the verifier does).
 """
@@ -83,7 +89,8 @@ class RoundStats:
             return k
         alpha = acceptance(self.accepted_tokens, self.draft_tokens, self.short_rounds)
         ratio = self.draft_tokens / self.drafted if self.drafted else 1.0
-        return draft_cap(hint, alpha, ratio, k)
+        draft_s = self.draft_ns / self.drafted / 1e9 if self.drafted else 0.0
+        return draft_cap(hint, alpha, ratio, k, draft_s)
 
 
 class DraftLength:
@@ -154,6 +161,9 @@ def run_rounds(link, drafters: dict, draft: Callable, committed: int, state=None
     own step). committed: the committed length (prompt included) the session starts at. stop: an Event;
     set, the loop ends after the round in flight. until(verdict): True ends the session after that round,
     before another is submitted (a stop string, crossdraft/stops.py)."""
+    if not drafters and state is None and getattr(link, "depth", 1) > 1:
+        yield from _target_steps(link, committed, stop, until)
+        return
     lengths: dict = {}  # arm -> its DraftLength in this session
     stats = RoundStats()
     arm = (next(iter(drafters)), draft_tokens) if drafters else None
@@ -167,7 +177,8 @@ def run_rounds(link, drafters: dict, draft: Callable, committed: int, state=None
         k = _length(lengths, arm, resume_k) if drafter is not None else None
         budget = 0
         if k is not None:
-            budget = stats.load_cap(link.load(), k.k) if drafter.exact_match else k.k
+            capped = drafter.exact_match and draft_tokens is None  # a length the caller fixed is kept
+            budget = stats.load_cap(link.load(), k.k) if capped else k.k
         proposal = draft(drafter, budget) if budget > 0 else Proposal(seq=committed, kind=TOKENS)
         sent = time.perf_counter_ns()
         link.submit(proposal)
@@ -197,6 +208,33 @@ def run_rounds(link, drafters: dict, draft: Callable, committed: int, state=None
                 drafters = {a: d for a, d in drafters.items() if a == state.algorithm}
         out = Round(verdict, proposal, arm, k.k if k is not None else 0, stats, rtt)
         if finished or (stop is not None and stop.is_set()):
+            yield out
+            return
+        pending = out
+
+
+def _target_steps(link, committed: int, stop=None, until: Optional[Callable] = None) -> Iterator[Round]:
+    """The target alone with `link.depth` proposals in flight (see the module docstring)."""
+    stats, ahead, last = RoundStats(), committed, time.perf_counter_ns()
+    pending = None
+    while True:
+        while ahead < committed + link.depth:
+            link.submit(Proposal(seq=ahead, kind=TOKENS))
+            ahead += 1
+        if pending is not None:
+            yield pending
+            pending = None
+        verdict = link.result()
+        now = time.perf_counter_ns()
+        if verdict.seq != committed or not (len(verdict.ids) == 1 or verdict.finished):
+            raise Aborted(f"the verifier answered a target step at {verdict.seq} with {len(verdict.ids)} tokens, "
+                          f"this drafter expected one at {committed}")
+        proposal = Proposal(seq=committed, kind=TOKENS)
+        stats.add(proposal, verdict)
+        committed += len(verdict.ids)
+        out = Round(verdict, proposal, None, 0, stats, now - last)  # (rtt: the time since the previous verdict)
+        last = now
+        if verdict.finished or (until is not None and until(verdict)) or (stop is not None and stop.is_set()):
             yield out
             return
         pending = out

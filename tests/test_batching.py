@@ -59,12 +59,12 @@ def test_batched_sessions_share_passes(trained_models):
     seen = []
     orig = Scheduler.__init__
 
-    def spy(self, runner, max_batch_tokens=512, name="model", observer=None):
+    def spy(self, runner, max_batch_tokens=512, name="model", observer=None, expected=None):
         def obs(sequences, tokens, seconds, waits, inner=observer):
             seen.append((name, sequences))
             if inner is not None:
                 inner(sequences, tokens, seconds, waits)
-        orig(self, runner, max_batch_tokens, name, obs)
+        orig(self, runner, max_batch_tokens, name, obs, expected)
 
     Scheduler.__init__ = spy
     try:

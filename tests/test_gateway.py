@@ -323,7 +323,7 @@ def test_cli_generate_gateway(stack, engines, tmp_path):
     assert len(lines) == 2
     for out, prompt in zip(lines, prompts):
         ref = engines["spm"].generate(prompt, N, SamplingParams(), "slem")
-        assert set(out) == set(ref.as_json()) and out["text"] == ref.text and out["rounds"] == ref.rounds
+        assert set(out) == set(ref.as_json()) and out["text"] == ref.text and out["new_tokens"] == ref.new_tokens
     bad = subprocess.run(cmd[:-1] + ["--algorithm", "medusa"], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=60)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "medusa" in bad.stderr

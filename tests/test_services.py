@@ -139,7 +139,9 @@ def assert_same_as_in_process(services, engines, drafter, prompt, n, params, alg
                                    draft_tokens, timeout=60)
     assert ids == ref.ids and text == ref.text
     assert stats["finish_reason"] == ref.finish_reason
-    if algorithm == "auto":  # each side measures on its own (timings): the same output, not the same rounds
+    if algorithm == "auto" or draft_tokens is None:
+        # each side measures on its own (auto's arms, and the load cap on an adaptive draft length
+        # follow measured pass costs): the same output, not necessarily the same rounds
         return ref
     assert stats["algorithm"] == ref.algorithm
     # the same loop on the same numbers: the rounds themselves are identical too

@@ -1,0 +1,138 @@
+"""Load-aware speculation (crossdraft/load.py) and the round loop's pipelining (crossdraft/rounds.py).
+
+The cost model is fed synthetic passes whose cost is known, so its fit is checked exactly; the draft
+cap is checked on hand-computed cases (a session alone, a GPU-like pass whose size barely matters, a
+full batch where every row costs, the drafter's own time, slem's shorter drafter tokens), so a wrong
+sign or a dropped term moves the answer. The pipelined target-alone loop is checked against the one-round-at-a-time loop on a real
+tiny model: the same ids, with proposals really kept in flight. No timings are asserted."""
+from __future__ import annotations
+
+from collections import deque
+
+import pytest
+from test_lossless_greedy import PROMPTS, make_engine
+
+from crossdraft.load import MIN_PASSES, CostModel, LoadHint, acceptance, draft_cap, expected_accepted
+from crossdraft.rounds import LocalVerifier, run_rounds
+from crossdraft.sampling import SamplingParams
+from crossdraft.scheduler import drive
+
+# --- the cost model ------------------------------------------------------------------------------
+
+
+def test_the_cost_model_fits_multi_token_passes_and_leaves_one_token_steps_out():
+    m = CostModel()
+    for i in range(MIN_PASSES - 1):
+        m.observe(2, 2 + i, 0.010 + 0.001 * (2 + i))
+    assert m.hint() is None  # too few passes yet
+    for i in range(20):
+        tokens = 2 + i % 9
+        m.observe(tokens // 2, tokens, 0.010 + 0.001 * tokens)
+        m.observe(1, 1, 0.004)  # a one-token step: a kernel of its own, not a point on the line
+    h = m.hint()
+    assert h.fixed_s == pytest.approx(0.010, rel=1e-6) and h.token_s == pytest.approx(0.001, rel=1e-6)
+    assert 1.0 < h.sequences < 5.0  # (the steps count in the sequences per pass)
+
+
+def test_passes_all_of_one_size_give_no_slope_and_no_hint():
+    m = CostModel()
+    for _ in range(3 * MIN_PASSES):
+        m.observe(1, 6, 0.02)
+    assert m.hint() is None
+
+
+def test_old_passes_fade():
+    """The machine got busier: after many passes at the new cost the fit follows it."""
+    m = CostModel(half_life=8)
+    for i in range(200):
+        t = 2 + i % 7
+        m.observe(1, t, 0.010 + 0.001 * t)
+    for i in range(200):
+        t = 2 + i % 7
+        m.observe(1, t, 0.020 + 0.002 * t)
+    h = m.hint()
+    assert h.fixed_s == pytest.approx(0.020, rel=1e-3) and h.token_s == pytest.approx(0.002, rel=1e-3)
+
+
+# --- the draft cap -------------------------------------------------------------------------------
+
+
+def test_expected_accepted_and_acceptance():
+    assert expected_accepted(0.5, 3) == pytest.approx(0.5 + 0.25 + 0.125)
+    assert expected_accepted(1.0, 4) == 4 and expected_accepted(0.7, 0) == 0
+    assert acceptance(0, 0, 0) == pytest.approx(0.5)  # the prior alone
+    assert acceptance(90, 100, 10) == pytest.approx((90 + 2) / (100 + 4))
+
+
+def test_no_load_measured_keeps_the_length():
+    assert draft_cap(None, 0.1, 1.0, 7) == 7
+
+
+def test_alone_the_cap_is_off():
+    """One session a pass: the adaptive length and auto's arms measure what pays; no cap."""
+    alone = LoadHint(sequences=1.2, fixed_s=0.010, token_s=0.010)
+    assert draft_cap(alone, 0.1, 1.0, 7) == 7
+
+
+def test_where_a_shared_pass_costs_about_the_same_whatever_its_size_the_cap_changes_nothing():
+    gpu = LoadHint(sequences=4.0, fixed_s=0.080, token_s=0.0001)
+    # each session's share 0.020; k=5 at alpha 0.6: (1 + 1.383) / 0.0206 = 116/s against 1 / 0.0201 = 50/s
+    assert draft_cap(gpu, 0.6, 1.0, 5) == 5
+
+
+def test_a_full_batch_cuts_the_draft_length_by_acceptance():
+    busy = LoadHint(sequences=8.0, fixed_s=0.016, token_s=0.002)
+    # each session's share: 0.002 fixed + 0.002 per row. k=0: 250/s; k=1 at 0.6: 1.6/0.006 = 267/s;
+    # k=2: 1.96/0.008 = 245/s
+    assert draft_cap(busy, 0.6, 1.0, 5) == 1
+    assert draft_cap(busy, 0.4, 1.0, 5) == 0  # k=1: 1.4/0.006 = 233/s < 250/s
+    # the drafter's own time counts too (shared by the batch): at 0.004 s a token, k=1 costs 0.0065
+    assert draft_cap(busy, 0.6, 1.0, 5, draft_s=0.004) == 0
+
+
+def test_slem_like_ratio_prices_the_candidates_a_drafted_token_brings():
+    busy = LoadHint(sequences=8.0, fixed_s=0.016, token_s=0.002)
+    # at alpha 0.9 the best round verifies 3 candidates (344/s; 2: 339/s, 4: 341/s): 3 drafted tokens
+    # when each brings one, 6 when each brings half of one
+    assert draft_cap(busy, 0.9, 1.0, 6) == 3
+    assert draft_cap(busy, 0.9, 0.5, 6) == 6
+
+
+# --- pipelined target steps ----------------------------------------------------------------------
+
+
+class QueueLink:
+    """A link that, like the drafter service's Verify stream, accepts proposals before the earlier
+    ones are answered and answers them in order (`depth` in flight)."""
+
+    def __init__(self, verifier, depth: int):
+        self.verifier, self.depth = verifier, depth
+        self.queue: deque = deque()
+        self.most_in_flight = 0
+
+    def submit(self, proposal):
+        self.queue.append(proposal)
+        self.most_in_flight = max(self.most_in_flight, len(self.queue))
+
+    def result(self):
+        return drive(self.verifier.runner, self.verifier.round(self.queue.popleft()))
+
+    def load(self):
+        return None
+
+
+@pytest.mark.parametrize("n", [1, 2, 17])
+def test_target_steps_in_flight_give_the_ids_of_one_at_a_time(trained_models, n):
+    engine = make_engine(trained_models, "bpe/spm")
+    v = engine.verifier
+    for prompt in PROMPTS[:3]:
+        ids = engine.target_vocab.encode_prompt(prompt)
+        got = {}
+        for name, link in (("alone", LocalVerifier(v)), ("pipelined", QueueLink(v, depth=3))):
+            v.start(ids, n, SamplingParams())
+            rounds = list(run_rounds(link, {}, None, len(ids)))
+            got[name] = [t for r in rounds for t in r.verdict.ids]
+            assert rounds[-1].verdict.finished and all(len(r.verdict.ids) == 1 for r in rounds)
+            assert len(got[name]) == n or rounds[-1].verdict.finish_reason == "eos"
+        assert got["pipelined"] == got["alone"]
+        assert link.most_in_flight == 3  # (the proposals past the end are dropped with the link)
