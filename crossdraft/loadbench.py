@@ -71,9 +71,11 @@ def _session(client, prompt: str, args, algorithm: str, drafter: str) -> dict:
     """One streamed generation, timed at the client."""
     t0 = time.perf_counter()
     first = last = None
-    tokens = first_tokens = 0
+    tokens = first_tokens = rounds = candidates = 0
     for msg in client.events(prompt, args.max_new_tokens, args.temperature, args.seed, algorithm,
                              args.draft_tokens, drafter=drafter):
+        if msg.WhichOneof("event") == "end":
+            rounds, candidates = msg.end.stats.rounds, msg.end.stats.draft_tokens
         if msg.WhichOneof("event") != "delta" or not msg.delta.ids:
             continue
         now = time.perf_counter()
@@ -83,7 +85,8 @@ def _session(client, prompt: str, args, algorithm: str, drafter: str) -> dict:
         tokens += len(msg.delta.ids)
     end = time.perf_counter()
     itl = (last - first) / (tokens - first_tokens) if first is not None and tokens > first_tokens else None
-    return {"tokens": tokens, "seconds": end - t0, "ttft": (first - t0) if first else None, "itl": itl}
+    return {"tokens": tokens, "seconds": end - t0, "ttft": (first - t0) if first else None, "itl": itl,
+            "rounds": rounds, "candidates": candidates}
 
 
 def run_level(address: str, prompts: list, args, algorithm: str, drafter: str, clients: int,
@@ -120,13 +123,18 @@ def run_level(address: str, prompts: list, args, algorithm: str, drafter: str, c
     tokens = sum(s["tokens"] for s in sessions)
     ttft = [s["ttft"] for s in sessions if s["ttft"] is not None]
     itl = [s["itl"] for s in sessions if s["itl"] is not None]
+    rounds = sum(s["rounds"] for s in sessions)
     return {"clients": clients, "sessions": len(sessions), "errors": errors, "tokens": tokens,
             "seconds": round(wall, 4), "tokens_per_second": round(tokens / wall, 2) if wall else None,
             "session_tokens_per_second": round(statistics.mean(s["tokens"] / s["seconds"] for s in sessions), 2)
             if sessions else None,
             "ttft_p50_ms": _ms(_pct(ttft, 0.5)), "ttft_p95_ms": _ms(_pct(ttft, 0.95)),
             "itl_p50_ms": _ms(_pct(itl, 0.5)), "itl_p95_ms": _ms(_pct(itl, 0.95)),
-            "verifier_batch": round((s1 - s0) / (c1 - c0), 2) if c1 > c0 else None}
+            "verifier_batch": round((s1 - s0) / (c1 - c0), 2) if c1 > c0 else None,
+            # speculation as it ran: tokens committed and candidates verified per round (1 and 0: the
+            # target's own steps, where the load cap or auto's arm `none` stopped drafting)
+            "tokens_per_round": round(tokens / rounds, 2) if rounds else None,
+            "candidates_per_round": round(sum(s["candidates"] for s in sessions) / rounds, 2) if rounds else None}
 
 
 def _ms(x: Optional[float]) -> Optional[float]:
@@ -270,7 +278,8 @@ def _print(rows: list, args) -> None:
           f"{args.requests_per_client} request(s) per client, {'greedy' if args.temperature <= 0 else 'T=%g' % args.temperature}, "
           f"{args.threads or 1} torch thread(s) per process")
     hdr = (f"{'C':>3s} {'config':26s} {'agg tok/s':>9s} {'sess tok/s':>10s} {'ttft p50':>8s} {'ttft p95':>8s} "
-           f"{'itl p50':>7s} {'itl p95':>7s} {'batch':>5s} {'vs alone':>8s} {'vs HF':>6s}")
+           f"{'itl p50':>7s} {'itl p95':>7s} {'batch':>5s} {'tok/rnd':>7s} {'cand/rnd':>8s} {'vs alone':>8s} "
+           f"{'vs HF':>6s}")
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
@@ -279,5 +288,6 @@ def _print(rows: list, args) -> None:
         print(f"{r['clients']:3d} {r['config']:26s} {f(r['tokens_per_second'], '%9.1f')} "
               f"{f(r.get('session_tokens_per_second'), '%10.1f')} {f(r.get('ttft_p50_ms'), '%8.1f')} "
               f"{f(r.get('ttft_p95_ms'), '%8.1f')} {f(r.get('itl_p50_ms'), '%7.2f')} {f(r.get('itl_p95_ms'), '%7.2f')} "
-              f"{f(r.get('verifier_batch'), '%5.2f')} {f(r.get('vs_target_alone'), '%7.2fx')} "
+              f"{f(r.get('verifier_batch'), '%5.2f')} {f(r.get('tokens_per_round'), '%7.2f')} "
+              f"{f(r.get('candidates_per_round'), '%8.2f')} {f(r.get('vs_target_alone'), '%7.2fx')} "
               f"{f(r.get('vs_hf'), '%5.2fx')}{err}")
