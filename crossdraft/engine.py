@@ -301,8 +301,8 @@ class Engine:
         text, finish_reason = self.target_vocab.bytes_of(new), v.finish_reason
         if stops is not None:
             stops.flush()  # (a stop string that waited on a longer one, which never completed, ends it too)
-        if stops is not None and stops.hit:
-            text, finish_reason = text[: stops.cut], "stop"
+            if stops.hit:
+                text, finish_reason = text[: stops.cut], "stop"
         profile = stats.profile()
         profile["prefill_s"] = prefill_s  # encoding the prompt and the target's prefill
         profile["other_s"] = seconds - prefill_s - (stats.draft_ns + stats.verify_ns) / 1e9

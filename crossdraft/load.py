@@ -115,9 +115,9 @@ def acceptance(accepted: int, candidates: int, rounds_short: int) -> float:
 
 def draft_cap(hint: Optional[LoadHint], alpha: float, ratio: float, k_max: int, draft_s: float = 0.0) -> int:
     """The draft length in 0..k_max with the most committed tokens per unit of time (see the module
-    docstring); k_max when there is no measured load yet or no sharing. `ratio`: candidate target tokens per drafted
-    token (about 1 for same and tli; slem's drafter tokens are often shorter); `draft_s`: the session's
-    drafting time per drafted token."""
+    docstring); k_max when there is no measured load yet or no sharing. `ratio`: candidate target
+    tokens per drafted token (about 1 for same and tli; slem's drafter tokens are often shorter);
+    `draft_s`: the session's drafting time per drafted token."""
     if hint is None or k_max <= 0 or hint.sequences < SHARED:
         return max(0, k_max)
     b = hint.sequences

@@ -261,7 +261,7 @@ def load_to_proto(h: LoadHint) -> verifier_pb2.LoadHint:
 def load_from_proto(msg: verifier_pb2.LoadHint) -> Optional[LoadHint]:
     """A verifier's load hint, or None when it is missing or not plausible (it only tunes speed)."""
     seqs = msg.sequences_per_pass
-    if not (math.isfinite(seqs) and 0.0 < seqs <= 1e6) or max(msg.pass_fixed_ns, msg.pass_token_ns) > 10**12:
+    if not (math.isfinite(seqs) and 0.0 < seqs <= 1e6) or msg.pass_fixed_ns > 10**12 or msg.pass_token_ns > 10**12:
         return None
     return LoadHint(sequences=seqs, fixed_s=msg.pass_fixed_ns / 1e9, token_s=msg.pass_token_ns / 1e9)
 
