@@ -18,16 +18,19 @@ they differ only in the verifier they talk to and in how a draft is run:
 Pipelining: the loop yields a round's outcome once the next round's proposal has been submitted, so
 what the caller does with it (the drafter service sends it to the gateway, which commits it to Redis)
 overlaps the verifier's work instead of delaying the next draft. The last round is yielded at once.
-A session of the target alone (no drafter) goes further over a link that allows it (`link.depth` > 1,
-the drafter service's Verify stream): each of its rounds commits exactly one token, so the next
-proposals' positions are known before the verdicts, and `depth` of them are kept in flight: the
-verifier finds the session's next round waiting when a pass ends, instead of one round trip later.
+Rounds of the target's own step (the target alone, `auto`'s arm `none`, or a round whose draft length
+the load cap cut to 0) go further over a link that allows it (`link.depth` > 1, the drafter service's
+Verify stream): each commits exactly one token, so the next rounds' positions are known before the
+verdicts, and up to `depth` of them are kept in flight: the verifier finds the session's next round
+waiting when a pass ends, instead of one round trip later. A round that drafts waits for every verdict
+in flight (it drafts on the committed text); while `auto` is still measuring, rounds go one at a time.
 
 Never: touches models, the wire or the store; decides nothing about acceptance (the verifier does).
 """
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
@@ -151,6 +154,17 @@ def _length(lengths: dict, arm: tuple, resume_k: Optional[int]) -> DraftLength:
     return k
 
 
+@dataclass
+class _Flight:
+    """A round submitted and not yet answered."""
+    proposal: Proposal
+    arm: Optional[tuple]
+    drafter: object  # the drafter that drafted it; None: the target's own step
+    k: Optional[DraftLength]
+    planned_ns: int  # when the round was planned
+    sent_ns: int  # when it was submitted
+
+
 def run_rounds(link, drafters: dict, draft: Callable, committed: int, state=None,
                draft_tokens: Optional[int] = None, resume_k: Optional[int] = None,
                stop=None, until: Optional[Callable] = None) -> Iterator[Round]:
@@ -161,80 +175,105 @@ def run_rounds(link, drafters: dict, draft: Callable, committed: int, state=None
     own step). committed: the committed length (prompt included) the session starts at. stop: an Event;
     set, the loop ends after the round in flight. until(verdict): True ends the session after that round,
     before another is submitted (a stop string, crossdraft/stops.py)."""
-    if not drafters and state is None and getattr(link, "depth", 1) > 1:
-        yield from _target_steps(link, committed, stop, until)
-        return
-    lengths: dict = {}  # arm -> its DraftLength in this session
-    stats = RoundStats()
-    arm = (next(iter(drafters)), draft_tokens) if drafters else None
-    last = None  # the drafter of the previous round: a round after a switch is not measured
-    pending, finished = None, False
-    while not finished:
-        r0 = time.perf_counter()
-        if state is not None:
-            arm = state.next_arm()
-        drafter = drafters.get(arm[0]) if arm is not None else None
-        k = _length(lengths, arm, resume_k) if drafter is not None else None
-        budget = 0
-        if k is not None:
-            capped = drafter.exact_match and draft_tokens is None  # a length the caller fixed is kept
-            budget = stats.load_cap(link.load(), k.k) if capped else k.k
-        proposal = draft(drafter, budget) if budget > 0 else Proposal(seq=committed, kind=TOKENS)
-        sent = time.perf_counter_ns()
-        link.submit(proposal)
-        if pending is not None:
-            yield pending
-            pending = None
-        verdict = link.result()
-        rtt = time.perf_counter_ns() - sent
-        if verdict.seq != committed:
-            raise Aborted(f"the verifier is at committed length {verdict.seq}, this drafter at {committed}")
-        stats.add(proposal, verdict)
-        committed += len(verdict.ids)
-        finished = verdict.finished or (until is not None and until(verdict))
-        ran = drafter if budget > 0 else None
-        if not finished:
-            for d in drafters.values():  # the drafter that ran follows now, the others when they next draft
-                if d is ran:
-                    d.observe(verdict)
-                else:
-                    d.defer(verdict)
-            if ran is not None:
-                k.update(verdict.candidates, verdict.accepted)
-        if state is not None:
-            state.record(arm, len(verdict.ids), time.perf_counter() - r0, measured=ran is last)
-            last = ran
-            if len(drafters) > 1 and state.stage == "decided":  # the other algorithms are done with
-                drafters = {a: d for a, d in drafters.items() if a == state.algorithm}
-        out = Round(verdict, proposal, arm, k.k if k is not None else 0, stats, rtt)
-        if finished or (stop is not None and stop.is_set()):
-            yield out
-            return
-        pending = out
-
-
-def _target_steps(link, committed: int, stop=None, until: Optional[Callable] = None) -> Iterator[Round]:
-    """The target alone with `link.depth` proposals in flight (see the module docstring)."""
-    stats, ahead, last = RoundStats(), committed, time.perf_counter_ns()
+    loop = _Loop(link, drafters, draft, committed, state, draft_tokens, resume_k)
     pending = None
     while True:
-        while ahead < committed + link.depth:
-            link.submit(Proposal(seq=ahead, kind=TOKENS))
-            ahead += 1
+        loop.fill()
         if pending is not None:
             yield pending
             pending = None
-        verdict = link.result()
-        now = time.perf_counter_ns()
-        if verdict.seq != committed or not (len(verdict.ids) == 1 or verdict.finished):
-            raise Aborted(f"the verifier answered a target step at {verdict.seq} with {len(verdict.ids)} tokens, "
-                          f"this drafter expected one at {committed}")
-        proposal = Proposal(seq=committed, kind=TOKENS)
-        stats.add(proposal, verdict)
-        committed += len(verdict.ids)
-        out = Round(verdict, proposal, None, 0, stats, now - last)  # (rtt: the time since the previous verdict)
-        last = now
-        if verdict.finished or (until is not None and until(verdict)) or (stop is not None and stop.is_set()):
+        out, finished = loop.answer(until)
+        if finished or (stop is not None and stop.is_set()):
             yield out
-            return
+            return  # (rounds still in flight are target steps past the end: dropped with the link)
         pending = out
+
+
+class _Loop:
+    """One session's rounds in flight and its counters (`run_rounds` drives it)."""
+
+    def __init__(self, link, drafters, draft, committed, state, draft_tokens, resume_k):
+        self.link, self.drafters, self.draft, self.state = link, drafters, draft, state
+        self.draft_tokens, self.resume_k = draft_tokens, resume_k
+        self.depth = max(1, getattr(link, "depth", 1))
+        self.committed = self.ahead = committed  # ahead: where the next target step would start
+        self.lengths: dict = {}  # arm -> its DraftLength in this session
+        self.stats = RoundStats()
+        self.fixed_arm = (next(iter(drafters)), draft_tokens) if drafters else None
+        self.planned = None  # the next round's arm, chosen and not yet submitted
+        self.flights: deque = deque()
+        self.last = None  # the drafter of the previous round: a round after a switch is not measured
+        self.answered_ns = time.perf_counter_ns()
+
+    def fill(self) -> None:
+        """Submit the next round, and more target steps behind it while the link allows (`depth`) and
+        nothing in flight drafted: a target step commits exactly one token, so the next one's position
+        is known before its verdict; a draft needs every verdict before it."""
+        while len(self.flights) < self.depth:
+            if self.flights and (self.flights[-1].drafter is not None or not self._may_pipeline()):
+                return
+            planned_ns = time.perf_counter_ns()
+            if self.planned is None:
+                self.planned = self.state.next_arm() if self.state is not None else self.fixed_arm
+            arm = self.planned
+            drafter = self.drafters.get(arm[0]) if arm is not None else None
+            k = _length(self.lengths, arm, self.resume_k) if drafter is not None else None
+            budget = self._budget(drafter, k)
+            if budget > 0 and self.flights:
+                return  # drafting waits for the verdicts in flight
+            proposal = self.draft(drafter, budget) if budget > 0 else Proposal(seq=self.ahead, kind=TOKENS)
+            self.planned = None
+            self.flights.append(_Flight(proposal, arm, drafter if budget > 0 else None, k, planned_ns,
+                                        time.perf_counter_ns()))
+            self.link.submit(proposal)
+            self.ahead += 1
+
+    def _may_pipeline(self) -> bool:
+        """Rounds past the next only once `auto` has decided: while it measures, each round's arm is
+        picked after the previous round's record (auto.AutoState counts its turns that way)."""
+        return self.state is None or self.state.stage == "decided"
+
+    def _budget(self, drafter, k: Optional[DraftLength]) -> int:
+        if k is None:
+            return 0
+        capped = drafter.exact_match and self.draft_tokens is None  # a length the caller fixed is kept
+        return self.stats.load_cap(self.link.load(), k.k) if capped else k.k
+
+    def answer(self, until: Optional[Callable] = None) -> tuple:
+        """(Round, finished): the verdict on the oldest round in flight, counted and followed."""
+        f = self.flights.popleft()
+        verdict = self.link.result()
+        now = time.perf_counter_ns()
+        if verdict.seq != self.committed:
+            raise Aborted(f"the verifier is at committed length {verdict.seq}, this drafter at {self.committed}")
+        if f.drafter is None and not (len(verdict.ids) == 1 or verdict.finished):
+            raise Aborted(f"the verifier answered a target step at {verdict.seq} with {len(verdict.ids)} tokens")
+        self.stats.add(f.proposal, verdict)
+        self.committed += len(verdict.ids)
+        if f.drafter is not None:
+            self.ahead = self.committed
+        # A round submitted behind another is timed from that one's verdict: its rtt from then (its own
+        # wait for the link), its time for `auto` too (where it was planned, the pipe was still full).
+        prev, self.answered_ns = self.answered_ns, now
+        rtt = now - max(f.sent_ns, prev)
+        if self.state is not None:
+            seconds = (now - max(f.planned_ns, prev)) / 1e9
+            self.state.record(f.arm, len(verdict.ids), seconds, measured=f.drafter is self.last)
+            self.last = f.drafter
+        finished = verdict.finished or (until is not None and until(verdict))
+        if not finished:
+            self._follow(verdict, f)
+        return Round(verdict, f.proposal, f.arm, f.k.k if f.k is not None else 0, self.stats, rtt), finished
+
+    def _follow(self, verdict: Verdict, f: _Flight) -> None:
+        """The drafters follow the committed text: the one that drafted the round now, the others when
+        they next draft; the round's draft length adapts; `auto` narrows to its choice once decided."""
+        for d in self.drafters.values():
+            if d is f.drafter:
+                d.observe(verdict)
+            else:
+                d.defer(verdict)
+        if f.drafter is not None:
+            f.k.update(verdict.candidates, verdict.accepted)
+        if self.state is not None and len(self.drafters) > 1 and self.state.stage == "decided":
+            self.drafters = {a: d for a, d in self.drafters.items() if a == self.state.algorithm}

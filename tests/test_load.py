@@ -3,8 +3,9 @@
 The cost model is fed synthetic passes whose cost is known, so its fit is checked exactly; the draft
 cap is checked on hand-computed cases (a session alone, a GPU-like pass whose size barely matters, a
 full batch where every row costs, the drafter's own time, slem's shorter drafter tokens), so a wrong
-sign or a dropped term moves the answer. The pipelined target-alone loop is checked against the one-round-at-a-time loop on a real
-tiny model: the same ids, with proposals really kept in flight. No timings are asserted."""
+sign or a dropped term moves the answer. Pipelined target steps (the target alone, and a speculative session's rounds that the load cap cuts
+to the target's step) are checked against the one-round-at-a-time loop on a real tiny model: the same
+ids, with proposals really kept in flight. No timings are asserted."""
 from __future__ import annotations
 
 from collections import deque
@@ -12,6 +13,7 @@ from collections import deque
 import pytest
 from test_lossless_greedy import PROMPTS, make_engine
 
+from crossdraft.auto import AutoState
 from crossdraft.load import MIN_PASSES, CostModel, LoadHint, acceptance, draft_cap, expected_accepted
 from crossdraft.rounds import LocalVerifier, run_rounds
 from crossdraft.sampling import SamplingParams
@@ -136,3 +138,57 @@ def test_target_steps_in_flight_give_the_ids_of_one_at_a_time(trained_models, n)
             assert len(got[name]) == n or rounds[-1].verdict.finish_reason == "eos"
         assert got["pipelined"] == got["alone"]
         assert link.most_in_flight == 3  # (the proposals past the end are dropped with the link)
+
+
+class LoadLink(QueueLink):
+    """A QueueLink that reports the load `hints` gives, one per round asked (None: no load measured)."""
+
+    def __init__(self, verifier, depth: int, hints):
+        super().__init__(verifier, depth)
+        self.hints, self.asked = hints, 0
+
+    def load(self):
+        self.asked += 1
+        return self.hints(self.asked)
+
+
+BUSY = LoadHint(sequences=8.0, fixed_s=0.016, token_s=0.002)  # every candidate a row of real work: cap 0
+
+
+def _speculative(engine, prompt, n, link, state=None):
+    """A greedy slem session over `link`: (the committed ids, its rounds)."""
+    ids = engine.target_vocab.encode_prompt(prompt)
+    engine.verifier.start(ids, n, SamplingParams())
+    d = engine.drafter("slem").fork()
+    d.start(prompt, ids, SamplingParams())
+    rounds = list(run_rounds(link, {"slem": d}, lambda dr, k: dr.propose(k), len(ids), state))
+    return [t for r in rounds for t in r.verdict.ids], rounds
+
+
+def test_rounds_the_load_cap_cuts_to_the_target_step_are_pipelined_and_give_the_same_ids(trained_models):
+    engine = make_engine(trained_models, "bpe/spm")
+    v = engine.verifier
+    for prompt in PROMPTS[:3]:
+        ids = engine.target_vocab.encode_prompt(prompt)
+        v.start(ids, 24, SamplingParams())
+        alone = [t for r in run_rounds(LocalVerifier(v), {}, None, len(ids)) for t in r.verdict.ids]
+        busy = LoadLink(v, depth=3, hints=lambda i: BUSY)
+        got, rounds = _speculative(engine, prompt, 24, busy)
+        assert got == alone
+        assert all(r.verdict.candidates == 0 and len(r.verdict.ids) == 1 for r in rounds[:-1])
+        assert busy.most_in_flight == 3
+        # load that comes and goes: drafted rounds (alone) between pipelined target steps
+        waves = LoadLink(v, depth=2, hints=lambda i: BUSY if i % 8 < 4 else None)
+        got, rounds = _speculative(engine, prompt, 24, waves)
+        assert got == alone
+        assert any(r.verdict.candidates for r in rounds) and waves.most_in_flight == 2
+
+
+def test_while_auto_measures_rounds_go_one_at_a_time(trained_models):
+    """auto.AutoState picks each arm after the previous round's record: no rounds ahead until decided."""
+    engine = make_engine(trained_models, "bpe/spm")
+    state = AutoState(["slem", "none"], lengths=(None,), rest=0, promote_span=0)
+    link = LoadLink(engine.verifier, depth=3, hints=lambda i: BUSY)
+    got, rounds = _speculative(engine, PROMPTS[0], 12, link, state)
+    assert state.stage != "decided" and link.most_in_flight == 1
+    assert {r.arm[0] for r in rounds} == {"slem", "none"}
