@@ -118,9 +118,9 @@ def auto_algorithms(params: SamplingParams, target_vocab: Vocab, drafter_vocab: 
     (`resolve_algorithm`) first: it is auto's incumbent, kept unless another measures faster.
     Without a drafter, none; for identical tokenizers same (tli and slem only add work there);
     otherwise slem and tli (when the vocabularies share enough), and under sampling slrs too
-    (greedy, slrs is slem). Always last: none, the target's own step, so that where no algorithm pays
-    for its drafting (a weak drafter at temperature 1), auto finds that out and is no slower than the
-    target alone."""
+    (greedy, slrs is slem). Always, second (the first challenger): none, the target's own step, so
+    that where no algorithm pays for its drafting (a weak drafter, a fast target), auto finds that out
+    early and is no slower than the target alone (auto.AHEAD)."""
     if drafter_vocab is None:
         return ["none"]
     if drafter_vocab.same_as(target_vocab):
@@ -135,7 +135,7 @@ def auto_algorithms(params: SamplingParams, target_vocab: Vocab, drafter_vocab: 
         algos = ["slem", "tli"] if tli else ["slem"]
     else:
         algos = ["tli", "slem", "slrs"] if tli else ["slem", "slrs"]
-    return algos + ["none"]
+    return algos[:1] + ["none"] + algos[1:]
 
 
 class _Count:

@@ -128,6 +128,24 @@ def test_a_challenger_faster_on_every_text_takes_over_within_a_few_sessions():
     assert st.best() == T and st.algorithm == "tli", st.summary()
 
 
+def test_a_challenger_far_ahead_on_every_turn_takes_over_inside_the_first_session():
+    """`AHEAD`: the target's own step against a drafter that cannot pay (0.70x on the zoo's CPU) takes
+    over after 3 paired turns, inside one session; 20% ahead is within what the text moves and waits
+    for the ordinary test, on turns from several sessions."""
+    S, N = ("slem", None), ("none", None)
+    noise = [1.0, 0.8, 1.25, 0.9, 1.1]
+
+    def run(ahead):
+        st = AutoState(["slem", "none"], (None,))
+        feed(st, lambda arm, i: 100 * (ahead if arm == N else noise[i * 7 % 5]), 4 * 28, session_rounds=4 * 28)
+        return st
+
+    far = run(1.45)
+    assert far.stage == "decided" and far.best() == N and far.session == 1, far.summary()
+    near = run(1.2)
+    assert near.best() == S and near.challengers == [N], near.summary()
+
+
 def test_sessions_start_only_the_drafters_still_in_play():
     S, T, R = ("tli", None), ("slem", None), ("slrs", None)
     st = AutoState(["tli", "slem", "slrs"], (None, 3), block=1, min_turns=2, promote_turns=2, rest=0,

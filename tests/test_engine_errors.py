@@ -190,8 +190,8 @@ def test_auto_rule():
     assert algo == "tli" and why
     # the static rule's pick first, the target's own step last (auto is never slower than no speculation)
     assert auto_algorithms(greedy, t, dv_same) == ["same", "none"]
-    assert auto_algorithms(greedy, t, d) == ["slem", "tli", "none"]
-    assert auto_algorithms(t1, t, d) == ["tli", "slem", "slrs", "none"]
+    assert auto_algorithms(greedy, t, d) == ["slem", "none", "tli"]
+    assert auto_algorithms(t1, t, d) == ["tli", "none", "slem", "slrs"]
     assert auto_algorithms(t1, t, None) == ["none"]
     assert engine(T_TOKENS).generate("ab", 4, algorithm="auto").algorithm == "same"
     r = engine(D_TOKENS).generate("ab", 4, t1, algorithm="auto")
