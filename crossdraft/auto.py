@@ -279,7 +279,9 @@ class AutoState:
 
     def record(self, arm: tuple, tokens: int, seconds: float, measured: bool = True) -> None:
         """One round of `arm`: `tokens` committed in `seconds` of wall time. `measured` False: the
-        round paid for a switch (see the module's note) and does not count."""
+        round paid for a switch (see the module's note) and does not count. Rounds may be picked ahead
+        of the records of those before them (`rounds.run_rounds` keeps target steps in flight): a turn
+        counts its first `block` rounds, the others count for their arm's figures only."""
         with self.lock:
             self.text += tokens
             if self.stage != "decided" and self.turn is None and arm == self.incumbent:
@@ -288,8 +290,8 @@ class AutoState:
                 self.unmeasured += 1
                 return
             self.stats.setdefault(arm, ArmStats()).add(tokens, seconds)
-            if self.stage == "decided" or self.turn is None or arm != self.turn:
-                return
+            if self.stage == "decided" or self.turn is None or arm != self.turn or self.turn_left <= 0:
+                return  # (turn_left 0: a round picked before the turn ended, answered after: no turn's)
             self._cur[0] += tokens
             self._cur[1] += seconds
             self.turn_left -= 1

@@ -23,7 +23,7 @@ the load cap cut to 0) go further over a link that allows it (`link.depth` > 1, 
 Verify stream): each commits exactly one token, so the next rounds' positions are known before the
 verdicts, and up to `depth` of them are kept in flight: the verifier finds the session's next round
 waiting when a pass ends, instead of one round trip later. A round that drafts waits for every verdict
-in flight (it drafts on the committed text); while `auto` is still measuring, rounds go one at a time.
+in flight (it drafts on the committed text).
 
 Never: touches models, the wire or the store; decides nothing about acceptance (the verifier does).
 """
@@ -210,7 +210,7 @@ class _Loop:
         nothing in flight drafted: a target step commits exactly one token, so the next one's position
         is known before its verdict; a draft needs every verdict before it."""
         while len(self.flights) < self.depth:
-            if self.flights and (self.flights[-1].drafter is not None or not self._may_pipeline()):
+            if self.flights and self.flights[-1].drafter is not None:
                 return
             planned_ns = time.perf_counter_ns()
             if self.planned is None:
@@ -227,11 +227,6 @@ class _Loop:
                                         time.perf_counter_ns()))
             self.link.submit(proposal)
             self.ahead += 1
-
-    def _may_pipeline(self) -> bool:
-        """Rounds past the next only once `auto` has decided: while it measures, each round's arm is
-        picked after the previous round's record (auto.AutoState counts its turns that way)."""
-        return self.state is None or self.state.stage == "decided"
 
     def _budget(self, drafter, k: Optional[DraftLength]) -> int:
         if k is None:
@@ -253,7 +248,7 @@ class _Loop:
         if f.drafter is not None:
             self.ahead = self.committed
         # A round submitted behind another is timed from that one's verdict: its rtt from then (its own
-        # wait for the link), its time for `auto` too (where it was planned, the pipe was still full).
+        # wait for the link), its time for `auto` too (when it was planned, the one before was in flight).
         prev, self.answered_ns = self.answered_ns, now
         rtt = now - max(f.sent_ns, prev)
         if self.state is not None:

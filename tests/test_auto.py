@@ -146,6 +146,24 @@ def test_a_challenger_far_ahead_on_every_turn_takes_over_inside_the_first_sessio
     assert near.best() == S and near.challengers == [N], near.summary()
 
 
+def test_arms_picked_one_round_ahead_keep_each_turn_to_its_block():
+    """rounds.run_rounds keeps target steps in flight: the next arm is picked before the round ahead
+    of it is recorded, and a round that drafts, picked then, waits and is recorded right after it.
+    Each turn still counts `block` rounds of its own arm (one committed token each)."""
+    st = AutoState(["slem", "none", "tli"], (None,), block=3, rest=2, promote_span=0)
+    speed = {("slem", None): 100, ("none", None): 104, ("tli", None): 98}
+    flight = st.next_arm()
+    for i in range(90):
+        planned = st.next_arm()  # picked while `flight` is in flight
+        st.record(flight, 1, 1 / speed[flight])
+        if i % 3 == 0:  # it drafts: submitted once `flight` is answered, and answered before the next pick
+            st.record(planned, 1, 1 / speed[planned])
+            flight = st.next_arm()
+        else:
+            flight = planned
+    assert st.turns and all(tokens == 3 for _, tokens, _, _, _ in st.turns), st.turns
+
+
 def test_sessions_start_only_the_drafters_still_in_play():
     S, T, R = ("tli", None), ("slem", None), ("slrs", None)
     st = AutoState(["tli", "slem", "slrs"], (None, 3), block=1, min_turns=2, promote_turns=2, rest=0,

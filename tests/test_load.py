@@ -184,11 +184,16 @@ def test_rounds_the_load_cap_cuts_to_the_target_step_are_pipelined_and_give_the_
         assert any(r.verdict.candidates for r in rounds) and waves.most_in_flight == 2
 
 
-def test_while_auto_measures_rounds_go_one_at_a_time(trained_models):
-    """auto.AutoState picks each arm after the previous round's record: no rounds ahead until decided."""
+def test_auto_rounds_ahead_are_lossless_and_keep_its_turns_whole(trained_models):
+    """auto's arm `none` (and slem under a load that caps it to 0) in flight two at a time, each arm
+    picked before the record of the round ahead of it (the turns' count: tests/test_auto.py)."""
     engine = make_engine(trained_models, "bpe/spm")
-    state = AutoState(["slem", "none"], lengths=(None,), rest=0, promote_span=0)
-    link = LoadLink(engine.verifier, depth=3, hints=lambda i: BUSY)
-    got, rounds = _speculative(engine, PROMPTS[0], 12, link, state)
-    assert state.stage != "decided" and link.most_in_flight == 1
+    v = engine.verifier
+    ids = engine.target_vocab.encode_prompt(PROMPTS[0])
+    v.start(ids, 40, SamplingParams())
+    alone = [t for r in run_rounds(LocalVerifier(v), {}, None, len(ids)) for t in r.verdict.ids]
+    state = AutoState(["slem", "none"], lengths=(None,), block=3, rest=0, promote_span=0)
+    link = LoadLink(v, depth=2, hints=lambda i: BUSY if i % 10 < 5 else None)
+    got, rounds = _speculative(engine, PROMPTS[0], 40, link, state)
+    assert got == alone and link.most_in_flight == 2
     assert {r.arm[0] for r in rounds} == {"slem", "none"}
