@@ -17,9 +17,11 @@ target tokens of which a fraction alpha is accepted position by position, commit
 
 and takes, of a pass shared by B sequences, fixed / B + per_token x (1 + r k), plus its drafting,
 d x k / B (alone, a round drafts and then verifies; with many sessions the drafter works on one while
-the target verifies another). The cap is the k in 0..k_max with the most committed tokens per unit
-of that time. It is off below `SHARED` sequences per pass: alone, a session's adaptive length (and
-`auto`, whose arms include the target's own step) already measure what pays. Where a shared pass
+the target verifies another). Where the target's own steps are kept in flight (the services), a
+round that drafts also misses a pass it would have been in (fixed / B + per_token more). The cap is
+the k in 0..k_max with the most committed tokens per unit of that time. It is off below `SHARED`
+sequences per pass: alone, a session's adaptive length (and `auto`, whose arms include the target's
+own step) already measure what pays. Where a shared pass
 costs about the same for 1 token a session as for 5 the cap stays above the adaptive length and
 changes nothing; where every row costs (a full batch, a CPU) it falls to 1 or 0. vLLM's
 `speculative_disable_by_batch_size` is a fixed threshold; this one follows the measured pass cost of
@@ -113,19 +115,24 @@ def acceptance(accepted: int, candidates: int, rounds_short: int) -> float:
     return (accepted + PRIOR_ALPHA * PRIOR_ROUNDS) / (tried + PRIOR_ROUNDS)
 
 
-def draft_cap(hint: Optional[LoadHint], alpha: float, ratio: float, k_max: int, draft_s: float = 0.0) -> int:
+def draft_cap(hint: Optional[LoadHint], alpha: float, ratio: float, k_max: int, draft_s: float = 0.0,
+              pipelined: bool = False) -> int:
     """The draft length in 0..k_max with the most committed tokens per unit of time (see the module
     docstring); k_max when there is no measured load yet or no sharing. `ratio`: candidate target
     tokens per drafted token (about 1 for same and tli; slem's drafter tokens are often shorter);
-    `draft_s`: the session's drafting time per drafted token."""
+    `draft_s`: the session's drafting time per drafted token. `pipelined`: the session's target steps
+    are kept in flight (`rounds.run_rounds` over a link of depth > 1), so each is in every pass, and a
+    round that drafts leaves the pass after its previous verdict (it waits for that verdict, drafts,
+    and sends): it costs one more share of a pass, whose slot the target's own step would have used."""
     if hint is None or k_max <= 0 or hint.sequences < SHARED:
         return max(0, k_max)
     b = hint.sequences
     share = hint.fixed_s / b
+    skipped = share + hint.token_s if pipelined else 0.0
     best_k, best = 0, 0.0
     for k in range(0, k_max + 1):
         cands = ratio * k
-        cost = share + hint.token_s * (1.0 + cands) + draft_s * k / b
+        cost = share + hint.token_s * (1.0 + cands) + draft_s * k / b + (skipped if k else 0.0)
         if cost <= 0:
             return k_max
         rate = (1.0 + expected_accepted(alpha, cands)) / cost

@@ -86,14 +86,14 @@ class RoundStats:
             out.update(psi_s=self.psi_ns / 1e9, psi_forward_s=self.psi_forward_ns / 1e9)
         return out
 
-    def load_cap(self, hint: Optional[LoadHint], k: int) -> int:
+    def load_cap(self, hint: Optional[LoadHint], k: int, pipelined: bool = False) -> int:
         """This session's draft length under the verifier's load (`load.draft_cap`)."""
         if hint is None:
             return k
         alpha = acceptance(self.accepted_tokens, self.draft_tokens, self.short_rounds)
         ratio = self.draft_tokens / self.drafted if self.drafted else 1.0
         draft_s = self.draft_ns / self.drafted / 1e9 if self.drafted else 0.0
-        return draft_cap(hint, alpha, ratio, k, draft_s)
+        return draft_cap(hint, alpha, ratio, k, draft_s, pipelined)
 
 
 class DraftLength:
@@ -232,7 +232,7 @@ class _Loop:
         if k is None:
             return 0
         capped = drafter.exact_match and self.draft_tokens is None  # a length the caller fixed is kept
-        return self.stats.load_cap(self.link.load(), k.k) if capped else k.k
+        return self.stats.load_cap(self.link.load(), k.k, self.depth > 1) if capped else k.k
 
     def answer(self, until: Optional[Callable] = None) -> tuple:
         """(Round, finished): the verdict on the oldest round in flight, counted and followed."""

@@ -92,6 +92,19 @@ def test_a_full_batch_cuts_the_draft_length_by_acceptance():
     assert draft_cap(busy, 0.6, 1.0, 5, draft_s=0.004) == 0
 
 
+def test_a_pipelined_session_prices_the_pass_a_drafting_round_misses():
+    busy = LoadHint(sequences=8.0, fixed_s=0.016, token_s=0.002)
+    # at alpha 0.6, 1 (267/s, above); pipelined, a round that drafts also pays the pass it misses
+    # (0.004): k=1 1.6/0.010 = 160/s, k=5 2.38/0.018 = 132/s, against 250/s for k=0
+    assert draft_cap(busy, 0.6, 1.0, 5) == 1 and draft_cap(busy, 0.6, 1.0, 5, pipelined=True) == 0
+    # at alpha 0.9 long drafts still pay: k=6 5.22/0.020 = 261/s
+    assert draft_cap(busy, 0.9, 1.0, 6, pipelined=True) == 6
+    gpu = LoadHint(sequences=4.0, fixed_s=0.080, token_s=0.0001)
+    # where the pass's size barely matters, speculation still pays: k=5 at alpha 0.6 commits
+    # 2.38 in 0.0406 (59/s) against 1 in 0.0201 (50/s)
+    assert draft_cap(gpu, 0.6, 1.0, 5, pipelined=True) == 5
+
+
 def test_slem_like_ratio_prices_the_candidates_a_drafted_token_brings():
     busy = LoadHint(sequences=8.0, fixed_s=0.016, token_s=0.002)
     # at alpha 0.9 the best round verifies 3 candidates (344/s; 2: 339/s, 4: 341/s): 3 drafted tokens
