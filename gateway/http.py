@@ -306,7 +306,7 @@ class _EventStream(StreamingResponse):
 class HttpServer:
     """uvicorn in a daemon thread, on a socket bound at construction (a port in use fails at once)."""
 
-    def __init__(self, app, host: str, port: int, tls: TLS, client_ca: str = ""):
+    def __init__(self, app, host: str, port: int, tls: TLS, client_ca: str = "", grace_s: float = 10.0):
         import ssl
 
         import uvicorn
@@ -325,7 +325,8 @@ class HttpServer:
             kw = dict(ssl_certfile=tls.cert, ssl_keyfile=tls.key)
             if client_ca:
                 kw.update(ssl_ca_certs=client_ca, ssl_cert_reqs=ssl.CERT_REQUIRED)
-        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", **kw)
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
+                                timeout_graceful_shutdown=grace_s, **kw)
         self.server = uvicorn.Server(config)
         self.scheme = "https" if tls.serves_tls else "http"
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
@@ -335,14 +336,20 @@ class HttpServer:
         self.thread.start()
         log.info("OpenAI-compatible HTTP API on %s://%s:%d/v1", self.scheme, self.host, self.port)
 
-    def stop(self, timeout: float = 5.0) -> None:
+    def begin_stop(self) -> None:
+        """Stop listening; requests in flight (a stream being generated) go on to their end."""
         self.server.should_exit = True
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop, waiting at most `timeout` for the requests in flight."""
+        self.begin_stop()
         self.thread.join(timeout)
 
 
 def serve_http(args, servicer, svc, host: str) -> HttpServer:
     """Start the HTTP API of `servicer` on --http-port (0: a free port), with the gRPC listener's TLS
-    (--tls-cert/--tls-key, --tls-client-ca); /health follows the gRPC server's health (`svc`)."""
+    (--tls-cert/--tls-key, --tls-client-ca); /health follows the gRPC server's health (`svc`), and on
+    SIGTERM it stops listening and lets the requests in flight finish within --grace, as `svc` does."""
     port = args.http_port
     if not 0 <= port <= 65535:
         raise CrossdraftError(f"--http-port must be in [0, 65535], got {port}")
@@ -350,8 +357,10 @@ def serve_http(args, servicer, svc, host: str) -> HttpServer:
     if not tls.serves_tls:
         check_plaintext(host, tls.insecure, f"the HTTP API on {host}:{port}")
     app = OpenAIApp(servicer, ready=lambda: _serving(svc))
-    server = HttpServer(app.app, host, port, tls, getattr(args, "tls_client_ca", None) or "")
+    server = HttpServer(app.app, host, port, tls, getattr(args, "tls_client_ca", None) or "",
+                        grace_s=getattr(args, "grace", 10.0))
     server.start()
+    svc.companions.append(server)  # SIGTERM: it stops listening and drains with the gRPC server
     return server
 
 

@@ -92,7 +92,8 @@ def test_compose_commands_parse_and_point_at_each_other():
     assert services["gateway"]["environment"]["CROSSDRAFT_REDIS_PASSWORD"].startswith("${REDIS_PASSWORD:?")
     assert services["redis"]["environment"]["REDIS_PASSWORD"].startswith("${REDIS_PASSWORD:?")
     assert '--requirepass "$$REDIS_PASSWORD"' in services["redis"]["command"][-1]
-    assert services["gateway"]["ports"] == [f"127.0.0.1:{gw.port}:{gw.port}"]
+    assert services["gateway"]["ports"] == [f"127.0.0.1:{gw.port}:{gw.port}", f"127.0.0.1:{gw.http_port}:{gw.http_port}"]
+    assert f"EXPOSE {gw.port} {gw.http_port} " in (DOCKER / "Dockerfile").read_text()  # both of the gateway's ports
     for dep in ("redis", "verifier", "drafter"):
         assert services["gateway"]["depends_on"][dep] == {"condition": "service_healthy"}
     # the verdict key (a compose secret) reaches the verifier and the gateway, never the drafter

@@ -10,6 +10,7 @@ nothing to Redis; a stop string split across two deltas is caught; a client that
 its session, on the verifier too."""
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import shutil
@@ -390,3 +391,46 @@ def test_a_unary_client_that_disconnects_cancels_its_session(stack, rdb):
         os.kill(drafter.pid, signal.SIGCONT)
     wait_for(lambda: gauge(stack["metrics"]["verifier"]) == 0 and gauge(stack["metrics"]["spm"]) == 0,
              "the verifier's or the drafter's session is still open")
+
+
+def test_sigterm_lets_a_stream_in_flight_finish_and_takes_no_new_connection(stack, engine):
+    """A gateway of its own gets SIGTERM while a stream is held mid-way (its drafter stopped): it stops
+    listening at once, and once the drafter runs again the stream goes on to its end, identical to
+    the engine's text, within --grace; then the process exits 0."""
+    procs = stack["procs"]
+    addr = procs.start_cmd("gateway-drain", [
+        "gateway", "--redis", stack["redis"], "--drafters", stack["spm"], "--verifiers", stack["verifier"],
+        "--http-port", str(http_port := free_port())])
+    procs.wait_serving({"gateway-drain": addr})
+    url = f"http://127.0.0.1:{http_port}"
+    wait_healthy(url, procs, "gateway-drain")
+    gateway, drafter = procs.procs["gateway-drain"][0], procs.procs["spm"][0]
+    body = json.dumps({"model": "target", "prompt": PROMPT, "max_tokens": 120, "temperature": 0, "stream": True,
+                       "algorithm": "slem"}).encode()
+    conn = http.client.HTTPConnection("127.0.0.1", http_port, timeout=30)
+    try:
+        conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        lines = [resp.readline()]  # the first event
+        os.kill(drafter.pid, signal.SIGSTOP)
+        try:
+            gateway.send_signal(signal.SIGTERM)
+            wait_for(lambda: not _connects(http_port), "the HTTP API still takes connections after SIGTERM", 10)
+        finally:
+            os.kill(drafter.pid, signal.SIGCONT)
+        lines += resp.read().split(b"\n")  # (http.client undoes the chunked encoding)
+    finally:
+        conn.close()
+    events = [json.loads(x[len(b"data: "):]) for x in lines if x.startswith(b"data: {")]
+    assert b"data: [DONE]" in lines, lines[-3:]
+    assert "".join(e["choices"][0]["text"] for e in events) == engine.generate(PROMPT, 120, SamplingParams(),
+                                                                                  "slem").text
+    assert gateway.wait(timeout=30) == 0, procs.log_of("gateway-drain")
+
+
+def _connects(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        return True
+    except OSError:
+        return False

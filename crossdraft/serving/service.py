@@ -3,7 +3,8 @@
 Owns: building a server (message size limits, the interceptors, standard health checking
 (`grpc.health.v1`: NOT_SERVING until the model is loaded and warmed, then SERVING), server
 reflection) and its life: listening at once, SERVING once ready, and a graceful shutdown on
-SIGTERM/SIGINT (stop accepting, let in-flight calls finish within a grace period). A service given a
+SIGTERM/SIGINT (stop accepting, let in-flight calls finish within a grace period, those of its
+`companions` too: the gateway's HTTP API). A service given a
 `Drain` (drafters, verifiers) drains first: NOT_SERVING and no new sessions at once, running sessions
 finish or, after half the grace period, are handed back to the gateway (`drain.py`).
 
@@ -77,6 +78,9 @@ class Service:
         if not self.port:
             raise CrossdraftError(f"cannot listen on {host}:{port}")
         self._stop = threading.Event()
+        # servers beside the gRPC one that stop with it (the gateway's HTTP API): begin_stop() stops
+        # their listening and lets requests in flight finish; stop(timeout) waits for them
+        self.companions: list = []
         self._set(health_pb2.HealthCheckResponse.NOT_SERVING)
 
     @property
@@ -106,11 +110,15 @@ class Service:
         while not self._stop.wait(0.5):
             pass
         log.info("shutting down (grace %.0f s)", self.grace_s)
-        left = self.grace_s
+        t0, left = time.monotonic(), self.grace_s
         if self.drain is not None:
             left = self._drain()
         self.health.enter_graceful_shutdown()
+        for c in self.companions:
+            c.begin_stop()
         self.server.stop(left).wait()
+        for c in self.companions:
+            c.stop(max(0.0, self.grace_s - (time.monotonic() - t0)))
         log.info("stopped")
 
     def _drain(self) -> float:
