@@ -14,8 +14,10 @@ the arm a fixed rule would pick, and challengers:
    the challengers (the adaptive arm keeps its stage-1 rounds).
 3. "decided": every round uses the winner; it keeps measuring it.
 Turns come in cycles: the incumbent's, a challenger's (the one with the fewest turns), the incumbent's
-again, `BLOCK` measured rounds each, then `REST` rounds of the incumbent alone, so that the search takes
-about a seventh of the rounds and its turns spread over more text. The first round after a switch of
+again, `BLOCK` measured rounds each, then `REST` rounds that are no turn, so that the search takes
+about a seventh of the rounds and its turns spread over more text. A rest runs the incumbent, or the
+challenger furthest ahead of it so far (by more than `MIN_GAIN`): the rest's arm changes what the search
+costs, not what it decides. The first round after a switch of
 drafter is not measured: that drafter first catches up on what was committed meanwhile (drafters of
 one model share one KV cache, so that is the new text only; first in a session, the prompt).
 A challenger is judged on paired differences: each of its turns against the incumbent's turns right
@@ -123,7 +125,8 @@ class AutoState:
         self.lock = threading.Lock()
         self.dropped: list = []  # challengers found clearly slower, in order
         self.capped: list = []  # challengers that ran their rounds without being settled
-        self.turn: Optional[tuple] = None  # the arm whose turn it is (None: resting, the incumbent runs)
+        self.turn: Optional[tuple] = None  # the arm whose turn it is (None: resting, `resting` runs)
+        self.resting: Optional[tuple] = None  # the arm the rest runs (`_leader`)
         self.turn_left = 0  # its measured rounds left in this turn (resting: rounds left of the rest)
         self.phase = -1  # in the cycle: 0 incumbent, 1 challenger, 2 incumbent, 3 rest
         self.unmeasured = 0  # rounds right after a switch
@@ -210,6 +213,14 @@ class AutoState:
             return False
         return self._diff(c)[3] >= ahead
 
+    def _leader(self) -> tuple:
+        """The arm a rest runs: the challenger furthest ahead of the incumbent on its paired turns so
+        far, by more than `MIN_GAIN`, else the incumbent. Rest rounds are no turn (they spread the turns
+        over more text), so which arm runs them changes the search's cost, not its decisions: while a
+        challenger far ahead waits for the turns that let it take over, most rounds already run it."""
+        ahead = [(rel, c) for c in self.challengers for _, _, n, rel in [self._diff(c)] if n and rel > MIN_GAIN]
+        return max(ahead)[1] if ahead else self.incumbent
+
     def _judge(self) -> None:
         changed = True
         while changed and self.challengers:
@@ -256,7 +267,7 @@ class AutoState:
                 return self.choice
             arms = [self.incumbent] + self.challengers
             if self.turn_left > 0 and (self.turn in arms or self.turn is None):
-                return self.turn or self.incumbent
+                return self.turn or self.resting or self.incumbent
             if self.turn is not None and self.turn not in arms:
                 self.phase = -1  # the arms changed under the running cycle: start a fresh one
             self.phase = (self.phase + 1) % 4
@@ -270,7 +281,8 @@ class AutoState:
             else:
                 self.turn = self.incumbent
             self.turn_left = self.rest if self.phase == 3 else self.block
-            return self.turn or self.incumbent
+            self.resting = self._leader() if self.phase == 3 else None
+            return self.turn or self.resting or self.incumbent
 
     def begin_session(self) -> None:
         """A session (a new text) starts using this state."""
@@ -284,7 +296,7 @@ class AutoState:
         counts its first `block` rounds, the others count for their arm's figures only."""
         with self.lock:
             self.text += tokens
-            if self.stage != "decided" and self.turn is None and arm == self.incumbent:
+            if self.stage != "decided" and self.turn is None and arm == (self.resting or self.incumbent):
                 self.turn_left -= 1  # a round of rest
             if not measured:
                 self.unmeasured += 1

@@ -146,6 +146,19 @@ def test_a_challenger_far_ahead_on_every_turn_takes_over_inside_the_first_sessio
     assert near.best() == S and near.challengers == [N], near.summary()
 
 
+def test_a_rest_runs_the_challenger_ahead_so_far():
+    """Rests are no turn: once a challenger is ahead on its paired turns (by more than MIN_GAIN), the
+    rests run it, so that a search whose challenger will take over costs less meanwhile; its turns
+    and its judgement are as before."""
+    S, N = ("slem", None), ("none", None)
+    st = AutoState(["slem", "none"], (None,), block=2, rest=5)
+    used = feed(st, {S: 100, N: 140}, 22)
+    assert used == [S] * 2 + [N] * 2 + [S] * 2 + [N] * 5 + [S] * 2 + [N] * 2 + [S] * 2 + [N] * 5
+    assert [t[0] for t in st.turns] == [S, N, S, S, N, S]  # the rests' rounds are still no turn
+    st = AutoState(["slem", "none"], (None,), block=2, rest=5)
+    assert feed(st, {S: 100, N: 102}, 11)[-5:] == [S] * 5  # within MIN_GAIN: the incumbent rests
+
+
 def test_arms_picked_one_round_ahead_keep_each_turn_to_its_block():
     """rounds.run_rounds keeps target steps in flight: the next arm is picked before the round ahead
     of it is recorded, and a round that drafts, picked then, waits and is recorded right after it.
