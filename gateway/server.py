@@ -52,6 +52,7 @@ from crossdraft import wire
 from crossdraft.errors import Aborted, CrossdraftError, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from crossdraft.seal import Sealer, sealer_from_args
 from crossdraft.serving.channels import TLS, check_plaintext, is_loopback
+from crossdraft.serving.drain import draining_role
 from crossdraft.serving.metrics import ServiceMetrics
 from crossdraft.serving.service import Service, setup_logging
 from crossdraft.serving.status import status_of
@@ -391,7 +392,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                     or time.monotonic() > r.give_up:
                 raise
             what = f"sent nothing for {self.delta_timeout_s:g} s" if hung else f"{code.name}: {status_of(e)[1]}"
-            r.drafter = self._fail_over(r, what)
+            if not hung and draining_role(status_of(e)[1]) == "verifier":
+                self._verifier_drains(r)  # the drafter is not at fault: it stays
+            else:
+                r.drafter = self._fail_over(r, what)
         finally:
             if entry is not None:
                 self._watchdog.unwatch(entry)
@@ -513,6 +517,27 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         except CrossdraftError as e:
             self._store_error("touch", r.sid, e)
         return nxt
+
+    def _verifier_drains(self, r: "_Run") -> None:
+        """The session's verifier is draining (it handed the session back, or refused it, and the drafter
+        relayed that): the session resumes on the same drafter, on the verifier its affinity gives among
+        the others; while none other is ready, after a pause."""
+        old = r.req["verifier_address"]
+        try:
+            self.verifiers.suspect(old)
+        except KeyError:
+            pass  # (no longer a member)
+        self._repick_verifier(r)
+        self.metrics.failover()
+        if r.req["verifier_address"] == old:
+            time.sleep(r.backoff)
+            r.backoff = min(2.0, r.backoff * 2)
+        log.warning("session %s: verifier %s drains; resuming at %d tokens on verifier %s, drafter %s", r.sid,
+                    old, len(r.ids), r.req["verifier_address"], r.drafter)
+        try:
+            self.store.touch(r.sid)  # this replica still owns it
+        except CrossdraftError as e:
+            self._store_error("touch", r.sid, e)
 
     def _repick_verifier(self, r: "_Run") -> None:
         """The session's verifier by affinity over the verifiers ready now: the same one while it is, another

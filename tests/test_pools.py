@@ -9,6 +9,8 @@ API server), one slice per pod as the EndpointSlice controller may write them.
 - SIGTERM one drafter (and its endpoint turns terminating, as Kubernetes does) while sessions run: it
   drains (NOT_SERVING, no new sessions, running ones finish or are handed back); no session fails, every
   output identical.
+- SIGTERM a verifier that holds every session, as another turns ready: it drains and hands its sessions
+  back; the gateway resumes each on the other verifier, every output identical.
 - A fourth drafter starts and its slice appears: new sessions reach it, no restart of the gateway.
 The clients never re-attach (`reconnect_s=0`), so any error a client would see fails the test.
 """
@@ -36,6 +38,7 @@ N = 200
 SESSIONS = 6
 READY = {"ready": True, "serving": True, "terminating": False}
 TERMINATING = {"ready": False, "serving": True, "terminating": True}
+NOT_READY = {"ready": False, "serving": False, "terminating": False}
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +51,9 @@ def pools(trained_models, tmp_path_factory, redis_server):
     c.env["KUBECONFIG"] = api.kubeconfig(root / "kubeconfig")
     c.api, c.dirs, c.metrics = api, {"target": target, "spm": spm}, {}
     try:
-        v = c.start("verifier", ["verifier", "--model", str(target), "--threads", "1"])
+        c.metrics["verifier"] = free_port()
+        v = c.start("verifier", ["verifier", "--model", str(target), "--threads", "1",
+                                 "--metrics-port", str(c.metrics["verifier"])])
         for name in ("d1", "d2", "d3"):
             start_drafter(c, name)
         c.wait_serving("verifier", "d1", "d2", "d3")
@@ -167,6 +172,35 @@ def test_a_drafter_that_gets_sigterm_drains_and_no_session_fails(pools, refs):
     assert "the verifier alone" not in pools.log("gateway")
 
 
+def test_a_verifier_that_gets_sigterm_drains_and_its_sessions_resume_on_another(pools, refs):
+    """A second verifier takes every new session (the first one's endpoint is not ready meanwhile); it gets
+    SIGTERM mid-generation as the first turns ready again: it drains (--grace 1: its sessions are handed
+    back after 0.5 s), and the gateway resumes each on the first verifier from the committed ids. No
+    session fails, every output identical."""
+    c = pools
+    c.metrics["v2"] = free_port()
+    c.start("v2", ["verifier", "--model", str(c.dirs["target"]), "--threads", "1",
+                   "--metrics-port", str(c.metrics["v2"])])
+    c.wait_serving("v2")
+    v1, v2 = c.procs["verifier"][2], c.procs["v2"][2]
+    c.api.put("verifier-1", "demo-verifier", [("127.0.0.1", READY)], port=v2)
+    c.api.put("verifier-0", "demo-verifier", [("127.0.0.1", NOT_READY)], port=v1)
+    time.sleep(1.5)  # the gateway has seen both slices
+
+    def terminate():
+        c.api.put("verifier-0", "demo-verifier", [("127.0.0.1", READY)], port=v1)
+        c.api.put("verifier-1", "demo-verifier", [("127.0.0.1", TERMINATING)], port=v2)
+        c.procs["v2"][1].send_signal(signal.SIGTERM)
+
+    sessions_before = gauge(c, "verifier", "crossdraft_sessions_started_total")
+    results = run_sessions(c, terminate, victim="v2")
+    check_all_identical(results, refs, "SIGTERM of a verifier (--grace 1: handed back after 0.5 s)")
+    assert c.procs["v2"][1].wait(timeout=30) == 0
+    assert "handing" in c.log("v2"), c.log("v2")[-2000:]
+    assert gauge(c, "verifier", "crossdraft_sessions_started_total") > sessions_before  # resumed there
+    c.api.delete("verifier-1")
+
+
 def test_a_fourth_drafter_gets_new_sessions(pools, refs):
     start_drafter(pools, "d4")
     pools.wait_serving("d4")
@@ -194,6 +228,28 @@ def test_drain_refuses_new_sessions_and_hands_running_ones_back():
     with pytest.raises(Unavailable, match=re.escape(HAND_BACK)):
         next(stream)
     assert d.wait_idle(1.0) and d.active == 0
+
+
+def test_the_gateway_tells_whose_draining_ended_a_call():
+    """A verifier's hand-back reaches the gateway through the drafter's RunSession: `draining_role` says
+    it was the verifier, so the drafter is not failed over (the end-to-end test above)."""
+    from crossdraft.serving.drain import Drain, draining_role
+
+    for role in ("verifier", "drafter"):
+        d = Drain(role)
+        d.begin()
+        with pytest.raises(Unavailable) as refused:
+            d.admit()
+        d.hand_back()
+        stream = d.hold(iter(range(3)))
+        next(stream)
+        with pytest.raises(Unavailable) as handed:
+            next(stream)
+        for e in (refused.value, handed.value):
+            assert draining_role(str(e)) == role
+            assert draining_role(f"drafter 127.0.0.1:1 relayed: UNAVAILABLE: {e}") == role
+    assert draining_role("the verifier closed the session's stream before it finished") == ""
+    assert draining_role("") == ""
 
 
 # --- issue 17.8: store errors in the failover and expiry paths are logged and counted ------------------

@@ -15,12 +15,21 @@ Never: knows what a session is or sends anything itself; the gRPC server's life 
 """
 from __future__ import annotations
 
+import re
 import threading
 import time
 
 from crossdraft.errors import Unavailable
 
 HAND_BACK = "draining (shutting down): the session is handed back, resume it on another replica"
+_DRAINING = re.compile(r"\bthis (\w+) is draining \(shutting down\)")
+
+
+def draining_role(message: str) -> str:
+    """The role ("verifier", "drafter") whose draining ended a call with this status message (a session
+    handed back, or a new one refused), as relayed through other services; "" for any other message."""
+    m = _DRAINING.search(message or "")
+    return m.group(1) if m else ""
 
 
 class Drain:
