@@ -19,7 +19,7 @@ from crossdraft.v1 import verifier_pb2
 
 
 class RemoteVerifier:
-    depth = 2  # proposals a session of the target alone keeps in flight (rounds.run_rounds)
+    depth = 2  # rounds of the target's own step a session keeps in flight (rounds.run_rounds)
 
     def __init__(self, stub, start: wire.SessionStart, context=None):
         """Open the stream; `context`: the RunSession call's, whose end cancels the stream too."""
