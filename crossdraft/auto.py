@@ -66,7 +66,7 @@ FAR = ((2, 0.30), (3, 0.15))  # (turns, behind): after so many turns, a challeng
 AHEAD = (3, 0.30)  # (turns, ahead): a challenger this much faster on average, and ahead on each turn, takes over
 MIN_GAIN = 0.03  # a challenger replaces the incumbent only when at least this much faster
 BLOCK = 4  # measured rounds in a turn
-REST = 16  # rounds of the incumbent alone after each challenger turn and its two incumbent turns
+REST = 16  # rounds of rest (no turn) after each challenger turn and its two incumbent turns
 PROMOTE_SESSIONS = 3  # a challenger takes over only on turns from this many sessions (different texts) ...
 PROMOTE_SPAN = 1024  # ... or spread over this many committed tokens (one long session)
 # Student's t, two-sided 95%, by degrees of freedom: the few paired turns settle a challenger early
@@ -219,7 +219,7 @@ class AutoState:
         over more text), so which arm runs them changes the search's cost, not its decisions: while a
         challenger far ahead waits for the turns that let it take over, most rounds already run it."""
         ahead = [(rel, c) for c in self.challengers for _, _, n, rel in [self._diff(c)] if n and rel > MIN_GAIN]
-        return max(ahead)[1] if ahead else self.incumbent
+        return max(ahead, key=lambda a: a[0])[1] if ahead else self.incumbent
 
     def _judge(self) -> None:
         changed = True

@@ -21,9 +21,9 @@ the target verifies another). Where the target's own steps are kept in flight (t
 round that drafts also misses a pass it would have been in (fixed / B + per_token more). The cap is
 the k in 0..k_max with the most committed tokens per unit of that time. It is off below `SHARED`
 sequences per pass: alone, a session's adaptive length (and `auto`, whose arms include the target's
-own step) already measure what pays. Where a shared pass
-costs about the same for 1 token a session as for 5 the cap stays above the adaptive length and
-changes nothing; where every row costs (a full batch, a CPU) it falls to 1 or 0. vLLM's
+own step) already measure what pays. Where a shared pass costs about the same for 1 token a session
+as for 5 the cap stays above the adaptive length and changes nothing; where every row costs (a full
+batch, a CPU) it falls to 1 or 0. vLLM's
 `speculative_disable_by_batch_size` is a fixed threshold; this one follows the measured pass cost of
 this model on this machine, and each session's own acceptance.
 
