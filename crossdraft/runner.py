@@ -23,7 +23,8 @@ Two implementations sit behind it:
   through every matrix product together (the weights are read once for all of them: what makes a
   batch cheaper than its sequences one by one), and each sequence attends over its own cache. On a
   CPU a small model's step is dominated by framework overhead, and this path removes most of it (see
-  docs/benchmarks.md). Numerically it is the Hugging Face computation; the tests compare logits and
+  docs/benchmarks.md). Its decoder layers run as one TorchScript function, without the GIL
+  (crossdraft/fused.py), where this torch has TorchScript; op by op in Python elsewhere. Numerically it is the Hugging Face computation; the tests compare logits and
   greedy outputs with the Hugging Face model, and batched logits with one-by-one logits.
 - `HFRunner`, any other causal LM, through the model's own forward and a `DynamicCache` per sequence;
   a batch runs its sequences one at a time.
@@ -44,6 +45,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from . import fused
 from .errors import ModelLoadError
 
 FAST_MODEL_TYPES = {"llama", "qwen2", "mistral"}
@@ -398,6 +400,9 @@ class LlamaRunner(Runner):
         self.bytes_per_token = 2 * len(self.layers) * self.n_kv * self.head_dim * self.dtype.itemsize
         self.pruned_rows = None
         self._heads: dict = {}  # id(rows) -> (rows, pruned head): the pruned LM heads in use
+        # the layer stack compiled to run without the GIL (crossdraft/fused.py), or None: the eager loop
+        self._stack = fused.layer_stack()
+        self._stack_weights = fused.weights(self.layers) if self._stack is not None else None
         self.cache = self.new_cache()
 
     def _rms(self, x, w):
@@ -538,6 +543,22 @@ class LlamaRunner(Runner):
         idx, pos, plan = self._plan(steps)
         x = self.embed.index_select(0, idx)  # [N, hidden]
         cos, sin = self.cos.index_select(0, pos)[:, None], self.sin.index_select(0, pos)[:, None]  # [N, 1, D]
+        if self._stack is not None:
+            data = [s.cache.data for s, _, _, _, _ in plan]
+            with torch.jit.optimized_execution(False):  # (this thread only) no fusion: the eager loop's ops
+                x = self._stack(x, cos, sin, self._stack_weights, [d[0] for d in data], [d[1] for d in data],
+                                [p[1] for p in plan], [p[2] for p in plan], [p[3] for p in plan],
+                                [p[4] for p in plan], self.n_heads, self.n_kv, self.head_dim, self.scaling, self.eps,
+                                _Linear.PACKED_FROM)
+        else:
+            x = self._layers_eager(x, cos, sin, plan)
+        for s, _, n, _, _ in plan:
+            if s.parents is None:  # (a tree's entries are stale from now on)
+                s.cache.length += n
+        return self._heads_of(self._rms(x, self.norm), plan)
+
+    def _layers_eager(self, x, cos, sin, plan: list) -> torch.Tensor:
+        """x [N, hidden] after every decoder layer, op by op in Python (what crossdraft/fused.py compiles)."""
         H, KV, D = self.n_heads, self.n_kv, self.head_dim
         N = x.shape[0]
         for li, (w_in, qkv_proj, o_proj, w_post, gate_up, down) in enumerate(self.layers):
@@ -550,10 +571,7 @@ class LlamaRunner(Runner):
             h = self._rms(x, w_post)
             g, u = gate_up(h).chunk(2, dim=-1)
             x = x + down(F.silu(g) * u)
-        for s, _, n, _, _ in plan:
-            if s.parents is None:  # (a tree's entries are stale from now on)
-                s.cache.length += n
-        return self._heads_of(self._rms(x, self.norm), plan)
+        return x
 
     def _forward(self, ids, last_only, rows):
         return self.forward_batch([Step(self.cache, list(ids), last_only, rows)])[0]

@@ -3,6 +3,8 @@ model's logits (float64: to 1e-9) whatever the block structure of the calls: pre
 extensions, single tokens, truncation and re-extension; and greedy decoding must be identical."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -231,6 +233,52 @@ def test_batched_forward_equals_one_sequence_at_a_time(model, kind):
     nxt = runner.forward_batch([Step(c, s[c.length:c.length + 2]) for c, s in zip(caches, seqs)])
     for c, s, g in zip(caches, seqs, nxt):
         torch.testing.assert_close(g, full_logits(model, s[:c.length])[-2:], rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_the_fused_layer_stack_equals_the_eager_loop_bitwise(model, dtype, monkeypatch):
+    """crossdraft/fused.py compiles the layers of LlamaRunner's pass with TorchScript (to run them without
+    the GIL); it must compute exactly what the eager loop computes: the same logits to the last bit and
+    the same cache entries, for every kind of step in one batch. float32 takes oneDNN's prepacked
+    linear for the batch's rows (>= 3), float64 x @ W^T."""
+    m = copy.deepcopy(model).to(dtype)
+    fused_runner = LlamaRunner(m, 128)
+    assert fused_runner._stack is not None, "TorchScript should be available with the pinned torch"
+    monkeypatch.setenv("CROSSDRAFT_FUSED", "0")
+    eager_runner = LlamaRunner(m, 128)
+    assert eager_runner._stack is None
+    seqs = [_ids(40, seed=50 + i) for i in range(4)]
+    rows = torch.tensor([3, 0, 299, 17])
+    out = {}
+    for name, runner in (("fused", fused_runner), ("eager", eager_runner)):
+        caches = [runner.new_cache() for _ in seqs]
+        first = runner.forward_batch([Step(c, s[:10 + 3 * i]) for i, (c, s) in enumerate(zip(caches, seqs))])
+        second = runner.forward_batch([Step(caches[0], seqs[0][10:11]),  # one token
+                                       Step(caches[1], seqs[1][13:18]),  # a verification block
+                                       Step(caches[2], seqs[2][16:24], last=True, rows=rows),  # pruned, last
+                                       Step(caches[3], [7, 8, 9, 10], parents=[-1, 0, 0, 2])])  # a tree
+        alone = [runner.forward(seqs[0][:3])]  # one sequence, one or two rows: x @ W^T in float32 too
+        for i in range(4):  # a graph executor may change a function after its first calls: it must not
+            alone.append(runner.forward(seqs[0][3 + i:4 + i]))
+        out[name] = (first + second + alone, [c.data[0][:, :, :c.length] for c in caches])
+    for got, want in zip(out["fused"][0] + out["fused"][1], out["eager"][0] + out["eager"][1]):
+        assert got.dtype == dtype and torch.equal(got, want)
+
+
+def test_without_torchscript_the_runner_keeps_its_eager_loop(model, monkeypatch, caplog):
+    """A torch without a working torch.jit.script (deprecated: it may go) loses the GIL-free pass, not
+    the runner: layer_stack() says so in the log and returns None, and the eager loop serves."""
+    from crossdraft import fused
+
+    def no_script(fn):
+        raise RuntimeError("no TorchScript in this torch")
+
+    monkeypatch.setattr(fused, "_compiled", {})
+    monkeypatch.setattr(torch.jit, "script", no_script)
+    runner = LlamaRunner(model, 64)
+    assert runner._stack is None and "eager layer loop" in caplog.text
+    ids = _ids(12, seed=4)
+    torch.testing.assert_close(runner.forward(ids), full_logits(model, ids), rtol=0, atol=1e-9)
 
 
 def test_a_cache_grows_in_blocks_up_to_its_limit(model):

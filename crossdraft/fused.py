@@ -1,0 +1,155 @@
+"""The layer stack of `LlamaRunner`'s batched pass as one TorchScript function, run without the GIL.
+
+Owns: `layer_stack()`, the decoder layers of `LlamaRunner.forward_batch` (norms, projections, RoPE,
+each sequence's attention over its own cache, MLP) compiled once per process with `torch.jit.script`,
+and `weights()`, a runner's layers in the flat form it takes.
+
+Why. In eager PyTorch every operator releases the GIL and takes it back when it returns, a few thousand
+times in one batched pass. In a model service other Python threads (gRPC's, each stream's) run beside the
+scheduler, and each return may wait for one of them. Measured on the 2-core machine, target-bpe8k, 8
+sequences of 250 positions, one torch thread: a pass takes 25.0 ms alone and 34.5 ms beside four Python
+threads that each run 200 us every 2 ms. A TorchScript function runs in C++ from its call to its
+return, so the other threads run on the other core meanwhile: the same pass takes 23.5 ms alone and
+21.9 ms beside those threads. Through the services (verifier, drafter, gateway, one thread each), the
+target alone at 1, 4, 8 and 16 clients made 92, 142, 178, 194 tokens/s against 86, 134, 162, 179 with
+the eager loop in the same session (docs/benchmarks.md).
+
+It computes with the same operators in the same order as the eager loop (`LlamaRunner._layers_eager`),
+and the runner calls it without the graph executor's optimisations (`torch.jit.optimized_execution
+(False)`, for its thread only), so that no fuser changes an operator's rounding on any device: the logits
+are bitwise equal (tests/test_runner.py).
+
+TorchScript is deprecated in favour of torch.compile, which on a CPU needs a C++ compiler at run time and
+still returns to Python between kernels. Where `torch.jit.script` is missing or fails, `layer_stack()`
+returns None and the runner keeps its eager loop; CROSSDRAFT_FUSED=0 chooses the eager loop too (to
+compare them).
+
+Never: allocates or grows caches, knows sessions, or computes anything the eager loop does not.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from typing import List, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+log = logging.getLogger("crossdraft.fused")
+
+
+
+def _linear(x: Tensor, w: Optional[Tensor], wt: Optional[Tensor], packed: Optional[Tensor], b: Optional[Tensor],
+            packed_from: int) -> Tensor:
+    """runner._Linear.__call__."""
+    if w is not None:
+        return F.linear(x, w, b)
+    assert wt is not None
+    if packed is not None and x.shape[0] >= packed_from:
+        return torch.ops.mkldnn._linear_pointwise(
+            x, packed, b, "none", torch.jit.annotate(List[Optional[Union[int, float, complex]]], []), "")
+    y = torch.matmul(x, wt)
+    if b is not None:
+        y = y + b
+    return y
+
+
+def _layer_linear(lw: List[Optional[Tensor]], at: int, x: Tensor, packed_from: int) -> Tensor:
+    return _linear(x, lw[at], lw[at + 1], lw[at + 2], lw[at + 3], packed_from)
+
+
+def _rms(x: Tensor, w: Optional[Tensor], eps: float) -> Tensor:
+    assert w is not None
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return w * xf.to(x.dtype)
+
+
+def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rot * sin
+
+
+def _attend(li: int, q: Tensor, k: Tensor, v: Tensor, kcs: List[Tensor], vcs: List[Tensor], offs: List[int],
+            ns: List[int], starts: List[int], masks: List[Optional[Tensor]], scaling: float) -> Tensor:
+    """runner.LlamaRunner._attend: each sequence's block written to its cache, then attending over it."""
+    N, H, D = q.shape[0], q.shape[1], q.shape[2]
+    KV = k.shape[1]
+    G = H // KV
+    out = torch.empty(N, H, D, dtype=q.dtype, device=q.device)
+    for i in range(len(offs)):
+        off, n, start = offs[i], ns[i], starts[i]
+        end = start + n
+        kc, vc = kcs[i][li], vcs[i][li]
+        kc[:, start:end] = k[off:off + n].transpose(0, 1)
+        vc[:, start:end] = v[off:off + n].transpose(0, 1)
+        qs = q[off:off + n].transpose(0, 1).reshape(KV, G * n, D)  # head h uses kv head h // G
+        scores = torch.matmul(qs, kc[:, :end].transpose(1, 2)) * scaling
+        mask = masks[i]
+        if mask is not None:
+            if G > 1:
+                mask = mask.repeat(G, 1)
+            scores = scores.masked_fill(~mask, float("-inf"))
+        if scores.dtype == torch.float16 or scores.dtype == torch.bfloat16:
+            p = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        else:
+            p = torch.softmax(scores, dim=-1)
+        o = torch.matmul(p, vc[:, :end])  # [KV, G n, D]
+        out[off:off + n] = o.view(H, n, D).transpose(0, 1)
+    return out.view(N, H * D)
+
+
+def _layers(x: Tensor, cos: Tensor, sin: Tensor, layers: List[List[Optional[Tensor]]], kcs: List[Tensor],
+            vcs: List[Tensor], offs: List[int], ns: List[int], starts: List[int], masks: List[Optional[Tensor]],
+            n_heads: int, n_kv: int, head_dim: int, scaling: float, eps: float, packed_from: int) -> Tensor:
+    """x [N, hidden] after every decoder layer (runner.LlamaRunner._layers_eager)."""
+    N = x.shape[0]
+    H, KV, D = n_heads, n_kv, head_dim
+    for li in range(len(layers)):
+        lw = layers[li]  # indices as in `weights` (TorchScript takes no global constants)
+        qkv = _layer_linear(lw, 1, _rms(x, lw[0], eps), packed_from)  # [N, (H + 2 KV) D]
+        q = _rope(qkv[:, : H * D].view(N, H, D), cos, sin)
+        k = _rope(qkv[:, H * D: (H + KV) * D].view(N, KV, D), cos, sin)
+        v = qkv[:, (H + KV) * D:].view(N, KV, D)
+        x = x + _layer_linear(lw, 5, _attend(li, q, k, v, kcs, vcs, offs, ns, starts, masks, scaling), packed_from)
+        g, u = _layer_linear(lw, 10, _rms(x, lw[9], eps), packed_from).chunk(2, dim=-1)
+        x = x + _layer_linear(lw, 14, F.silu(g) * u, packed_from)
+    return x
+
+
+_compiled: dict = {}
+
+
+def layer_stack():
+    """The compiled `_layers`, or None (eager instead: no TorchScript here, or CROSSDRAFT_FUSED=0)."""
+    if os.environ.get("CROSSDRAFT_FUSED", "1") == "0":
+        return None
+    if "fn" not in _compiled:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch.jit.script's DeprecationWarning (see the docstring)
+                _compiled["fn"] = torch.jit.script(_layers)
+        except Exception as e:  # noqa: BLE001 - any failure to compile leaves the eager loop
+            log.warning("TorchScript is not available here (%s: %s): the eager layer loop runs instead",
+                        type(e).__name__, e)
+            _compiled["fn"] = None
+    return _compiled["fn"]
+
+
+def weights(layers: list) -> list:
+    """A runner's layers [(input norm, qkv, o, post norm, gate_up, down)] as `_layers` takes them: per layer
+    a flat list, the input norm at 0, qkv at 1-4, o at 5-8 (each `_Linear` as w, wt, packed, b), the
+    post-attention norm at 9, gate_up at 10-13, down at 14-17."""
+    out = []
+    for w_in, qkv, o, w_post, gate_up, down in layers:
+        lw = [w_in]
+        for lin in (qkv, o):
+            lw += [lin.w, lin.wt, lin.packed, lin.b]
+        lw.append(w_post)
+        for lin in (gate_up, down):
+            lw += [lin.w, lin.wt, lin.packed, lin.b]
+        out.append(lw)
+    return out
