@@ -9,7 +9,9 @@ ids and text, sampling parameters, limits) and its own KV cache, admitted under 
 `--kv-wait-seconds` for room, then RESOURCE_EXHAUSTED naming the limit; its cache grows as it is
 used, up to that). Every session's prefill and rounds are programs run by the model's scheduler
 (`crossdraft.batched.BatchedModel`): whatever rounds wait when the model is free go into one forward
-pass, a long prompt's prefill in chunks of `--max-batch-tokens` (continuous batching). A round's
+pass, a long prompt's prefill in chunks of `--max-batch-tokens` (continuous batching); a stream whose
+next proposal is already here (two in flight) has its next round run at once, in the scheduler's
+thread (verifier_service/stream.py). A round's
 outcome depends only on its session's logits and (seed, position) uniforms; batched matrix products may
 round differently in the last bits from one sequence alone. Every verdict carries the verifier's load
 (`Verdict.load`: sequences per pass and the fitted cost of a pass), from which drafters choose their
@@ -44,9 +46,9 @@ from crossdraft.serving.drain import Drain
 from crossdraft.serving.metrics import ServiceMetrics
 from crossdraft.serving.models import dtype_name, load_warm, model_id
 from crossdraft.serving.service import run_model_service, setup_logging
-from crossdraft.serving.streams import decoupled
 from crossdraft.v1 import verifier_pb2, verifier_pb2_grpc
 from crossdraft.verifier import Verifier
+from verifier_service.stream import StreamRounds
 
 log = logging.getLogger("crossdraft.verifier_service")
 
@@ -107,9 +109,10 @@ class TargetSessions:
             with self.lock:
                 self.opening -= 1
 
-    def verify(self, sid: str, proposal, mine: Optional[Verifier] = None) -> Verdict:
-        """A round of session `sid`, batched with whatever else waits; `mine`, the stream's own `Verifier`:
-        if another stream took the session over meanwhile, this (older) stream is refused ABORTED."""
+    def round(self, sid: str, proposal, mine: Optional[Verifier] = None):
+        """Program (crossdraft/scheduler.py): a round of session `sid` -> its Verdict. `mine`, the
+        stream's own `Verifier`: if another stream took the session over meanwhile, this (older) stream
+        is refused ABORTED. A stale proposal gets an empty verdict without a forward pass."""
         with self.lock:
             entry = self.sessions.get(sid)
         if entry is None or (mine is not None and entry[0] is not mine):
@@ -118,9 +121,13 @@ class TargetSessions:
         committed = len(v.ids)
         if proposal.seq != committed:
             return wire.empty_verdict(committed)  # stale: no forward pass
-        verdict = self.model.run(v.round(proposal))
+        verdict = yield from v.round(proposal)
         verdict.load = self.model.cost.hint()
         return verdict
+
+    def verify(self, sid: str, proposal, mine: Optional[Verifier] = None) -> Verdict:
+        """A round of session `sid`, batched with whatever else waits (`round`, waited for)."""
+        return self.model.run(self.round(sid, proposal, mine))
 
     def close(self, sid: str, mine: Optional[Verifier] = None) -> None:
         with self.lock:
@@ -228,26 +235,42 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
         m.session_started()
         rounds = 0
 
-        def verdicts(stop):
-            """The rounds, in a worker thread (`decoupled`): sending a verdict overlaps waiting for
-            the next proposal instead of delaying it."""
+        rounds_q = StreamRounds(sessions, start.session_id, v, VERDICT_BUFFER)
+        stop = threading.Event()
+
+        def read() -> None:
+            """The requests, in a worker thread: each proposal queued for the scheduler (stream.py)."""
+            bad_logged, err = 0, None
+            try:
+                for req in request_iterator:
+                    if req.WhichOneof("message") != "proposal":
+                        raise InvalidArgument("every request after the first of a Verify stream must carry a proposal")
+                    try:
+                        proposal = wire.proposal_from_proto(req.proposal, vocab_size=self.runner.vocab_size)
+                    except InvalidArgument as e:
+                        # A malformed proposal (ids out of range, NaN or unnormalised q, oversized text, ...)
+                        # is ignored, not fatal: this round is the target's own step, so a buggy or hostile
+                        # drafter slows its session down and changes nothing.
+                        m.bad_proposal()
+                        if bad_logged < 3:
+                            log.warning("session %s: ignored a malformed proposal: %s", start.session_id, e)
+                        bad_logged += 1
+                        proposal = Proposal(seq=int(req.proposal.seq), kind=TOKENS)
+                    if stop.is_set() or not rounds_q.put(proposal, stop):
+                        break
+            except BaseException as e:  # noqa: BLE001 - handed to the handler's thread
+                err = e
+            rounds_q.end(err)
+
+        reader = threading.Thread(target=read, name=f"verify-{start.session_id[:16]}", daemon=True)
+        reader.start()
+
+        def verdicts():
             nonlocal rounds
-            bad_logged = 0
-            for req in request_iterator:
-                if req.WhichOneof("message") != "proposal":
-                    raise InvalidArgument("every request after the first of a Verify stream must carry a proposal")
-                try:
-                    proposal = wire.proposal_from_proto(req.proposal, vocab_size=self.runner.vocab_size)
-                except InvalidArgument as e:
-                    # A malformed proposal (ids out of range, NaN or unnormalised q, oversized text, ...)
-                    # is ignored, not fatal: this round is the target's own step, so a buggy or hostile
-                    # drafter slows its session down and changes nothing.
-                    m.bad_proposal()
-                    if bad_logged < 3:
-                        log.warning("session %s: ignored a malformed proposal: %s", start.session_id, e)
-                    bad_logged += 1
-                    proposal = Proposal(seq=int(req.proposal.seq), kind=TOKENS)
-                verdict = sessions.verify(start.session_id, proposal, mine=v)
+            while True:
+                verdict = rounds_q.get()
+                if verdict is None:
+                    return
                 rounds += 1
                 m.round(verdict.candidates, verdict.accepted, len(verdict.ids), verify_ns=verdict.verify_ns)
                 msg = wire.verdict_to_proto(verdict)
@@ -255,12 +278,14 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
                     msg.seal = self.sealer.seal(start.session_id, verdict.seq - len(start.prompt_ids), verdict.ids,
                                                 verdict.text, verdict.finished, verdict.finish_reason)
                 yield verifier_pb2.VerifyResponse(verdict=msg)
-                if verdict.finished or stop.is_set():
-                    break
+                if verdict.finished:
+                    return
 
         try:
-            yield from decoupled(verdicts, maxsize=VERDICT_BUFFER, name=f"verify-{start.session_id[:16]}")
+            yield from verdicts()
         finally:
+            stop.set()
+            rounds_q.close()
             sessions.close(start.session_id, mine=v)
             m.kv_usage(sessions.model.budget.usage())
             m.session_finished(len(v.ids) - len(start.prompt_ids) - len(start.committed_ids),
