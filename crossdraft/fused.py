@@ -1,8 +1,8 @@
-"""The layer stack of `LlamaRunner`'s batched pass as one TorchScript function, run without the GIL.
+"""The decoder layers of `LlamaRunner`'s batched pass, as one TorchScript function run without the GIL.
 
-Owns: `layer_stack()`, the decoder layers of `LlamaRunner.forward_batch` (norms, projections, RoPE,
-each sequence's attention over its own cache, MLP) compiled once per process with `torch.jit.script`,
-and `weights()`, a runner's layers in the flat form it takes.
+Owns: `_layers`, the decoder layers of `LlamaRunner.forward_batch` (norms, projections, RoPE, each
+sequence's attention over its own cache, MLP), written once; `layer_stack()`, that function compiled
+once per process with `torch.jit.script`; and `weights()`, a runner's layers in the flat form it takes.
 
 Why. In eager PyTorch every operator releases the GIL and takes it back when it returns, a few thousand
 times in one batched pass. In a model service other Python threads (gRPC's, each stream's) run beside the
@@ -12,19 +12,17 @@ threads that each run 200 us every 2 ms. A TorchScript function runs in C++ from
 return, so the other threads run on the other core meanwhile: the same pass takes 23.5 ms alone and
 21.9 ms beside those threads. Through the services (verifier, drafter, gateway, one thread each), the
 target alone at 1, 4, 8 and 16 clients made 92, 142, 178, 194 tokens/s against 86, 134, 162, 179 with
-the eager loop in the same session (docs/benchmarks.md).
+the plain function in the same session (docs/benchmarks.md).
 
-It computes with the same operators in the same order as the eager loop (`LlamaRunner._layers_eager`),
-and the runner calls it without the graph executor's optimisations (`torch.jit.optimized_execution
-(False)`, for its thread only), so that no fuser changes an operator's rounding on any device: the logits
-are bitwise equal (tests/test_runner.py).
-
-TorchScript is deprecated in favour of torch.compile, which on a CPU needs a C++ compiler at run time and
-still returns to Python between kernels. Where `torch.jit.script` is missing or fails, `layer_stack()`
-returns None and the runner keeps its eager loop; CROSSDRAFT_FUSED=0 chooses the eager loop too (to
+Compiled or not, it is the same source: the runner calls the compiled function without the graph
+executor's optimisations (`torch.jit.optimized_execution(False)`, for its thread only), so that no fuser
+changes an operator's rounding on any device, and its logits equal the plain function's bitwise
+(tests/test_runner.py). TorchScript is deprecated in favour of torch.compile, which on a CPU needs a C++
+compiler at run time and still returns to Python between kernels. Where `torch.jit.script` is missing
+or fails, `layer_stack()` returns the plain function, run op by op; CROSSDRAFT_FUSED=0 does too (to
 compare them).
 
-Never: allocates or grows caches, knows sessions, or computes anything the eager loop does not.
+Never: allocates or grows caches, or knows sessions.
 """
 from __future__ import annotations
 
@@ -43,7 +41,7 @@ log = logging.getLogger("crossdraft.fused")
 
 def _linear(x: Tensor, w: Optional[Tensor], wt: Optional[Tensor], packed: Optional[Tensor], b: Optional[Tensor],
             packed_from: int) -> Tensor:
-    """runner._Linear.__call__."""
+    """runner._Linear.__call__ (the kernel that is fastest for the number of rows)."""
     if w is not None:
         return F.linear(x, w, b)
     assert wt is not None
@@ -75,7 +73,10 @@ def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 def _attend(li: int, q: Tensor, k: Tensor, v: Tensor, kcs: List[Tensor], vcs: List[Tensor], offs: List[int],
             ns: List[int], starts: List[int], masks: List[Optional[Tensor]], scaling: float) -> Tensor:
-    """runner.LlamaRunner._attend: each sequence's block written to its cache, then attending over it."""
+    """Attention of every sequence over its own cache, its block's keys and values written there first.
+    q [N, H, D], k and v [N, KV, D] -> [N, H*D]. Explicit matmuls rather than SDPA: for the short blocks
+    of decoding they cost half as much on a CPU, and a sequence's attention never depends on the others
+    in the batch. `masks[i]`: a block's causal mask, or a tree's (None: one token)."""
     N, H, D = q.shape[0], q.shape[1], q.shape[2]
     KV = k.shape[1]
     G = H // KV
@@ -105,7 +106,8 @@ def _attend(li: int, q: Tensor, k: Tensor, v: Tensor, kcs: List[Tensor], vcs: Li
 def _layers(x: Tensor, cos: Tensor, sin: Tensor, layers: List[List[Optional[Tensor]]], kcs: List[Tensor],
             vcs: List[Tensor], offs: List[int], ns: List[int], starts: List[int], masks: List[Optional[Tensor]],
             n_heads: int, n_kv: int, head_dim: int, scaling: float, eps: float, packed_from: int) -> Tensor:
-    """x [N, hidden] after every decoder layer (runner.LlamaRunner._layers_eager)."""
+    """x [N, hidden] after every decoder layer; sequence i is rows offs[i]..offs[i]+ns[i] of x, at cache
+    positions starts[i].., its caches kcs[i], vcs[i] [layers, kv_heads, capacity, head_dim]."""
     N = x.shape[0]
     H, KV, D = n_heads, n_kv, head_dim
     for li in range(len(layers)):
@@ -124,18 +126,18 @@ _compiled: dict = {}
 
 
 def layer_stack():
-    """The compiled `_layers`, or None (eager instead: no TorchScript here, or CROSSDRAFT_FUSED=0)."""
+    """`_layers` compiled, or as it is where TorchScript is not here (or CROSSDRAFT_FUSED=0)."""
     if os.environ.get("CROSSDRAFT_FUSED", "1") == "0":
-        return None
+        return _layers
     if "fn" not in _compiled:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # torch.jit.script's DeprecationWarning (see the docstring)
                 _compiled["fn"] = torch.jit.script(_layers)
-        except Exception as e:  # noqa: BLE001 - any failure to compile leaves the eager loop
-            log.warning("TorchScript is not available here (%s: %s): the eager layer loop runs instead",
+        except Exception as e:  # noqa: BLE001 - any failure to compile leaves the plain function
+            log.warning("TorchScript is not available here (%s: %s): the decoder layers run op by op",
                         type(e).__name__, e)
-            _compiled["fn"] = None
+            _compiled["fn"] = _layers
     return _compiled["fn"]
 
 

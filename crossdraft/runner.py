@@ -23,8 +23,8 @@ Two implementations sit behind it:
   through every matrix product together (the weights are read once for all of them: what makes a
   batch cheaper than its sequences one by one), and each sequence attends over its own cache. On a
   CPU a small model's step is dominated by framework overhead, and this path removes most of it (see
-  docs/benchmarks.md). Its decoder layers run as one TorchScript function, without the GIL
-  (crossdraft/fused.py), where this torch has TorchScript; op by op in Python elsewhere. Numerically it is the Hugging Face computation; the tests compare logits and
+  docs/benchmarks.md). Its decoder layers are `crossdraft/fused.py`: one TorchScript function run
+  without the GIL, where this torch has TorchScript; the same source op by op in Python elsewhere. Numerically it is the Hugging Face computation; the tests compare logits and
   greedy outputs with the Hugging Face model, and batched logits with one-by-one logits.
 - `HFRunner`, any other causal LM, through the model's own forward and a `DynamicCache` per sequence;
   a batch runs its sequences one at a time.
@@ -400,21 +400,10 @@ class LlamaRunner(Runner):
         self.bytes_per_token = 2 * len(self.layers) * self.n_kv * self.head_dim * self.dtype.itemsize
         self.pruned_rows = None
         self._heads: dict = {}  # id(rows) -> (rows, pruned head): the pruned LM heads in use
-        # the layer stack compiled to run without the GIL (crossdraft/fused.py), or None: the eager loop
+        # the decoder layers (crossdraft/fused.py): compiled to run without the GIL where TorchScript is here
         self._stack = fused.layer_stack()
-        self._stack_weights = fused.weights(self.layers) if self._stack is not None else None
+        self._stack_weights = fused.weights(self.layers)
         self.cache = self.new_cache()
-
-    def _rms(self, x, w):
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return w * xf.to(x.dtype)
-
-    @staticmethod
-    def _rope(x, cos, sin):  # x [h, n, d]; cos/sin [n, d]
-        half = x.shape[-1] // 2
-        rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rot * sin
 
     # --- caches -----------------------------------------------------------------------------------
     def new_cache(self) -> KVCache:
@@ -458,12 +447,6 @@ class LlamaRunner(Runner):
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return w * xf.to(x.dtype)
 
-    @staticmethod
-    def _rope(x, cos, sin):  # x [n, h, d]; cos/sin [n, 1, d]
-        half = x.shape[-1] // 2
-        rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rot * sin
-
     def _plan(self, steps: list) -> tuple:
         """(token ids [N], positions [N], [(step, offset, n, start, mask or None)]) of a batch."""
         ids, pos, plan, off = [], [], [], 0
@@ -493,28 +476,6 @@ class LlamaRunner(Runner):
         return (torch.as_tensor(ids, device=dev, dtype=torch.long), torch.as_tensor(pos, device=dev, dtype=torch.long),
                 plan)
 
-    def _attend(self, li: int, plan: list, q, k, v) -> torch.Tensor:
-        """Attention of every step over its own cache, its block's keys and values written there first.
-        q [N, H, D], k and v [N, KV, D] -> [N, H*D]. Explicit matmuls rather than SDPA: for the short
-        blocks of decoding they cost half as much on a CPU, and they are the same whatever else is in
-        the batch (a step's attention never depends on the other steps)."""
-        H, KV, D = self.n_heads, self.n_kv, self.head_dim
-        G = H // KV
-        out = torch.empty(q.shape[0], H, D, device=q.device, dtype=q.dtype)
-        for s, off, n, start, mask in plan:
-            kc, vc = s.cache.data
-            end = start + n
-            kc[li, :, start:end] = k[off:off + n].transpose(0, 1)
-            vc[li, :, start:end] = v[off:off + n].transpose(0, 1)
-            qs = q[off:off + n].transpose(0, 1).reshape(KV, G * n, D)  # head h uses kv head h // G
-            scores = torch.matmul(qs, kc[li, :, :end].transpose(1, 2)) * self.scaling  # [KV, G n, end]
-            if mask is not None:
-                scores = scores.masked_fill(~(mask.repeat(G, 1) if G > 1 else mask), float("-inf"))
-            p = torch.softmax(scores if scores.dtype.itemsize >= 4 else scores.float(), dim=-1).to(q.dtype)
-            o = torch.matmul(p, vc[li, :, :end])  # [KV, G n, D]
-            out[off:off + n] = o.view(H, n, D).transpose(0, 1)
-        return out.view(q.shape[0], H * D)
-
     def _heads_of(self, x, plan: list) -> list:
         """Each step's logits from the final hidden states x [N, hidden]: one matmul per head in use."""
         if len(plan) == 1:
@@ -543,35 +504,15 @@ class LlamaRunner(Runner):
         idx, pos, plan = self._plan(steps)
         x = self.embed.index_select(0, idx)  # [N, hidden]
         cos, sin = self.cos.index_select(0, pos)[:, None], self.sin.index_select(0, pos)[:, None]  # [N, 1, D]
-        if self._stack is not None:
-            data = [s.cache.data for s, _, _, _, _ in plan]
-            with torch.jit.optimized_execution(False):  # (this thread only) no fusion: the eager loop's ops
-                x = self._stack(x, cos, sin, self._stack_weights, [d[0] for d in data], [d[1] for d in data],
-                                [p[1] for p in plan], [p[2] for p in plan], [p[3] for p in plan],
-                                [p[4] for p in plan], self.n_heads, self.n_kv, self.head_dim, self.scaling, self.eps,
-                                _Linear.PACKED_FROM)
-        else:
-            x = self._layers_eager(x, cos, sin, plan)
+        data = [s.cache.data for s, _, _, _, _ in plan]
+        with torch.jit.optimized_execution(False):  # (this thread only) no fusion: exactly the source's ops
+            x = self._stack(x, cos, sin, self._stack_weights, [d[0] for d in data], [d[1] for d in data],
+                            [p[1] for p in plan], [p[2] for p in plan], [p[3] for p in plan], [p[4] for p in plan],
+                            self.n_heads, self.n_kv, self.head_dim, self.scaling, self.eps, _Linear.PACKED_FROM)
         for s, _, n, _, _ in plan:
             if s.parents is None:  # (a tree's entries are stale from now on)
                 s.cache.length += n
         return self._heads_of(self._rms(x, self.norm), plan)
-
-    def _layers_eager(self, x, cos, sin, plan: list) -> torch.Tensor:
-        """x [N, hidden] after every decoder layer, op by op in Python (what crossdraft/fused.py compiles)."""
-        H, KV, D = self.n_heads, self.n_kv, self.head_dim
-        N = x.shape[0]
-        for li, (w_in, qkv_proj, o_proj, w_post, gate_up, down) in enumerate(self.layers):
-            h = self._rms(x, w_in)
-            qkv = qkv_proj(h)  # [N, (H + 2 KV) D]
-            q = self._rope(qkv[:, : H * D].view(N, H, D), cos, sin)
-            k = self._rope(qkv[:, H * D: (H + KV) * D].view(N, KV, D), cos, sin)
-            v = qkv[:, (H + KV) * D:].view(N, KV, D)
-            x = x + o_proj(self._attend(li, plan, q, k, v))
-            h = self._rms(x, w_post)
-            g, u = gate_up(h).chunk(2, dim=-1)
-            x = x + down(F.silu(g) * u)
-        return x
 
     def _forward(self, ids, last_only, rows):
         return self.forward_batch([Step(self.cache, list(ids), last_only, rows)])[0]

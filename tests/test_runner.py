@@ -236,17 +236,20 @@ def test_batched_forward_equals_one_sequence_at_a_time(model, kind):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_the_fused_layer_stack_equals_the_eager_loop_bitwise(model, dtype, monkeypatch):
+def test_the_compiled_layer_stack_equals_the_plain_function_bitwise(model, dtype, monkeypatch):
     """crossdraft/fused.py compiles the layers of LlamaRunner's pass with TorchScript (to run them without
-    the GIL); it must compute exactly what the eager loop computes: the same logits to the last bit and
-    the same cache entries, for every kind of step in one batch. float32 takes oneDNN's prepacked
+    the GIL); compiled, they must compute exactly what the same source computes op by op in Python: the
+    same logits to the last bit and the same cache entries, for every kind of step in one batch (the
+    tests above hold the plain function to Hugging Face's model). float32 takes oneDNN's prepacked
     linear for the batch's rows (>= 3), float64 x @ W^T."""
+    from crossdraft import fused
+
     m = copy.deepcopy(model).to(dtype)
     fused_runner = LlamaRunner(m, 128)
-    assert fused_runner._stack is not None, "TorchScript should be available with the pinned torch"
+    assert fused_runner._stack is not fused._layers, "TorchScript should be available with the pinned torch"
     monkeypatch.setenv("CROSSDRAFT_FUSED", "0")
     eager_runner = LlamaRunner(m, 128)
-    assert eager_runner._stack is None
+    assert eager_runner._stack is fused._layers
     seqs = [_ids(40, seed=50 + i) for i in range(4)]
     rows = torch.tensor([3, 0, 299, 17])
     out = {}
@@ -265,9 +268,9 @@ def test_the_fused_layer_stack_equals_the_eager_loop_bitwise(model, dtype, monke
         assert got.dtype == dtype and torch.equal(got, want)
 
 
-def test_without_torchscript_the_runner_keeps_its_eager_loop(model, monkeypatch, caplog):
+def test_without_torchscript_the_runner_runs_the_layers_op_by_op(model, monkeypatch, caplog):
     """A torch without a working torch.jit.script (deprecated: it may go) loses the GIL-free pass, not
-    the runner: layer_stack() says so in the log and returns None, and the eager loop serves."""
+    the runner: layer_stack() says so in the log and hands back the plain function, which serves."""
     from crossdraft import fused
 
     def no_script(fn):
@@ -276,7 +279,7 @@ def test_without_torchscript_the_runner_keeps_its_eager_loop(model, monkeypatch,
     monkeypatch.setattr(fused, "_compiled", {})
     monkeypatch.setattr(torch.jit, "script", no_script)
     runner = LlamaRunner(model, 64)
-    assert runner._stack is None and "eager layer loop" in caplog.text
+    assert runner._stack is fused._layers and "op by op" in caplog.text
     ids = _ids(12, seed=4)
     torch.testing.assert_close(runner.forward(ids), full_logits(model, ids), rtol=0, atol=1e-9)
 
