@@ -38,7 +38,6 @@ from torch import Tensor
 log = logging.getLogger("crossdraft.fused")
 
 
-
 def _linear(x: Tensor, w: Optional[Tensor], wt: Optional[Tensor], packed: Optional[Tensor], b: Optional[Tensor],
             packed_from: int) -> Tensor:
     """runner._Linear.__call__ (the kernel that is fastest for the number of rows)."""
