@@ -57,7 +57,8 @@ def _layer_linear(lw: List[Optional[Tensor]], at: int, x: Tensor, packed_from: i
     return _linear(x, lw[at], lw[at + 1], lw[at + 2], lw[at + 3], packed_from)
 
 
-def _rms(x: Tensor, w: Optional[Tensor], eps: float) -> Tensor:
+def rms_norm(x: Tensor, w: Optional[Tensor], eps: float) -> Tensor:
+    """RMSNorm as Llama computes it (in float32, then back to x's dtype); also the runner's final norm."""
     assert w is not None
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
@@ -111,12 +112,12 @@ def _layers(x: Tensor, cos: Tensor, sin: Tensor, layers: List[List[Optional[Tens
     H, KV, D = n_heads, n_kv, head_dim
     for li in range(len(layers)):
         lw = layers[li]  # indices as in `weights` (TorchScript takes no global constants)
-        qkv = _layer_linear(lw, 1, _rms(x, lw[0], eps), packed_from)  # [N, (H + 2 KV) D]
+        qkv = _layer_linear(lw, 1, rms_norm(x, lw[0], eps), packed_from)  # [N, (H + 2 KV) D]
         q = _rope(qkv[:, : H * D].view(N, H, D), cos, sin)
         k = _rope(qkv[:, H * D: (H + KV) * D].view(N, KV, D), cos, sin)
         v = qkv[:, (H + KV) * D:].view(N, KV, D)
         x = x + _layer_linear(lw, 5, _attend(li, q, k, v, kcs, vcs, offs, ns, starts, masks, scaling), packed_from)
-        g, u = _layer_linear(lw, 10, _rms(x, lw[9], eps), packed_from).chunk(2, dim=-1)
+        g, u = _layer_linear(lw, 10, rms_norm(x, lw[9], eps), packed_from).chunk(2, dim=-1)
         x = x + _layer_linear(lw, 14, F.silu(g) * u, packed_from)
     return x
 

@@ -24,8 +24,9 @@ Two implementations sit behind it:
   batch cheaper than its sequences one by one), and each sequence attends over its own cache. On a
   CPU a small model's step is dominated by framework overhead, and this path removes most of it (see
   docs/benchmarks.md). Its decoder layers are `crossdraft/fused.py`: one TorchScript function run
-  without the GIL, where this torch has TorchScript; the same source op by op in Python elsewhere. Numerically it is the Hugging Face computation; the tests compare logits and
-  greedy outputs with the Hugging Face model, and batched logits with one-by-one logits.
+  without the GIL, where this torch has TorchScript; the same source op by op in Python elsewhere.
+  Numerically it is the Hugging Face computation; the tests compare logits and greedy outputs with the
+  Hugging Face model, and batched logits with one-by-one logits.
 - `HFRunner`, any other causal LM, through the model's own forward and a `DynamicCache` per sequence;
   a batch runs its sequences one at a time.
 
@@ -442,11 +443,6 @@ class LlamaRunner(Runner):
         return got[1]
 
     # --- the forward pass ------------------------------------------------------------------------------
-    def _rms(self, x, w):
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return w * xf.to(x.dtype)
-
     def _plan(self, steps: list) -> tuple:
         """(token ids [N], positions [N], [(step, offset, n, start, mask or None)]) of a batch."""
         ids, pos, plan, off = [], [], [], 0
@@ -512,7 +508,7 @@ class LlamaRunner(Runner):
         for s, _, n, _, _ in plan:
             if s.parents is None:  # (a tree's entries are stale from now on)
                 s.cache.length += n
-        return self._heads_of(self._rms(x, self.norm), plan)
+        return self._heads_of(fused.rms_norm(x, self.norm, self.eps), plan)
 
     def _forward(self, ids, last_only, rows):
         return self.forward_batch([Step(self.cache, list(ids), last_only, rows)])[0]
