@@ -40,7 +40,7 @@ from typing import Optional
 from crossdraft import wire
 from crossdraft.batched import BatchedModel, Limits
 from crossdraft.errors import Aborted, InvalidArgument, ResourceExhausted, Unavailable, Unimplemented
-from crossdraft.protocol import TOKENS, Proposal, Verdict
+from crossdraft.protocol import TOKENS, Proposal
 from crossdraft.seal import Sealer, sealer_from_args
 from crossdraft.serving.drain import Drain
 from crossdraft.serving.metrics import ServiceMetrics
@@ -124,10 +124,6 @@ class TargetSessions:
         verdict = yield from v.round(proposal)
         verdict.load = self.model.cost.hint()
         return verdict
-
-    def verify(self, sid: str, proposal, mine: Optional[Verifier] = None) -> Verdict:
-        """A round of session `sid`, batched with whatever else waits (`round`, waited for)."""
-        return self.model.run(self.round(sid, proposal, mine))
 
     def close(self, sid: str, mine: Optional[Verifier] = None) -> None:
         with self.lock:
@@ -238,31 +234,8 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
         rounds_q = StreamRounds(sessions, start.session_id, v, VERDICT_BUFFER)
         stop = threading.Event()
 
-        def read() -> None:
-            """The requests, in a worker thread: each proposal queued for the scheduler (stream.py)."""
-            bad_logged, err = 0, None
-            try:
-                for req in request_iterator:
-                    if req.WhichOneof("message") != "proposal":
-                        raise InvalidArgument("every request after the first of a Verify stream must carry a proposal")
-                    try:
-                        proposal = wire.proposal_from_proto(req.proposal, vocab_size=self.runner.vocab_size)
-                    except InvalidArgument as e:
-                        # A malformed proposal (ids out of range, NaN or unnormalised q, oversized text, ...)
-                        # is ignored, not fatal: this round is the target's own step, so a buggy or hostile
-                        # drafter slows its session down and changes nothing.
-                        m.bad_proposal()
-                        if bad_logged < 3:
-                            log.warning("session %s: ignored a malformed proposal: %s", start.session_id, e)
-                        bad_logged += 1
-                        proposal = Proposal(seq=int(req.proposal.seq), kind=TOKENS)
-                    if stop.is_set() or not rounds_q.put(proposal, stop):
-                        break
-            except BaseException as e:  # noqa: BLE001 - handed to the handler's thread
-                err = e
-            rounds_q.end(err)
-
-        reader = threading.Thread(target=read, name=f"verify-{start.session_id[:16]}", daemon=True)
+        reader = threading.Thread(target=self._read, args=(request_iterator, rounds_q, stop, start.session_id),
+                                  name=f"verify-{start.session_id[:16]}", daemon=True)
         reader.start()
 
         def verdicts():
@@ -293,6 +266,32 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
             log.info("session %s: %d rounds, %d new tokens, %s, %.3f s", start.session_id, rounds,
                      len(v.ids) - len(start.prompt_ids) - len(start.committed_ids),
                      v.finish_reason or "not finished", time.perf_counter() - t0)
+
+
+    def _read(self, request_iterator, rounds_q: StreamRounds, stop: threading.Event, sid: str) -> None:
+        """A Verify stream's requests after its start, in a worker thread: each proposal queued for the
+        scheduler (stream.py), until the requests end, fail, or `stop`."""
+        bad_logged, err = 0, None
+        try:
+            for req in request_iterator:
+                if req.WhichOneof("message") != "proposal":
+                    raise InvalidArgument("every request after the first of a Verify stream must carry a proposal")
+                try:
+                    proposal = wire.proposal_from_proto(req.proposal, vocab_size=self.runner.vocab_size)
+                except InvalidArgument as e:
+                    # A malformed proposal (ids out of range, NaN or unnormalised q, oversized text, ...)
+                    # is ignored, not fatal: this round is the target's own step, so a buggy or hostile
+                    # drafter slows its session down and changes nothing.
+                    self.metrics.bad_proposal()
+                    if bad_logged < 3:
+                        log.warning("session %s: ignored a malformed proposal: %s", sid, e)
+                    bad_logged += 1
+                    proposal = Proposal(seq=int(req.proposal.seq), kind=TOKENS)
+                if stop.is_set() or not rounds_q.put(proposal, stop):
+                    break
+        except BaseException as e:  # noqa: BLE001 - handed to the handler's thread
+            err = e
+        rounds_q.end(err)
 
 
 def serve(args) -> int:
