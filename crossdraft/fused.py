@@ -2,7 +2,8 @@
 
 Owns: `_layers`, the decoder layers of `LlamaRunner.forward_batch` (norms, projections, RoPE, each
 sequence's attention over its own cache, MLP), written once; `layer_stack()`, that function compiled
-once per process with `torch.jit.script`; and `weights()`, a runner's layers in the flat form it takes.
+once per process with `torch.jit.script`; `weights()`, a runner's layers in the flat form it takes; and
+`linear`, a layer's matrix product by whichever kernel its weights are laid out for (crossdraft/kernels).
 
 Why. In eager PyTorch every operator releases the GIL and takes it back when it returns, a few thousand
 times in one batched pass. In a model service other Python threads (gRPC's, each stream's) run beside the
@@ -35,12 +36,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import kernels
+
 log = logging.getLogger("crossdraft.fused")
 
 
-def _linear(x: Tensor, w: Optional[Tensor], wt: Optional[Tensor], packed: Optional[Tensor], b: Optional[Tensor],
-            packed_from: int) -> Tensor:
-    """runner._Linear.__call__ (the kernel that is fastest for the number of rows)."""
+def linear(x: Tensor, w: Optional[Tensor], wt: Optional[Tensor], packed: Optional[Tensor], rp: Optional[Tensor],
+           b: Optional[Tensor], n: int, packed_from: int) -> Tensor:
+    """runner._Linear.__call__: whichever of its layouts the layer holds (see runner._Linear). `rp`: W in
+    crossdraft's panels (crossdraft/kernels) for its own kernel; `n`: the outputs."""
+    if rp is not None:
+        return torch.ops.crossdraft.rows_linear(x, rp, n, b)
     if w is not None:
         return F.linear(x, w, b)
     assert wt is not None
@@ -53,8 +59,8 @@ def _linear(x: Tensor, w: Optional[Tensor], wt: Optional[Tensor], packed: Option
     return y
 
 
-def _layer_linear(lw: List[Optional[Tensor]], at: int, x: Tensor, packed_from: int) -> Tensor:
-    return _linear(x, lw[at], lw[at + 1], lw[at + 2], lw[at + 3], packed_from)
+def _layer_linear(lw: List[Optional[Tensor]], at: int, x: Tensor, n: int, packed_from: int) -> Tensor:
+    return linear(x, lw[at], lw[at + 1], lw[at + 2], lw[at + 3], lw[at + 4], n, packed_from)
 
 
 def rms_norm(x: Tensor, w: Optional[Tensor], eps: float) -> Tensor:
@@ -105,20 +111,23 @@ def _attend(li: int, q: Tensor, k: Tensor, v: Tensor, kcs: List[Tensor], vcs: Li
 
 def _layers(x: Tensor, cos: Tensor, sin: Tensor, layers: List[List[Optional[Tensor]]], kcs: List[Tensor],
             vcs: List[Tensor], offs: List[int], ns: List[int], starts: List[int], masks: List[Optional[Tensor]],
-            n_heads: int, n_kv: int, head_dim: int, scaling: float, eps: float, packed_from: int) -> Tensor:
+            n_heads: int, n_kv: int, head_dim: int, scaling: float, eps: float, inter: int,
+            packed_from: int) -> Tensor:
     """x [N, hidden] after every decoder layer; sequence i is rows offs[i]..offs[i]+ns[i] of x, at cache
-    positions starts[i].., its caches kcs[i], vcs[i] [layers, kv_heads, capacity, head_dim]."""
-    N = x.shape[0]
+    positions starts[i].., its caches kcs[i], vcs[i] [layers, kv_heads, capacity, head_dim]. `inter`: the
+    MLP's intermediate size."""
+    N, hidden = x.shape[0], x.shape[1]
     H, KV, D = n_heads, n_kv, head_dim
     for li in range(len(layers)):
         lw = layers[li]  # indices as in `weights` (TorchScript takes no global constants)
-        qkv = _layer_linear(lw, 1, rms_norm(x, lw[0], eps), packed_from)  # [N, (H + 2 KV) D]
+        qkv = _layer_linear(lw, 1, rms_norm(x, lw[0], eps), (H + 2 * KV) * D, packed_from)  # [N, (H + 2 KV) D]
         q = _rope(qkv[:, : H * D].view(N, H, D), cos, sin)
         k = _rope(qkv[:, H * D: (H + KV) * D].view(N, KV, D), cos, sin)
         v = qkv[:, (H + KV) * D:].view(N, KV, D)
-        x = x + _layer_linear(lw, 5, _attend(li, q, k, v, kcs, vcs, offs, ns, starts, masks, scaling), packed_from)
-        g, u = _layer_linear(lw, 10, rms_norm(x, lw[9], eps), packed_from).chunk(2, dim=-1)
-        x = x + _layer_linear(lw, 14, F.silu(g) * u, packed_from)
+        attn = _attend(li, q, k, v, kcs, vcs, offs, ns, starts, masks, scaling)
+        x = x + _layer_linear(lw, 6, attn, hidden, packed_from)
+        g, u = _layer_linear(lw, 12, rms_norm(x, lw[11], eps), 2 * inter, packed_from).chunk(2, dim=-1)
+        x = x + _layer_linear(lw, 17, F.silu(g) * u, hidden, packed_from)
     return x
 
 
@@ -130,6 +139,7 @@ def layer_stack():
     if os.environ.get("CROSSDRAFT_FUSED", "1") == "0":
         return _layers
     if "fn" not in _compiled:
+        kernels.load()  # its operators must exist before the function that names them compiles
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # torch.jit.script's DeprecationWarning (see the docstring)
@@ -143,15 +153,15 @@ def layer_stack():
 
 def weights(layers: list) -> list:
     """A runner's layers [(input norm, qkv, o, post norm, gate_up, down)] as `_layers` takes them: per layer
-    a flat list, the input norm at 0, qkv at 1-4, o at 5-8 (each `_Linear` as w, wt, packed, b), the
-    post-attention norm at 9, gate_up at 10-13, down at 14-17."""
+    a flat list, the input norm at 0, qkv at 1-5, o at 6-10 (each `_Linear` as w, wt, packed, rp, b), the
+    post-attention norm at 11, gate_up at 12-16, down at 17-21."""
     out = []
     for w_in, qkv, o, w_post, gate_up, down in layers:
         lw = [w_in]
         for lin in (qkv, o):
-            lw += [lin.w, lin.wt, lin.packed, lin.b]
+            lw += [lin.w, lin.wt, lin.packed, lin.rp, lin.b]
         lw.append(w_post)
         for lin in (gate_up, down):
-            lw += [lin.w, lin.wt, lin.packed, lin.b]
+            lw += [lin.w, lin.wt, lin.packed, lin.rp, lin.b]
         out.append(lw)
     return out

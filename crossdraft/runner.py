@@ -44,9 +44,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
-from . import fused
+from . import fused, kernels
 from .errors import ModelLoadError
 
 FAST_MODEL_TYPES = {"llama", "qwen2", "mistral"}
@@ -285,44 +284,52 @@ class _Linear:
     """y = x W^T + b with the kernel that is fastest for the number of rows on a CPU.
 
     Small-model decoding on a CPU is bound by reading the weights, and a batched pass by reading them
-    and multiplying. Measured on the 2-core machine (MKL and oneDNN of torch 2.13, float32, 92 MB of
-    2816x512 weights out of cache, one thread), milliseconds for all of them:
+    and multiplying. On an x86-64 CPU with AVX2 and FMA, in float32, every number of rows goes through
+    crossdraft's own kernel (crossdraft/kernels: W in panels, `rp`), which streams the weights once for
+    all rows: on the 2-core machine (target-bpe8k's 94 MB of weights, one thread, milliseconds)
 
-        rows               1     2     4     8     16    40
-        x @ W^T [in, out]  5.4   6.8   9.6   11.7  17.6  23.6
-        oneDNN, prepacked  6.5   7.6   8.2   8.4   12.1  19.3
+        rows                      1     2     5     8     64
+        x @ W^T [in, out] (MKL)   6.2   8.6   12.7  13.2
+        oneDNN, prepacked         6.7   7.7   5.1   7.1   30.2
+        crossdraft's kernel       3.7   3.5   3.7   4.3   29.6
 
-    So one or two rows (a target step, a drafter step) multiply by W^T stored contiguous [in, out],
-    and more rows (a verification block, a batch of sessions) by the weights prepacked for oneDNN
-    (`torch.ops.mkldnn._linear_pointwise`, the CPU path of torch.compile), where torch has it, in
-    float32. Elsewhere (CUDA, float64) it is plain `F.linear`. The kernels round differently in the
-    last bits, so a sequence's logits depend slightly on how many rows share its pass (see the tests).
-    A CPU layer holds its weights twice (W^T contiguous, and prepacked); `w` only where `wt` is not."""
+    and its rounding does not depend on the other rows (a session's logits are the same whichever
+    sessions share its pass). Where that kernel cannot be built (crossdraft.kernels says why), one or
+    two rows multiply by W^T stored contiguous [in, out] and more by the weights prepacked for oneDNN
+    (`torch.ops.mkldnn._linear_pointwise`), as before: those round differently for different numbers
+    of rows. Elsewhere (CUDA, float64, bfloat16) it is plain `F.linear`. A CPU layer holds its weights
+    once with the kernel (`rp`), twice without (`wt` and `packed`); `w` only off the CPU."""
 
-    __slots__ = ("w", "wt", "packed", "b")
-    PACKED_FROM = 3  # rows
+    __slots__ = ("w", "wt", "packed", "rp", "n", "b")
+    PACKED_FROM = 3  # rows (torch's kernels)
 
     def __init__(self, w: torch.Tensor, b: Optional[torch.Tensor] = None):
-        cpu = w.device.type == "cpu"
-        self.wt = w.t().contiguous() if cpu else None
-        self.packed = _prepack(w.contiguous()) if cpu and w.dtype == torch.float32 else None
-        self.w = None if cpu else w.contiguous()
-        self.b = b
+        cpu32 = w.device.type == "cpu" and w.dtype == torch.float32
+        self.n, self.b = w.shape[0], b
+        self.w = self.wt = self.packed = self.rp = None
+        if cpu32 and kernels.load():
+            self.rp = torch.ops.crossdraft.rows_pack(w.contiguous())
+            self.b = None if b is None else b.float().contiguous()
+        elif w.device.type == "cpu":
+            self.wt = w.t().contiguous()
+            self.packed = _prepack(w.contiguous()) if cpu32 else None
+        else:
+            self.w = w.contiguous()
+
+    def weight(self) -> torch.Tensor:
+        """W [out, in], from whichever layout the layer holds."""
+        if self.rp is not None:
+            return self.rp.transpose(1, 2).reshape(-1, self.rp.shape[1])[: self.n]
+        return self.w if self.w is not None else self.wt.t()
 
     def rows(self, rows: torch.Tensor) -> "_Linear":
         """The layer restricted to these output rows (a pruned LM head)."""
         b = None if self.b is None else self.b[rows]
-        if self.wt is not None:
-            return _Linear(self.wt.index_select(1, rows.to(self.wt.device)).t(), b)
-        return _Linear(self.w.index_select(0, rows.to(self.w.device)), b)
+        w = self.weight()
+        return _Linear(w.index_select(0, rows.to(w.device)), b)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.wt is None:
-            return F.linear(x, self.w, self.b)
-        if self.packed is not None and x.shape[0] >= self.PACKED_FROM:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.b, "none", [], "")
-        y = torch.matmul(x, self.wt)
-        return y if self.b is None else y + self.b
+        return fused.linear(x, self.w, self.wt, self.packed, self.rp, self.b, self.n, self.PACKED_FROM)
 
 
 def _prepack(w: torch.Tensor):
@@ -371,6 +378,7 @@ class LlamaRunner(Runner):
         self.eps = cfg.rms_norm_eps
         self.max_length = context_limit(cfg, max_length)
         self.vocab_size = model.lm_head.weight.shape[0]
+        self.inter = inner.layers[0].mlp.gate_proj.weight.shape[0]
         self.embed = inner.embed_tokens.weight.detach()
         self.norm = inner.norm.weight.detach()
         self.lm_head = _Linear(model.lm_head.weight.detach())
@@ -504,7 +512,8 @@ class LlamaRunner(Runner):
         with torch.jit.optimized_execution(False):  # (this thread only) no fusion: exactly the source's ops
             x = self._stack(x, cos, sin, self._stack_weights, [d[0] for d in data], [d[1] for d in data],
                             [p[1] for p in plan], [p[2] for p in plan], [p[3] for p in plan], [p[4] for p in plan],
-                            self.n_heads, self.n_kv, self.head_dim, self.scaling, self.eps, _Linear.PACKED_FROM)
+                            self.n_heads, self.n_kv, self.head_dim, self.scaling, self.eps, self.inter,
+                            _Linear.PACKED_FROM)
         for s, _, n, _, _ in plan:
             if s.parents is None:  # (a tree's entries are stale from now on)
                 s.cache.length += n

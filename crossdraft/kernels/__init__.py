@@ -1,0 +1,186 @@
+"""crossdraft's own CPU kernel (`rows.cpp`): y = x W^T + b, float32, as fast for 1-8 rows as for one.
+
+Owns: building `rows.cpp` once per machine with the C++ compiler against this torch (`load()`), and the
+two operators it registers: `torch.ops.crossdraft.rows_pack(w)` (W [N, K] laid out in panels) and
+`torch.ops.crossdraft.rows_linear(x, packed, n, b)`. `LlamaRunner`'s CPU linear layers use them
+(runner._Linear) for every number of rows.
+
+Why. A decoding pass reads every weight once; what matters is how many rows ride on each read. Torch's
+kernels (MKL's x @ W^T, oneDNN's prepacked linear) spend about as long on 5 or 8 rows as two or three
+single-row steps. This one streams each panel of W once for all rows, so on the 2-core machine (target-
+bpe8k's 94 MB of weights, one thread) one row takes 3.7 ms against MKL's 6.2, and 8 rows 4.3 ms against
+oneDNN's 7.1 (docs/benchmarks.md). Its rounding does not depend on the rows beside a row, the thread
+count or the instruction set (each output is one FMA chain over k): a session's logits are the same
+bits whichever sessions share its pass, and a verification block's rows the same as one-token steps'.
+
+Built with `-march=native` into CROSSDRAFT_KERNEL_CACHE (default ~/.cache/crossdraft/kernels), named by
+a hash of the source, torch's version and this CPU's flags; about ten seconds the first time, then a
+load. Where it cannot be (no compiler, not x86-64 with AVX2 and FMA, CROSSDRAFT_KERNELS=0) `load()` says
+why once in the log and returns False, and the runner keeps torch's kernels. `python -m
+crossdraft.kernels` builds it and checks it against torch (scripts/setup.sh runs it).
+
+Never: changes what a model computes beyond float32 rounding, or runs on anything but a CPU.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+log = logging.getLogger("crossdraft.kernels")
+
+SOURCE = Path(__file__).with_name("rows.cpp")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+_state: dict = {}
+_lock = threading.Lock()
+
+
+def available() -> bool:
+    """Whether the kernel is loaded (load() it first)."""
+    return bool(_state.get("ok"))
+
+
+def why_not() -> Optional[str]:
+    """Why the kernel is not in use, once load() has tried."""
+    return _state.get("why")
+
+
+def load() -> bool:
+    """Build (once per machine) and load the kernel; False, with the reason logged once, where it cannot be.
+    Either way the two operators exist afterwards (TorchScript code that names them compiles): where the
+    kernel is not in use they are defined in Python, by the same arithmetic, for reference only."""
+    with _lock:
+        if "ok" not in _state:
+            _state["ok"], _state["why"] = _load()
+            if not _state["ok"]:
+                log.warning("crossdraft's CPU kernel is not in use (%s): linear layers use torch's kernels",
+                            _state["why"])
+                _define_reference()
+        return _state["ok"]
+
+
+COLS = 32  # outputs per panel in the reference layout
+
+
+def _define_reference() -> None:
+    """`crossdraft::rows_pack` and `rows_linear` in Python, where the C++ kernel is not loaded."""
+    if hasattr(torch.ops, "crossdraft") and hasattr(torch.ops.crossdraft, "rows_linear"):
+        return
+    lib = torch.library.Library("crossdraft", "DEF")
+    lib.define("rows_pack(Tensor w) -> Tensor")
+    lib.define("rows_linear(Tensor x, Tensor packed, int n, Tensor? b) -> Tensor")
+
+    def rows_pack(w):
+        n, k = w.shape
+        panels = -(-n // COLS)
+        padded = torch.zeros(panels * COLS, k, dtype=w.dtype, device=w.device)
+        padded[:n] = w
+        return padded.view(panels, COLS, k).transpose(1, 2).contiguous()
+
+    def rows_linear(x, packed, n, b):
+        w = packed.transpose(1, 2).reshape(-1, packed.shape[1])[:n]
+        return torch.nn.functional.linear(x, w, b)
+
+    lib.impl("rows_pack", rows_pack, "CompositeExplicitAutograd")
+    lib.impl("rows_linear", rows_linear, "CompositeExplicitAutograd")
+    _state["reference_lib"] = lib  # a Library is unregistered when collected
+
+
+def _load() -> tuple:
+    if os.environ.get("CROSSDRAFT_KERNELS", "1") == "0":
+        return False, "CROSSDRAFT_KERNELS=0"
+    if hasattr(torch.ops, "crossdraft") and hasattr(torch.ops.crossdraft, "rows_linear"):
+        return True, None  # loaded in this process already
+    if not _cpu_ok():
+        return False, "this CPU is not x86-64 with AVX2 and FMA"
+    try:
+        lib = _build()
+        torch.ops.load_library(str(lib))
+        _check()
+    except Exception as e:  # noqa: BLE001 - any failure leaves torch's kernels, said once
+        return False, f"{type(e).__name__}: {str(e).strip()[-400:]}"
+    return True, None
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def _cpu_ok() -> bool:
+    flags = set(_cpu_flags().split())
+    return {"avx2", "fma"} <= flags
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("CROSSDRAFT_KERNEL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "crossdraft",
+                                                                     "kernels")
+    return Path(base)
+
+
+def _build() -> Path:
+    """The shared library for this source, torch and CPU: built if missing (atomically: concurrent builders
+    each write their own file, the last rename wins, all identical)."""
+    from torch.utils import cpp_extension
+
+    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), torch.__version__.encode(), _cpu_flags().encode(),
+                                     " ".join(FLAGS).encode(), sys.version.encode()])).hexdigest()[:16]
+    out_dir = _cache_dir()
+    lib = out_dir / f"crossdraft_rows_{key}.so"
+    if lib.exists():
+        return lib
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cxx = os.environ.get("CXX", "c++")
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    includes = [f"-I{p}" for p in cpp_extension.include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
+    libdirs = cpp_extension.library_paths()
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+    os.close(fd)
+    cmd = [cxx, *FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *includes, str(SOURCE), "-o", tmp,
+           *[f"-L{d}" for d in libdirs], *[f"-Wl,-rpath,{d}" for d in libdirs], "-lc10", "-ltorch_cpu", "-ltorch"]
+    log.info("building crossdraft's CPU kernel (once per machine): %s", lib)
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        if done.returncode != 0:
+            raise RuntimeError(f"{cxx} failed: {done.stderr.strip()[-400:]}")
+        os.replace(tmp, lib)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return lib
+
+
+def _check() -> None:
+    """The loaded kernel against torch's x @ W^T on a few shapes (float32 tolerance), once per process."""
+    g = torch.Generator().manual_seed(0)
+    for m, n, k in ((1, 40, 24), (9, 96, 33), (3, 64, 128)):
+        x, w, b = (torch.randn(m, k, generator=g), torch.randn(n, k, generator=g), torch.randn(n, generator=g))
+        y = torch.ops.crossdraft.rows_linear(x, torch.ops.crossdraft.rows_pack(w), n, b)
+        if not torch.allclose(y, x @ w.t() + b, rtol=1e-4, atol=1e-4):
+            raise RuntimeError(f"the built kernel disagrees with torch on [{m}x{k}] x [{n}x{k}]^T")
+
+
+def main() -> int:
+    """`python -m crossdraft.kernels`: build, load and check the kernel; exit 0 when in use, 1 when not."""
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    if load():
+        print("crossdraft CPU kernel: in use")
+        return 0
+    print(f"crossdraft CPU kernel: not in use ({why_not()}); torch's kernels serve instead")
+    return 1
+
+

@@ -1,0 +1,132 @@
+"""crossdraft/kernels: the CPU kernel for x W^T + b computes what torch does (float32 tolerance), and each
+row's bits depend on nothing but that row: not the rows beside it, their number, or the thread count.
+So in LlamaRunner a sequence's float32 logits are the same bits whichever sequences share its pass.
+Where the kernel cannot be used, the runner keeps torch's kernels (checked in a fresh process)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from crossdraft import kernels
+from crossdraft.runner import LlamaRunner, Step
+from helpers import tiny_llama
+
+# In CI (CI set, a machine with g++) these fail rather than skip when the kernel cannot be built.
+pytestmark = pytest.mark.skipif(not kernels.load() and not os.environ.get("CI"),
+                                reason=f"the CPU kernel is not in use here: {kernels.why_not()}")
+ops = torch.ops.crossdraft
+
+
+def _rand(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("n,k", [(32, 64), (45, 37), (100, 512), (1, 3)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_rows_linear_equals_torch(n, k, bias):
+    w, b = _rand(n, k, seed=1), (_rand(n, seed=2) if bias else None)
+    packed = ops.rows_pack(w)
+    for m in (1, 2, 5, 8, 9, 17, 40):
+        x = _rand(m, k, seed=m)
+        want = x.double() @ w.double().t() + (b.double() if bias else 0)
+        got = ops.rows_linear(x, packed, n, b)
+        assert got.shape == (m, n) and got.dtype == torch.float32 and got.is_contiguous()
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)  # sums of up to 512 unit terms
+
+
+def test_each_row_is_the_same_bits_whatever_shares_its_call():
+    """Row i of a call equals that row alone, and with its neighbours replaced, and with two threads: bitwise.
+    (Torch's own kernels round a row differently for different numbers of rows; tests/test_runner.py
+    holds those to a tolerance.)"""
+    n, k = 200, 300
+    w, b = _rand(n, k, seed=3), _rand(n, seed=4)
+    packed = ops.rows_pack(w)
+    x = _rand(13, k, seed=5)
+    full = ops.rows_linear(x, packed, n, b)
+    for i in range(13):
+        assert torch.equal(ops.rows_linear(x[i:i + 1], packed, n, b)[0], full[i])
+    other = x.clone()
+    other[::2] = _rand(7, k, seed=6)
+    assert torch.equal(ops.rows_linear(other, packed, n, b)[1::2], full[1::2])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert torch.equal(ops.rows_linear(x, packed, n, b), full)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_bad_shapes_are_refused_with_a_message():
+    packed = ops.rows_pack(_rand(40, 16))
+    with pytest.raises(RuntimeError, match="do not match"):
+        ops.rows_linear(_rand(2, 15), packed, 40, None)
+    with pytest.raises(RuntimeError, match="do not match"):
+        ops.rows_linear(_rand(2, 16), packed, 80, None)
+    with pytest.raises(RuntimeError, match="float32"):
+        ops.rows_linear(_rand(2, 16).double(), packed, 40, None)
+    with pytest.raises(RuntimeError, match="bias"):
+        ops.rows_linear(_rand(2, 16), packed, 40, _rand(39))
+
+
+def _float32_runner():
+    model = tiny_llama(300, seed=11, hidden=96, kv_heads=2, bias=True).float()  # qkv and o biases
+    return model, LlamaRunner(model, 128)
+
+
+def test_the_lean_runner_uses_it_and_a_sequence_s_logits_do_not_depend_on_its_batch():
+    """float32: sequence A's logits are the same bits alone and beside other sequences' steps of any
+    kind, and close to the Hugging Face model's."""
+    model, runner = _float32_runner()
+    assert runner.lm_head.rp is not None and runner.layers[0][1].rp is not None
+    a = [int(t) for t in torch.randint(0, 300, (30,), generator=torch.Generator().manual_seed(1))]
+    alone = runner.new_cache()
+    runner.forward_batch([Step(alone, a[:20])])
+    want = runner.forward_batch([Step(alone, a[20:25])])[0]
+    others = [runner.new_cache() for _ in range(3)]
+    runner.forward_batch([Step(c, a[i:i + 10 + i]) for i, c in enumerate(others)])
+    shared = runner.new_cache()
+    runner.forward_batch([Step(shared, a[:20]), Step(others[0], [5] * 17)])
+    got = runner.forward_batch([Step(others[1], [7]), Step(shared, a[20:25]), Step(others[2], [1, 2, 3], last=True)])
+    assert torch.equal(got[1], want)
+    with torch.no_grad():
+        ref = model(input_ids=torch.tensor([a[:25]])).logits[0, 20:25]
+    torch.testing.assert_close(want, ref, rtol=1e-4, atol=1e-4)
+    pruned = runner.forward_batch([Step(alone, a[25:26], rows=torch.tensor([3, 299, 17]))])[0]
+    torch.testing.assert_close(pruned, model(input_ids=torch.tensor([a[:26]])).logits[0, 25:, [3, 299, 17]].detach(),
+                               rtol=1e-4, atol=1e-4)
+
+
+SCRIPT = r"""
+import json, torch
+from crossdraft import kernels
+from crossdraft.runner import LlamaRunner
+from helpers import tiny_llama
+model = tiny_llama(300, seed=11, hidden=96, kv_heads=2, bias=True).float()
+runner = LlamaRunner(model, 128)
+logits = runner.forward(list(range(1, 21)))
+with torch.no_grad():
+    ref = model(input_ids=torch.tensor([list(range(1, 21))])).logits[0]
+print(json.dumps({"available": kernels.available(), "why": kernels.why_not(), "rp": runner.lm_head.rp is not None,
+                  "scripted": runner._stack is not __import__("crossdraft.fused").fused._layers,
+                  "close": bool(torch.allclose(logits, ref, rtol=1e-4, atol=1e-4))}))
+"""
+
+
+def test_without_the_kernel_the_runner_keeps_torch_s_kernels():
+    env = dict(os.environ, CROSSDRAFT_KERNELS="0",
+               PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got == {"available": False, "why": "CROSSDRAFT_KERNELS=0", "rp": False, "scripted": True, "close": True}
+    assert "not in use (CROSSDRAFT_KERNELS=0)" in out.stderr
+
+
+def test_python_m_crossdraft_kernels_builds_and_checks_it():
+    out = subprocess.run([sys.executable, "-m", "crossdraft.kernels"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and "in use" in out.stdout, out.stdout + out.stderr
