@@ -111,11 +111,13 @@ def _attend(li: int, q: Tensor, k: Tensor, v: Tensor, kcs: List[Tensor], vcs: Li
 
 def _layers(x: Tensor, cos: Tensor, sin: Tensor, layers: List[List[Optional[Tensor]]], kcs: List[Tensor],
             vcs: List[Tensor], offs: List[int], ns: List[int], starts: List[int], masks: List[Optional[Tensor]],
-            n_heads: int, n_kv: int, head_dim: int, scaling: float, eps: float, inter: int,
+            keep: Optional[Tensor], n_heads: int, n_kv: int, head_dim: int, scaling: float, eps: float, inter: int,
             packed_from: int) -> Tensor:
     """x [N, hidden] after every decoder layer; sequence i is rows offs[i]..offs[i]+ns[i] of x, at cache
     positions starts[i].., its caches kcs[i], vcs[i] [layers, kv_heads, capacity, head_dim]. `inter`: the
-    MLP's intermediate size."""
+    MLP's intermediate size. `keep`: the rows whose output is wanted (None: all), in that order; the last
+    layer drops the others once their keys and values are in the caches, so a prompt's prefill skips
+    that layer's output projection and MLP for every position but its last."""
     N, hidden = x.shape[0], x.shape[1]
     H, KV, D = n_heads, n_kv, head_dim
     for li in range(len(layers)):
@@ -125,6 +127,8 @@ def _layers(x: Tensor, cos: Tensor, sin: Tensor, layers: List[List[Optional[Tens
         k = _rope(qkv[:, H * D: (H + KV) * D].view(N, KV, D), cos, sin)
         v = qkv[:, (H + KV) * D:].view(N, KV, D)
         attn = _attend(li, q, k, v, kcs, vcs, offs, ns, starts, masks, scaling)
+        if keep is not None and li == len(layers) - 1:
+            x, attn = x.index_select(0, keep), attn.index_select(0, keep)
         x = x + _layer_linear(lw, 6, attn, hidden, packed_from)
         g, u = _layer_linear(lw, 12, rms_norm(x, lw[11], eps), 2 * inter, packed_from).chunk(2, dim=-1)
         x = x + _layer_linear(lw, 17, F.silu(g) * u, hidden, packed_from)

@@ -38,6 +38,7 @@ Never: knows about sessions, tokenizers, sampling or speculation.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from dataclasses import dataclass
@@ -480,23 +481,37 @@ class LlamaRunner(Runner):
         return (torch.as_tensor(ids, device=dev, dtype=torch.long), torch.as_tensor(pos, device=dev, dtype=torch.long),
                 plan)
 
-    def _heads_of(self, x, plan: list) -> list:
-        """Each step's logits from the final hidden states x [N, hidden]: one matmul per head in use."""
+    @staticmethod
+    def _wanted(plan: list) -> tuple:
+        """(rows of the pass whose logits are wanted, as a tensor, or None for all of them; each step's
+        (first, count) among those rows). A step with `last` wants only its last row: the final layer
+        skips the rest of its rows after their keys and values are in the cache (see `fused._layers`)."""
+        rows, spans = [], []
+        for s, off, n, _, _ in plan:
+            spans.append((len(rows), 1 if s.last else n))
+            rows.extend(range(off + n - 1, off + n) if s.last else range(off, off + n))
+        if len(rows) == sum(p[2] for p in plan):
+            return None, spans
+        return torch.as_tensor(rows, dtype=torch.long), spans
+
+    def _heads_of(self, x, plan: list, spans: list) -> list:
+        """Each step's logits from the final hidden states x [wanted rows, hidden] (`_wanted`): one matmul
+        per head in use."""
         if len(plan) == 1:
-            s, _, n, _, _ = plan[0]
-            return [self._head(s.rows)(x[-1:] if s.last else x)]
+            return [self._head(plan[0][0].rows)(x)]
         groups: dict = {}
-        for i, (s, off, n, _, _) in enumerate(plan):
-            rows = list(range(off + n - 1, off + n)) if s.last else list(range(off, off + n))
-            groups.setdefault(id(s.rows), (s.rows, []))[1].append((i, rows))
+        for i, (s, *_) in enumerate(plan):
+            groups.setdefault(id(s.rows), (s.rows, []))[1].append(i)
         out = [None] * len(plan)
         for rows, members in groups.values():
-            idx = [r for _, rr in members for r in rr]
-            logits = self._head(rows)(x.index_select(0, torch.as_tensor(idx, device=x.device)))
-            at = 0
-            for i, rr in members:
-                out[i] = logits[at: at + len(rr)]
-                at += len(rr)
+            if len(members) == len(plan):
+                logits, at = self._head(rows)(x), [spans[i][0] for i in members]
+            else:
+                idx = [r for i in members for r in range(spans[i][0], spans[i][0] + spans[i][1])]
+                logits = self._head(rows)(x.index_select(0, torch.as_tensor(idx, device=x.device)))
+                at = list(itertools.accumulate([0] + [spans[i][1] for i in members[:-1]]))
+            for i, a in zip(members, at):
+                out[i] = logits[a: a + spans[i][1]]
         return out
 
     @torch.inference_mode()
@@ -506,18 +521,19 @@ class LlamaRunner(Runner):
         for s in steps:
             self._reserve(s.cache, s.end)
         idx, pos, plan = self._plan(steps)
+        keep, spans = self._wanted(plan)
         x = self.embed.index_select(0, idx)  # [N, hidden]
         cos, sin = self.cos.index_select(0, pos)[:, None], self.sin.index_select(0, pos)[:, None]  # [N, 1, D]
         data = [s.cache.data for s, _, _, _, _ in plan]
         with torch.jit.optimized_execution(False):  # (this thread only) no fusion: exactly the source's ops
             x = self._stack(x, cos, sin, self._stack_weights, [d[0] for d in data], [d[1] for d in data],
                             [p[1] for p in plan], [p[2] for p in plan], [p[3] for p in plan], [p[4] for p in plan],
-                            self.n_heads, self.n_kv, self.head_dim, self.scaling, self.eps, self.inter,
-                            _Linear.PACKED_FROM)
+                            None if keep is None else keep.to(self.device), self.n_heads, self.n_kv,
+                            self.head_dim, self.scaling, self.eps, self.inter, _Linear.PACKED_FROM)
         for s, _, n, _, _ in plan:
             if s.parents is None:  # (a tree's entries are stale from now on)
                 s.cache.length += n
-        return self._heads_of(fused.rms_norm(x, self.norm, self.eps), plan)
+        return self._heads_of(fused.rms_norm(x, self.norm, self.eps), plan, spans)
 
     def _forward(self, ids, last_only, rows):
         return self.forward_batch([Step(self.cache, list(ids), last_only, rows)])[0]

@@ -130,3 +130,27 @@ def test_without_the_kernel_the_runner_keeps_torch_s_kernels():
 def test_python_m_crossdraft_kernels_builds_and_checks_it():
     out = subprocess.run([sys.executable, "-m", "crossdraft.kernels"], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and "in use" in out.stdout, out.stdout + out.stderr
+
+
+def test_a_step_that_wants_its_last_row_only_gives_the_same_bits_and_the_same_cache():
+    """A prompt's prefill (`last`) skips the final layer's output projection and MLP for every row but its
+    last (runner._wanted): its logits and its cache entries are the same bits as a pass over every row."""
+    _, runner = _float32_runner()
+    ids = [int(t) for t in torch.randint(0, 300, (37,), generator=torch.Generator().manual_seed(2))]
+    full, last = runner.new_cache(), runner.new_cache()
+    every = runner.forward_batch([Step(full, ids)])[0]
+    only = runner.forward_batch([Step(last, ids, last=True)])[0]
+    assert only.shape == (1, 300) and torch.equal(only[0], every[-1])
+    assert torch.equal(full.data[0][:, :, :37], last.data[0][:, :, :37])
+    assert torch.equal(full.data[1][:, :, :37], last.data[1][:, :, :37])
+    # and beside other steps: a one-token step, a pruned last row, a whole block
+    others = [runner.new_cache() for _ in range(2)]
+    runner.forward_batch([Step(c, ids[:9]) for c in others])
+    rows = torch.tensor([299, 4])
+    mixed = runner.forward_batch([Step(others[0], ids[9:10]), Step(runner.new_cache(), ids, last=True),
+                                  Step(others[1], ids[9:14], last=True, rows=rows), Step(runner.new_cache(), ids[:6])])
+    assert torch.equal(mixed[1][0], every[-1])  # the same sequence in the same blocks: the same bits
+    assert mixed[0].shape == (1, 300) and mixed[2].shape == (1, 2) and mixed[3].shape == (6, 300)
+    # other blocks of the same tokens: attention's matrix products (torch's) may round differently
+    torch.testing.assert_close(mixed[3], every[:6], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mixed[2][0], every[13, rows], rtol=1e-5, atol=1e-5)

@@ -240,8 +240,8 @@ def test_the_compiled_layer_stack_equals_the_plain_function_bitwise(model, dtype
     """crossdraft/fused.py compiles the layers of LlamaRunner's pass with TorchScript (to run them without
     the GIL); compiled, they must compute exactly what the same source computes op by op in Python: the
     same logits to the last bit and the same cache entries, for every kind of step in one batch (the
-    tests above hold the plain function to Hugging Face's model). float32 takes oneDNN's prepacked
-    linear for the batch's rows (>= 3), float64 x @ W^T."""
+    tests above hold the plain function to Hugging Face's model). float32 takes crossdraft's CPU kernel
+    (crossdraft/kernels; torch's kernels where it is not built), float64 x @ W^T."""
     from crossdraft import fused
 
     m = copy.deepcopy(model).to(dtype)
@@ -260,7 +260,7 @@ def test_the_compiled_layer_stack_equals_the_plain_function_bitwise(model, dtype
                                        Step(caches[1], seqs[1][13:18]),  # a verification block
                                        Step(caches[2], seqs[2][16:24], last=True, rows=rows),  # pruned, last
                                        Step(caches[3], [7, 8, 9, 10], parents=[-1, 0, 0, 2])])  # a tree
-        alone = [runner.forward(seqs[0][:3])]  # one sequence, one or two rows: x @ W^T in float32 too
+        alone = [runner.forward(seqs[0][:3])]  # one sequence
         for i in range(4):  # a graph executor may change a function after its first calls: it must not
             alone.append(runner.forward(seqs[0][3 + i:4 + i]))
         out[name] = (first + second + alone, [c.data[0][:, :, :c.length] for c in caches])

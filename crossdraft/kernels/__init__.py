@@ -10,8 +10,8 @@ kernels (MKL's x @ W^T, oneDNN's prepacked linear) spend about as long on 5 or 8
 single-row steps. This one streams each panel of W once for all rows, so on the 2-core machine (target-
 bpe8k's 94 MB of weights, one thread) one row takes 3.7 ms against MKL's 6.2, and 8 rows 4.3 ms against
 oneDNN's 7.1 (docs/benchmarks.md). Its rounding does not depend on the rows beside a row, the thread
-count or the instruction set (each output is one FMA chain over k): a session's logits are the same
-bits whichever sessions share its pass, and a verification block's rows the same as one-token steps'.
+count or the instruction set (each output is one FMA chain over k); as each sequence attends over its own
+cache on its own, a session's logits are the same bits whichever sessions share its pass.
 
 Built with `-march=native` into CROSSDRAFT_KERNEL_CACHE (default ~/.cache/crossdraft/kernels), named by
 a hash of the source, torch's version and this CPU's flags; about ten seconds the first time, then a

@@ -4,7 +4,7 @@
 // (y [M, N] from x [M, K] and the panels). Each output is one FMA chain over k = 0 .. K-1 from zero,
 // then + b: the same arithmetic whatever the number of rows, the rows' neighbours, the thread count or
 // the instruction set (AVX-512 and AVX2 round each FMA alike). So a sequence's logits do not depend
-// on which sequences share its pass.
+// on which sequences share its pass (each attends over its own cache on its own).
 //
 // Why: a decoding step reads every weight once per pass. A panel (COLS outputs x all of K) streams
 // from memory once and stays in L2 while every tile of up to ROWS rows multiplies it, ROWS x 2 vector
