@@ -1,8 +1,10 @@
 """How many of the zoo's held-out prompts give byte-identical greedy text at batch 1 and at batch N.
 
-Batched matrix products round differently in the last bits from one sequence alone (crossdraft/runner.py,
-`_Linear`), so a near-tie between two tokens can flip when a session shares its passes. This counts how
-often that happens on real prompts: the target alone (`--algorithm none`) one prompt at a time
+With torch's kernels, batched matrix products round differently in the last bits from one sequence alone
+(crossdraft/runner.py, `_Linear`), so a near-tie between two tokens can flip when a session shares its
+passes; crossdraft's CPU kernel (crossdraft/kernels) computes each row the same whatever shares its pass,
+and a verification block's attention may still round differently from one-token steps'. This counts how
+often outputs differ on real prompts: the target alone (`--algorithm none`) one prompt at a time
 (`Engine.generate`), then the same prompts N at a time through the scheduler (`Engine.generate_batch`),
 and the same with a drafter (default: slem with drafter-spm4k), whose batched output is compared with
 the target alone at batch 1. Prints a table; writes JSON with --json-out.
