@@ -78,46 +78,79 @@ def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 def _attend(li: int, q: Tensor, k: Tensor, v: Tensor, kcs: List[Tensor], vcs: List[Tensor], offs: List[int],
-            ns: List[int], starts: List[int], masks: List[Optional[Tensor]], scaling: float) -> Tensor:
+            ns: List[int], starts: List[int], masks: List[Optional[Tensor]], scaling: float,
+            decode_kernel: bool) -> Tensor:
     """Attention of every sequence over its own cache, its block's keys and values written there first.
-    q [N, H, D], k and v [N, KV, D] -> [N, H*D]. Explicit matmuls rather than SDPA: for the short blocks
-    of decoding they cost half as much on a CPU, and a sequence's attention never depends on the others
-    in the batch. `masks[i]`: a block's causal mask, or a tree's (None: one token)."""
+    q [N, H, D], k and v [N, KV, D] -> [N, H*D]. With `decode_kernel` (crossdraft/kernels), the steps of
+    one token go through one call for all of them; the others (blocks, trees) through explicit matmuls
+    per sequence, which for the short blocks of decoding cost half what SDPA does on a CPU. A sequence's
+    attention never depends on the others in the batch. `masks[i]`: a block's causal mask, or a tree's
+    (None: one token)."""
     N, H, D = q.shape[0], q.shape[1], q.shape[2]
-    KV = k.shape[1]
-    G = H // KV
     out = torch.empty(N, H, D, dtype=q.dtype, device=q.device)
+    single: List[int] = []
+    if decode_kernel:
+        for i in range(len(offs)):
+            if ns[i] == 1 and masks[i] is None:
+                single.append(i)
+    if len(single) == N:  # every step is one token: rows in order
+        out = torch.ops.crossdraft.decode_attend(q, k, v, kcs, vcs, li, starts, scaling)
+    elif len(single) > 0:
+        kc1: List[Tensor] = []
+        vc1: List[Tensor] = []
+        st1: List[int] = []
+        rows: List[int] = []
+        for i in single:
+            kc1.append(kcs[i])
+            vc1.append(vcs[i])
+            st1.append(starts[i])
+            rows.append(offs[i])
+        idx = torch.tensor(rows, dtype=torch.long, device=q.device)
+        got = torch.ops.crossdraft.decode_attend(q.index_select(0, idx), k.index_select(0, idx),
+                                                 v.index_select(0, idx), kc1, vc1, li, st1, scaling)
+        out.index_copy_(0, idx, got)
+    done = 0
     for i in range(len(offs)):
-        off, n, start = offs[i], ns[i], starts[i]
-        end = start + n
-        kc, vc = kcs[i][li], vcs[i][li]
-        kc[:, start:end] = k[off:off + n].transpose(0, 1)
-        vc[:, start:end] = v[off:off + n].transpose(0, 1)
-        qs = q[off:off + n].transpose(0, 1).reshape(KV, G * n, D)  # head h uses kv head h // G
-        scores = torch.matmul(qs, kc[:, :end].transpose(1, 2)) * scaling
-        mask = masks[i]
-        if mask is not None:
-            if G > 1:
-                mask = mask.repeat(G, 1)
-            scores = scores.masked_fill(~mask, float("-inf"))
-        if scores.dtype == torch.float16 or scores.dtype == torch.bfloat16:
-            p = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-        else:
-            p = torch.softmax(scores, dim=-1)
-        o = torch.matmul(p, vc[:, :end])  # [KV, G n, D]
-        out[off:off + n] = o.view(H, n, D).transpose(0, 1)
+        if done < len(single) and single[done] == i:
+            done += 1
+            continue
+        _attend_one(li, q, k, v, kcs[i], vcs[i], offs[i], ns[i], starts[i], masks[i], scaling, out)
     return out.view(N, H * D)
+
+
+def _attend_one(li: int, q: Tensor, k: Tensor, v: Tensor, kcache: Tensor, vcache: Tensor, off: int, n: int,
+                start: int, mask: Optional[Tensor], scaling: float, out: Tensor) -> None:
+    """One sequence's block (rows off..off+n of q, k, v) into its cache and its attention into `out`."""
+    H, D, KV = q.shape[1], q.shape[2], k.shape[1]
+    G = H // KV
+    end = start + n
+    kc, vc = kcache[li], vcache[li]
+    kc[:, start:end] = k[off:off + n].transpose(0, 1)
+    vc[:, start:end] = v[off:off + n].transpose(0, 1)
+    qs = q[off:off + n].transpose(0, 1).reshape(KV, G * n, D)  # head h uses kv head h // G
+    scores = torch.matmul(qs, kc[:, :end].transpose(1, 2)) * scaling
+    if mask is not None:
+        if G > 1:
+            mask = mask.repeat(G, 1)
+        scores = scores.masked_fill(~mask, float("-inf"))
+    if scores.dtype == torch.float16 or scores.dtype == torch.bfloat16:
+        p = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    else:
+        p = torch.softmax(scores, dim=-1)
+    o = torch.matmul(p, vc[:, :end])  # [KV, G n, D]
+    out[off:off + n] = o.view(H, n, D).transpose(0, 1)
 
 
 def _layers(x: Tensor, cos: Tensor, sin: Tensor, layers: List[List[Optional[Tensor]]], kcs: List[Tensor],
             vcs: List[Tensor], offs: List[int], ns: List[int], starts: List[int], masks: List[Optional[Tensor]],
             keep: Optional[Tensor], n_heads: int, n_kv: int, head_dim: int, scaling: float, eps: float, inter: int,
-            packed_from: int) -> Tensor:
+            packed_from: int, decode_kernel: bool) -> Tensor:
     """x [N, hidden] after every decoder layer; sequence i is rows offs[i]..offs[i]+ns[i] of x, at cache
     positions starts[i].., its caches kcs[i], vcs[i] [layers, kv_heads, capacity, head_dim]. `inter`: the
     MLP's intermediate size. `keep`: the rows whose output is wanted (None: all), in that order; the last
     layer drops the others once their keys and values are in the caches, so a prompt's prefill skips
-    that layer's output projection and MLP for every position but its last."""
+    that layer's output projection and MLP for every position but its last. `decode_kernel`: one-token
+steps attend through crossdraft's CPU kernel (float32 on a CPU where it is built)."""
     N, hidden = x.shape[0], x.shape[1]
     H, KV, D = n_heads, n_kv, head_dim
     for li in range(len(layers)):
@@ -126,7 +159,7 @@ def _layers(x: Tensor, cos: Tensor, sin: Tensor, layers: List[List[Optional[Tens
         q = _rope(qkv[:, : H * D].view(N, H, D), cos, sin)
         k = _rope(qkv[:, H * D: (H + KV) * D].view(N, KV, D), cos, sin)
         v = qkv[:, (H + KV) * D:].view(N, KV, D)
-        attn = _attend(li, q, k, v, kcs, vcs, offs, ns, starts, masks, scaling)
+        attn = _attend(li, q, k, v, kcs, vcs, offs, ns, starts, masks, scaling, decode_kernel)
         if keep is not None and li == len(layers) - 1:
             x, attn = x.index_select(0, keep), attn.index_select(0, keep)
         x = x + _layer_linear(lw, 6, attn, hidden, packed_from)

@@ -413,6 +413,9 @@ class LlamaRunner(Runner):
         # the decoder layers (crossdraft/fused.py): compiled to run without the GIL where TorchScript is here
         self._stack = fused.layer_stack()
         self._stack_weights = fused.weights(self.layers)
+        # one-token steps' attention through crossdraft's CPU kernel (crossdraft/kernels), where it is built
+        self.decode_kernel = (self.device.type == "cpu" and self.dtype == torch.float32 and kernels.available()
+                              and os.environ.get("CROSSDRAFT_DECODE_KERNEL", "1") != "0")
         self.cache = self.new_cache()
 
     # --- caches -----------------------------------------------------------------------------------
@@ -529,7 +532,8 @@ class LlamaRunner(Runner):
             x = self._stack(x, cos, sin, self._stack_weights, [d[0] for d in data], [d[1] for d in data],
                             [p[1] for p in plan], [p[2] for p in plan], [p[3] for p in plan], [p[4] for p in plan],
                             None if keep is None else keep.to(self.device), self.n_heads, self.n_kv,
-                            self.head_dim, self.scaling, self.eps, self.inter, _Linear.PACKED_FROM)
+                            self.head_dim, self.scaling, self.eps, self.inter, _Linear.PACKED_FROM,
+                            self.decode_kernel)
         for s, _, n, _, _ in plan:
             if s.parents is None:  # (a tree's entries are stale from now on)
                 s.cache.length += n

@@ -73,6 +73,28 @@ def test_bad_shapes_are_refused_with_a_message():
         ops.rows_linear(_rand(2, 16), packed, 40, _rand(39))
 
 
+@pytest.mark.parametrize("heads,kv,d", [(4, 2, 64), (3, 3, 20), (8, 1, 16)])
+def test_decode_attend_equals_torch_and_writes_each_cache(heads, kv, d):
+    """One-token steps' attention (GQA, a head size that is not a multiple of the vector width): the same
+    as torch's within float32 rounding, each step's key and value written at its position, and each
+    sequence's result the same bits alone as beside the others."""
+    starts, layer, scale = [0, 5, 31], 1, d ** -0.5
+    q, k, v = _rand(3, heads, d, seed=1), _rand(3, kv, d, seed=2), _rand(3, kv, d, seed=3)
+    kcs = [_rand(2, kv, 32, d, seed=10 + i) for i in range(3)]
+    vcs = [_rand(2, kv, 32, d, seed=20 + i) for i in range(3)]
+    ref_k, ref_v = [c.clone() for c in kcs], [c.clone() for c in vcs]
+    want = kernels.reference_decode_attend(q, k, v, ref_k, ref_v, layer, starts, scale)
+    got = ops.decode_attend(q, k, v, kcs, vcs, layer, starts, scale)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(kcs + vcs, ref_k + ref_v):
+        assert torch.equal(a, b)
+    for i in range(3):
+        alone = ops.decode_attend(q[i:i + 1], k[i:i + 1], v[i:i + 1], [kcs[i]], [vcs[i]], layer, [starts[i]], scale)
+        assert torch.equal(alone[0], got[i])
+    with pytest.raises(RuntimeError, match="room at its start"):
+        ops.decode_attend(q[:1], k[:1], v[:1], [kcs[0]], [vcs[0]], layer, [32], scale)
+
+
 def _float32_runner():
     model = tiny_llama(300, seed=11, hidden=96, kv_heads=2, bias=True).float()  # qkv and o biases
     return model, LlamaRunner(model, 128)
@@ -99,6 +121,35 @@ def test_the_lean_runner_uses_it_and_a_sequence_s_logits_do_not_depend_on_its_ba
     pruned = runner.forward_batch([Step(alone, a[25:26], rows=torch.tensor([3, 299, 17]))])[0]
     torch.testing.assert_close(pruned, model(input_ids=torch.tensor([a[:26]])).logits[0, 25:, [3, 299, 17]].detach(),
                                rtol=1e-4, atol=1e-4)
+
+
+def test_one_token_steps_attend_through_the_kernel_and_stay_the_same_bits_in_any_batch(monkeypatch):
+    """A pass of one-token steps only (every session decoding) takes the kernel's attention in one call:
+    each session's logits the same bits alone and together, close to torch's attention
+    (CROSSDRAFT_DECODE_KERNEL=0) and to the Hugging Face model."""
+    model, runner = _float32_runner()
+    assert runner.decode_kernel
+    monkeypatch.setenv("CROSSDRAFT_DECODE_KERNEL", "0")
+    plain = LlamaRunner(model, 128)
+    assert not plain.decode_kernel
+    seqs = [[int(t) for t in torch.randint(0, 300, (12 + 5 * i,), generator=torch.Generator().manual_seed(i))]
+            for i in range(3)]
+    out = {}
+    for name, r in (("kernel", runner), ("torch", plain)):
+        caches = [r.new_cache() for _ in seqs]
+        r.forward_batch([Step(c, s[:-1]) for c, s in zip(caches, seqs)])
+        together = r.forward_batch([Step(c, s[-1:]) for c, s in zip(caches, seqs)])
+        for c in caches:
+            c.truncate(c.length - 1)
+        alone = [r.forward_batch([Step(c, s[-1:])])[0] for c, s in zip(caches, seqs)]
+        out[name] = (together, alone)
+    for t, a in zip(*out["kernel"]):
+        assert torch.equal(t, a)
+    for t, a in zip(out["kernel"][0], out["torch"][0]):
+        torch.testing.assert_close(t, a, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        ref = model(input_ids=torch.tensor([seqs[2]])).logits[0, -1:]
+    torch.testing.assert_close(out["kernel"][0][2], ref, rtol=1e-4, atol=1e-4)
 
 
 SCRIPT = r"""

@@ -1,23 +1,31 @@
-"""crossdraft's own CPU kernel (`rows.cpp`): y = x W^T + b, float32, as fast for 1-8 rows as for one.
+"""crossdraft's own CPU kernels: y = x W^T + b as fast for 1-8 rows as for one (`rows.cpp`), and the
+attention of one-token steps (`attend.cpp`), float32.
 
-Owns: building `rows.cpp` once per machine with the C++ compiler against this torch (`load()`), and the
-two operators it registers: `torch.ops.crossdraft.rows_pack(w)` (W [N, K] laid out in panels) and
-`torch.ops.crossdraft.rows_linear(x, packed, n, b)`. `LlamaRunner`'s CPU linear layers use them
-(runner._Linear) for every number of rows.
+Owns: building them once per machine with the C++ compiler against this torch (`load()`), and the
+operators they register: `torch.ops.crossdraft.rows_pack(w)` (W [N, K] laid out in panels),
+`rows_linear(x, packed, n, b)`, and `decode_attend(q, k, v, kcaches, vcaches, layer, starts, scaling)`.
+`LlamaRunner` uses them on a CPU in float32: every linear layer for every number of rows (runner._Linear),
+and the attention of every step of one token (fused._attend). The reference functions here compute the
+same in torch; where the kernels are not built, they stand behind the operators' names, so that code
+naming them still compiles (the runner does not call them then).
 
 Why. A decoding pass reads every weight once; what matters is how many rows ride on each read. Torch's
 kernels (MKL's x @ W^T, oneDNN's prepacked linear) spend about as long on 5 or 8 rows as two or three
-single-row steps. This one streams each panel of W once for all rows, so on the 2-core machine (target-
-bpe8k's 94 MB of weights, one thread) one row takes 3.7 ms against MKL's 6.2, and 8 rows 4.3 ms against
-oneDNN's 7.1 (docs/benchmarks.md). Its rounding does not depend on the rows beside a row, the thread
-count or the instruction set (each output is one FMA chain over k); as each sequence attends over its own
-cache on its own, a session's logits are the same bits whichever sessions share its pass.
+single-row steps. `rows_linear` streams each panel of W once for all rows, so on the 2-core machine
+(target-bpe8k's 94 MB of weights, one thread) one row takes 3.7 ms against MKL's 6.2, and 8 rows 4.3 ms
+against oneDNN's 7.1. A one-token step's attention in torch is about ten operators per sequence and layer;
+`decode_attend` is one call per layer for all of them, and a pass of 8 sequences' steps (250 positions
+cached) went from 10.9 to 7.5 ms (docs/benchmarks.md). Neither kernel's rounding depends on anything but
+the row (sequence, head) it computes: not the rows beside it, the thread count or the instruction set
+(each linear output is one FMA chain over k). So a session's logits are the same bits whichever sessions
+share its pass.
 
 Built with `-march=native` into CROSSDRAFT_KERNEL_CACHE (default ~/.cache/crossdraft/kernels), named by
-a hash of the source, torch's version and this CPU's flags; about ten seconds the first time, then a
-load. Where it cannot be (no compiler, not x86-64 with AVX2 and FMA, CROSSDRAFT_KERNELS=0) `load()` says
-why once in the log and returns False, and the runner keeps torch's kernels. `python -m
-crossdraft.kernels` builds it and checks it against torch (scripts/setup.sh runs it).
+a hash of the sources, torch's version and this CPU's flags; about twenty seconds the first time, then a
+load. Where they cannot be (no compiler, not x86-64 with AVX2 and FMA, CROSSDRAFT_KERNELS=0) `load()`
+says why once in the log and returns False, and the runner keeps torch's kernels
+(CROSSDRAFT_DECODE_KERNEL=0 keeps torch's attention only, to compare). `python -m crossdraft.kernels`
+builds them and checks them against torch (scripts/setup.sh runs it).
 
 Never: changes what a model computes beyond float32 rounding, or runs on anything but a CPU.
 """
@@ -38,7 +46,8 @@ import torch
 
 log = logging.getLogger("crossdraft.kernels")
 
-SOURCE = Path(__file__).with_name("rows.cpp")
+HERE = Path(__file__).parent
+SOURCES = [HERE / "rows.cpp", HERE / "attend.cpp"]  # and the header they share, vec.h
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 _state: dict = {}
 _lock = threading.Lock()
@@ -71,27 +80,47 @@ def load() -> bool:
 COLS = 32  # outputs per panel in the reference layout
 
 
+def reference_rows_pack(w):
+    """`rows_pack` in torch: W [N, K] -> [ceil(N / COLS), K, COLS], zero-padded."""
+    n, k = w.shape
+    panels = -(-n // COLS)
+    padded = torch.zeros(panels * COLS, k, dtype=w.dtype, device=w.device)
+    padded[:n] = w
+    return padded.view(panels, COLS, k).transpose(1, 2).contiguous()
+
+
+def reference_rows_linear(x, packed, n, b):
+    """`rows_linear` in torch (F.linear's rounding, not the kernel's)."""
+    w = packed.transpose(1, 2).reshape(-1, packed.shape[1])[:n]
+    return torch.nn.functional.linear(x, w, b)
+
+
+def reference_decode_attend(q, k, v, kcs, vcs, layer, starts, scaling):
+    """`decode_attend` in torch: each sequence's key and value written at its start, then its attention
+    over positions 0..start of its cache, every head (kv head h // (H / KV))."""
+    out = torch.empty_like(q)
+    g = q.shape[1] // k.shape[1]
+    for b, (kc, vc, start) in enumerate(zip(kcs, vcs, starts)):
+        kc[layer, :, start], vc[layer, :, start] = k[b], v[b]
+        keys = kc[layer, :, : start + 1].repeat_interleave(g, 0)  # [H, end, D]
+        vals = vc[layer, :, : start + 1].repeat_interleave(g, 0)
+        p = torch.softmax((keys @ q[b].unsqueeze(-1)).squeeze(-1) * scaling, dim=-1)  # [H, end]
+        out[b] = (p.unsqueeze(1) @ vals).squeeze(1)
+    return out
+
+
 def _define_reference() -> None:
-    """`crossdraft::rows_pack` and `rows_linear` in Python, where the C++ kernel is not loaded."""
+    """The operators in Python (the reference functions above), where the C++ kernels are not loaded."""
     if hasattr(torch.ops, "crossdraft") and hasattr(torch.ops.crossdraft, "rows_linear"):
         return
     lib = torch.library.Library("crossdraft", "DEF")
     lib.define("rows_pack(Tensor w) -> Tensor")
     lib.define("rows_linear(Tensor x, Tensor packed, int n, Tensor? b) -> Tensor")
-
-    def rows_pack(w):
-        n, k = w.shape
-        panels = -(-n // COLS)
-        padded = torch.zeros(panels * COLS, k, dtype=w.dtype, device=w.device)
-        padded[:n] = w
-        return padded.view(panels, COLS, k).transpose(1, 2).contiguous()
-
-    def rows_linear(x, packed, n, b):
-        w = packed.transpose(1, 2).reshape(-1, packed.shape[1])[:n]
-        return torch.nn.functional.linear(x, w, b)
-
-    lib.impl("rows_pack", rows_pack, "CompositeExplicitAutograd")
-    lib.impl("rows_linear", rows_linear, "CompositeExplicitAutograd")
+    lib.define("decode_attend(Tensor q, Tensor k, Tensor v, Tensor(a!)[] kcs, Tensor(b!)[] vcs, int layer, "
+               "int[] starts, float scaling) -> Tensor")
+    lib.impl("rows_pack", reference_rows_pack, "CompositeExplicitAutograd")
+    lib.impl("rows_linear", reference_rows_linear, "CompositeExplicitAutograd")
+    lib.impl("decode_attend", reference_decode_attend, "CompositeExplicitAutograd")
     _state["reference_lib"] = lib  # a Library is unregistered when collected
 
 
@@ -137,7 +166,8 @@ def _build() -> Path:
     each write their own file, the last rename wins, all identical)."""
     from torch.utils import cpp_extension
 
-    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), torch.__version__.encode(), _cpu_flags().encode(),
+    sources = [p.read_bytes() for p in SOURCES + [HERE / "vec.h"]]
+    key = hashlib.sha256(b"\0".join([*sources, torch.__version__.encode(), _cpu_flags().encode(),
                                      " ".join(FLAGS).encode(), sys.version.encode()])).hexdigest()[:16]
     out_dir = _cache_dir()
     lib = out_dir / f"crossdraft_rows_{key}.so"
@@ -150,7 +180,7 @@ def _build() -> Path:
     libdirs = cpp_extension.library_paths()
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
     os.close(fd)
-    cmd = [cxx, *FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *includes, str(SOURCE), "-o", tmp,
+    cmd = [cxx, *FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *includes, *map(str, SOURCES), "-o", tmp,
            *[f"-L{d}" for d in libdirs], *[f"-Wl,-rpath,{d}" for d in libdirs], "-lc10", "-ltorch_cpu", "-ltorch"]
     log.info("building crossdraft's CPU kernel (once per machine): %s", lib)
     try:
@@ -165,22 +195,30 @@ def _build() -> Path:
 
 
 def _check() -> None:
-    """The loaded kernel against torch's x @ W^T on a few shapes (float32 tolerance), once per process."""
+    """The loaded kernels against the reference functions on a few shapes (float32 tolerance)."""
     g = torch.Generator().manual_seed(0)
     for m, n, k in ((1, 40, 24), (9, 96, 33), (3, 64, 128)):
         x, w, b = (torch.randn(m, k, generator=g), torch.randn(n, k, generator=g), torch.randn(n, generator=g))
         y = torch.ops.crossdraft.rows_linear(x, torch.ops.crossdraft.rows_pack(w), n, b)
         if not torch.allclose(y, x @ w.t() + b, rtol=1e-4, atol=1e-4):
             raise RuntimeError(f"the built kernel disagrees with torch on [{m}x{k}] x [{n}x{k}]^T")
+    q, k, v = torch.randn(2, 4, 24, generator=g), torch.randn(2, 2, 24, generator=g), torch.randn(2, 2, 24, generator=g)
+    caches = [torch.randn(2, 2, 2, 9, 24, generator=g) for _ in range(2)]  # [k or v][layers, KV, capacity, D]
+    args = (q, k, v), 1, [3, 8], 0.2
+    got = torch.ops.crossdraft.decode_attend(*args[0], [c[0] for c in caches], [c[1] for c in caches], *args[1:])
+    want = reference_decode_attend(*args[0], [c[0].clone() for c in caches], [c[1].clone() for c in caches],
+                                   *args[1:])
+    if not torch.allclose(got, want, rtol=1e-4, atol=1e-5):
+        raise RuntimeError("the built decode_attend disagrees with torch")
 
 
 def main() -> int:
-    """`python -m crossdraft.kernels`: build, load and check the kernel; exit 0 when in use, 1 when not."""
+    """`python -m crossdraft.kernels`: build, load and check the kernels; exit 0 when in use, 1 when not."""
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     if load():
-        print("crossdraft CPU kernel: in use")
+        print("crossdraft CPU kernels: in use")
         return 0
-    print(f"crossdraft CPU kernel: not in use ({why_not()}); torch's kernels serve instead")
+    print(f"crossdraft CPU kernels: not in use ({why_not()}); torch's kernels serve instead")
     return 1
 
 

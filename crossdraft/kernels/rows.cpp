@@ -19,33 +19,16 @@
 #include <algorithm>
 #include <array>
 #include <cstring>
-#include <immintrin.h>
 #include <utility>
+
+#include "vec.h"
 
 namespace {
 
 #if defined(__AVX512F__)
-using vec = __m512;
-constexpr int64_t LANES = 16;
-constexpr int ROWS = 8;  // 16 accumulators of 32 registers
-inline vec vzero() { return _mm512_setzero_ps(); }
-inline vec vload(const float* p) { return _mm512_loadu_ps(p); }
-inline vec vset(float x) { return _mm512_set1_ps(x); }
-inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
-inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
-inline void vstore(float* p, vec v) { _mm512_storeu_ps(p, v); }
-#elif defined(__AVX2__) && defined(__FMA__)
-using vec = __m256;
-constexpr int64_t LANES = 8;
-constexpr int ROWS = 6;  // 12 accumulators of 16 registers
-inline vec vzero() { return _mm256_setzero_ps(); }
-inline vec vload(const float* p) { return _mm256_loadu_ps(p); }
-inline vec vset(float x) { return _mm256_set1_ps(x); }
-inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
-inline vec vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
-inline void vstore(float* p, vec v) { _mm256_storeu_ps(p, v); }
+constexpr int ROWS = 8;  // 2 x 8 accumulators of 32 registers
 #else
-#error "crossdraft's row kernel needs x86-64 with AVX2 and FMA (or AVX-512)"
+constexpr int ROWS = 6;  // 2 x 6 accumulators of 16 registers
 #endif
 
 constexpr int64_t COLS = 2 * LANES;  // outputs per panel
