@@ -51,6 +51,9 @@ from .errors import ModelLoadError
 
 FAST_MODEL_TYPES = {"llama", "qwen2", "mistral"}
 BLOCK = 64  # a KV cache grows in whole blocks of this many positions
+# Blocks up to this many tokens (decoding steps, verifications) attend through crossdraft's CPU kernel,
+# longer ones (a prompt's prefill) through torch's matrix products, which do a block's rows together.
+DECODE_ROWS = 16
 # RoPE schemes whose frequencies are fixed once the model is built: its rotary embedding holds them
 # (`inv_freq`, `attention_scaling`, the scaling included), and LlamaRunner's tables are computed from
 # them. "dynamic" (NTK) and "longrope" change them with the length of each forward call, which a KV
@@ -413,7 +416,8 @@ class LlamaRunner(Runner):
         # the decoder layers (crossdraft/fused.py): compiled to run without the GIL where TorchScript is here
         self._stack = fused.layer_stack()
         self._stack_weights = fused.weights(self.layers)
-        # one-token steps' attention through crossdraft's CPU kernel (crossdraft/kernels), where it is built
+        # decoding steps' attention (blocks of up to DECODE_ROWS, not trees) through crossdraft's CPU kernel
+        # (crossdraft/kernels), where it is built
         self.decode_kernel = (self.device.type == "cpu" and self.dtype == torch.float32 and kernels.available()
                               and os.environ.get("CROSSDRAFT_DECODE_KERNEL", "1") != "0")
         self.cache = self.new_cache()
@@ -533,7 +537,8 @@ class LlamaRunner(Runner):
                             [p[1] for p in plan], [p[2] for p in plan], [p[3] for p in plan], [p[4] for p in plan],
                             None if keep is None else keep.to(self.device), self.n_heads, self.n_kv,
                             self.head_dim, self.scaling, self.eps, self.inter, _Linear.PACKED_FROM,
-                            self.decode_kernel)
+                            [self.decode_kernel and s.parents is None and len(s.ids) <= DECODE_ROWS
+                             for s, *_ in plan])
         for s, _, n, _, _ in plan:
             if s.parents is None:  # (a tree's entries are stale from now on)
                 s.cache.length += n

@@ -75,24 +75,30 @@ def test_bad_shapes_are_refused_with_a_message():
 
 @pytest.mark.parametrize("heads,kv,d", [(4, 2, 64), (3, 3, 20), (8, 1, 16)])
 def test_decode_attend_equals_torch_and_writes_each_cache(heads, kv, d):
-    """One-token steps' attention (GQA, a head size that is not a multiple of the vector width): the same
-    as torch's within float32 rounding, each step's key and value written at its position, and each
-    sequence's result the same bits alone as beside the others."""
-    starts, layer, scale = [0, 5, 31], 1, d ** -0.5
-    q, k, v = _rand(3, heads, d, seed=1), _rand(3, kv, d, seed=2), _rand(3, kv, d, seed=3)
+    """Decoding steps' attention (blocks of 1, 3 and 2 rows; GQA; a head size that is not a multiple of
+    the vector width): the same as torch's within float32 rounding, each row's key and value written at
+    its position, and each row the same bits as that token alone, as a one-token step."""
+    starts, ns, layer, scale = [0, 5, 29], [1, 3, 2], 1, d ** -0.5
+    q, k, v = _rand(6, heads, d, seed=1), _rand(6, kv, d, seed=2), _rand(6, kv, d, seed=3)
     kcs = [_rand(2, kv, 32, d, seed=10 + i) for i in range(3)]
     vcs = [_rand(2, kv, 32, d, seed=20 + i) for i in range(3)]
     ref_k, ref_v = [c.clone() for c in kcs], [c.clone() for c in vcs]
-    want = kernels.reference_decode_attend(q, k, v, ref_k, ref_v, layer, starts, scale)
-    got = ops.decode_attend(q, k, v, kcs, vcs, layer, starts, scale)
+    want = kernels.reference_decode_attend(q, k, v, ref_k, ref_v, layer, starts, ns, scale)
+    got = ops.decode_attend(q, k, v, kcs, vcs, layer, starts, ns, scale)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     for a, b in zip(kcs + vcs, ref_k + ref_v):
         assert torch.equal(a, b)
+    row = 0
     for i in range(3):
-        alone = ops.decode_attend(q[i:i + 1], k[i:i + 1], v[i:i + 1], [kcs[i]], [vcs[i]], layer, [starts[i]], scale)
-        assert torch.equal(alone[0], got[i])
-    with pytest.raises(RuntimeError, match="room at its start"):
-        ops.decode_attend(q[:1], k[:1], v[:1], [kcs[0]], [vcs[0]], layer, [32], scale)
+        for r in range(ns[i]):  # row r of block i, as a one-token step at its position (cache already holds
+            alone = ops.decode_attend(q[row:row + 1], k[row:row + 1], v[row:row + 1], [kcs[i]], [vcs[i]],
+                                      layer, [starts[i] + r], [1], scale)  # the rows before it)
+            assert torch.equal(alone[0], got[row])
+            row += 1
+    with pytest.raises(RuntimeError, match="room for its rows"):
+        ops.decode_attend(q[:2], k[:2], v[:2], [kcs[0]], [vcs[0]], layer, [31], [2], scale)
+    with pytest.raises(RuntimeError, match="in order"):
+        ops.decode_attend(q, k, v, kcs, vcs, layer, starts, [1, 1, 1], scale)
 
 
 def _float32_runner():
@@ -123,10 +129,11 @@ def test_the_lean_runner_uses_it_and_a_sequence_s_logits_do_not_depend_on_its_ba
                                rtol=1e-4, atol=1e-4)
 
 
-def test_one_token_steps_attend_through_the_kernel_and_stay_the_same_bits_in_any_batch(monkeypatch):
+def test_decoding_steps_attend_through_the_kernel_and_stay_the_same_bits_in_any_batch(monkeypatch):
     """A pass of one-token steps only (every session decoding) takes the kernel's attention in one call:
     each session's logits the same bits alone and together, close to torch's attention
-    (CROSSDRAFT_DECODE_KERNEL=0) and to the Hugging Face model."""
+    (CROSSDRAFT_DECODE_KERNEL=0) and to the Hugging Face model; and a verification block's rows are the
+    same bits as the same tokens decoded one by one."""
     model, runner = _float32_runner()
     assert runner.decode_kernel
     monkeypatch.setenv("CROSSDRAFT_DECODE_KERNEL", "0")
@@ -150,6 +157,12 @@ def test_one_token_steps_attend_through_the_kernel_and_stay_the_same_bits_in_any
     with torch.no_grad():
         ref = model(input_ids=torch.tensor([seqs[2]])).logits[0, -1:]
     torch.testing.assert_close(out["kernel"][0][2], ref, rtol=1e-4, atol=1e-4)
+    block, steps = runner.new_cache(), runner.new_cache()
+    for c in (block, steps):
+        runner.forward_batch([Step(c, seqs[2][:10])])
+    as_block = runner.forward_batch([Step(block, seqs[2][10:15])])[0]
+    one_by_one = torch.cat([runner.forward_batch([Step(steps, [t])])[0] for t in seqs[2][10:15]])
+    assert torch.equal(as_block, one_by_one)
 
 
 SCRIPT = r"""

@@ -95,17 +95,22 @@ def reference_rows_linear(x, packed, n, b):
     return torch.nn.functional.linear(x, w, b)
 
 
-def reference_decode_attend(q, k, v, kcs, vcs, layer, starts, scaling):
-    """`decode_attend` in torch: each sequence's key and value written at its start, then its attention
-    over positions 0..start of its cache, every head (kv head h // (H / KV))."""
+def reference_decode_attend(q, k, v, kcs, vcs, layer, starts, ns, scaling):
+    """`decode_attend` in torch: each sequence's ns[b] rows' keys and values written at positions
+    starts[b].., then each row's attention over its cache up to its own position, every head (kv head
+    h // (H / KV))."""
     out = torch.empty_like(q)
     g = q.shape[1] // k.shape[1]
-    for b, (kc, vc, start) in enumerate(zip(kcs, vcs, starts)):
-        kc[layer, :, start], vc[layer, :, start] = k[b], v[b]
-        keys = kc[layer, :, : start + 1].repeat_interleave(g, 0)  # [H, end, D]
-        vals = vc[layer, :, : start + 1].repeat_interleave(g, 0)
-        p = torch.softmax((keys @ q[b].unsqueeze(-1)).squeeze(-1) * scaling, dim=-1)  # [H, end]
-        out[b] = (p.unsqueeze(1) @ vals).squeeze(1)
+    row = 0
+    for kc, vc, start, n in zip(kcs, vcs, starts, ns):
+        kc[layer, :, start:start + n] = k[row:row + n].transpose(0, 1)
+        vc[layer, :, start:start + n] = v[row:row + n].transpose(0, 1)
+        for r in range(n):
+            keys = kc[layer, :, : start + r + 1].repeat_interleave(g, 0)  # [H, end, D]
+            vals = vc[layer, :, : start + r + 1].repeat_interleave(g, 0)
+            p = torch.softmax((keys @ q[row + r].unsqueeze(-1)).squeeze(-1) * scaling, dim=-1)  # [H, end]
+            out[row + r] = (p.unsqueeze(1) @ vals).squeeze(1)
+        row += n
     return out
 
 
@@ -117,7 +122,7 @@ def _define_reference() -> None:
     lib.define("rows_pack(Tensor w) -> Tensor")
     lib.define("rows_linear(Tensor x, Tensor packed, int n, Tensor? b) -> Tensor")
     lib.define("decode_attend(Tensor q, Tensor k, Tensor v, Tensor(a!)[] kcs, Tensor(b!)[] vcs, int layer, "
-               "int[] starts, float scaling) -> Tensor")
+               "int[] starts, int[] ns, float scaling) -> Tensor")
     lib.impl("rows_pack", reference_rows_pack, "CompositeExplicitAutograd")
     lib.impl("rows_linear", reference_rows_linear, "CompositeExplicitAutograd")
     lib.impl("decode_attend", reference_decode_attend, "CompositeExplicitAutograd")
@@ -204,7 +209,8 @@ def _check() -> None:
             raise RuntimeError(f"the built kernel disagrees with torch on [{m}x{k}] x [{n}x{k}]^T")
     q, k, v = torch.randn(2, 4, 24, generator=g), torch.randn(2, 2, 24, generator=g), torch.randn(2, 2, 24, generator=g)
     caches = [torch.randn(2, 2, 2, 9, 24, generator=g) for _ in range(2)]  # [k or v][layers, KV, capacity, D]
-    args = (q, k, v), 1, [3, 8], 0.2
+    q, k, v = torch.cat([q, q[:1]]), torch.cat([k, k[:1]]), torch.cat([v, v[:1]])  # 1 row, then 2
+    args = (q, k, v), 1, [3, 6], [1, 2], 0.2
     got = torch.ops.crossdraft.decode_attend(*args[0], [c[0] for c in caches], [c[1] for c in caches], *args[1:])
     want = reference_decode_attend(*args[0], [c[0].clone() for c in caches], [c[1].clone() for c in caches],
                                    *args[1:])
