@@ -1,11 +1,11 @@
 """crossdraft's own CPU kernels: y = x W^T + b as fast for 1-8 rows as for one (`rows.cpp`), and the
-attention of one-token steps (`attend.cpp`), float32.
+attention of decoding steps and verifications (`attend.cpp`), float32.
 
 Owns: building them once per machine with the C++ compiler against this torch (`load()`), and the
 operators they register: `torch.ops.crossdraft.rows_pack(w)` (W [N, K] laid out in panels),
-`rows_linear(x, packed, n, b)`, and `decode_attend(q, k, v, kcaches, vcaches, layer, starts, scaling)`.
+`rows_linear(x, packed, n, b)`, and `decode_attend(q, k, v, kcaches, vcaches, layer, starts, ns, scaling)`.
 `LlamaRunner` uses them on a CPU in float32: every linear layer for every number of rows (runner._Linear),
-and the attention of every step of one token (fused._attend). The reference functions here compute the
+and the attention of every short causal block (a step, a verification: runner.DECODE_ROWS; fused._attend). The reference functions here compute the
 same in torch; where the kernels are not built, they stand behind the operators' names, so that code
 naming them still compiles (the runner does not call them then).
 
@@ -13,18 +13,19 @@ Why. A decoding pass reads every weight once; what matters is how many rows ride
 kernels (MKL's x @ W^T, oneDNN's prepacked linear) spend about as long on 5 or 8 rows as two or three
 single-row steps. `rows_linear` streams each panel of W once for all rows, so on the 2-core machine
 (target-bpe8k's 94 MB of weights, one thread) one row takes 3.7 ms against MKL's 6.2, and 8 rows 4.3 ms
-against oneDNN's 7.1. A one-token step's attention in torch is about ten operators per sequence and layer;
+against oneDNN's 7.1. A decoding step's attention in torch is about ten operators per sequence and layer;
 `decode_attend` is one call per layer for all of them, and a pass of 8 sequences' steps (250 positions
 cached) went from 10.9 to 7.5 ms (docs/benchmarks.md). Neither kernel's rounding depends on anything but
-the row (sequence, head) it computes: not the rows beside it, the thread count or the instruction set
-(each linear output is one FMA chain over k). So a session's logits are the same bits whichever sessions
-share its pass.
+the row (and head) it computes: not the rows beside it, the block it came in, the thread count or the
+instruction set (each linear output is one FMA chain over k, each attention row over its own positions).
+So a session's logits are the same bits whichever sessions share its pass, and a verification's rows the
+same bits as its tokens decoded one by one.
 
 Built with `-march=native` into CROSSDRAFT_KERNEL_CACHE (default ~/.cache/crossdraft/kernels), named by
 a hash of the sources, torch's version and this CPU's flags; about twenty seconds the first time, then a
 load. Where they cannot be (no compiler, not x86-64 with AVX2 and FMA, CROSSDRAFT_KERNELS=0) `load()`
 says why once in the log and returns False, and the runner keeps torch's kernels
-(CROSSDRAFT_DECODE_KERNEL=0 keeps torch's attention only, to compare). `python -m crossdraft.kernels`
+(CROSSDRAFT_DECODE_KERNEL=0 keeps torch's attention alone, to compare). `python -m crossdraft.kernels`
 builds them and checks them against torch (scripts/setup.sh runs it).
 
 Never: changes what a model computes beyond float32 rounding, or runs on anything but a CPU.

@@ -8,9 +8,10 @@
 // block it came in: a verification's row gives what the same token as a one-token step gives.
 //
 // Why: the layers' Python-free loop (crossdraft/fused.py) spends about ten operators per sequence and
-// layer on a one-token step's attention (cache writes, two batched matrix products, softmax, copies);
-// with 8 sequences of 250 positions that is about 500 operators and 40% of a pass. Here it is one call
-// per layer, which reads each cache once.
+// layer on a decoding step's attention (cache writes, two batched matrix products, softmax, copies);
+// with 8 sequences of 250 positions that is about 500 operators and 30% of a pass. Here it is one call
+// per layer. A prompt's long block stays with torch's matrix products (runner.DECODE_ROWS), which do
+// its rows together.
 //
 // Never: allocates more than its output and a score buffer, or keeps state between calls.
 #include <ATen/ATen.h>
