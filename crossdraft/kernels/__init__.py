@@ -5,9 +5,10 @@ Owns: building them once per machine with the C++ compiler against this torch (`
 operators they register: `torch.ops.crossdraft.rows_pack(w)` (W [N, K] laid out in panels),
 `rows_linear(x, packed, n, b)`, and `decode_attend(q, k, v, kcaches, vcaches, layer, starts, ns, scaling)`.
 `LlamaRunner` uses them on a CPU in float32: every linear layer for every number of rows (runner._Linear),
-and the attention of every short causal block (a step, a verification: runner.DECODE_ROWS; fused._attend). The reference functions here compute the
-same in torch; where the kernels are not built, they stand behind the operators' names, so that code
-naming them still compiles (the runner does not call them then).
+and the attention of every short causal block (a step, a verification: runner.DECODE_ROWS;
+fused._attend). The reference functions here compute the same in torch; where the kernels are not built,
+they stand behind the operators' names, so that code naming them still compiles (the runner does not
+call them then).
 
 Why. A decoding pass reads every weight once; what matters is how many rows ride on each read. Torch's
 kernels (MKL's x @ W^T, oneDNN's prepacked linear) spend about as long on 5 or 8 rows as two or three
@@ -55,24 +56,24 @@ _lock = threading.Lock()
 
 
 def available() -> bool:
-    """Whether the kernel is loaded (load() it first)."""
+    """Whether the kernels are loaded (load() them first)."""
     return bool(_state.get("ok"))
 
 
 def why_not() -> Optional[str]:
-    """Why the kernel is not in use, once load() has tried."""
+    """Why the kernels are not in use, once load() has tried."""
     return _state.get("why")
 
 
 def load() -> bool:
-    """Build (once per machine) and load the kernel; False, with the reason logged once, where it cannot be.
-    Either way the two operators exist afterwards (TorchScript code that names them compiles): where the
-    kernel is not in use they are defined in Python, by the same arithmetic, for reference only."""
+    """Build (once per machine) and load the kernels; False, with the reason logged once, where they cannot
+    be. Either way the operators exist afterwards (TorchScript code that names them compiles): where the
+    kernels are not in use, the reference functions stand behind their names (the runner does not call them)."""
     with _lock:
         if "ok" not in _state:
             _state["ok"], _state["why"] = _load()
             if not _state["ok"]:
-                log.warning("crossdraft's CPU kernel is not in use (%s): linear layers use torch's kernels",
+                log.warning("crossdraft's CPU kernels are not in use (%s): the runner uses torch's kernels",
                             _state["why"])
                 _define_reference()
         return _state["ok"]
@@ -168,7 +169,7 @@ def _cache_dir() -> Path:
 
 
 def _build() -> Path:
-    """The shared library for this source, torch and CPU: built if missing (atomically: concurrent builders
+    """The shared library for these sources, torch and CPU: built if missing (atomically: concurrent builders
     each write their own file, the last rename wins, all identical)."""
     from torch.utils import cpp_extension
 
@@ -188,7 +189,7 @@ def _build() -> Path:
     os.close(fd)
     cmd = [cxx, *FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *includes, *map(str, SOURCES), "-o", tmp,
            *[f"-L{d}" for d in libdirs], *[f"-Wl,-rpath,{d}" for d in libdirs], "-lc10", "-ltorch_cpu", "-ltorch"]
-    log.info("building crossdraft's CPU kernel (once per machine): %s", lib)
+    log.info("building crossdraft's CPU kernels (once per machine): %s", lib)
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if done.returncode != 0:
