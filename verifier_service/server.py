@@ -10,7 +10,7 @@ ids and text, sampling parameters, limits) and its own KV cache, admitted under 
 used, up to that). Every session's prefill and rounds are programs run by the model's scheduler
 (`crossdraft.batched.BatchedModel`): whatever rounds wait when the model is free go into one forward
 pass, a long prompt's prefill in chunks of `--max-batch-tokens` (continuous batching); a stream whose
-next proposal is already here (two in flight) has its next round run at once, in the scheduler's
+next proposal is already here (target steps, up to four in flight) has its next round run at once, in the scheduler's
 thread (verifier_service/stream.py). A round's
 outcome depends only on its session's logits and (seed, position) uniforms; batched matrix products may
 round differently in the last bits from one sequence alone. Every verdict carries the verifier's load

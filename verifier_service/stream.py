@@ -6,7 +6,7 @@ Owns: `StreamRounds`, between a stream's two threads and the scheduler:
   (`TargetSessions.round`: taken over -> ABORTED, stale -> an empty verdict without a pass);
 - the handler's thread `get`s each verdict (or the error that ends the stream) and sends it.
 When a round ends and the next proposal is already here (a pipelined session: the target's own steps,
-two in flight), the next round starts in the scheduler's thread at once, in the next pass, without a
+up to four in flight), the next round starts in the scheduler's thread at once, in the next pass, without a
 round trip through this stream's threads; the scheduler does not have to wait for it (its gathering
 wait, crossdraft/scheduler.py). Measured before this, on the 2-core machine: that round trip left the
 verifier idle about 11% of the time at 1 and at 8 clients. When no proposal waits, the program ends and
