@@ -83,6 +83,10 @@ class BatchedModel:
     def submit(self, program):
         return self.scheduler.submit(program)
 
+    def later(self, fn, *args) -> None:
+        """fn(*args) once the programs of the pass in progress have all advanced (Scheduler.later)."""
+        self.scheduler.later(fn, *args)
+
     def allocated(self, caches) -> int:
         """Bytes the given caches hold now (their capacity, not their length)."""
         cap = getattr(self.runner, "capacity", None)

@@ -28,6 +28,13 @@ program before the pass (`runner.check`); an exception in a program's own code f
 a cancelled program (its future cancelled: the session ended) is dropped before the next pass.
 What each pass cost goes to `observer(sequences, tokens, seconds, waits)` (metrics, the load model).
 
+Wake-ups wait for the pass's bookkeeping: a program that ends, or hands something to another thread
+through `later` (a verdict to its stream's sender), wakes that thread only once every program of the
+pass has run on to its next step. Woken earlier, those threads take the GIL at each small tensor op of
+the programs still to run (an argmax, a truncation), and the model waits on each of them in turn:
+measured in the verifier at 8 clients, 2.2 ms per pass of bookkeeping of which 0.6 ms was its own work.
+Woken after, they run while the next pass is in its long matrix products, which release the GIL.
+
 Never: knows what a program is for, or touches sessions, sampling or the wire.
 """
 from __future__ import annotations
@@ -88,6 +95,7 @@ class Scheduler:
         self._incoming: deque = deque()
         self._closed = False
         self._thread: Optional[threading.Thread] = None
+        self._later: Optional[list] = None  # wake-ups held until the pass's programs have all advanced
         self.passes = 0
 
     # --- callers ----------------------------------------------------------------------------------
@@ -105,6 +113,14 @@ class Scheduler:
 
     def run(self, program: Program):
         return self.submit(program).result()
+
+    def later(self, fn: Callable, *args) -> None:
+        """Run fn(*args) once every program of the pass in progress has run on to its next step (see the
+        module docstring), or at once when called outside a pass or from another thread."""
+        if self._later is not None and threading.current_thread() is self._thread:
+            self._later.append((fn, args))
+        else:
+            fn(*args)
 
     def close(self) -> None:
         with self._cond:
@@ -167,12 +183,12 @@ class Scheduler:
                 raise ValueError("a chunked step must ask for the last position's logits only")
         except StopIteration as done:
             e.step = None
-            e.future.set_result(done.value)
+            self.later(e.future.set_result, done.value)
             return
         except BaseException as exc:  # noqa: BLE001 - this program fails, the others go on
             e.step = None
             e.program.close()
-            e.future.set_exception(exc)
+            self.later(e.future.set_exception, exc)
             return
         e.step, e.done, e.since = step, 0, time.perf_counter()
 
@@ -218,9 +234,18 @@ class Scheduler:
                 self.observer(len(chosen), sum(len(s.ids) for _, s in chosen), seconds, waits)
             except Exception:  # noqa: BLE001 - counting must never stop the model
                 log.exception("%s: the pass observer failed", self.name)
-        for (e, piece), logits in zip(chosen, results):
-            if e.step.chunk:
-                e.done += len(piece.ids)
-                if e.done < len(e.step.ids):
-                    continue  # more chunks to go; it keeps its place in the queue
-            self._advance(e, logits)
+        self._later = []
+        try:
+            for (e, piece), logits in zip(chosen, results):
+                if e.step.chunk:
+                    e.done += len(piece.ids)
+                    if e.done < len(e.step.ids):
+                        continue  # more chunks to go; it keeps its place in the queue
+                self._advance(e, logits)
+        finally:
+            held, self._later = self._later, None
+            for fn, args in held:
+                try:
+                    fn(*args)
+                except Exception:  # noqa: BLE001 - one wake-up's failure must not stop the model
+                    log.exception("%s: a wake-up after a pass failed", self.name)

@@ -167,3 +167,35 @@ def test_gathering_for_sessions_away_never_stalls_and_changes_no_result(runner):
 
 def _one(cache, ids, prefill):
     return (yield Step(cache, ids, last=True, chunk=prefill))
+
+
+def test_wake_ups_wait_until_every_program_of_the_pass_has_advanced(runner):
+    """`later` from a program in a pass runs after all the pass's programs have run on to their next
+    step (and a finished program's future is set then too), in the order asked; from elsewhere at once."""
+    events = []
+    sched = Scheduler(runner, max_batch_tokens=512)
+
+    def first():
+        yield Step(runner.new_cache(), [3, 4, 5], last=True)
+        events.append("first advanced")
+        sched.later(events.append, "first's wake-up")
+        sched.later(events.append, "first's second wake-up")
+        yield Step(runner.new_cache(), [6], last=True)
+
+    def second():
+        yield Step(runner.new_cache(), [7, 8], last=True)
+        events.append("second advanced")
+        return "done"
+
+    try:
+        with sched._cond:  # both in the loop's first pass
+            futs = [sched.submit(first()), sched.submit(second())]
+            futs[1].add_done_callback(lambda f: events.append("second's future set"))
+        for f in futs:
+            f.result(timeout=60)
+        assert events == ["first advanced", "second advanced", "first's wake-up", "first's second wake-up",
+                          "second's future set"]
+        sched.later(events.append, "from the test's thread")
+        assert events[-1] == "from the test's thread"
+    finally:
+        sched.close()

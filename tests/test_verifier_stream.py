@@ -29,7 +29,7 @@ class Rounds:
     def __init__(self, runner, finish_at=None, fail_at=None):
         self.scheduler = Scheduler(runner, name="test")
         self.submitted = 0
-        self.model = types.SimpleNamespace(submit=self._submit)
+        self.model = types.SimpleNamespace(submit=self._submit, later=self.scheduler.later)
         self.cache = runner.new_cache()
         self.gate = threading.Event()
         self.finish_at, self.fail_at = finish_at, fail_at

@@ -10,7 +10,8 @@ up to four in flight), the next round starts in the scheduler's thread at once, 
 round trip through this stream's threads; the scheduler does not have to wait for it (its gathering
 wait, crossdraft/scheduler.py). Measured before this, on the 2-core machine: that round trip left the
 verifier idle about 11% of the time at 1 and at 8 clients. When no proposal waits, the program ends and
-the next `put` submits a new one.
+the next `put` submits a new one. The program hands verdicts on through the scheduler's `later`, so the
+stream's handler wakes once the pass's bookkeeping is over (crossdraft/scheduler.py).
 
 Bounded: at most `limit` proposals may be taken off the wire and not yet sent as verdicts (a drafter
 that sends without reading stalls its own stream, not the verifier's memory). The program never
@@ -85,30 +86,41 @@ class StreamRounds:
 
     # --- the scheduler's side ----------------------------------------------------------------------
     def _program(self):
-        """Rounds while proposals wait (a program of crossdraft/scheduler.py, in its thread)."""
+        """Rounds while proposals wait (a program of crossdraft/scheduler.py, in its thread). What it hands
+        to the other threads goes through `later` (the scheduler's wake-ups after a pass), in order: each
+        verdict, then the error or the idle signal that `end` waits for after them."""
+        later = self.sessions.model.later
         normal = False
         try:
             while True:
                 with self._lock:  # the check and the stop in one step: a `put` now submits anew
                     if self._closed or not self._inbox:
                         self._running, normal = False, True
-                        self._idle.set()
-                        return
-                    proposal = self._inbox.popleft()
+                    else:
+                        proposal = self._inbox.popleft()
+                if normal:
+                    later(self._idle_unless_running)
+                    return
                 try:
                     verdict = yield from self.sessions.round(self.sid, proposal, self.mine)
                 except GeneratorExit:
                     raise
                 except BaseException as e:  # noqa: BLE001 - this stream's error, handed to its handler
-                    self._out.put((_END, e))
+                    later(self._out.put, (_END, e))
                     return
                 if verdict.finished:
                     with self._lock:
                         self._closed = True
-                self._out.put((verdict, None))
+                later(self._out.put, (verdict, None))
         finally:
             if not normal:  # an error, or the scheduler closed the program: no more rounds
-                self._stopped()
+                later(self._stopped)
+
+    def _idle_unless_running(self) -> None:
+        """(After the verdicts handed on before it.) Idle, unless a `put` has started a new program since."""
+        with self._lock:
+            if not self._running:
+                self._idle.set()
 
     def _ended(self, fut) -> None:
         """The program's future: an error from outside its rounds (a failed pass, a closed scheduler)."""
