@@ -14,6 +14,14 @@ from typing import Optional
 TOKENS = "tokens"  # same, tli: candidates are target ids, with q under sampling
 TEXT = "text"  # slem: candidates are a string the verifier re-tokenizes
 
+# Target steps (empty proposals, one token each) a session keeps in flight on a Verify stream: the
+# drafter service's (crossdraft/rounds.py) and the gateway's for the target alone. Each commits exactly one
+# token, so the next step's position is known before its verdict. Measured on the 2-core machine, target
+# alone at 8 clients (docs/benchmarks.md): with 2, a verdict's trip back and the next step's trip out often
+# took longer than a pass, so the verifier waited for them; 4 gave 1.11-1.23x the throughput. The verifier
+# takes up to 8 proposals of a stream off the wire ahead of its verdicts (verifier_service/server.py).
+STEPS_IN_FLIGHT = 4
+
 
 @dataclass
 class Proposal:

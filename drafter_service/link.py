@@ -14,15 +14,12 @@ from typing import Optional
 
 from crossdraft import wire
 from crossdraft.errors import Unavailable
-from crossdraft.protocol import Proposal, Verdict
+from crossdraft.protocol import STEPS_IN_FLIGHT, Proposal, Verdict
 from crossdraft.v1 import verifier_pb2
 
 
 class RemoteVerifier:
-    # rounds of the target's own step a session keeps in flight (rounds.run_rounds). Measured on the 2-core
-    # machine, target alone at 8 clients (docs/benchmarks.md): with 2, a verdict's trip through the drafter and
-    # back often took longer than a pass, so the verifier waited for it; 4 gave 1.11-1.23x the throughput.
-    depth = 4
+    depth = STEPS_IN_FLIGHT  # rounds of the target's own step a session keeps in flight (rounds.run_rounds)
 
     def __init__(self, stub, start: wire.SessionStart, context=None):
         """Open the stream; `context`: the RunSession call's, whose end cancels the stream too."""

@@ -3,7 +3,8 @@
 Owns: validating a client's request (before anything is written), placing a session (a drafter member by
 least load, a verifier member by session affinity: `pool.py`), creating it in the session store, running it
 (one `DrafterService.RunSession` call per session, in a background thread, so that a generation goes
-on when its client goes away), appending every committed delta to the session with
+on when its client goes away; a session of the target alone, `none`, on a Verify stream of its own, with
+no drafter: `_verifier_alone`), appending every committed delta to the session with
 `store.commit(expected_len, ...)`, and serving the session's event stream from the store to clients
 (`Generate`, `AttachSession`: both follow the store's events, so any gateway replica can serve them).
 
@@ -50,6 +51,7 @@ from google.protobuf import json_format
 
 from crossdraft import wire
 from crossdraft.errors import Aborted, CrossdraftError, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from crossdraft.protocol import STEPS_IN_FLIGHT
 from crossdraft.seal import Sealer, sealer_from_args
 from crossdraft.serving.channels import TLS, check_plaintext, is_loopback
 from crossdraft.serving.drain import draining_role
@@ -291,7 +293,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         drafter = None
         try:
             verifier = self.verifiers.pick_by_affinity(session_id, req["model"])
-            drafter = self.drafters.pick_least_loaded(req["drafter"])
+            drafter = self._drafter_for(req)
             req = dict(req, drafter_address=drafter, verifier_address=verifier)
             self.store.create(session_id, req, owner=self.owner)
         except BaseException:
@@ -438,7 +440,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     def _run_alone(self, r: "_Run") -> None:
         """The verifier alone; when it fails too (a restarting verifier), wait and try the drafters again."""
         try:
-            r.length, r.finished = self._verifier_alone(r.sid, r.req, r.ids, r.length, r.started, r.t0)
+            self._verifier_alone(r)
         except (SessionClosed, Conflict, _StoreDown):
             raise
         except Exception as e:  # noqa: BLE001 - the verifier is down too: wait, then try all again
@@ -487,6 +489,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             if stopped:
                 raise Stopped(f"session {sid!r} ended at a stop string")
             return length
+
+    def _drafter_for(self, req: dict) -> Optional[str]:
+        """A new run's drafter: the least-loaded member of its pool (counted), or None for the target alone,
+        which runs on the verifier directly (`_verifier_alone`): a drafter would only relay its steps."""
+        if req.get("algorithm") == "none":
+            return None
+        return self.drafters.pick_least_loaded(req.get("drafter", ""))
 
     def _pick_drafter(self, model: str, tried: set, prefer_model: str = "") -> Optional[str]:
         """The least-loaded drafter (serving `model`) not in `tried`, counted; None when none is left."""
@@ -556,16 +565,18 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self.metrics.store_error(op)
         log.warning("session %s: the session store failed at %s: %s", sid, op, e)
 
-    def _verifier_alone(self, sid: str, req: dict, ids: list, length: int, started: Future, t0: float) -> tuple:
-        """Run the session on with no drafter: a Verify stream of empty proposals, one target token a
-        round (the output is the target's, as always). -> (committed length, finished)."""
+    def _verifier_alone(self, r: "_Run") -> None:
+        """Run the session on the verifier with no drafter (a session of the target alone, or one no drafter
+        of its pool can run): a Verify stream of empty proposals, each the target's own step of one token,
+        `STEPS_IN_FLIGHT` of them in flight as the drafter service keeps them (crossdraft/rounds.py), so the
+        verifier finds the session's next step waiting when a pass ends. Each verdict is committed."""
         import queue
 
         from crossdraft.v1 import verifier_pb2, verifier_pb2_grpc
 
-        p = req["params"]
+        p = r.req["params"]
         start = verifier_pb2.VerifyStart(
-            session_id=sid, prompt=req["prompt"], committed_ids=ids, max_new_tokens=req["max_new_tokens"],
+            session_id=r.sid, prompt=r.req["prompt"], committed_ids=r.ids, max_new_tokens=r.req["max_new_tokens"],
             params=common_pb2.SamplingParams(temperature=p["temperature"], top_k=p["top_k"], top_p=p["top_p"],
                                              seed=p["seed"]), algorithm=common_pb2.ALGORITHM_NONE)
         q: "queue.SimpleQueue" = queue.SimpleQueue()
@@ -579,41 +590,56 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             q.put(verifier_pb2.VerifyRequest(proposal=verifier_pb2.Proposal(
                 seq=seq, kind=verifier_pb2.PROPOSAL_KIND_TOKENS)))
 
-        stub = verifier_pb2_grpc.VerifierServiceStub(self.verifiers.channel(req["verifier_address"]))
+        stub = verifier_pb2_grpc.VerifierServiceStub(self.verifiers.channel(r.req["verifier_address"]))
         call = stub.Verify(requests())
         with self._lock:
-            self._calls[sid] = call
+            self._calls[r.sid] = call
         entry = self._watchdog.watch(call, self.first_delta_timeout_s)
-        finished, rounds = False, 0
+        at, rounds, verify_ns = None, 0, 0  # at: the committed length (prompt included) the next verdict starts at
         try:
-            propose(0)  # stale on purpose: its empty verdict says the committed length (prompt included)
+            propose(0)  # stale on purpose: its empty verdict says the committed length
             for resp in call:
                 self._watchdog.kick(entry, self.delta_timeout_s)
                 v = wire.verdict_from_proto(resp.verdict)
-                if not v.ids and not v.finished:
-                    propose(v.seq)
+                if at is None and not v.finished:
+                    if v.ids:
+                        raise Aborted(f"the verifier answered a stale proposal with {len(v.ids)} tokens")
+                    at = v.seq
+                    for seq in range(at, at + STEPS_IN_FLIGHT):
+                        propose(seq)
                     continue
-                rounds += 1
-                finished = v.finished
-                reason = v.finish_reason if finished else ""
-                result = None
-                if finished:
-                    result = {"algorithm": "none", "why": "no drafter could be reached: the verifier alone",
-                              "stats": {"new_tokens": len(ids) + len(v.ids), "rounds": rounds}}
-                length = self._commit(sid, length, list(v.ids), v.text, {"rounds": 1}, finished, reason, result)
-                ids.extend(v.ids)
-                self.metrics.committed(len(v.ids), 1)
-                if not started.done():
-                    started.set_result(None)
-                if finished:
-                    return length, True
-                propose(v.seq + len(v.ids))
+                if at is not None and (v.seq != at or not (len(v.ids) == 1 or v.finished)):
+                    raise Aborted(f"the verifier answered a target step at {v.seq} with {len(v.ids)} tokens, "
+                                  f"expected one at {at}")
+                rounds, verify_ns = rounds + 1, verify_ns + v.verify_ns
+                self._commit_step(r, v, rounds, verify_ns)
+                if r.finished:
+                    return
+                at = v.seq + len(v.ids)
+                propose(at + STEPS_IN_FLIGHT - 1)
             raise Unavailable("the verifier ended the session's stream before it finished")
         finally:
             q.put(None)
             self._watchdog.unwatch(entry)
-            if not finished:
+            if not r.finished:
                 call.cancel()
+
+    def _commit_step(self, r: "_Run", v, rounds: int, verify_ns: int) -> None:
+        """Commit one verdict of `_verifier_alone` (the last with the session's result)."""
+        reason, result = (v.finish_reason if v.finished else ""), None
+        if v.finished:
+            why = "asked for" if r.req["algorithm"] == "none" else "no drafter could be reached: the verifier alone"
+            result = {"algorithm": "none", "why": why,
+                      "stats": {"new_tokens": len(r.ids) + len(v.ids), "rounds": rounds, "verify_ns": verify_ns}}
+        r.length = self._commit(r.sid, r.length, list(v.ids), v.text, {"rounds": 1}, v.finished, reason, result)
+        r.ids.extend(v.ids)
+        self.metrics.committed(len(v.ids), 1)
+        if r.first and v.ids:
+            self.metrics.first_token(time.monotonic() - r.t0)
+            r.first = False
+        r.finished = v.finished
+        if not r.started.done():
+            r.started.set_result(None)
 
     def _adopt_if_orphaned(self, s) -> bool:
         """A queued or running session nobody has written to for `lease_s` (its gateway stopped): claim
@@ -630,7 +656,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             self._active += 1
         try:
             req["verifier_address"] = self.verifiers.pick_by_affinity(s.id, req.get("model", ""))
-            req["drafter_address"] = self.drafters.pick_least_loaded(req.get("drafter", ""))
+            req["drafter_address"] = self._drafter_for(req)
         except BaseException:
             with self._lock:
                 self._active -= 1
@@ -721,7 +747,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             session_id=s.id, status=_STATUS.get(s.status, gateway_pb2.SESSION_STATUS_FINISHED),
             spec=self._spec(s.request), new_tokens=s.length, stats=self._stats(s),
             created_unix_ns=int(s.created * 1e9), updated_unix_ns=int(s.updated * 1e9),
-            drafter_address=s.request.get("drafter_address", ""), verifier_address=s.request.get("verifier_address", ""))
+            drafter_address=s.request.get("drafter_address") or "", verifier_address=s.request.get("verifier_address", ""))
         if include_output:
             dec = codecs.getincrementaldecoder("utf-8")("replace")
             text = dec.decode(s.text, final=s.terminal)

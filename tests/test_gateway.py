@@ -116,6 +116,19 @@ def test_identical_to_in_process(stack, engines, drafter, algorithm, params):
     assert set(out) - {"ids", "session_id"} == set(ref.as_json()) - {"slrs_fallbacks", "slrs_rows"}
 
 
+def test_target_alone_runs_on_the_verifier_directly(stack, engines):
+    """`none` has nothing to draft: the gateway runs it on a Verify stream of its own, target steps in
+    flight (protocol.STEPS_IN_FLIGHT), no drafter placed or counted; the same output and end as in process,
+    its why "asked for" (not the failover's "no drafter could be reached")."""
+    ref = engines["spm"].generate(PROMPT, N, SamplingParams(temperature=1.0, seed=5), "none")
+    with Client(stack["gateway"], timeout=60) as c:
+        out = c.generate(PROMPT, N, 1.0, 5, "none", drafter="drafter-spm")
+        s = c.get_session(out["session_id"], include_output=False)
+    assert out["ids"] == ref.ids and out["text"] == ref.text and out["why"] == "asked for"
+    assert (out["algorithm"], out["rounds"], out["new_tokens"], out["draft_tokens"]) == ("none", N, N, 0)
+    assert s["drafter_address"] == "" and s["verifier_address"] == stack["verifier"]
+
+
 def test_health_and_reflection(stack):
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 

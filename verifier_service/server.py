@@ -60,7 +60,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "generation_config.json")  # its eos_token_id ends generations too (Vocab.load)
 ALGORITHMS = ("same", "tli", "slem", "slrs", "none")
 # Verdicts computed but not yet sent, per stream: a drafter that sends proposals without reading
-# verdicts stalls its own session here instead of growing the verifier's memory.
+# verdicts stalls its own session here instead of growing the verifier's memory. At least the target
+# steps a stream keeps in flight (protocol.STEPS_IN_FLIGHT).
 VERDICT_BUFFER = 8
 
 
