@@ -700,30 +700,24 @@ class RedisStore(SessionStore):
         return tag == "ok"
 
     def read_events(self, session_id, after_offset=0, block_ms=0):
+        """One XREAD from the events at `after_offset` on (entry ids are {offset}-{seq}, seq from 1), waiting
+        while there are none, in chunks (a socket timeout is not a wait's end); the session's existence is
+        checked only when nothing came. A client following a live session costs one round trip an event."""
         self._check_id(session_id)
         self._check_read(after_offset, block_ms)
         h, _, _, kev = self._keys(session_id)
         deadline = time.monotonic() + block_ms / 1000
-
-        def first():
-            p = self._r.pipeline(transaction=True)
-            p.exists(h)
-            p.xrange(kev, min=f"{after_offset}-0", max="+")  # entry ids are {offset}-{seq}
-            return p.execute()
-
-        exists, entries = self._call(first)
-        if not exists:
-            raise NotFound(f"session {session_id!r} not found")
-        out = [e for e in (self._event(i, f) for i, f in entries) if _keep(e, after_offset)]
-        cursor = entries[-1][0] if entries else f"{after_offset}-0"
-        while not out:
+        cursor, out = f"{after_offset}-0", []
+        while True:
             left = int((deadline - time.monotonic()) * 1000)
-            if left <= 0:
-                break
-            res = self._call(self._r.xread, {kev: cursor}, block=min(left, self._block_chunk_ms))
-            for _, got in res or []:
+            block = min(left, self._block_chunk_ms) if left > 0 else None  # None: answer at once
+            for _, got in self._call(self._r.xread, {kev: cursor}, block=block) or []:
                 cursor = got[-1][0]
                 out += [e for e in (self._event(i, f) for i, f in got) if _keep(e, after_offset)]
+            if out or block is None:
+                break
+        if not out and not self._call(self._r.exists, h):
+            raise NotFound(f"session {session_id!r} not found")
         return out
 
     def delete(self, session_id):
