@@ -1,0 +1,95 @@
+"""Where a concurrency level's time goes, through the services: per level, the aggregate tokens/s and
+latencies (`loadbench.run_level`), the verifier's forward seconds and passes (its /metrics), and the CPU
+seconds each process used (/proc, Linux). What docs/benchmarks.md's back-to-back comparisons were made
+with: run it in two checkouts in turn (`--root`), alternating, and compare within the pair.
+
+    .venv/bin/python scripts/where_time_goes.py --algorithm none --levels 1,4,8
+    git worktree add /tmp/old HEAD~1 && (cd /tmp/old && PYTHONPATH=/tmp/old \\
+        /work/main/.venv/bin/python /work/main/scripts/where_time_goes.py --root /tmp/old)
+
+Prints one block per level and writes JSON (--json-out). Never asserts anything about speed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import types
+import urllib.request
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def histogram(url: str, name: str) -> tuple:
+    """(sum, count) of a Prometheus histogram over all its label sets."""
+    total = count = 0.0
+    for line in urllib.request.urlopen(url, timeout=10).read().decode().splitlines():
+        if line.startswith(name + "_sum"):
+            total += float(line.split()[-1])
+        elif line.startswith(name + "_count"):
+            count += float(line.split()[-1])
+    return total, count
+
+
+def level(cl, loadbench, prompts, args, n: int) -> dict:
+    before = {name: cpu_seconds(p.pid) for name, p, _ in cl.procs}
+    me = sum(os.times()[:2])
+    f0 = histogram(cl.metrics["verifier"], "crossdraft_forward_seconds")
+    r = loadbench.run_level(cl.gateway, prompts, args, args.algorithm, args.drafter, n, cl.metrics["verifier"])
+    f1 = histogram(cl.metrics["verifier"], "crossdraft_forward_seconds")
+    cpu = {name: round(cpu_seconds(p.pid) - before[name], 2) for name, p, _ in cl.procs}
+    cpu["client"] = round(sum(os.times()[:2]) - me, 2)
+    return dict(r, forward_s=round(f1[0] - f0[0], 3), passes=int(f1[1] - f0[1]), cpu_s=cpu)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--root", default=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                    help="the checkout to measure (its crossdraft package is imported; default: this one)")
+    ap.add_argument("--zoo", default=os.environ.get("CROSSDRAFT_ZOO", "/work/shared/zoo"))
+    ap.add_argument("--algorithm", default="none", help="the sessions' algorithm (default: none)")
+    ap.add_argument("--drafter", default="drafter-spm4k")
+    ap.add_argument("--levels", default="1,8", help="client counts, comma-separated (default: 1,8)")
+    ap.add_argument("--max-new-tokens", type=int, default=96)
+    ap.add_argument("--requests-per-client", type=int, default=2)
+    ap.add_argument("--json-out", default="", help="write the figures here too")
+    args = ap.parse_args()
+    sys.path.insert(0, args.root)
+    from crossdraft import loadbench
+    from crossdraft.client import Client
+    from crossdraft.local_cluster import LocalCluster
+    from crossdraft.prompts import read_prompts
+
+    levels = [int(x) for x in args.levels.split(",")]
+    prompts = read_prompts(os.path.join(args.zoo, "dev-prompts.jsonl"), chars=800,
+                           limit=max(levels) * args.requests_per_client, min_chars=2000)
+    run_args = types.SimpleNamespace(requests_per_client=args.requests_per_client, algorithm=args.algorithm,
+                                     drafter=args.drafter, max_new_tokens=args.max_new_tokens, temperature=0.0,
+                                     seed=0, draft_tokens=None)
+    cl = LocalCluster(os.path.join(args.zoo, "target-bpe8k"), [os.path.join(args.zoo, args.drafter)], threads=1,
+                      metrics=True, model_args=("--max-sessions", str(max(16, max(levels))))).start()
+    rows = []
+    try:
+        with Client(cl.gateway, timeout=600) as c:  # warm-up
+            c.generate(prompts[0], 8, 0.0, 0, args.algorithm, None, drafter=args.drafter)
+        for n in levels:
+            r = level(cl, loadbench, prompts, run_args, n)
+            rows.append(r)
+            print(f"C={n} {args.algorithm}: {r['tokens_per_second']} tok/s in {r['seconds']} s, itl p50/p95 "
+                  f"{r['itl_p50_ms']}/{r['itl_p95_ms']} ms, batch {r['verifier_batch']}, tok/rnd {r['tokens_per_round']}")
+            print(f"    verifier forward {r['forward_s']} s in {r['passes']} passes; CPU s: "
+                  + ", ".join(f"{k} {v}" for k, v in r["cpu_s"].items()), flush=True)
+    finally:
+        cl.stop()
+    if args.json_out:
+        with open(args.json_out, "w") as fh:
+            json.dump({"root": args.root, "algorithm": args.algorithm, "results": rows}, fh, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
