@@ -152,7 +152,8 @@ _WHY_NO_IMAGE = _docker_ready()
 def test_image_serves_a_generation_identical_to_the_engine(redis_server):
     """Verifier, drafter and gateway as containers of the image (non-root, read-only root, no
     capabilities, host network on loopback), sessions in a real redis-server: the image's HEALTHCHECK
-    turns healthy, a generation through the gateway equals the in-process engine's, SIGTERM exits 0."""
+    turns healthy, a generation through the gateway equals the in-process engine's, the model services
+    run crossdraft's CPU kernels built ahead (the image has no compiler), SIGTERM exits 0."""
     from crossdraft.client import Client
     from crossdraft.engine import Engine
     from crossdraft.sampling import SamplingParams
@@ -186,6 +187,11 @@ def test_image_serves_a_generation_identical_to_the_engine(redis_server):
         engine = Engine.load(str(ZOO / "target-bpe8k"), str(ZOO / "drafter-spm4k"), device="cpu")
         ref = engine.generate(prompt, 32, SamplingParams(0.0, 0, 1.0, 0).validate(), "none")
         assert out["ids"] == ref.ids and out["text"] == ref.text
+        for role in ("verifier", "drafter"):  # crossdraft's CPU kernels, built ahead in the image (no compiler here)
+            logs = subprocess.run(["docker", "logs", names[role]], capture_output=True, text=True, timeout=30)
+            said = logs.stdout + logs.stderr
+            assert "CPU kernels, built ahead: /opt/crossdraft/share/crossdraft/kernels/" in said, said[-2000:]
+            assert "not in use" not in said, said[-2000:]
         for role in runs:
             subprocess.run(["docker", "stop", "-t", "30", names[role]], check=True, capture_output=True, timeout=60)
             code = subprocess.run(["docker", "inspect", names[role], "--format", "{{.State.ExitCode}}"],

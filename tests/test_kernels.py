@@ -196,6 +196,25 @@ def test_python_m_crossdraft_kernels_builds_and_checks_it():
     assert out.returncode == 0 and "in use" in out.stdout, out.stdout + out.stderr
 
 
+def test_kernels_built_ahead_load_where_no_compiler_is(tmp_path):
+    """`--prebuild DIR` (what the container image does while it has a compiler) writes libraries that a
+    process with no compiler (CXX=false) and an empty cache loads and checks; without them the same process
+    cannot build and keeps torch's kernels (the negative control)."""
+    ahead, cache = tmp_path / "ahead", tmp_path / "cache"
+    built = subprocess.run([sys.executable, "-m", "crossdraft.kernels", "--prebuild", str(ahead)],
+                           capture_output=True, text=True, timeout=900)
+    assert built.returncode == 0, built.stdout + built.stderr
+    libs = sorted(ahead.glob("*.so"))
+    assert sorted(p.name.split("_")[2] for p in libs) == ["avx2", "avx512"]
+    assert all(p.stat().st_mode & 0o044 == 0o044 for p in libs)  # others (a container's user) may load them
+    no_compiler = dict(os.environ, CXX="false", CROSSDRAFT_KERNEL_CACHE=str(cache))
+    for prebuilt, code, said in ((str(ahead), 0, "in use"), (str(tmp_path / "none"), 1, "not in use")):
+        out = subprocess.run([sys.executable, "-m", "crossdraft.kernels"], capture_output=True, text=True,
+                             timeout=300, env=dict(no_compiler, CROSSDRAFT_KERNEL_PREBUILT=prebuilt))
+        assert out.returncode == code and said in out.stdout, out.stdout + out.stderr
+    assert not list(cache.glob("*.so"))  # nothing was built here
+
+
 def test_a_step_that_wants_its_last_row_only_gives_the_same_bits_and_the_same_cache():
     """A prompt's prefill (`last`) skips the final layer's output projection and MLP for every row but its
     last (runner._wanted): its logits and its cache entries are the same bits as a pass over every row."""

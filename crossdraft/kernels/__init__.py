@@ -24,7 +24,11 @@ same bits as its tokens decoded one by one.
 
 Built with `-march=native` into CROSSDRAFT_KERNEL_CACHE (default ~/.cache/crossdraft/kernels), named by
 a hash of the sources, torch's version and this CPU's flags; about twenty seconds the first time, then a
-load. Where they cannot be (no compiler, not x86-64 with AVX2 and FMA, CROSSDRAFT_KERNELS=0) `load()`
+load. Or built ahead, for any x86-64 CPU with AVX2 and FMA (and one with AVX-512 too), where a compiler
+is at hand and the machines that run them have none (the container image: docker/Dockerfile):
+`python -m crossdraft.kernels --prebuild [DIR]` writes both into DIR (default CROSSDRAFT_KERNEL_PREBUILT,
+else share/crossdraft/kernels under the Python environment's prefix), and `load()` takes the one this CPU
+can run from there before it builds anything. Where they cannot be (no compiler, not x86-64 with AVX2 and FMA, CROSSDRAFT_KERNELS=0) `load()`
 says why once in the log and returns False, and the runner keeps torch's kernels
 (CROSSDRAFT_DECODE_KERNEL=0 keeps torch's attention alone, to compare). `python -m crossdraft.kernels`
 builds them and checks them against torch (scripts/setup.sh runs it).
@@ -51,6 +55,10 @@ log = logging.getLogger("crossdraft.kernels")
 HERE = Path(__file__).parent
 SOURCES = [HERE / "rows.cpp", HERE / "attend.cpp"]  # and the header they share, vec.h
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+# built ahead (`prebuild`): the instruction sets a CPU must have for each, the best first
+PREBUILT = {"avx512": (["-O3", "-mavx512f", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c++17"],
+                       {"avx512f", "avx2", "fma"}),
+            "avx2": (["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c++17"], {"avx2", "fma"})}
 _state: dict = {}
 _lock = threading.Lock()
 
@@ -139,8 +147,14 @@ def _load() -> tuple:
     if not _cpu_ok():
         return False, "this CPU is not x86-64 with AVX2 and FMA"
     try:
-        lib = _build()
-        torch.ops.load_library(str(lib))
+        lib = _prebuilt()
+        try:
+            torch.ops.load_library(str(lib or _build()))
+        except OSError as e:  # a library built ahead this system cannot load: build one here instead
+            if lib is None:
+                raise
+            log.warning("crossdraft's CPU kernels built ahead do not load here (%s): building them", e)
+            torch.ops.load_library(str(_build()))
         _check()
     except Exception as e:  # noqa: BLE001 - any failure leaves torch's kernels, said once
         return False, f"{type(e).__name__}: {str(e).strip()[-400:]}"
@@ -168,37 +182,76 @@ def _cache_dir() -> Path:
     return Path(base)
 
 
+def _prebuilt_dir() -> Path:
+    return Path(os.environ.get("CROSSDRAFT_KERNEL_PREBUILT") or os.path.join(sys.prefix, "share", "crossdraft",
+                                                                             "kernels"))
+
+
+def _key(flags: list, cpu: str) -> str:
+    """What a built library depends on: the sources, torch, Python, the flags (and, built here, the CPU)."""
+    sources = [p.read_bytes() for p in SOURCES + [HERE / "vec.h"]]
+    return hashlib.sha256(b"\0".join([*sources, torch.__version__.encode(), cpu.encode(), " ".join(flags).encode(),
+                                      sys.version.encode()])).hexdigest()[:16]
+
+
+def _prebuilt() -> Optional[Path]:
+    """The library built ahead for these sources and torch that this CPU can run, if there is one."""
+    have = set(_cpu_flags().split())
+    for name, (flags, needs) in PREBUILT.items():
+        lib = _prebuilt_dir() / f"crossdraft_rows_{name}_{_key(flags, '')}.so"
+        if needs <= have and lib.exists():
+            log.info("crossdraft's CPU kernels, built ahead: %s", lib)
+            return lib
+    return None
+
+
 def _build() -> Path:
-    """The shared library for these sources, torch and CPU: built if missing (atomically: concurrent builders
-    each write their own file, the last rename wins, all identical)."""
+    """The shared library for these sources, torch and CPU, built here if missing (`_compile`)."""
+    lib = _cache_dir() / f"crossdraft_rows_{_key(FLAGS, _cpu_flags())}.so"
+    if not lib.exists():
+        log.info("building crossdraft's CPU kernels (once per machine): %s", lib)
+        _compile(FLAGS, lib)
+    return lib
+
+
+def _compile(flags: list, lib: Path) -> None:
+    """Compile the sources into `lib` (atomically: concurrent builders each write their own file, the last
+    rename wins, all identical)."""
     from torch.utils import cpp_extension
 
-    sources = [p.read_bytes() for p in SOURCES + [HERE / "vec.h"]]
-    key = hashlib.sha256(b"\0".join([*sources, torch.__version__.encode(), _cpu_flags().encode(),
-                                     " ".join(FLAGS).encode(), sys.version.encode()])).hexdigest()[:16]
-    out_dir = _cache_dir()
-    lib = out_dir / f"crossdraft_rows_{key}.so"
-    if lib.exists():
-        return lib
-    out_dir.mkdir(parents=True, exist_ok=True)
+    lib.parent.mkdir(parents=True, exist_ok=True)
     cxx = os.environ.get("CXX", "c++")
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     includes = [f"-I{p}" for p in cpp_extension.include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
     libdirs = cpp_extension.library_paths()
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
     os.close(fd)
-    cmd = [cxx, *FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *includes, *map(str, SOURCES), "-o", tmp,
+    cmd = [cxx, *flags, f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *includes, *map(str, SOURCES), "-o", tmp,
            *[f"-L{d}" for d in libdirs], *[f"-Wl,-rpath,{d}" for d in libdirs], "-lc10", "-ltorch_cpu", "-ltorch"]
-    log.info("building crossdraft's CPU kernels (once per machine): %s", lib)
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if done.returncode != 0:
             raise RuntimeError(f"{cxx} failed: {done.stderr.strip()[-400:]}")
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o755 & ~mask)  # as a linker leaves it (mkstemp made it 0600): others load it too
         os.replace(tmp, lib)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return lib
+
+
+def prebuild(out_dir: Optional[str] = None) -> list:
+    """Build the libraries of `PREBUILT` into `out_dir` (default: where `load()` looks for them), for
+    machines without a compiler; -> their paths. Needs a compiler, not the CPUs they are for."""
+    out = Path(out_dir) if out_dir else _prebuilt_dir()
+    libs = []
+    for name, (flags, _) in PREBUILT.items():
+        lib = out / f"crossdraft_rows_{name}_{_key(flags, '')}.so"
+        log.info("building crossdraft's CPU kernels for %s CPUs: %s", name, lib)
+        _compile(flags, lib)
+        libs.append(lib)
+    return libs
 
 
 def _check() -> None:
@@ -220,13 +273,31 @@ def _check() -> None:
         raise RuntimeError("the built decode_attend disagrees with torch")
 
 
-def main() -> int:
-    """`python -m crossdraft.kernels`: build, load and check the kernels; exit 0 when in use, 1 when not."""
+def main(argv: Optional[list] = None) -> int:
+    """`python -m crossdraft.kernels [--prebuild [DIR]]`: build, load and check the kernels, exit 0 when in
+    use and 1 when not; with --prebuild, build them ahead into DIR (see the package docstring), exit 0 once
+    built, and say whether they run here."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m crossdraft.kernels", description="Build, load and check "
+                                 "crossdraft's CPU kernels (exit 0: in use, 1: torch's kernels serve instead), "
+                                 "or build them ahead for machines without a compiler.")
+    ap.add_argument("--prebuild", nargs="?", const="", metavar="DIR", default=None,
+                    help="first build them ahead for any x86-64 CPU with AVX2 and FMA (and with AVX-512) into DIR "
+                         f"(default: $CROSSDRAFT_KERNEL_PREBUILT, else {_prebuilt_dir()}), for machines "
+                         "without a compiler")
+    args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    if args.prebuild is not None:
+        if args.prebuild:
+            os.environ["CROSSDRAFT_KERNEL_PREBUILT"] = args.prebuild
+        for lib in prebuild():
+            print(f"built ahead: {lib}")
+        # built; whether this machine can run them is only said (it may build for other CPUs)
+        print("crossdraft CPU kernels on this machine: " + ("in use" if load() else f"not in use ({why_not()})"))
+        return 0
     if load():
         print("crossdraft CPU kernels: in use")
         return 0
     print(f"crossdraft CPU kernels: not in use ({why_not()}); torch's kernels serve instead")
     return 1
-
-
