@@ -438,7 +438,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         return now
 
     def _run_alone(self, r: "_Run") -> None:
-        """The verifier alone; when it fails too (a restarting verifier), wait and try the drafters again."""
+        """The verifier alone; when it fails too (a restarting verifier), wait and try again: the drafters
+        too, unless the session is of the target alone (`none`), which stays on a verifier."""
         try:
             self._verifier_alone(r)
         except (SessionClosed, Conflict, _StoreDown):
@@ -453,7 +454,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             r.backoff = min(2.0, r.backoff * 2)
             r.tried.clear()
             self._repick_verifier(r)
-            r.drafter = self._pick_drafter(r.req["drafter"], r.tried)
+            if r.req["algorithm"] != "none":
+                r.drafter = self._pick_drafter(r.req["drafter"], r.tried)
 
     def _commit(self, sid: str, expected_len: int, ids: list, text: bytes, counters: dict, finished: bool,
                 reason: str, result: Optional[dict] = None, resume: Optional[dict] = None) -> int:

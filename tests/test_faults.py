@@ -26,6 +26,7 @@ import pytest
 from crossdraft.client import Client
 from crossdraft.engine import Engine
 from crossdraft.sampling import SamplingParams
+from crossdraft.v1 import common_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from test_services import ROOT, free_port, save_model
 
@@ -189,6 +190,28 @@ def test_verifier_killed_and_restarted(cluster, engine, algorithm, params):
     out = generate_with_fault(cluster, fault, params, algorithm)
     sid = check_identical(engine, out, params, algorithm)
     assert f"session {sid}: drafter" in cluster.log("gateway")  # it failed over, then resumed
+
+
+def test_target_alone_verifier_killed_and_restarted(cluster, engine):
+    """A `none` session runs on the verifier with no drafter: the verifier killed mid-generation, the
+    gateway waits and resumes it there from the committed ids, still without a drafter. Output identical."""
+    def fault():
+        cluster.kill("verifier")
+        cluster.restart("verifier")
+
+    from test_metrics import scrape, value
+
+    def drafter_sessions() -> float:
+        return sum(value(scrape(f"http://127.0.0.1:{cluster.metrics[d]}/metrics"), "crossdraft_sessions_started_total")
+                   for d in ("d1", "d2"))
+
+    before = drafter_sessions()
+    assert before > 0  # (the earlier tests' sessions: the metric is read right)
+    out = generate_with_fault(cluster, fault, algorithm="none")
+    sid = check_identical(engine, out, algorithm="none")
+    assert f"session {sid}: the verifier alone failed too" in cluster.log("gateway")
+    assert out[2].algorithm == common_pb2.ALGORITHM_NONE and out[2].why == "asked for"
+    assert drafter_sessions() == before  # neither drafter ran any of it
 
 
 def test_gateway_killed_client_reattaches(cluster, engine):
