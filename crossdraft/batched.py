@@ -10,14 +10,33 @@ Never: knows what a session is for (verification or drafting), imports grpc or m
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 from .errors import InvalidArgument
 from .kvbudget import KVBudget, default_budget
-from .load import CostModel
-from .runner import KVCache, Runner
+from .load import MIN_PASSES, CostModel
+from .runner import KVCache, Runner, Step
 from .scheduler import DEFAULT_MAX_BATCH_TOKENS, Scheduler
+
+PRIME_SIZES = (2, 3, 4, 6, 8, 12, 16, 24)  # tokens of the passes `prime_cost` times: a spread, MIN_PASSES of them
+assert len(PRIME_SIZES) >= MIN_PASSES
+
+
+def prime_cost(cost: CostModel, runner: Runner) -> None:
+    """Seed `cost` with passes of a few sizes timed on a scratch cache, before any session runs (the runner
+    must be free: at a service's load, or before a batch starts). Without it the load cap has no price
+    for a busy start's first rounds (the fit needs MIN_PASSES passes of several sizes), and each of them
+    drafts at full length, its drafter prefilling the whole prompt for a round of little gain. One
+    sequence a pass, every row's logits (as a verification): on the weights, which dominate a pass, as
+    many rows of many sequences cost about the same. Real passes outweigh these within a few dozen."""
+    vocab = max(1, getattr(runner, "vocab_size", 2) - 1)
+    for n in PRIME_SIZES:
+        ids = [1 + i % vocab for i in range(n)]
+        t0 = time.perf_counter()
+        runner.forward_batch([Step(runner.new_cache(), ids)])
+        cost.prime(n, time.perf_counter() - t0)
 
 
 @dataclass(frozen=True)

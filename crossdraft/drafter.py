@@ -61,6 +61,24 @@ class DraftKV:
         self.cache = runner.new_cache()
 
 
+class DraftCosts:
+    """What drafting costs with one drafter model, over all its sessions (its forks share it), for the load
+    cap (`rounds`, `load.draft_cap`): seconds per context token a draft first brings into its cache (the
+    prompt at a session's first draft, the text committed since its last), and per drafted token after
+    that. Exponentially weighted; None until measured. Its floats are replaced whole (no lock needed)."""
+
+    WEIGHT = 0.2
+
+    def __init__(self):
+        self.catchup_s: Optional[float] = None
+        self.step_s: Optional[float] = None
+
+    def note(self, name: str, seconds: float, n: int) -> None:
+        if n > 0:
+            x, old = seconds / n, getattr(self, name)
+            setattr(self, name, x if old is None else old + self.WEIGHT * (x - old))
+
+
 class Drafter:
     def __init__(self, runner: Runner, vocab: Vocab, target_vocab: Vocab, mode: str,
                  draft_top_k: int = 0, window: int = 4, min_confidence: float = 0.0,
@@ -90,6 +108,7 @@ class Drafter:
         self.kv = DraftKV(runner)
         self._behind_ids: list = []  # committed while another drafter ran (`defer`), not yet observed
         self._behind_text = b""
+        self.costs = DraftCosts()  # shared with every fork
 
     @property
     def kv_ids(self) -> list:
@@ -184,11 +203,21 @@ class Drafter:
         """The LM head rows this drafter drafts from: tli's intersection, or None (the whole head)."""
         return self.inter.rows if self.mode == "tli" else None
 
+    def pending(self) -> int:
+        """About the context tokens the next draft runs before its first guess: the whole prompt at a
+        session's first draft, then what was committed since the last (the load cap prices them: `rounds`).
+        Counts what is deferred in target tokens, so that asking every round costs no re-tokenization."""
+        return len(self.ctx) - self._keep(self.ctx) + len(self._behind_ids)
+
+    def _keep(self, ctx: list) -> int:
+        """Cache positions a draft after `ctx` keeps: the common prefix, less the last context token, which
+        runs again for its logits."""
+        keep = _lcp(self.kv_ids, ctx)
+        return keep - 1 if keep == len(ctx) else keep
+
     def _logits_after(self, ctx: list):
         """Program: the drafter's logits after `ctx`, its cache brought there (only past the common prefix)."""
-        keep = _lcp(self.kv_ids, ctx)
-        if keep == len(ctx):
-            keep -= 1  # the last context token must be run again for its logits
+        keep = self._keep(ctx)
         self.kv.cache.truncate(min(keep, self.kv.cache.length))
         logits = yield Step(self.kv.cache, ctx[keep:], last=True, rows=self.rows)
         self.kv_ids = list(ctx)
@@ -209,7 +238,10 @@ class Drafter:
             return Proposal(seq=self.committed, kind=TEXT if text else TOKENS)
         if self.mode == "slrs" and not greedy:
             return (yield from self._draft_slrs(k, t0))
+        catchup_tokens = len(self.ctx) - self._keep(self.ctx)
         logits = yield from self._logits_after(self.ctx)
+        catchup_ns = time.perf_counter_ns() - t0
+        self.costs.note("catchup_s", catchup_ns / 1e9, catchup_tokens)
         rows, q_ids, q_probs = [], [], []
         eos = False
         inter = self.inter
@@ -237,14 +269,14 @@ class Drafter:
                 self.kv_ids.append(d_id)
         drafted = len(rows)
         ns = time.perf_counter_ns() - t0
+        self.costs.note("step_s", (ns - catchup_ns) / 1e9, drafted - 1)  # the first came with the catch-up
+        stats = dict(drafted=drafted, draft_ns=ns, catchup_ns=catchup_ns, catchup_tokens=catchup_tokens)
         if text:
             ids = rows[:-1] if eos else rows
-            return Proposal(seq=self.committed, kind=TEXT, text=self.vocab.bytes_of(ids), eos=eos,
-                            drafted=drafted, draft_ns=ns)
+            return Proposal(seq=self.committed, kind=TEXT, text=self.vocab.bytes_of(ids), eos=eos, **stats)
         tids = [inter.target_list[r] for r in rows] if inter is not None else rows
         return Proposal(seq=self.committed, kind=TOKENS, target_ids=tids,
-                        q_ids=None if greedy else q_ids, q_probs=None if greedy else q_probs,
-                        drafted=drafted, draft_ns=ns)
+                        q_ids=None if greedy else q_ids, q_probs=None if greedy else q_probs, **stats)
 
     def _tree(self, base: list, tree_ids: list, parents: list):
         """Program: the logits of a token tree after `base` (the cache brought to base first); node by

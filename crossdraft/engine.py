@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from .auto import LENGTHS, AutoMemory, AutoState, arm_name, mode_key
+from .batched import prime_cost
 from .drafter import Drafter
 from .errors import FailedPrecondition, InvalidArgument, Unimplemented
 from .load import CostModel
@@ -249,6 +250,8 @@ class Engine:
         if len(plist) != len(prompts):
             raise InvalidArgument("give one SamplingParams for all prompts or one per prompt")
         cost = CostModel()
+        if concurrency > 1:  # the load cap prices the first rounds too (batched.prime_cost)
+            prime_cost(cost, self.target_runner)
         live = _Count()  # sessions running: each submits a round after each verdict (the scheduler gathers them)
         target = Scheduler(self.target_runner, max_batch_tokens, "target", observer=cost.observe,
                            expected=live.get)

@@ -18,7 +18,13 @@ target tokens of which a fraction alpha is accepted position by position, commit
 and takes, of a pass shared by B sequences, fixed / B + per_token x (1 + r k), plus its drafting,
 d x k / B (alone, a round drafts and then verifies; with many sessions the drafter works on one while
 the target verifies another). Where the target's own steps are kept in flight (the services), a
-round that drafts also misses a pass it would have been in (fixed / B + per_token more). The cap is
+round that drafts also misses a pass it would have been in (fixed / B + per_token more). A round that
+drafts first brings the drafter's cache to the committed text, c / B more: the whole prompt at a
+session's first draft, which under load no round of a few candidates pays back. Measured on the 2-core
+machine, 16 prompts 8 at a time in process, greedy, drafter-spm4k: before this term (and before the
+verifier's cost model was primed: `batched.prime_cost`) 19 first rounds drafted, each prefilling its
+drafter, and slem ran at 0.88x-0.98x of the target alone, auto at 0.86x-0.95x; with both, 3 and
+0.98x-0.99x. The cap is
 the k in 0..k_max with the most committed tokens per unit of that time. It is off below `SHARED`
 sequences per pass: alone, a session's adaptive length (and `auto`, whose arms include the target's
 own step) already measure what pays. Where a shared pass costs about the same for 1 token a session
@@ -77,8 +83,17 @@ class CostModel:
         with self._lock:
             self._seq_w = self._seq_w * d + 1.0
             self._seq = self._seq * d + sequences
-            if tokens <= 1:
-                return
+        if tokens > 1:
+            self._fit(tokens, seconds)
+
+    def prime(self, tokens: int, seconds: float) -> None:
+        """A pass timed before any session (`batched.prime_cost`): into the fit only, not the sequences per
+        pass, which only real passes tell."""
+        self._fit(tokens, seconds)
+
+    def _fit(self, tokens: int, seconds: float) -> None:
+        d = self.decay
+        with self._lock:
             self.n += 1
             self._w = self._w * d + 1.0
             self._x = self._x * d + tokens
@@ -88,7 +103,7 @@ class CostModel:
 
     def hint(self) -> Optional[LoadHint]:
         with self._lock:
-            if self.n < MIN_PASSES:
+            if self.n < MIN_PASSES or self._seq_w <= 0:
                 return None
             w, mx, my = self._w, self._x / self._w, self._y / self._w
             var = self._xx / w - mx * mx
@@ -116,14 +131,17 @@ def acceptance(accepted: int, candidates: int, rounds_short: int) -> float:
 
 
 def draft_cap(hint: Optional[LoadHint], alpha: float, ratio: float, k_max: int, draft_s: float = 0.0,
-              pipelined: bool = False) -> int:
+              pipelined: bool = False, catchup_s: float = 0.0) -> int:
     """The draft length in 0..k_max with the most committed tokens per unit of time (see the module
     docstring); k_max when there is no measured load yet or no sharing. `ratio`: candidate target
     tokens per drafted token (about 1 for same and tli; slem's drafter tokens are often shorter);
     `draft_s`: the session's drafting time per drafted token. `pipelined`: the session's target steps
     are kept in flight (`rounds.run_rounds` over a link of depth > 1), so each is in every pass, and a
     round that drafts leaves the pass after its previous verdict (it waits for that verdict, drafts,
-    and sends): it costs one more share of a pass, whose slot the target's own step would have used."""
+    and sends): it costs one more share of a pass, whose slot the target's own step would have used.
+    `catchup_s`: what the drafter spends before its first guess, bringing its cache to the committed text
+    (the whole prompt at a session's first draft): charged to a round that drafts, so that under load a
+    session does not prefill its drafter for a round or two of little gain."""
     if hint is None or k_max <= 0 or hint.sequences < SHARED:
         return max(0, k_max)
     b = hint.sequences
@@ -132,7 +150,7 @@ def draft_cap(hint: Optional[LoadHint], alpha: float, ratio: float, k_max: int, 
     best_k, best = 0, 0.0
     for k in range(0, k_max + 1):
         cands = ratio * k
-        cost = share + hint.token_s * (1.0 + cands) + draft_s * k / b + (skipped if k else 0.0)
+        cost = share + hint.token_s * (1.0 + cands) + draft_s * k / b + ((skipped + catchup_s / b) if k else 0.0)
         if cost <= 0:
             return k_max
         rate = (1.0 + expected_accepted(alpha, cands)) / cost

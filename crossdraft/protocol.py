@@ -34,6 +34,9 @@ class Proposal:
     eos: bool = False  # TEXT: the drafter drafted its end-of-sequence after the text
     drafted: int = 0  # drafter tokens drafted (drafter forward passes)
     draft_ns: int = 0
+    # drafter-local (not on the wire): of draft_ns, bringing the drafter's cache to the committed text first
+    catchup_ns: int = 0
+    catchup_tokens: int = 0  # drafter context tokens that took
     # slrs, drafter-local statistics (not needed by the verifier, not on the wire):
     psi_ns: int = 0  # of draft_ns: computing the proposal distributions r (tree exploration)
     psi_forward_ns: int = 0  # of psi_ns: the drafter forward passes of that exploration

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
 from .errors import Aborted
-from .load import LoadHint, acceptance, draft_cap
+from .load import SHARED, LoadHint, acceptance, draft_cap
 from .protocol import TOKENS, Proposal, Verdict
 from .scheduler import Scheduler, drive
 from .verifier import Verifier
@@ -51,6 +51,7 @@ class RoundStats:
     drafted: int = 0  # drafter tokens drafted
     short_rounds: int = 0  # rounds with candidates that did not accept them all
     draft_ns: int = 0
+    catchup_ns: int = 0  # of draft_ns: bringing the drafter's cache to the committed text first
     verify_ns: int = 0
     bridge_ns: int = 0
     network_ns: int = 0  # the services only: round trip minus the verifier's time
@@ -64,6 +65,7 @@ class RoundStats:
         """Count one round (proposal None: the target alone)."""
         if proposal is not None:
             self.draft_ns += proposal.draft_ns
+            self.catchup_ns += proposal.catchup_ns
             self.drafted += proposal.drafted
             self.psi_ns += getattr(proposal, "psi_ns", 0)
             self.psi_forward_ns += getattr(proposal, "psi_forward_ns", 0)
@@ -86,14 +88,25 @@ class RoundStats:
             out.update(psi_s=self.psi_ns / 1e9, psi_forward_s=self.psi_forward_ns / 1e9)
         return out
 
-    def load_cap(self, hint: Optional[LoadHint], k: int, pipelined: bool = False) -> int:
-        """This session's draft length under the verifier's load (`load.draft_cap`)."""
+    def load_cap(self, hint: Optional[LoadHint], k: int, pipelined: bool = False, drafter=None) -> int:
+        """This session's draft length under the verifier's load (`load.draft_cap`). The drafter's time per
+        drafted token is this session's (its catch-ups apart), else what its model's other sessions measured;
+        its catch-up, the tokens `drafter.pending()` at what a context token cost them (until measured, what
+        a token costs the target: a drafter is smaller)."""
         if hint is None:
             return k
         alpha = acceptance(self.accepted_tokens, self.draft_tokens, self.short_rounds)
         ratio = self.draft_tokens / self.drafted if self.drafted else 1.0
-        draft_s = self.draft_ns / self.drafted / 1e9 if self.drafted else 0.0
-        return draft_cap(hint, alpha, ratio, k, draft_s, pipelined)
+        costs = getattr(drafter, "costs", None)
+        if self.drafted:
+            draft_s = (self.draft_ns - self.catchup_ns) / self.drafted / 1e9
+        else:
+            draft_s = costs.step_s if costs is not None and costs.step_s is not None else 0.0
+        catchup_s = 0.0
+        if costs is not None and hint.sequences >= SHARED:  # (below, the cap is off)
+            per = costs.catchup_s if costs.catchup_s is not None else hint.token_s
+            catchup_s = drafter.pending() * per
+        return draft_cap(hint, alpha, ratio, k, draft_s, pipelined, catchup_s)
 
 
 class DraftLength:
@@ -232,7 +245,7 @@ class _Loop:
         if k is None:
             return 0
         capped = drafter.exact_match and self.draft_tokens is None  # a length the caller fixed is kept
-        return self.stats.load_cap(self.link.load(), k.k, self.depth > 1) if capped else k.k
+        return self.stats.load_cap(self.link.load(), k.k, self.depth > 1, drafter) if capped else k.k
 
     def answer(self, until: Optional[Callable] = None) -> tuple:
         """(Round, finished): the verdict on the oldest round in flight, counted and followed."""

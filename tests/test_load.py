@@ -43,6 +43,29 @@ def test_passes_all_of_one_size_give_no_slope_and_no_hint():
     assert m.hint() is None
 
 
+def test_primed_passes_price_the_first_rounds_once_a_real_pass_says_the_load():
+    """`prime` (passes timed before any session: batched.prime_cost) feeds the fit, not the sequences per
+    pass: no hint until a real pass, then the primed slope and the real pass's sequences."""
+    m = CostModel()
+    for t in (2, 3, 4, 6, 8, 12, 16, 24):
+        m.prime(t, 0.010 + 0.001 * t)
+    assert m.hint() is None
+    m.observe(8, 8, 0.018)
+    h = m.hint()
+    assert h.sequences == 8.0 and h.fixed_s == pytest.approx(0.010, rel=1e-6)
+    assert h.token_s == pytest.approx(0.001, rel=1e-6)
+
+
+def test_prime_cost_times_passes_of_a_real_runner(trained_models):
+    from crossdraft.batched import PRIME_SIZES, prime_cost
+
+    m = CostModel()
+    prime_cost(m, make_engine(trained_models, "bpe/spm").target_runner)
+    assert m.n == len(PRIME_SIZES) and m.hint() is None
+    m.observe(4, 4, 0.01)
+    assert m.hint().token_s >= 0.0 and m.hint().fixed_s >= 0.0
+
+
 def test_old_passes_fade():
     """The machine got busier: after many passes at the new cost the fit follows it."""
     m = CostModel(half_life=8)
@@ -103,6 +126,18 @@ def test_a_pipelined_session_prices_the_pass_a_drafting_round_misses():
     # where the pass's size barely matters, speculation still pays: k=5 at alpha 0.6 commits
     # 2.38 in 0.0406 (59/s) against 1 in 0.0201 (50/s)
     assert draft_cap(gpu, 0.6, 1.0, 5, pipelined=True) == 5
+
+
+def test_the_drafter_s_catch_up_is_charged_to_a_round_that_drafts():
+    busy = LoadHint(sequences=8.0, fixed_s=0.016, token_s=0.002)
+    # k=1 at 0.6 pays (267/s against 250/s, above) until the drafter must first bring its cache to the
+    # committed text: a prompt of 230 tokens at 0.1 ms each adds 0.023 / 8 to the round (k=1: 183/s)
+    assert draft_cap(busy, 0.6, 1.0, 5) == 1 and draft_cap(busy, 0.6, 1.0, 5, catchup_s=0.023) == 0
+    gpu = LoadHint(sequences=4.0, fixed_s=0.080, token_s=0.0001)
+    # where speculation pays by far, a catch-up of a few ms does not stop it: k=5 2.38 / 0.0213 = 112/s
+    assert draft_cap(gpu, 0.6, 1.0, 5, catchup_s=0.004) == 5
+    alone = LoadHint(sequences=1.0, fixed_s=0.016, token_s=0.002)
+    assert draft_cap(alone, 0.6, 1.0, 5, catchup_s=1.0) == 5  # alone the cap is off
 
 
 def test_slem_like_ratio_prices_the_candidates_a_drafted_token_brings():
@@ -195,6 +230,44 @@ def test_rounds_the_load_cap_cuts_to_the_target_step_are_pipelined_and_give_the_
         got, rounds = _speculative(engine, prompt, 24, waves)
         assert got == alone
         assert any(r.verdict.candidates for r in rounds) and waves.most_in_flight == 2
+
+
+def test_a_session_under_load_does_not_prefill_its_drafter_for_a_round_that_cannot_pay_it_back(trained_models):
+    """Under a load where drafting pays once the drafter is caught up, a session whose
+    drafter would first run the whole prompt stays on the target's own steps (its drafter never runs);
+    with the catch-up free (the negative control) the same session drafts. The same ids either way."""
+    engine = make_engine(trained_models, "bpe/spm")
+    v = engine.verifier
+    ids = engine.target_vocab.encode_prompt(PROMPTS[0])
+    v.start(ids, 24, SamplingParams())
+    alone = [t for r in run_rounds(LocalVerifier(v), {}, None, len(ids)) for t in r.verdict.ids]
+    gpu = LoadHint(sequences=4.0, fixed_s=0.080, token_s=0.0001)  # caught up, k=5 pays at the prior 0.5
+    drafted = {}
+    for per_token in (1.0, 0.0):  # seconds per context token the drafter's catch-up costs
+        engine.drafter("slem").costs.catchup_s, engine.drafter("slem").costs.step_s = per_token, 0.0
+        got, rounds = _speculative(engine, PROMPTS[0], 24, LoadLink(v, depth=1, hints=lambda i: gpu))
+        assert got == alone
+        drafted[per_token] = sum(r.stats.drafted for r in rounds[-1:])
+    assert drafted[1.0] == 0 and drafted[0.0] > 0
+
+
+@pytest.mark.parametrize("mode", ["same", "slem"])
+def test_a_drafter_s_pending_catch_up(trained_models, mode):
+    """What the load cap prices: the whole context before a session's first draft, about what was committed
+    since after one (deferred verdicts counted in target tokens), and what it cost measured into the
+    costs its model's sessions share."""
+    engine = make_engine(trained_models, "bpe/bpe" if mode == "same" else "bpe/spm")
+    ids = engine.target_vocab.encode_prompt(PROMPTS[1])
+    engine.verifier.start(ids, 12, SamplingParams())
+    d = engine.drafter(mode).fork()
+    d.start(PROMPTS[1], ids, SamplingParams())
+    assert d.pending() == len(d.ctx) > 0
+    proposal = d.propose(3)
+    assert proposal.catchup_tokens == len(d.ctx) and proposal.catchup_ns > 0
+    assert engine.drafter(mode).costs.catchup_s > 0  # shared with the model's other forks
+    verdict = drive(engine.verifier.runner, engine.verifier.round(proposal))
+    d.defer(verdict)
+    assert d.pending() == 1 + len(verdict.ids)  # the last context token runs again, then the verdict's
 
 
 def test_auto_rounds_ahead_are_lossless_and_keep_its_turns_whole(trained_models):

@@ -38,7 +38,7 @@ import time
 from typing import Optional
 
 from crossdraft import wire
-from crossdraft.batched import BatchedModel, Limits
+from crossdraft.batched import BatchedModel, Limits, prime_cost
 from crossdraft.errors import Aborted, InvalidArgument, ResourceExhausted, Unavailable, Unimplemented
 from crossdraft.protocol import TOKENS, Proposal
 from crossdraft.seal import Sealer, sealer_from_args
@@ -164,6 +164,7 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
         # every open session submits a round after each verdict: the scheduler gathers them (scheduler.py)
         model = BatchedModel(runner, self.limits, "verifier", observer=self.metrics.batch,
                              expected=lambda: len(self.sessions) + self.sessions.opening if self.sessions else 0)
+        prime_cost(model.cost, runner)  # the load it reports has a price from the first session on
         self.metrics.kv_budget(model.budget.budget)
         self.sessions = TargetSessions(model, vocab)
 
