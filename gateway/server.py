@@ -426,16 +426,20 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         k_next = msg.next_draft_tokens
         r.length = self._commit(r.sid, r.length, list(msg.ids), msg.text, inc, msg.finished, reason, result,
                                 resume={"draft_tokens": k_next} if k_next else None)
-        r.ids.extend(msg.ids)
         r.k_next = k_next or r.k_next
         self.metrics.committed(len(msg.ids), inc["rounds"], inc["draft_tokens"], inc["accepted_tokens"])
-        if r.first and msg.ids:
+        self._committed(r, msg.ids, msg.finished)
+        return now
+
+    def _committed(self, r: "_Run", ids, finished: bool) -> None:
+        """After a commit of `ids`: the run's ids and end, its first token's time, its start resolved."""
+        r.ids.extend(ids)
+        if r.first and ids:
             self.metrics.first_token(time.monotonic() - r.t0)
             r.first = False
-        r.finished = msg.finished
+        r.finished = finished
         if not r.started.done():
             r.started.set_result(None)
-        return now
 
     def _run_alone(self, r: "_Run") -> None:
         """The verifier alone; when it fails too (a restarting verifier), wait and try again: the drafters
@@ -634,14 +638,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             result = {"algorithm": "none", "why": why,
                       "stats": {"new_tokens": len(r.ids) + len(v.ids), "rounds": rounds, "verify_ns": verify_ns}}
         r.length = self._commit(r.sid, r.length, list(v.ids), v.text, {"rounds": 1}, v.finished, reason, result)
-        r.ids.extend(v.ids)
         self.metrics.committed(len(v.ids), 1)
-        if r.first and v.ids:
-            self.metrics.first_token(time.monotonic() - r.t0)
-            r.first = False
-        r.finished = v.finished
-        if not r.started.done():
-            r.started.set_result(None)
+        self._committed(r, v.ids, v.finished)
 
     def _adopt_if_orphaned(self, s) -> bool:
         """A queued or running session nobody has written to for `lease_s` (its gateway stopped): claim
