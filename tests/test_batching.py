@@ -68,7 +68,9 @@ def test_batched_sessions_share_passes(trained_models):
 
     Scheduler.__init__ = spy
     try:
-        res = engine.generate_batch(PROMPTS[:8], MAX_NEW, SamplingParams(), "slem", concurrency=8)
+        # a fixed draft length: the load cap leaves it as asked (under this load it would cut drafting to
+        # nothing, and the drafter's passes would have no sessions to share)
+        res = engine.generate_batch(PROMPTS[:8], MAX_NEW, SamplingParams(), "slem", draft_tokens=3, concurrency=8)
     finally:
         Scheduler.__init__ = orig
     target = [s for n, s in seen if n == "target"]
