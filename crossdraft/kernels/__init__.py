@@ -28,7 +28,8 @@ load. Or built ahead, for any x86-64 CPU with AVX2 and FMA (and one with AVX-512
 is at hand and the machines that run them have none (the container image: docker/Dockerfile):
 `python -m crossdraft.kernels --prebuild [DIR]` writes both into DIR (default CROSSDRAFT_KERNEL_PREBUILT,
 else share/crossdraft/kernels under the Python environment's prefix), and `load()` takes the one this CPU
-can run from there before it builds anything. Where they cannot be (no compiler, not x86-64 with AVX2 and FMA, CROSSDRAFT_KERNELS=0) `load()`
+can run from there before it builds anything. Where they cannot be (no compiler, not x86-64 with AVX2
+and FMA, CROSSDRAFT_KERNELS=0) `load()`
 says why once in the log and returns False, and the runner keeps torch's kernels
 (CROSSDRAFT_DECODE_KERNEL=0 keeps torch's attention alone, to compare). `python -m crossdraft.kernels`
 builds them and checks them against torch (scripts/setup.sh runs it).
@@ -194,11 +195,16 @@ def _key(flags: list, cpu: str) -> str:
                                       sys.version.encode()])).hexdigest()[:16]
 
 
+def _prebuilt_path(name: str, out_dir: Optional[Path] = None) -> Path:
+    """Where the library built ahead for `PREBUILT[name]` is (or goes)."""
+    return (out_dir or _prebuilt_dir()) / f"crossdraft_rows_{name}_{_key(PREBUILT[name][0], '')}.so"
+
+
 def _prebuilt() -> Optional[Path]:
     """The library built ahead for these sources and torch that this CPU can run, if there is one."""
     have = set(_cpu_flags().split())
-    for name, (flags, needs) in PREBUILT.items():
-        lib = _prebuilt_dir() / f"crossdraft_rows_{name}_{_key(flags, '')}.so"
+    for name, (_, needs) in PREBUILT.items():
+        lib = _prebuilt_path(name)
         if needs <= have and lib.exists():
             log.info("crossdraft's CPU kernels, built ahead: %s", lib)
             return lib
@@ -247,7 +253,7 @@ def prebuild(out_dir: Optional[str] = None) -> list:
     out = Path(out_dir) if out_dir else _prebuilt_dir()
     libs = []
     for name, (flags, _) in PREBUILT.items():
-        lib = out / f"crossdraft_rows_{name}_{_key(flags, '')}.so"
+        lib = _prebuilt_path(name, out)
         log.info("building crossdraft's CPU kernels for %s CPUs: %s", name, lib)
         _compile(flags, lib)
         libs.append(lib)
