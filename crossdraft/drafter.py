@@ -215,10 +215,9 @@ class Drafter:
         keep = _lcp(self.kv_ids, ctx)
         return keep - 1 if keep == len(ctx) else keep
 
-    def _logits_after(self, ctx: list, keep: Optional[int] = None):
-        """Program: the drafter's logits after `ctx`, its cache brought there (only past the common prefix;
-        `keep`: `_keep(ctx)`, where the caller has it)."""
-        keep = self._keep(ctx) if keep is None else keep
+    def _logits_after(self, ctx: list):
+        """Program: the drafter's logits after `ctx`, its cache brought there (only past the common prefix)."""
+        keep = self._keep(ctx)
         self.kv.cache.truncate(min(keep, self.kv.cache.length))
         logits = yield Step(self.kv.cache, ctx[keep:], last=True, rows=self.rows)
         self.kv_ids = list(ctx)
@@ -239,9 +238,8 @@ class Drafter:
             return Proposal(seq=self.committed, kind=TEXT if text else TOKENS)
         if self.mode == "slrs" and not greedy:
             return (yield from self._draft_slrs(k, t0))
-        keep = self._keep(self.ctx)
-        catchup_tokens = len(self.ctx) - keep
-        logits = yield from self._logits_after(self.ctx, keep)
+        catchup_tokens = len(self.ctx) - self._keep(self.ctx)
+        logits = yield from self._logits_after(self.ctx)
         catchup_ns = time.perf_counter_ns() - t0
         self.costs.note("catchup_s", catchup_ns / 1e9, catchup_tokens)
         rows, q_ids, q_probs = [], [], []
