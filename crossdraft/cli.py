@@ -133,8 +133,9 @@ def _bench_parser(sub) -> None:
                         "gets --threads torch threads, default 1), and report its tokens/s against the same "
                         "configuration in process and whether the outputs are identical")
     b.add_argument("--pin-cpus", action="store_true",
-                   help="with --distributed: run the verifier on the first core and the drafters on the second "
-                        "(as on separate machines; the gateway and Redis float)")
+                   help="with --distributed or --concurrency: run the drafters, the gateway, Redis and the "
+                        "bench's clients on the last core, the verifier on any (as on separate machines: the "
+                        "verifier's scheduler never waits behind them)")
     b.add_argument("--concurrency", default=None, metavar="LIST",
                    help="the concurrency benchmark instead (crossdraft/loadbench.py): for each level in LIST "
                         "(e.g. 1,4,8,16), that many clients at once through redis-server, a verifier, the drafters "

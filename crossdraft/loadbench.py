@@ -208,6 +208,7 @@ def _start(args, log) -> tuple:
         f"({threads} torch thread(s) each) ...")
     cluster = LocalCluster(args.target, list(args._drafter_dirs), threads=threads, pin=args.pin_cpus,
                            metrics=True, model_args=("--max-sessions", str(max(16, max(args._levels))))).start()
+    cluster.pin_caller()
     return cluster.gateway, cluster.metrics.get("verifier"), cluster
 
 

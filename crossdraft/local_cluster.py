@@ -47,17 +47,18 @@ class LocalCluster:
     def __init__(self, target: str, drafters: list, threads: int = 1, redis: bool = True,
                  python: Optional[str] = None, env: Optional[dict] = None, pin: bool = False,
                  model_args: tuple = (), metrics: bool = False, device: str = "auto", dtype: str = "auto"):
-        """`pin`: on a machine of two or more cores, the verifier runs on core 0 and the drafters on
-        core 1 (the gateway, Redis and the caller wherever the kernel puts them), as on separate
-        machines they would not share a core or its caches. `device`, `dtype`: the model services'
+        """`pin`: on a machine of two or more cores, everything but the verifier (the drafters, the
+        gateway, Redis, and the caller once it calls `pin_caller`) runs on the last core, and the
+        verifier on any: as on separate machines, the verifier's scheduler never waits on the run queue
+        behind them (see docs/benchmarks.md, "Many users at once"). `device`, `dtype`: the model services'
         --device and --dtype (as the in-process side of a comparison loads its models). `model_args`:
         more flags for the verifier and the drafters (--max-sessions, --max-batch-tokens, ...).
         `metrics`: each service serves /metrics (`self.metrics`: name -> URL)."""
         self.target, self.drafter_dirs, self.threads, self.use_redis = target, list(drafters), threads, redis
         cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
         if pin and len(cpus) < 2:
-            raise FailedPrecondition("pinning the verifier and the drafters needs at least two cores")
-        self.pin = {"verifier": {cpus[0]}, "drafter": {cpus[1]}} if pin else {}
+            raise FailedPrecondition("pinning the services needs at least two cores")
+        self.pin = {"drafter": {cpus[-1]}, "gateway": {cpus[-1]}, "redis": {cpus[-1]}} if pin else {}
         self.python = python or sys.executable
         # Services that share this machine's cores wait for work without spinning (an OpenMP pool
         # spinning in an idle process takes a core from the busy one).
@@ -78,6 +79,18 @@ class LocalCluster:
                                  start_new_session=True, env=self.env,
                                  preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
         self.procs.append((name, p, path))
+
+    def pin_caller(self) -> None:
+        """With `pin`: this process, every thread of it, onto the others' core (a benchmark's clients stand
+        for users elsewhere). Without: nothing."""
+        if not self.pin:
+            return
+        cpus = self.pin["gateway"]
+        for task in os.listdir("/proc/self/task"):
+            try:
+                os.sched_setaffinity(int(task), cpus)
+            except OSError:  # a thread that ended meanwhile
+                pass
 
     def _serve(self, role: str, *args: str, name: str = "") -> list:
         extra = list(self.model_args) if role in ("verifier", "drafter") else []
