@@ -133,6 +133,7 @@ class Round:
     k_next: int  # the draft length the next round starts from (to resume a session exactly)
     stats: RoundStats  # the session's totals so far
     rtt_ns: int  # from submitting the proposal to the verdict
+    handed_back: bool = False  # the last round before the loop handed the session back (see the docstring)
 
 
 class LocalVerifier:
@@ -180,18 +181,25 @@ class _Flight:
 
 def run_rounds(link, drafters: dict, draft: Callable, committed: int, state=None,
                draft_tokens: Optional[int] = None, resume_k: Optional[int] = None,
-               stop=None, until: Optional[Callable] = None) -> Iterator[Round]:
+               stop=None, until: Optional[Callable] = None, hand_back: Optional[int] = None) -> Iterator[Round]:
     """Run one session's rounds to the end; yields each `Round` (see the module docstring).
 
     drafters: algorithm -> this session's started `Drafter` (empty: the target alone; several: `auto`,
     whose `state` picks each round's arm; an arm whose algorithm has no drafter, "none", is the target's
     own step). committed: the committed length (prompt included) the session starts at. stop: an Event;
     set, the loop ends after the round in flight. until(verdict): True ends the session after that round,
-    before another is submitted (a stop string, crossdraft/stops.py)."""
+    before another is submitted (a stop string, crossdraft/stops.py). hand_back: see the module docstring
+    (None: never)."""
     loop = _Loop(link, drafters, draft, committed, state, draft_tokens, resume_k)
+    loop.hand_back = hand_back
     pending = None
     while True:
         loop.fill()
+        if loop.leaving and not loop.flights:  # handed back: the last round answered is the last
+            if pending is not None:
+                pending.handed_back = True
+                yield pending
+            return
         if pending is not None:
             yield pending
             pending = None
@@ -217,12 +225,15 @@ class _Loop:
         self.flights: deque = deque()
         self.last = None  # the drafter of the previous round: a round after a switch is not measured
         self.answered_ns = time.perf_counter_ns()
+        self.hand_back: Optional[int] = None  # see run_rounds
+        self.capped = 0  # rounds in a row whose drafting the load cap cut to nothing
+        self.leaving = False  # handing back: no more rounds are submitted
 
     def fill(self) -> None:
         """Submit the next round, and more target steps behind it while the link allows (`depth`) and
         nothing in flight drafted: a target step commits exactly one token, so the next one's position
         is known before its verdict; a draft needs every verdict before it."""
-        while len(self.flights) < self.depth:
+        while len(self.flights) < self.depth and not self.leaving:
             if self.flights and self.flights[-1].drafter is not None:
                 return
             planned_ns = time.perf_counter_ns()
@@ -232,6 +243,8 @@ class _Loop:
             drafter = self.drafters.get(arm[0]) if arm is not None else None
             k = _length(self.lengths, arm, self.resume_k) if drafter is not None else None
             budget = self._budget(drafter, k)
+            if drafter is not None:
+                self.capped = 0 if budget > 0 else self.capped + 1
             if budget > 0 and self.flights:
                 return  # drafting waits for the verdicts in flight
             proposal = self.draft(drafter, budget) if budget > 0 else Proposal(seq=self.ahead, kind=TOKENS)
@@ -240,6 +253,7 @@ class _Loop:
                                         time.perf_counter_ns()))
             self.link.submit(proposal)
             self.ahead += 1
+            self.leaving = bool(self.hand_back) and self.capped >= self.hand_back
 
     def _budget(self, drafter, k: Optional[DraftLength]) -> int:
         if k is None:

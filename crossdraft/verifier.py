@@ -62,6 +62,22 @@ class Verifier:
         self.finish_reason = ""
         self.cache.truncate(0)
 
+    def resume(self, ids: list, max_new_tokens: int, params: SamplingParams) -> bool:
+        """Take the session up again at `ids` (prompt and committed ids) from the state an earlier stream
+        left in this verifier: True when they are a prefix of its ids under the same sampling, which then
+        ends there, its cache with it (no prefill: what the cache holds is already right); False, and
+        nothing changed, otherwise (the caller opens the session anew)."""
+        n = len(ids)
+        if params != self.params or not 1 < n <= len(self.ids) or self.ids[:n] != list(ids) \
+                or self.cache.length < n - 1 or not 1 <= max_new_tokens <= self.runner.max_length - n:
+            return False
+        del self.ids[n:], self.ends[n:]
+        del self.text[self.ends[-1]:]
+        self.cache.truncate(n - 1)  # the cache holds every committed position but the last
+        self.n_prompt, self.max_new = n, max_new_tokens
+        self.finished, self.finish_reason = False, ""
+        return True
+
     def prefill(self):
         """Program: everything but the last committed token into the cache (its logits come with the
         next round); a long prompt may run in chunks (`Step.chunk`)."""

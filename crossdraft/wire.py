@@ -386,11 +386,12 @@ def stats_from_proto(msg: common_pb2.Stats) -> dict:
 def session_request(verifier_address: str, prompt: str, max_new_tokens: int = 128,
                     params: SamplingParams = SamplingParams(), algorithm: str = "auto",
                     draft_tokens: Optional[int] = None, session_id: str = "", prompt_ids=None,
-                    committed_ids=None, resume_draft_tokens: int = 0) -> drafter_pb2.RunSessionRequest:
+                    committed_ids=None, resume_draft_tokens: int = 0,
+                    may_hand_back: bool = False) -> drafter_pb2.RunSessionRequest:
     """The DrafterService.RunSession request for a session (or, with committed_ids, its resumption): what
     the gateway sends a drafter."""
     return drafter_pb2.RunSessionRequest(
         session_id=session_id, verifier_address=verifier_address, prompt=prompt, prompt_ids=prompt_ids or [],
         committed_ids=committed_ids or [], params=sampling_params_to_proto(params),
         algorithm=algorithm_to_proto(algorithm), max_new_tokens=max_new_tokens, draft_tokens=draft_tokens or 0,
-        resume_draft_tokens=resume_draft_tokens or 0)
+        resume_draft_tokens=resume_draft_tokens or 0, may_hand_back=may_hand_back)

@@ -52,6 +52,14 @@ class RemoteVerifier:
     def load(self) -> Optional[object]:
         return self._load
 
+    def end(self) -> None:
+        """Half-close with no round in flight, and read the stream to its end: by then the verifier has
+        closed its side, and parked the session for whoever steps it next (a hand-back)."""
+        self._requests.put(None)
+        for _ in self.call:
+            pass
+        self.finished = True  # (nothing left to cancel)
+
     def close(self) -> None:
         self._requests.put(None)  # half-close the Verify stream
         if not self.finished:

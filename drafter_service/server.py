@@ -57,6 +57,9 @@ log = logging.getLogger("crossdraft.drafter_service")
 
 SERVICE_NAME = drafter_pb2.DESCRIPTOR.services_by_name["DrafterService"].full_name
 ALGORITHMS = ("same", "tli", "slem", "slrs")
+# Rounds in a row the load cap may cut to the target's own step before a call whose caller allows it is
+# handed back (RunSessionRequest.may_hand_back; crossdraft/rounds.py)
+HAND_BACK_ROUNDS = 16
 # The drafter's settings, as the in-process engine's defaults (Engine.__init__), so that a session
 # here drafts exactly what `crossdraft generate` drafts.
 WINDOW, DRAFT_TOP_K, MIN_CONFIDENCE = 4, 0, 0.4
@@ -189,7 +192,8 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
             # the transport takes it) overlaps the next round instead of delaying it.
             yield from decoupled(
                 lambda stop: self._run(stub, start, drafters, why, request.draft_tokens or None, context, done,
-                                       stop, request.resume_draft_tokens or None, state),
+                                       stop, request.resume_draft_tokens or None, state,
+                                       HAND_BACK_ROUNDS if request.may_hand_back else None),
                 maxsize=DELTA_BUFFER, name=f"draft-{sid[:16]}")
         finally:
             sessions.release(drafters, reserved)
@@ -233,32 +237,39 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
 
     def _run(self, stub, start: wire.SessionStart, drafters: dict, why: str, draft_tokens: Optional[int],
              context, done: SimpleNamespace, stop: Optional[threading.Event] = None,
-             resume_k: Optional[int] = None, state=None):
+             resume_k: Optional[int] = None, state=None, hand_back: Optional[int] = None):
         """The session's rounds (`rounds.run_rounds`) against the verifier at the other end of a Verify
         stream, each committed delta as a RunSessionResponse; `done` gets the session's new_tokens, seconds
-        and finished (for the metrics)."""
+        and finished (for the metrics). `hand_back` (the caller allows it): the rounds the load cap may cut
+        to nothing in a row before the call ends with a `handed_back` message (crossdraft/rounds.py)."""
         link = RemoteVerifier(stub, start, context)
         base = offset = len(start.committed_ids)
         t0 = time.perf_counter()
         algo_enum, first, rounds = wire.algorithm_to_proto(start.algorithm), True, 0
         try:
             for r in run_rounds(link, drafters, self.sessions.draft, len(start.prompt_ids) + offset, state,
-                                draft_tokens, resume_k, stop):
+                                draft_tokens, resume_k, stop, hand_back=hand_back):
                 v, c, rounds = r.verdict, r.stats, r.stats.rounds
                 c.network_ns += max(0, r.rtt_ns - v.verify_ns)
                 self.metrics.round(v.candidates, v.accepted, len(v.ids), draft_ns=r.proposal.draft_ns,
                                    network_ns=r.rtt_ns - v.verify_ns, round_ns=r.proposal.draft_ns + r.rtt_ns)
                 done.new_tokens = offset + len(v.ids) - base
                 done.seconds, done.finished = time.perf_counter() - t0, v.finished
-                if not (v.ids or v.finished):
-                    continue
-                if state is not None:  # auto: the algorithm of this round; why, at the end
-                    algo_enum = wire.algorithm_to_proto(r.arm[0] if r.arm is not None else "none")
-                    why = state.explain() if v.finished else ""
-                yield self._delta(r, offset, done.new_tokens, algo_enum, why if first or state is not None else "",
-                                  done.seconds)
-                first = False
-                offset += len(v.ids)
+                if v.ids or v.finished:
+                    if state is not None:  # auto: the algorithm of this round; why, at the end
+                        algo_enum = wire.algorithm_to_proto(r.arm[0] if r.arm is not None else "none")
+                        why = state.explain() if v.finished else ""
+                    yield self._delta(r, offset, done.new_tokens, algo_enum,
+                                      why if first or state is not None else "", done.seconds)
+                    first = False
+                    offset += len(v.ids)
+                if r.handed_back:
+                    link.end()  # the verifier parks the session for the caller's own stream
+                    log.info("session %s: handed back after %d rounds: drafting does not pay at the verifier's "
+                             "load", start.session_id, rounds)
+                    yield drafter_pb2.RunSessionResponse(token_offset=offset, handed_back=True,
+                                                         next_draft_tokens=r.k_next)
+                    return
             log.info("session %s: %s, %d rounds, %d new tokens, %.3f s", start.session_id, start.algorithm,
                      rounds, done.new_tokens, time.perf_counter() - t0)
         finally:

@@ -26,6 +26,13 @@ drains) moves only its own sessions, each to another member of its pool, resumed
 ids on the verifier its affinity gives now; a session runs on the verifier alone only when no drafter is
 left, and its end says so.
 
+Handed back (docs/serving.md): a drafter whose session's drafting the verifier's load has cut to nothing
+ends the call with `handed_back` (the gateway allows it: `may_hand_back`), and the gateway steps the
+session on the verifier itself (`_verifier_alone`, the verifier takes the parked session up without a
+prefill) for `HAND_BACK_STEPS` tokens, twice as many at each later hand-back up to `HAND_BACK_STEPS_MAX`,
+or until the verifier's load no longer has sessions sharing a pass; then the session goes back to its
+drafter, which measures again.
+
 Text: the drafter commits raw bytes; clients get valid UTF-8 (an incomplete character held back, an
 invalid byte replaced as the engine's `decode(errors="replace")` does), and byte offsets count the
 UTF-8 of that text.
@@ -51,6 +58,7 @@ from google.protobuf import json_format
 
 from crossdraft import wire
 from crossdraft.errors import Aborted, CrossdraftError, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from crossdraft.load import SHARED
 from crossdraft.protocol import STEPS_IN_FLIGHT
 from crossdraft.seal import Sealer, sealer_from_args
 from crossdraft.serving.channels import TLS, check_plaintext, is_loopback
@@ -85,6 +93,11 @@ STORE_WAIT_S = 30.0  # how long a commit is retried while the session store is u
 LEASE_S = 30.0  # a running session nobody committed to for this long is taken over by a replica it is attached to
 SLOW_CLIENT_S = 30.0  # a streaming client that takes no message for this long is cut (see `_paced`)
 SYNC_WAIT_S = 10.0  # how long `serve` waits for the first answer of the pools' dynamic sources
+# A session handed back by its drafter (drafting did not pay at the verifier's load) runs this many target
+# steps on the verifier before it goes back to the drafter, twice as many at each later hand-back, at most
+# HAND_BACK_STEPS_MAX: a session under steady load spends most of its tokens without the relay.
+HAND_BACK_STEPS = 64
+HAND_BACK_STEPS_MAX = 1024
 SLOW_CLIENT_GRACE_S = 60.0  # ... and if it takes nothing for this long more, its call is cancelled
 FOLLOW_BLOCK_MS = 500  # how long one read of the event stream waits before checking the client is still there
 _STATUS = {"queued": gateway_pb2.SESSION_STATUS_PENDING, "running": gateway_pb2.SESSION_STATUS_RUNNING}
@@ -121,6 +134,8 @@ class _Run:
     tried: set = field(default_factory=set)
     timer: Optional[threading.Timer] = None
     t0: float = field(default_factory=time.monotonic)
+    steps_left: int = 0  # handed back by its drafter: target steps to run on the verifier before going back
+    handbacks: int = 0
 
     @property
     def params(self):
@@ -318,7 +333,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         r = self._begin_run(sid, req, started, resume)
         try:
             while not r.finished:
-                if r.drafter is None:  # no drafter left to try: the verifier alone, one token a round
+                if r.drafter is None or r.steps_left:  # no drafter left to try, or handed back: the verifier
                     self._run_alone(r)
                 else:
                     self._run_on_drafter(r)
@@ -369,7 +384,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         try:
             run = wire.session_request(r.req["verifier_address"], r.req["prompt"], r.req["max_new_tokens"],
                                        r.params, r.req["algorithm"], r.req["draft_tokens"] or None, session_id=r.sid,
-                                       committed_ids=r.ids, resume_draft_tokens=r.k_next)
+                                       committed_ids=r.ids, resume_draft_tokens=r.k_next, may_hand_back=True)
             call = self.drafters.drafter_stub(r.drafter).RunSession(run)
             with self._lock:
                 self._calls[r.sid] = call
@@ -379,6 +394,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             prev = dict.fromkeys(COUNTERS, 0)  # a call's statistics count that call only
             for msg in call:
                 self._watchdog.kick(entry, self.delta_timeout_s)
+                if msg.handed_back:
+                    self._handed_back(r, msg)
+                    return
                 prev = self._commit_delta(r, msg, prev)
                 if r.finished:
                     return
@@ -431,6 +449,19 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self._committed(r, msg.ids, msg.finished)
         return now
 
+    def _handed_back(self, r: "_Run", msg) -> None:
+        """The drafter ended the call because drafting does not pay at the verifier's load: the session's
+        next steps run on the verifier from here (see the module docstring)."""
+        if msg.token_offset != len(r.ids):
+            raise Aborted(f"drafter {r.drafter} handed the session back at offset {msg.token_offset}, "
+                          f"expected {len(r.ids)}")
+        r.k_next = msg.next_draft_tokens or r.k_next
+        r.steps_left = min(HAND_BACK_STEPS_MAX, HAND_BACK_STEPS << r.handbacks)
+        r.handbacks += 1
+        self.metrics.handed_back()
+        log.info("session %s: handed back by drafter %s at token %d; %d target steps on the verifier", r.sid,
+                 r.drafter, len(r.ids), r.steps_left)
+
     def _committed(self, r: "_Run", ids, finished: bool) -> None:
         """After a commit of `ids`: the run's ids and end, its first token's time, its start resolved."""
         r.ids.extend(ids)
@@ -458,7 +489,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             r.backoff = min(2.0, r.backoff * 2)
             r.tried.clear()
             self._repick_verifier(r)
-            if r.req["algorithm"] != "none":
+            if r.steps_left:  # handed back: its drafter takes it up again (and fails over as it does)
+                r.steps_left = 0
+            elif r.req["algorithm"] != "none":
                 r.drafter = self._pick_drafter(r.req["drafter"], r.tried)
 
     def _commit(self, sid: str, expected_len: int, ids: list, text: bytes, counters: dict, finished: bool,
@@ -572,10 +605,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         log.warning("session %s: the session store failed at %s: %s", sid, op, e)
 
     def _verifier_alone(self, r: "_Run") -> None:
-        """Run the session on the verifier with no drafter (a session of the target alone, or one no drafter
-        of its pool can run): a Verify stream of empty proposals, each the target's own step of one token,
-        `STEPS_IN_FLIGHT` of them in flight as the drafter service keeps them (crossdraft/rounds.py), so the
-        verifier finds the session's next step waiting when a pass ends. Each verdict is committed."""
+        """Run the session on the verifier with no drafter (a session of the target alone, one no drafter
+        of its pool can run, or one its drafter handed back: `r.steps_left` steps then): a Verify stream of
+        empty proposals, each the target's own step of one token, `STEPS_IN_FLIGHT` of them in flight as
+        the drafter service keeps them (crossdraft/rounds.py), so the verifier finds the session's next step
+        waiting when a pass ends. Each verdict is committed. A handed-back session's stream ends cleanly
+        after its steps, or sooner once the verifier's passes are no longer shared (`load.SHARED`): the
+        verifier parks the session for the drafter's next stream."""
         import queue
 
         from crossdraft.v1 import verifier_pb2, verifier_pb2_grpc
@@ -592,7 +628,15 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             while (m := q.get()) is not None:
                 yield m
 
+        left = [r.steps_left or None]  # handed back: steps still to propose (None: to the end)
+        sent = [0]  # steps proposed and not answered yet
+
         def propose(seq: int) -> None:
+            if left[0] is not None:
+                if left[0] <= 0:
+                    return
+                left[0] -= 1
+            sent[0] += 1
             q.put(verifier_pb2.VerifyRequest(proposal=verifier_pb2.Proposal(
                 seq=seq, kind=verifier_pb2.PROPOSAL_KIND_TOKENS)))
 
@@ -603,7 +647,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         entry = self._watchdog.watch(call, self.first_delta_timeout_s)
         at, rounds, verify_ns = None, 0, 0  # at: the committed length (prompt included) the next verdict starts at
         try:
-            propose(0)  # stale on purpose: its empty verdict says the committed length
+            # stale on purpose: its empty verdict says the committed length
+            q.put(verifier_pb2.VerifyRequest(proposal=verifier_pb2.Proposal(seq=0, kind=verifier_pb2.PROPOSAL_KIND_TOKENS)))
             for resp in call:
                 self._watchdog.kick(entry, self.delta_timeout_s)
                 v = wire.verdict_from_proto(resp.verdict)
@@ -617,12 +662,20 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                 if at is not None and (v.seq != at or not (len(v.ids) == 1 or v.finished)):
                     raise Aborted(f"the verifier answered a target step at {v.seq} with {len(v.ids)} tokens, "
                                   f"expected one at {at}")
-                rounds, verify_ns = rounds + 1, verify_ns + v.verify_ns
+                rounds, verify_ns, sent[0] = rounds + 1, verify_ns + v.verify_ns, max(0, sent[0] - 1)
                 self._commit_step(r, v, rounds, verify_ns)
                 if r.finished:
                     return
                 at = v.seq + len(v.ids)
+                if left[0] is not None and v.load is not None and v.load.sequences < SHARED:
+                    left[0] = 0  # the verifier's passes are no longer shared: back to the drafter
                 propose(at + STEPS_IN_FLIGHT - 1)
+                if left[0] == 0 and sent[0] == 0:  # a handed-back session's steps are done
+                    q.put(None)
+                    for _ in call:  # to the stream's end: the verifier has parked the session by then
+                        pass
+                    r.steps_left = 0
+                    return
             raise Unavailable("the verifier ended the session's stream before it finished")
         finally:
             q.put(None)
@@ -634,7 +687,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         """Commit one verdict of `_verifier_alone` (the last with the session's result)."""
         reason, result = (v.finish_reason if v.finished else ""), None
         if v.finished:
-            why = "asked for" if r.req["algorithm"] == "none" else "no drafter could be reached: the verifier alone"
+            why = "asked for" if r.req["algorithm"] == "none" else \
+                "drafting did not pay at the verifier's load: the target's own steps" if r.steps_left else \
+                "no drafter could be reached: the verifier alone"
             result = {"algorithm": "none", "why": why,
                       "stats": {"new_tokens": len(r.ids) + len(v.ids), "rounds": rounds, "verify_ns": verify_ns}}
         r.length = self._commit(r.sid, r.length, list(v.ids), v.text, {"rounds": 1}, v.finished, reason, result)

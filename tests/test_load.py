@@ -203,13 +203,13 @@ class LoadLink(QueueLink):
 BUSY = LoadHint(sequences=8.0, fixed_s=0.016, token_s=0.002)  # every candidate a row of real work: cap 0
 
 
-def _speculative(engine, prompt, n, link, state=None):
+def _speculative(engine, prompt, n, link, state=None, hand_back=None):
     """A greedy slem session over `link`: (the committed ids, its rounds)."""
     ids = engine.target_vocab.encode_prompt(prompt)
     engine.verifier.start(ids, n, SamplingParams())
     d = engine.drafter("slem").fork()
     d.start(prompt, ids, SamplingParams())
-    rounds = list(run_rounds(link, {"slem": d}, lambda dr, k: dr.propose(k), len(ids), state))
+    rounds = list(run_rounds(link, {"slem": d}, lambda dr, k: dr.propose(k), len(ids), state, hand_back=hand_back))
     return [t for r in rounds for t in r.verdict.ids], rounds
 
 
@@ -230,6 +230,27 @@ def test_rounds_the_load_cap_cuts_to_the_target_step_are_pipelined_and_give_the_
         got, rounds = _speculative(engine, prompt, 24, waves)
         assert got == alone
         assert any(r.verdict.candidates for r in rounds) and waves.most_in_flight == 2
+
+
+def test_a_session_whose_drafting_the_load_cuts_to_nothing_is_handed_back_after_its_rounds_in_flight(trained_models):
+    """Under a load that cuts every draft to nothing, a loop that may hand back stops submitting after
+    `hand_back` capped rounds, answers the rounds in flight (none is lost: the ids so far are the target
+    alone's, and the last round is the last submitted) and marks the last one `handed_back`. Negative
+    controls: without `hand_back`, or under load that lets the session draft, it runs to the end."""
+    engine = make_engine(trained_models, "bpe/spm")
+    v = engine.verifier
+    ids = engine.target_vocab.encode_prompt(PROMPTS[1])
+    v.start(ids, 40, SamplingParams())
+    alone = [t for r in run_rounds(LocalVerifier(v), {}, None, len(ids)) for t in r.verdict.ids]
+    busy = LoadLink(v, depth=3, hints=lambda i: BUSY)
+    got, rounds = _speculative(engine, PROMPTS[1], 40, busy, hand_back=6)
+    assert rounds[-1].handed_back and not any(r.handed_back for r in rounds[:-1])
+    assert not rounds[-1].verdict.finished and not busy.queue  # every round submitted was answered
+    assert len(rounds) == 6 and got == alone[:6]  # (the first round is capped too)
+    got, rounds = _speculative(engine, PROMPTS[1], 40, LoadLink(v, depth=3, hints=lambda i: BUSY))
+    assert got == alone and not any(r.handed_back for r in rounds)
+    got, rounds = _speculative(engine, PROMPTS[1], 40, LoadLink(v, depth=3, hints=lambda i: None), hand_back=6)
+    assert got == alone and not any(r.handed_back for r in rounds)
 
 
 def test_a_session_under_load_does_not_prefill_its_drafter_for_a_round_that_cannot_pay_it_back(trained_models):

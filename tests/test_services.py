@@ -302,6 +302,11 @@ class VerifyStream:
         self.q.put(None)
         self.call.cancel()
 
+    def end(self) -> list:
+        """Half-close, and read the stream to its end (the verifier has closed its side by then)."""
+        self.q.put(None)
+        return list(self.call)
+
 
 def test_stale_proposal_gets_an_empty_verdict(services):
     tv = Vocab.load(str(services["dirs"]["target"]))
@@ -319,6 +324,44 @@ def test_stale_proposal_gets_an_empty_verdict(services):
         assert v3.seq == n + 1 and len(v3.ids) == 1
     finally:
         s.close()
+
+
+def test_a_stream_that_ends_unfinished_leaves_its_session_parked_for_the_next(services, engines):
+    """A Verify stream that ends before its session finished leaves the session's state parked in the
+    verifier: the next stream of it, from the committed ids, takes it up with no prefill (no forward pass
+    before its first round) and goes on as the target alone. A stream whose ids do not continue what the
+    verifier has (one committed id changed) opens the session anew, with a prefill pass: the negative
+    control, which also shows that the first case's missing pass is the prefill."""
+    tv = engines["same"].target_vocab
+    ref = engines["same"].generate(PROMPTS[1], 12, GREEDY, "none").ids
+    prompt_ids, stub = tv.encode_prompt(PROMPTS[1]), verifier_stub(services["verifier"])
+    passes = lambda: stub.GetInfo(verifier_pb2.VerifierServiceGetInfoRequest(), timeout=5).cache.passes  # noqa: E731
+
+    def steps(stream, got: list, n: int) -> list:
+        for _ in range(n):
+            got = got + stream.send(Proposal(seq=len(prompt_ids) + len(got), kind=TOKENS)).ids
+        return got
+
+    s = VerifyStream(services["verifier"], wire.SessionStart("park-1", prompt_ids, [], GREEDY, 12, "same"))
+    got = steps(s, [], 5)
+    assert s.end() == []
+    before = passes()
+    s = VerifyStream(services["verifier"], wire.SessionStart("park-1", prompt_ids, got[:4], GREEDY, 12, "same"))
+    got = steps(s, got[:4], 1)
+    assert passes() - before == 1  # the round's own pass: no prefill
+    got = steps(s, got, 12 - len(got))
+    s.close()
+    assert got == ref
+
+    s = VerifyStream(services["verifier"], wire.SessionStart("park-2", prompt_ids, [], GREEDY, 12, "same"))
+    got = steps(s, [], 5)
+    assert s.end() == []
+    before = passes()
+    other = [(got[0] + 1) % len(tv)] + got[1:4]
+    s = VerifyStream(services["verifier"], wire.SessionStart("park-2", prompt_ids, other, GREEDY, 12, "same"))
+    steps(s, other, 1)
+    s.close()
+    assert passes() - before == 2  # a prefill, then the round
 
 
 def test_verify_stream_errors(services):

@@ -22,7 +22,12 @@ pass; a malformed one (it fails `wire.proposal_from_proto`'s checks) is ignored:
 target's own step (counted in `crossdraft_bad_proposals_total`); neither touches the other sessions of
 the batch. A Verify stream opened for a session that already has one takes it over (a failover: the
 gateway resumed the session on another drafter, from the committed ids); the older stream's next
-round is refused ABORTED, so a drafter that wakes up late cannot change anything. The trust boundary
+round is refused ABORTED, so a drafter that wakes up late cannot change anything. A stream that ends
+before its session finished leaves the session's state parked for `PARK_S` (its KV cache and reservation;
+parked sessions give way, oldest first, to new ones that need the room): the next stream of the session,
+from a prefix of what it had (the committed ids), takes it up without a prefill. That is how the gateway
+takes a session's target steps over from its drafter and hands them back (docs/serving.md), and how a
+drafter failover resumes. The trust boundary
 stays in the core: a proposal can make a round commit fewer tokens, never different ones.
 
 Never: drafts, decides acceptance itself, or imports anything of the drafter.
@@ -63,40 +68,64 @@ ALGORITHMS = ("same", "tli", "slem", "slrs", "none")
 # verdicts stalls its own session here instead of growing the verifier's memory. At least the target
 # steps a stream keeps in flight (protocol.STEPS_IN_FLIGHT).
 VERDICT_BUFFER = 8
+# How long the state of a session whose stream ended unfinished stays here for the next stream of it (a
+# gateway taking the session's steps over from its drafter, a drafter failover): seconds. Its KV cache
+# is kept, so the next stream starts without a prefill; it gives way to new sessions that need the room.
+PARK_S = 30.0
 
 
 class TargetSessions:
     """Open sessions over the one target model: per-session `Verifier` and KV cache (admitted under
     the model's KV budget), their programs batched by the model's scheduler."""
 
-    def __init__(self, model: BatchedModel, vocab, window: int = 4):
+    def __init__(self, model: BatchedModel, vocab, window: int = 4, park_s: float = PARK_S):
         self.model, self.vocab, self.window = model, vocab, window
         self.runner = model.runner
         self.max_sessions = model.limits.max_sessions
         self.lock = threading.Lock()
         self.sessions: dict = {}  # session id -> (Verifier, bytes reserved)
         self.opening = 0  # sessions being admitted and prefilled
+        # session id -> (Verifier, bytes reserved, until): sessions whose stream ended unfinished, oldest first
+        self.parked: dict = {}
+        self.park_s = park_s
+        self.resumed = 0  # streams that took a parked session up again
 
     def __len__(self):
         return len(self.sessions)
 
     def open(self, start: wire.SessionStart) -> Verifier:
-        """A new session: validated against the model, admitted under the KV budget, prefilled."""
+        """A session: validated against the model, admitted under the KV budget, prefilled; or, when an
+        earlier stream of it left its state parked here and the start's ids continue it, that state taken
+        up again without a prefill (`park`)."""
         sid = start.session_id
+        ids = start.prompt_ids + start.committed_ids
         with self.lock:
             old = self.sessions.pop(sid, None)
+            parked, expired = self.parked.pop(sid, None), self._expired()
             if old is not None:  # a failover: the new stream takes the session over (see `verify`)
-                self.model.release(old[1])
+                expired.append(old[1])
                 log.info("session %s: a new Verify stream takes it over from the previous one", sid)
             if len(self.sessions) + self.opening >= self.max_sessions:
+                expired += [parked[1]] if parked is not None else []
+                self._release(expired)
                 raise ResourceExhausted(f"this verifier serves at most {self.max_sessions} sessions at once "
                                         "(--max-sessions)")
             self.opening += 1
+        self._release(expired)
         reserved = 0
         try:
+            if parked is not None:
+                v, reserved = parked[0], parked[1]
+                if v.cache.limit >= len(ids) + start.remaining and v.resume(ids, start.remaining, start.params):
+                    self.resumed += 1
+                    with self.lock:
+                        self.sessions[sid] = (v, reserved)
+                    return v
+                self.model.release(reserved)
+                reserved = 0
             v = Verifier(self.runner, self.vocab, self.window)
-            ids = start.prompt_ids + start.committed_ids
             v.open(ids, start.remaining, start.params)
+            self._make_room(len(ids) + start.remaining)
             reserved = self.model.admit(v.cache, len(ids) + start.remaining)
             self.model.run(v.prefill())
             with self.lock:
@@ -127,16 +156,44 @@ class TargetSessions:
         return verdict
 
     def close(self, sid: str, mine: Optional[Verifier] = None) -> None:
+        """A stream of `sid` ended (after its last round): a finished session's cache goes, an unfinished
+        one's is parked for the next stream of it (`park_s`)."""
         with self.lock:
             entry = self.sessions.get(sid)
             if entry is None or (mine is not None and entry[0] is not mine):
                 return  # taken over: the session (and its reservation) now belong to the newer stream
             del self.sessions[sid]
-        self.model.release(entry[1])
+            gone = self._expired()
+            if entry[0].finished or self.park_s <= 0:
+                gone.append(entry[1])
+            else:
+                self.parked[sid] = (entry[0], entry[1], time.monotonic() + self.park_s)
+        self._release(gone)
+
+    def _expired(self) -> list:
+        """(Under the lock.) The reservations of parked sessions whose time is up, taken out."""
+        now = time.monotonic()
+        gone = [sid for sid, (_, _, until) in self.parked.items() if until <= now]
+        return [self.parked.pop(sid)[1] for sid in gone]
+
+    def _make_room(self, positions: int) -> None:
+        """Parked sessions give way, the oldest first, to a session that needs their room."""
+        budget = self.model.budget
+        need = positions * budget.per_token
+        while True:
+            with self.lock:
+                if not self.parked or budget.reserved + need <= budget.budget:
+                    return
+                gone = self.parked.pop(next(iter(self.parked)))[1]
+            self.model.release(gone)
+
+    def _release(self, reservations: list) -> None:
+        for reserved in reservations:
+            self.model.release(reserved)
 
     def usage(self) -> dict:
         with self.lock:
-            caches = [v.cache for v, _ in self.sessions.values()]
+            caches = [e[0].cache for e in (*self.sessions.values(), *self.parked.values())]
         return self.model.usage(caches)
 
 

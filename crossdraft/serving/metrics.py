@@ -91,6 +91,9 @@ def _families(registry: CollectorRegistry) -> dict:
                                  registry=r),
         "unsealed_deltas": Counter(p + "unsealed_deltas", "Deltas a drafter sent without the verifier's valid "
                                    "seal, refused (gateway with --verdict-key-file)", ["role"], registry=r),
+        "handed_back": Counter(p + "handed_back", "Sessions a drafter handed back because drafting did not pay at "
+                               "the verifier's load; the gateway stepped them on the verifier (gateway)", ["role"],
+                               registry=r),
         "slow_clients": Counter(p + "slow_clients", "Client streams cut because the client took no message for "
                                 "--slow-client-seconds (gateway)", ["role"], registry=r),
         "failovers": Counter(p + "failovers", "Sessions resumed on another drafter (or the same one again) after "
@@ -131,7 +134,7 @@ class ServiceMetrics:
         lab = {k: v.labels(role=role) for k, v in f.items()
                if k not in ("accepted_by_position", "errors", "draft_s", "verify_s", "network_s", "round_s",
                             "ttft_s", "session_s", "failovers", "takeovers", "bad_proposals", "unsealed_deltas",
-                            "slow_clients", "batch_sequences", "batch_tokens", "forward_s", "queue_wait_s",
+                            "handed_back", "slow_clients", "batch_sequences", "batch_tokens", "forward_s", "queue_wait_s",
                             "kv_budget", "kv_reserved", "kv_queued", "kv_refused", "store_errors")}
         self.sessions_started, self.sessions_finished = lab["sessions_started"], lab["sessions_finished"]
         self.sessions_active, self.rounds = lab["sessions_active"], lab["rounds"]
@@ -215,6 +218,9 @@ class ServiceMetrics:
 
     def unsealed_delta(self) -> None:
         self._child("unsealed_deltas").inc()
+
+    def handed_back(self) -> None:
+        self._child("handed_back").inc()
 
     def failover(self) -> None:
         self._child("failovers").inc()

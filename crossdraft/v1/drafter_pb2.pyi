@@ -36,7 +36,7 @@ class DrafterServiceGetInfoResponse(_message.Message):
     def __init__(self, model_id: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ..., algorithms: _Optional[_Iterable[_Union[_common_pb2.Algorithm, str]]] = ..., max_context: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., active_sessions: _Optional[int] = ..., max_sessions: _Optional[int] = ..., cache: _Optional[_Union[_common_pb2.CacheUsage, _Mapping]] = ...) -> None: ...
 
 class RunSessionRequest(_message.Message):
-    __slots__ = ("session_id", "verifier_address", "prompt", "prompt_ids", "committed_ids", "params", "algorithm", "max_new_tokens", "draft_tokens", "resume_draft_tokens")
+    __slots__ = ("session_id", "verifier_address", "prompt", "prompt_ids", "committed_ids", "params", "algorithm", "max_new_tokens", "draft_tokens", "resume_draft_tokens", "may_hand_back")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     VERIFIER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -47,6 +47,7 @@ class RunSessionRequest(_message.Message):
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     RESUME_DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAY_HAND_BACK_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     verifier_address: str
     prompt: str
@@ -57,10 +58,11 @@ class RunSessionRequest(_message.Message):
     max_new_tokens: int
     draft_tokens: int
     resume_draft_tokens: int
-    def __init__(self, session_id: _Optional[str] = ..., verifier_address: _Optional[str] = ..., prompt: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., committed_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., algorithm: _Optional[_Union[_common_pb2.Algorithm, str]] = ..., max_new_tokens: _Optional[int] = ..., draft_tokens: _Optional[int] = ..., resume_draft_tokens: _Optional[int] = ...) -> None: ...
+    may_hand_back: bool
+    def __init__(self, session_id: _Optional[str] = ..., verifier_address: _Optional[str] = ..., prompt: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., committed_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., algorithm: _Optional[_Union[_common_pb2.Algorithm, str]] = ..., max_new_tokens: _Optional[int] = ..., draft_tokens: _Optional[int] = ..., resume_draft_tokens: _Optional[int] = ..., may_hand_back: _Optional[bool] = ...) -> None: ...
 
 class RunSessionResponse(_message.Message):
-    __slots__ = ("token_offset", "ids", "text", "finished", "finish_reason", "algorithm", "why", "stats", "next_draft_tokens", "seal")
+    __slots__ = ("token_offset", "ids", "text", "finished", "finish_reason", "algorithm", "why", "stats", "next_draft_tokens", "seal", "handed_back")
     TOKEN_OFFSET_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -71,6 +73,7 @@ class RunSessionResponse(_message.Message):
     STATS_FIELD_NUMBER: _ClassVar[int]
     NEXT_DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SEAL_FIELD_NUMBER: _ClassVar[int]
+    HANDED_BACK_FIELD_NUMBER: _ClassVar[int]
     token_offset: int
     ids: _containers.RepeatedScalarFieldContainer[int]
     text: bytes
@@ -81,4 +84,5 @@ class RunSessionResponse(_message.Message):
     stats: _common_pb2.Stats
     next_draft_tokens: int
     seal: bytes
-    def __init__(self, token_offset: _Optional[int] = ..., ids: _Optional[_Iterable[int]] = ..., text: _Optional[bytes] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., algorithm: _Optional[_Union[_common_pb2.Algorithm, str]] = ..., why: _Optional[str] = ..., stats: _Optional[_Union[_common_pb2.Stats, _Mapping]] = ..., next_draft_tokens: _Optional[int] = ..., seal: _Optional[bytes] = ...) -> None: ...
+    handed_back: bool
+    def __init__(self, token_offset: _Optional[int] = ..., ids: _Optional[_Iterable[int]] = ..., text: _Optional[bytes] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., algorithm: _Optional[_Union[_common_pb2.Algorithm, str]] = ..., why: _Optional[str] = ..., stats: _Optional[_Union[_common_pb2.Stats, _Mapping]] = ..., next_draft_tokens: _Optional[int] = ..., seal: _Optional[bytes] = ..., handed_back: _Optional[bool] = ...) -> None: ...
