@@ -150,7 +150,8 @@ def test_a_session_cancelled_mid_batch_leaves_the_others_intact(batched_services
 def test_the_kv_budget_refuses_clearly_and_recovers(batched_services):
     """A budget of 0.06 MiB on a model whose positions take 1 KiB (float64) holds 61 positions: one
     session of 40 fits, a second waits --kv-wait-seconds and is refused RESOURCE_EXHAUSTED naming the
-    limit; once the first ends, the second is admitted. A session larger than the whole budget is
+    limit; once the first's stream ends (the session parked: verifier_service/server.py), the second is
+    admitted, and the parked one gives way to it. A session larger than the whole budget is
     refused at once, saying so."""
     from test_services import VerifyStream
 
@@ -178,11 +179,14 @@ def test_the_kv_budget_refuses_clearly_and_recovers(batched_services):
     finally:
         first.close()
     deadline = time.monotonic() + 30
-    while usage().reserved_bytes and time.monotonic() < deadline:  # (the verifier ends its side just after)
+    while usage().parked_sessions < 1 and time.monotonic() < deadline:  # (the verifier ends its side just after)
         time.sleep(0.05)
+    # the first ended unfinished: parked, holding its room until a session needs it, as this one does
+    assert usage().reserved_bytes == 40 * per_token
     again = stream("kv-b", [9, 10, 11, 12], 36)
     try:
         assert len(again.send(Proposal(seq=4, kind=TOKENS)).ids) == 1
+        assert usage().parked_sessions == 0 and usage().reserved_bytes == 40 * per_token
     finally:
         again.close()
     whole = stream("kv-c", [5] * 30, 34)  # 64 positions: more than the 61 of the whole budget

@@ -194,7 +194,8 @@ class TargetSessions:
     def usage(self) -> dict:
         with self.lock:
             caches = [e[0].cache for e in (*self.sessions.values(), *self.parked.values())]
-        return self.model.usage(caches)
+            parked = len(self.parked)
+        return dict(self.model.usage(caches), parked=parked)
 
 
 class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):

@@ -78,7 +78,7 @@ class Stats(_message.Message):
     def __init__(self, new_tokens: _Optional[int] = ..., rounds: _Optional[int] = ..., draft_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., drafted: _Optional[int] = ..., accepted_counts_by_position: _Optional[_Iterable[int]] = ..., draft_ns: _Optional[int] = ..., verify_ns: _Optional[int] = ..., bridge_ns: _Optional[int] = ..., network_ns: _Optional[int] = ..., total_ns: _Optional[int] = ...) -> None: ...
 
 class CacheUsage(_message.Message):
-    __slots__ = ("budget_bytes", "reserved_bytes", "allocated_bytes", "queued_sessions", "refused_sessions", "max_batch_tokens", "sequences_per_pass", "passes", "max_model_len")
+    __slots__ = ("budget_bytes", "reserved_bytes", "allocated_bytes", "queued_sessions", "refused_sessions", "max_batch_tokens", "sequences_per_pass", "passes", "max_model_len", "parked_sessions")
     BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
     RESERVED_BYTES_FIELD_NUMBER: _ClassVar[int]
     ALLOCATED_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -88,6 +88,7 @@ class CacheUsage(_message.Message):
     SEQUENCES_PER_PASS_FIELD_NUMBER: _ClassVar[int]
     PASSES_FIELD_NUMBER: _ClassVar[int]
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
+    PARKED_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     budget_bytes: int
     reserved_bytes: int
     allocated_bytes: int
@@ -97,4 +98,5 @@ class CacheUsage(_message.Message):
     sequences_per_pass: float
     passes: int
     max_model_len: int
-    def __init__(self, budget_bytes: _Optional[int] = ..., reserved_bytes: _Optional[int] = ..., allocated_bytes: _Optional[int] = ..., queued_sessions: _Optional[int] = ..., refused_sessions: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., sequences_per_pass: _Optional[float] = ..., passes: _Optional[int] = ..., max_model_len: _Optional[int] = ...) -> None: ...
+    parked_sessions: int
+    def __init__(self, budget_bytes: _Optional[int] = ..., reserved_bytes: _Optional[int] = ..., allocated_bytes: _Optional[int] = ..., queued_sessions: _Optional[int] = ..., refused_sessions: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., sequences_per_pass: _Optional[float] = ..., passes: _Optional[int] = ..., max_model_len: _Optional[int] = ..., parked_sessions: _Optional[int] = ...) -> None: ...
