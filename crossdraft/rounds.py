@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator, Optional
 
 from .errors import Aborted
@@ -134,6 +134,7 @@ class Round:
     stats: RoundStats  # the session's totals so far
     rtt_ns: int  # from submitting the proposal to the verdict
     handed_back: bool = False  # the last round before the loop handed the session back (see the docstring)
+    come_back_below: float = 0.0  # with handed_back: sequences per pass below which drafting would pay again
 
 
 class LocalVerifier:
@@ -197,7 +198,7 @@ def run_rounds(link, drafters: dict, draft: Callable, committed: int, state=None
         loop.fill()
         if loop.leaving and not loop.flights:  # handed back: the last round answered is the last
             if pending is not None:
-                pending.handed_back = True
+                pending.handed_back, pending.come_back_below = True, loop.come_back
                 yield pending
             return
         if pending is not None:
@@ -228,6 +229,7 @@ class _Loop:
         self.hand_back: Optional[int] = None  # see run_rounds
         self.capped = 0  # rounds in a row whose drafting the load cap cut to nothing
         self.leaving = False  # handing back: no more rounds are submitted
+        self.come_back = SHARED  # handing back: sequences per pass below which drafting would pay again
 
     def fill(self) -> None:
         """Submit the next round, and more target steps behind it while the link allows (`depth`) and
@@ -253,13 +255,25 @@ class _Loop:
                                         time.perf_counter_ns()))
             self.link.submit(proposal)
             self.ahead += 1
-            self.leaving = bool(self.hand_back) and self.capped >= self.hand_back
+            if self.hand_back and self.capped >= self.hand_back:
+                self.leaving, self.come_back = True, self._come_back(drafter, k)
 
     def _budget(self, drafter, k: Optional[DraftLength]) -> int:
         if k is None:
             return 0
         capped = drafter.exact_match and self.draft_tokens is None  # a length the caller fixed is kept
         return self.stats.load_cap(self.link.load(), k.k, self.depth > 1, drafter) if capped else k.k
+
+    def _come_back(self, drafter, k: DraftLength) -> float:
+        """Handing back: the sequences per pass below which this session's drafting would pay again at the
+        verifier's pass costs now (the load cap over smaller batches, in steps of half a sequence)."""
+        hint = self.link.load()
+        b = hint.sequences - 0.5 if hint is not None else 0.0
+        while b >= SHARED:
+            if self.stats.load_cap(replace(hint, sequences=b), k.k, self.depth > 1, drafter) > 0:
+                return b + 0.25
+            b -= 0.5
+        return SHARED
 
     def answer(self, until: Optional[Callable] = None) -> tuple:
         """(Round, finished): the verdict on the oldest round in flight, counted and followed."""

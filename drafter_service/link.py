@@ -21,14 +21,18 @@ from crossdraft.v1 import verifier_pb2
 class RemoteVerifier:
     depth = STEPS_IN_FLIGHT  # rounds of the target's own step a session keeps in flight (rounds.run_rounds)
 
-    def __init__(self, stub, start: wire.SessionStart, context=None):
-        """Open the stream; `context`: the RunSession call's, whose end cancels the stream too."""
+    def __init__(self, stub, start: wire.SessionStart, context=None, loads: Optional[dict] = None, key: str = ""):
+        """Open the stream; `context`: the RunSession call's, whose end cancels the stream too. `loads`:
+        the last load hint of each verifier (`key`) this process heard, shared by its sessions: a session's
+        first rounds, before a verdict of its own says the load, go by it (a session that starts or comes
+        back under load does not draft, and prefill its drafter, for a round that cannot pay)."""
         self._requests: "queue.SimpleQueue" = queue.SimpleQueue()
         self._requests.put(verifier_pb2.VerifyRequest(start=wire.start_to_proto(start)))
         self.call = stub.Verify(self._stream())
         if context is not None:
             context.add_callback(self.call.cancel)  # the caller went away: end the Verify stream too
-        self._load = None
+        self._loads, self._key = loads, key
+        self._load = loads.get(key) if loads is not None else None
         self.finished = False
 
     def _stream(self):
@@ -46,6 +50,8 @@ class RemoteVerifier:
         verdict.seal = resp.verdict.seal
         if verdict.load is not None:
             self._load = verdict.load
+            if self._loads is not None:
+                self._loads[self._key] = verdict.load
         self.finished = verdict.finished
         return verdict
 

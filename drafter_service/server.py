@@ -59,7 +59,7 @@ SERVICE_NAME = drafter_pb2.DESCRIPTOR.services_by_name["DrafterService"].full_na
 ALGORITHMS = ("same", "tli", "slem", "slrs")
 # Rounds in a row the load cap may cut to the target's own step before a call whose caller allows it is
 # handed back (RunSessionRequest.may_hand_back; crossdraft/rounds.py)
-HAND_BACK_ROUNDS = 16
+HAND_BACK_ROUNDS = 8
 # The drafter's settings, as the in-process engine's defaults (Engine.__init__), so that a session
 # here drafts exactly what `crossdraft generate` drafts.
 WINDOW, DRAFT_TOP_K, MIN_CONFIDENCE = 4, 0, 0.4
@@ -131,6 +131,7 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
         # channels, target tokenizers and template drafters (copied per session), bounded; the allow-list
         self.targets = Targets(self._make_drafter, tls, allowed)
         self.auto_memory = AutoMemory()  # what `auto` measured, per target tokenizer and decoding mode
+        self.loads: dict = {}  # the last load hint each verifier sent (drafter_service/link.py)
         self.drain = Drain("drafter")  # on SIGTERM: no new sessions, running ones handed back (serving/drain.py)
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -242,7 +243,7 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
         stream, each committed delta as a RunSessionResponse; `done` gets the session's new_tokens, seconds
         and finished (for the metrics). `hand_back` (the caller allows it): the rounds the load cap may cut
         to nothing in a row before the call ends with a `handed_back` message (crossdraft/rounds.py)."""
-        link = RemoteVerifier(stub, start, context)
+        link = RemoteVerifier(stub, start, context, self.loads, getattr(stub, "address", ""))
         base = offset = len(start.committed_ids)
         t0 = time.perf_counter()
         algo_enum, first, rounds = wire.algorithm_to_proto(start.algorithm), True, 0
@@ -268,7 +269,7 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
                     log.info("session %s: handed back after %d rounds: drafting does not pay at the verifier's "
                              "load", start.session_id, rounds)
                     yield drafter_pb2.RunSessionResponse(token_offset=offset, handed_back=True,
-                                                         next_draft_tokens=r.k_next)
+                                                         next_draft_tokens=r.k_next, come_back_below=r.come_back_below)
                     return
             log.info("session %s: %s, %d rounds, %d new tokens, %.3f s", start.session_id, start.algorithm,
                      rounds, done.new_tokens, time.perf_counter() - t0)

@@ -29,9 +29,9 @@ left, and its end says so.
 Handed back (docs/serving.md): a drafter whose session's drafting the verifier's load has cut to nothing
 ends the call with `handed_back` (the gateway allows it: `may_hand_back`), and the gateway steps the
 session on the verifier itself (`_verifier_alone`, the verifier takes the parked session up without a
-prefill) for `HAND_BACK_STEPS` tokens, twice as many at each later hand-back up to `HAND_BACK_STEPS_MAX`,
-or until the verifier's load no longer has sessions sharing a pass; then the session goes back to its
-drafter, which measures again.
+prefill) until the verifier's load falls below what the drafter said drafting would pay at
+(`come_back_below`), or for `HAND_BACK_STEPS` tokens, twice as many at each later hand-back up to
+`HAND_BACK_STEPS_MAX`; then the session goes back to its drafter, which measures again.
 
 Text: the drafter commits raw bytes; clients get valid UTF-8 (an incomplete character held back, an
 invalid byte replaced as the engine's `decode(errors="replace")` does), and byte offsets count the
@@ -96,8 +96,8 @@ SYNC_WAIT_S = 10.0  # how long `serve` waits for the first answer of the pools' 
 # A session handed back by its drafter (drafting did not pay at the verifier's load) runs this many target
 # steps on the verifier before it goes back to the drafter, twice as many at each later hand-back, at most
 # HAND_BACK_STEPS_MAX: a session under steady load spends most of its tokens without the relay.
-HAND_BACK_STEPS = 64
-HAND_BACK_STEPS_MAX = 1024
+HAND_BACK_STEPS = 256
+HAND_BACK_STEPS_MAX = 4096
 SLOW_CLIENT_GRACE_S = 60.0  # ... and if it takes nothing for this long more, its call is cancelled
 FOLLOW_BLOCK_MS = 500  # how long one read of the event stream waits before checking the client is still there
 _STATUS = {"queued": gateway_pb2.SESSION_STATUS_PENDING, "running": gateway_pb2.SESSION_STATUS_RUNNING}
@@ -136,6 +136,7 @@ class _Run:
     t0: float = field(default_factory=time.monotonic)
     steps_left: int = 0  # handed back by its drafter: target steps to run on the verifier before going back
     handbacks: int = 0
+    come_back_below: float = 0.0  # handed back: going back once the verifier's sequences per pass fall below
 
     @property
     def params(self):
@@ -456,11 +457,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             raise Aborted(f"drafter {r.drafter} handed the session back at offset {msg.token_offset}, "
                           f"expected {len(r.ids)}")
         r.k_next = msg.next_draft_tokens or r.k_next
+        r.come_back_below = msg.come_back_below
         r.steps_left = min(HAND_BACK_STEPS_MAX, HAND_BACK_STEPS << r.handbacks)
         r.handbacks += 1
         self.metrics.handed_back()
-        log.info("session %s: handed back by drafter %s at token %d; %d target steps on the verifier", r.sid,
-                 r.drafter, len(r.ids), r.steps_left)
+        log.info("session %s: handed back by drafter %s at token %d; up to %d target steps on the verifier, "
+                 "until it runs fewer than %.2f sequences a pass", r.sid, r.drafter, len(r.ids), r.steps_left,
+                 r.come_back_below)
 
     def _committed(self, r: "_Run", ids, finished: bool) -> None:
         """After a commit of `ids`: the run's ids and end, its first token's time, its start resolved."""
@@ -610,8 +613,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         empty proposals, each the target's own step of one token, `STEPS_IN_FLIGHT` of them in flight as
         the drafter service keeps them (crossdraft/rounds.py), so the verifier finds the session's next step
         waiting when a pass ends. Each verdict is committed. A handed-back session's stream ends cleanly
-        after its steps, or sooner once the verifier's passes are no longer shared (`load.SHARED`): the
-        verifier parks the session for the drafter's next stream."""
+        after its steps, or sooner once the verifier's load falls below what the drafter said drafting pays
+        at (`come_back_below`; passes no longer shared, `load.SHARED`, at least): the verifier parks the
+        session for the drafter's next stream."""
         import queue
 
         from crossdraft.v1 import verifier_pb2, verifier_pb2_grpc
@@ -667,8 +671,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                 if r.finished:
                     return
                 at = v.seq + len(v.ids)
-                if left[0] is not None and v.load is not None and v.load.sequences < SHARED:
-                    left[0] = 0  # the verifier's passes are no longer shared: back to the drafter
+                if left[0] is not None and v.load is not None and v.load.sequences < max(SHARED, r.come_back_below):
+                    left[0] = 0  # drafting pays again at this load: back to the drafter
                 propose(at + STEPS_IN_FLIGHT - 1)
                 if left[0] == 0 and sent[0] == 0:  # a handed-back session's steps are done
                     q.put(None)

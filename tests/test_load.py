@@ -14,7 +14,7 @@ import pytest
 from test_lossless_greedy import PROMPTS, make_engine
 
 from crossdraft.auto import AutoState
-from crossdraft.load import MIN_PASSES, CostModel, LoadHint, acceptance, draft_cap, expected_accepted
+from crossdraft.load import MIN_PASSES, SHARED, CostModel, LoadHint, acceptance, draft_cap, expected_accepted
 from crossdraft.rounds import LocalVerifier, run_rounds
 from crossdraft.sampling import SamplingParams
 from crossdraft.scheduler import drive
@@ -247,6 +247,8 @@ def test_a_session_whose_drafting_the_load_cuts_to_nothing_is_handed_back_after_
     assert rounds[-1].handed_back and not any(r.handed_back for r in rounds[:-1])
     assert not rounds[-1].verdict.finished and not busy.queue  # every round submitted was answered
     assert len(rounds) == 6 and got == alone[:6]  # (the first round is capped too)
+    # where to come back: a smaller batch at which this session's drafting pays at BUSY's pass costs
+    assert SHARED <= rounds[-1].come_back_below < BUSY.sequences
     got, rounds = _speculative(engine, PROMPTS[1], 40, LoadLink(v, depth=3, hints=lambda i: BUSY))
     assert got == alone and not any(r.handed_back for r in rounds)
     got, rounds = _speculative(engine, PROMPTS[1], 40, LoadLink(v, depth=3, hints=lambda i: None), hand_back=6)

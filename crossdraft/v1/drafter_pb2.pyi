@@ -62,7 +62,7 @@ class RunSessionRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., verifier_address: _Optional[str] = ..., prompt: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., committed_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., algorithm: _Optional[_Union[_common_pb2.Algorithm, str]] = ..., max_new_tokens: _Optional[int] = ..., draft_tokens: _Optional[int] = ..., resume_draft_tokens: _Optional[int] = ..., may_hand_back: _Optional[bool] = ...) -> None: ...
 
 class RunSessionResponse(_message.Message):
-    __slots__ = ("token_offset", "ids", "text", "finished", "finish_reason", "algorithm", "why", "stats", "next_draft_tokens", "seal", "handed_back")
+    __slots__ = ("token_offset", "ids", "text", "finished", "finish_reason", "algorithm", "why", "stats", "next_draft_tokens", "seal", "handed_back", "come_back_below")
     TOKEN_OFFSET_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -74,6 +74,7 @@ class RunSessionResponse(_message.Message):
     NEXT_DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SEAL_FIELD_NUMBER: _ClassVar[int]
     HANDED_BACK_FIELD_NUMBER: _ClassVar[int]
+    COME_BACK_BELOW_FIELD_NUMBER: _ClassVar[int]
     token_offset: int
     ids: _containers.RepeatedScalarFieldContainer[int]
     text: bytes
@@ -85,4 +86,5 @@ class RunSessionResponse(_message.Message):
     next_draft_tokens: int
     seal: bytes
     handed_back: bool
-    def __init__(self, token_offset: _Optional[int] = ..., ids: _Optional[_Iterable[int]] = ..., text: _Optional[bytes] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., algorithm: _Optional[_Union[_common_pb2.Algorithm, str]] = ..., why: _Optional[str] = ..., stats: _Optional[_Union[_common_pb2.Stats, _Mapping]] = ..., next_draft_tokens: _Optional[int] = ..., seal: _Optional[bytes] = ..., handed_back: _Optional[bool] = ...) -> None: ...
+    come_back_below: float
+    def __init__(self, token_offset: _Optional[int] = ..., ids: _Optional[_Iterable[int]] = ..., text: _Optional[bytes] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., algorithm: _Optional[_Union[_common_pb2.Algorithm, str]] = ..., why: _Optional[str] = ..., stats: _Optional[_Union[_common_pb2.Stats, _Mapping]] = ..., next_draft_tokens: _Optional[int] = ..., seal: _Optional[bytes] = ..., handed_back: _Optional[bool] = ..., come_back_below: _Optional[float] = ...) -> None: ...
