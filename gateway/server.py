@@ -31,7 +31,8 @@ ends the call with `handed_back` (the gateway allows it: `may_hand_back`), and t
 session on the verifier itself (`_verifier_alone`, the verifier takes the parked session up without a
 prefill) until the verifier's load falls below what the drafter said drafting would pay at
 (`come_back_below`), or for `HAND_BACK_STEPS` tokens, twice as many at each later hand-back up to
-`HAND_BACK_STEPS_MAX`; then the session goes back to its drafter, which measures again.
+`HAND_BACK_STEPS_MAX`; then the session goes back to its drafter, which measures again. New sessions of
+a kind that was handed back start on the verifier while its load stays above that (`handback.py`).
 
 Text: the drafter commits raw bytes; clients get valid UTF-8 (an incomplete character held back, an
 invalid byte replaced as the engine's `decode(errors="replace")` does), and byte offsets count the
@@ -71,6 +72,7 @@ from crossdraft.store import COUNTERS, AlreadyExists, Conflict, MemoryStore, Ses
 from crossdraft.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 from .auth import ApiKeys, KeyLimits, caller_of, load_keys
+from .handback import HAND_BACK_STEPS, HAND_BACK_STEPS_MAX, HandBacks
 from .membership import DNS_REFRESH_S, sources_for, wait_synced
 from .pool import HEALTH_S, Pool, parse_addresses
 from .stops import SessionStops, Stopped
@@ -93,11 +95,6 @@ STORE_WAIT_S = 30.0  # how long a commit is retried while the session store is u
 LEASE_S = 30.0  # a running session nobody committed to for this long is taken over by a replica it is attached to
 SLOW_CLIENT_S = 30.0  # a streaming client that takes no message for this long is cut (see `_paced`)
 SYNC_WAIT_S = 10.0  # how long `serve` waits for the first answer of the pools' dynamic sources
-# A session handed back by its drafter (drafting did not pay at the verifier's load) runs this many target
-# steps on the verifier before it goes back to the drafter, twice as many at each later hand-back, at most
-# HAND_BACK_STEPS_MAX: a session under steady load spends most of its tokens without the relay.
-HAND_BACK_STEPS = 256
-HAND_BACK_STEPS_MAX = 4096
 SLOW_CLIENT_GRACE_S = 60.0  # ... and if it takes nothing for this long more, its call is cancelled
 FOLLOW_BLOCK_MS = 500  # how long one read of the event stream waits before checking the client is still there
 _STATUS = {"queued": gateway_pb2.SESSION_STATUS_PENDING, "running": gateway_pb2.SESSION_STATUS_RUNNING}
@@ -258,6 +255,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self.store_wait_s, self.slow_client_s = store_wait_s, slow_client_s
         self.first_delta_timeout_s = FIRST_DELTA_FACTOR * delta_timeout_s
         self._watchdog = _Watchdog()
+        self.handbacks = HandBacks()  # where drafting stopped paying, and the verifiers' load (handback.py)
         self.max_sessions, self.max_prompt_bytes, self.max_new_tokens = max_sessions, max_prompt_bytes, max_new_tokens
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}"
         self._lock = threading.Lock()
@@ -358,6 +356,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         if resume:
             s = self.store.get(sid, include_output=True)
             r.ids, r.length, r.k_next = list(s.ids), s.length, int(s.resume.get("draft_tokens", 0))
+        elif r.drafter is not None and (below := self.handbacks.start_direct(req)) is not None:
+            # sessions like it were handed back at this verifier's load: start as they go on (handback.py)
+            r.steps_left, r.come_back_below, r.handbacks = HAND_BACK_STEPS, below, 1
         if req.get("deadline_unix"):
             r.timer = threading.Timer(max(0.0, req["deadline_unix"] - time.time()), self._expire, args=(sid,))
             r.timer.daemon = True
@@ -458,6 +459,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                           f"expected {len(r.ids)}")
         r.k_next = msg.next_draft_tokens or r.k_next
         r.come_back_below = msg.come_back_below
+        self.handbacks.handed_back(r.req, msg.come_back_below)
         r.steps_left = min(HAND_BACK_STEPS_MAX, HAND_BACK_STEPS << r.handbacks)
         r.handbacks += 1
         self.metrics.handed_back()
@@ -671,6 +673,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                 if r.finished:
                     return
                 at = v.seq + len(v.ids)
+                if v.load is not None:
+                    self.handbacks.load(r.req["verifier_address"], v.load.sequences)
                 if left[0] is not None and v.load is not None and v.load.sequences < max(SHARED, r.come_back_below):
                     left[0] = 0  # drafting pays again at this load: back to the drafter
                 propose(at + STEPS_IN_FLIGHT - 1)
