@@ -35,11 +35,11 @@ def histogram(url: str, name: str) -> tuple:
     return total, count
 
 
-def level(cl, loadbench, prompts, args, n: int) -> dict:
+def level(cl, loadbench, prompts, args, n: int, algorithm: str) -> dict:
     before = {name: cpu_seconds(p.pid) for name, p, _ in cl.procs}
     me = sum(os.times()[:2])
     f0 = histogram(cl.metrics["verifier"], "crossdraft_forward_seconds")
-    r = loadbench.run_level(cl.gateway, prompts, args, args.algorithm, args.drafter, n, cl.metrics["verifier"])
+    r = loadbench.run_level(cl.gateway, prompts, args, algorithm, args.drafter, n, cl.metrics["verifier"])
     f1 = histogram(cl.metrics["verifier"], "crossdraft_forward_seconds")
     cpu = {name: round(cpu_seconds(p.pid) - before[name], 2) for name, p, _ in cl.procs}
     cpu["client"] = round(sum(os.times()[:2]) - me, 2)
@@ -51,11 +51,15 @@ def main() -> int:
     ap.add_argument("--root", default=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                     help="the checkout to measure (its crossdraft package is imported; default: this one)")
     ap.add_argument("--zoo", default=os.environ.get("CROSSDRAFT_ZOO", "/work/shared/zoo"))
-    ap.add_argument("--algorithm", default="none", help="the sessions' algorithm (default: none)")
+    ap.add_argument("--algorithm", default="none",
+                    help="the sessions' algorithm, or several comma-separated, run in turn at each level (default: none)")
     ap.add_argument("--drafter", default="drafter-spm4k")
     ap.add_argument("--levels", default="1,8", help="client counts, comma-separated (default: 1,8)")
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--requests-per-client", type=int, default=2)
+    ap.add_argument("--pin-cpus", action="store_true",
+                    help="the other services and this process on the last core, the verifier on any (as bench --pin-cpus)")
+    ap.add_argument("--repeat", type=int, default=1, help="run the levels this many times in turn (default 1)")
     ap.add_argument("--json-out", default="", help="write the figures here too")
     args = ap.parse_args()
     sys.path.insert(0, args.root)
@@ -65,21 +69,24 @@ def main() -> int:
     from crossdraft.prompts import read_prompts
 
     levels = [int(x) for x in args.levels.split(",")]
+    algorithms = args.algorithm.split(",")
     prompts = read_prompts(os.path.join(args.zoo, "dev-prompts.jsonl"), chars=800,
                            limit=max(levels) * args.requests_per_client, min_chars=2000)
     run_args = types.SimpleNamespace(requests_per_client=args.requests_per_client, algorithm=args.algorithm,
                                      drafter=args.drafter, max_new_tokens=args.max_new_tokens, temperature=0.0,
                                      seed=0, draft_tokens=None)
     cl = LocalCluster(os.path.join(args.zoo, "target-bpe8k"), [os.path.join(args.zoo, args.drafter)], threads=1,
-                      metrics=True, model_args=("--max-sessions", str(max(16, max(levels))))).start()
+                      metrics=True, pin=args.pin_cpus, model_args=("--max-sessions", str(max(16, max(levels))))).start()
+    cl.pin_caller()
     rows = []
     try:
         with Client(cl.gateway, timeout=600) as c:  # warm-up
-            c.generate(prompts[0], 8, 0.0, 0, args.algorithm, None, drafter=args.drafter)
-        for n in levels:
-            r = level(cl, loadbench, prompts, run_args, n)
+            for a in algorithms:
+                c.generate(prompts[0], 8, 0.0, 0, a, None, drafter=args.drafter)
+        for n, a in [(n, a) for n in levels * max(1, args.repeat) for a in algorithms]:
+            r = dict(level(cl, loadbench, prompts, run_args, n, a), algorithm=a)
             rows.append(r)
-            print(f"C={n} {args.algorithm}: {r['tokens_per_second']} tok/s in {r['seconds']} s, itl p50/p95 "
+            print(f"C={n} {a}: {r['tokens_per_second']} tok/s in {r['seconds']} s, itl p50/p95 "
                   f"{r['itl_p50_ms']}/{r['itl_p95_ms']} ms, batch {r['verifier_batch']}, tok/rnd {r['tokens_per_round']}")
             print(f"    verifier forward {r['forward_s']} s in {r['passes']} passes; CPU s: "
                   + ", ".join(f"{k} {v}" for k, v in r["cpu_s"].items()), flush=True)
