@@ -60,7 +60,6 @@ from google.protobuf import json_format
 from crossdraft import wire
 from crossdraft.errors import Aborted, CrossdraftError, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from crossdraft.load import SHARED
-from crossdraft.protocol import STEPS_IN_FLIGHT
 from crossdraft.seal import Sealer, sealer_from_args
 from crossdraft.serving.channels import TLS, check_plaintext, is_loopback
 from crossdraft.serving.drain import draining_role
@@ -73,6 +72,7 @@ from crossdraft.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 from .auth import ApiKeys, KeyLimits, caller_of, load_keys
 from .handback import HAND_BACK_STEPS, HAND_BACK_STEPS_MAX, HandBacks
+from .steps import TargetSteps
 from .membership import DNS_REFRESH_S, sources_for, wait_synced
 from .pool import HEALTH_S, Pool, parse_addresses
 from .stops import SessionStops, Stopped
@@ -612,84 +612,70 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     def _verifier_alone(self, r: "_Run") -> None:
         """Run the session on the verifier with no drafter (a session of the target alone, one no drafter
         of its pool can run, or one its drafter handed back: `r.steps_left` steps then): a Verify stream of
-        empty proposals, each the target's own step of one token, `STEPS_IN_FLIGHT` of them in flight as
-        the drafter service keeps them (crossdraft/rounds.py), so the verifier finds the session's next step
-        waiting when a pass ends. Each verdict is committed. A handed-back session's stream ends cleanly
-        after its steps, or sooner once the verifier's load falls below what the drafter said drafting pays
-        at (`come_back_below`; passes no longer shared, `load.SHARED`, at least): the verifier parks the
-        session for the drafter's next stream."""
-        import queue
+        the target's own steps kept ahead (`steps.TargetSteps`), each verdict committed. A handed-back
+        session's stream ends cleanly after its steps, or sooner once the verifier's load falls below what
+        the drafter said drafting pays at (`come_back_below`; `load.SHARED` at least): the verifier parks
+        the session for the drafter's next stream."""
+        from crossdraft.v1 import verifier_pb2_grpc
 
-        from crossdraft.v1 import verifier_pb2, verifier_pb2_grpc
-
-        p = r.req["params"]
-        start = verifier_pb2.VerifyStart(
-            session_id=r.sid, prompt=r.req["prompt"], committed_ids=r.ids, max_new_tokens=r.req["max_new_tokens"],
-            params=common_pb2.SamplingParams(temperature=p["temperature"], top_k=p["top_k"], top_p=p["top_p"],
-                                             seed=p["seed"]), algorithm=common_pb2.ALGORITHM_NONE)
-        q: "queue.SimpleQueue" = queue.SimpleQueue()
-        q.put(verifier_pb2.VerifyRequest(start=start))
-
-        def requests():
-            while (m := q.get()) is not None:
-                yield m
-
-        left = [r.steps_left or None]  # handed back: steps still to propose (None: to the end)
-        sent = [0]  # steps proposed and not answered yet
-
-        def propose(seq: int) -> None:
-            if left[0] is not None:
-                if left[0] <= 0:
-                    return
-                left[0] -= 1
-            sent[0] += 1
-            q.put(verifier_pb2.VerifyRequest(proposal=verifier_pb2.Proposal(
-                seq=seq, kind=verifier_pb2.PROPOSAL_KIND_TOKENS)))
-
-        stub = verifier_pb2_grpc.VerifierServiceStub(self.verifiers.channel(r.req["verifier_address"]))
-        call = stub.Verify(requests())
+        steps = TargetSteps(self._verify_start(r), r.steps_left or None)
+        call = verifier_pb2_grpc.VerifierServiceStub(self.verifiers.channel(r.req["verifier_address"])).Verify(
+            steps.requests())
         with self._lock:
             self._calls[r.sid] = call
         entry = self._watchdog.watch(call, self.first_delta_timeout_s)
         at, rounds, verify_ns = None, 0, 0  # at: the committed length (prompt included) the next verdict starts at
         try:
-            # stale on purpose: its empty verdict says the committed length
-            q.put(verifier_pb2.VerifyRequest(proposal=verifier_pb2.Proposal(seq=0, kind=verifier_pb2.PROPOSAL_KIND_TOKENS)))
             for resp in call:
                 self._watchdog.kick(entry, self.delta_timeout_s)
                 v = wire.verdict_from_proto(resp.verdict)
-                if at is None and not v.finished:
+                if at is None and not v.finished:  # the stale proposal's verdict: where the session is
                     if v.ids:
                         raise Aborted(f"the verifier answered a stale proposal with {len(v.ids)} tokens")
                     at = v.seq
-                    for seq in range(at, at + STEPS_IN_FLIGHT):
-                        propose(seq)
+                    steps.begin(at)
                     continue
                 if at is not None and (v.seq != at or not (len(v.ids) == 1 or v.finished)):
                     raise Aborted(f"the verifier answered a target step at {v.seq} with {len(v.ids)} tokens, "
                                   f"expected one at {at}")
-                rounds, verify_ns, sent[0] = rounds + 1, verify_ns + v.verify_ns, max(0, sent[0] - 1)
+                rounds, verify_ns = rounds + 1, verify_ns + v.verify_ns
                 self._commit_step(r, v, rounds, verify_ns)
                 if r.finished:
                     return
                 at = v.seq + len(v.ids)
-                if v.load is not None:
-                    self.handbacks.load(r.req["verifier_address"], v.load.sequences)
-                if left[0] is not None and v.load is not None and v.load.sequences < max(SHARED, r.come_back_below):
-                    left[0] = 0  # drafting pays again at this load: back to the drafter
-                propose(at + STEPS_IN_FLIGHT - 1)
-                if left[0] == 0 and sent[0] == 0:  # a handed-back session's steps are done
-                    q.put(None)
-                    for _ in call:  # to the stream's end: the verifier has parked the session by then
+                self._load_seen(r, v.load, steps)
+                steps.answered(at)
+                if steps.done:  # a handed-back session's steps: end the stream cleanly, the verifier parks it
+                    steps.close()
+                    for _ in call:
                         pass
                     r.steps_left = 0
                     return
             raise Unavailable("the verifier ended the session's stream before it finished")
         finally:
-            q.put(None)
+            steps.close()
             self._watchdog.unwatch(entry)
             if not r.finished:
                 call.cancel()
+
+    def _verify_start(self, r: "_Run"):
+        """The VerifyStart of the gateway's own stream for `r`, from its committed ids."""
+        from crossdraft.v1 import verifier_pb2
+
+        p = r.req["params"]
+        return verifier_pb2.VerifyStart(
+            session_id=r.sid, prompt=r.req["prompt"], committed_ids=r.ids, max_new_tokens=r.req["max_new_tokens"],
+            params=common_pb2.SamplingParams(temperature=p["temperature"], top_k=p["top_k"], top_p=p["top_p"],
+                                             seed=p["seed"]), algorithm=common_pb2.ALGORITHM_NONE)
+
+    def _load_seen(self, r: "_Run", load, steps: TargetSteps) -> None:
+        """A verdict's load: remembered (handback.py); a handed-back session whose drafting would pay at it
+        proposes no more steps (it goes back to its drafter once those in flight are answered)."""
+        if load is None:
+            return
+        self.handbacks.load(r.req["verifier_address"], load.sequences)
+        if steps.left is not None and load.sequences < max(SHARED, r.come_back_below):
+            steps.stop()
 
     def _commit_step(self, r: "_Run", v, rounds: int, verify_ns: int) -> None:
         """Commit one verdict of `_verifier_alone` (the last with the session's result)."""

@@ -429,7 +429,8 @@ def test_a_client_deadline_mid_generation_frees_the_live_drafter_and_verifier_se
 
     The whole generation takes about 0.3 s here, so a poll of the gauges can miss it on a loaded
     machine; stopping on the first delta cannot, unless the client reads that delta only after the end
-    (then the try is repeated with a new session, at most three times)."""
+    (then the try is repeated with a new session, at most three times; so too when the end came and the
+    3 s deadline then beat the call's status)."""
     from crossdraft.v1 import gateway_pb2, gateway_pb2_grpc
 
     vpid = cluster.pid("verifier")
@@ -448,8 +449,9 @@ def test_a_client_deadline_mid_generation_frees_the_live_drafter_and_verifier_se
                         seen["drafter_held"] = bool(active_sessions(cluster, "d1") or active_sessions(cluster, "d2"))
             except grpc.RpcError as err:
                 assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED, err
+                if "end" in seen["events"]:  # it ended before the stop, and the deadline beat the call's status
+                    continue  # (seen once on a loaded machine: the first delta came late): again
                 assert seen["stopped"] and seen["drafter_held"], seen
-                assert "end" not in seen["events"]
                 wait_cancelled(rdb_client, sid)  # by the gateway, while the verifier is still stopped
                 break
             assert seen["events"][-1] == "end", seen  # the client read its first delta after the end: again
