@@ -191,8 +191,7 @@ def run_rounds(link, drafters: dict, draft: Callable, committed: int, state=None
     set, the loop ends after the round in flight. until(verdict): True ends the session after that round,
     before another is submitted (a stop string, crossdraft/stops.py). hand_back: see the module docstring
     (None: never)."""
-    loop = _Loop(link, drafters, draft, committed, state, draft_tokens, resume_k)
-    loop.hand_back = hand_back
+    loop = _Loop(link, drafters, draft, committed, state, draft_tokens, resume_k, hand_back)
     pending = None
     while True:
         loop.fill()
@@ -214,7 +213,7 @@ def run_rounds(link, drafters: dict, draft: Callable, committed: int, state=None
 class _Loop:
     """One session's rounds in flight and its counters (`run_rounds` drives it)."""
 
-    def __init__(self, link, drafters, draft, committed, state, draft_tokens, resume_k):
+    def __init__(self, link, drafters, draft, committed, state, draft_tokens, resume_k, hand_back=None):
         self.link, self.drafters, self.draft, self.state = link, drafters, draft, state
         self.draft_tokens, self.resume_k = draft_tokens, resume_k
         self.depth = max(1, getattr(link, "depth", 1))
@@ -226,7 +225,7 @@ class _Loop:
         self.flights: deque = deque()
         self.last = None  # the drafter of the previous round: a round after a switch is not measured
         self.answered_ns = time.perf_counter_ns()
-        self.hand_back: Optional[int] = None  # see run_rounds
+        self.hand_back: Optional[int] = hand_back  # see run_rounds
         self.capped = 0  # rounds in a row whose drafting the load cap cut to nothing
         self.leaving = False  # handing back: no more rounds are submitted
         self.come_back = SHARED  # handing back: sequences per pass below which drafting would pay again

@@ -88,7 +88,6 @@ class TargetSessions:
         # session id -> (Verifier, bytes reserved, until): sessions whose stream ended unfinished, oldest first
         self.parked: dict = {}
         self.park_s = park_s
-        self.resumed = 0  # streams that took a parked session up again
 
     def __len__(self):
         return len(self.sessions)
@@ -96,7 +95,7 @@ class TargetSessions:
     def open(self, start: wire.SessionStart) -> Verifier:
         """A session: validated against the model, admitted under the KV budget, prefilled; or, when an
         earlier stream of it left its state parked here and the start's ids continue it, that state taken
-        up again without a prefill (`park`)."""
+        up again without a prefill (`close` parks it)."""
         sid = start.session_id
         ids = start.prompt_ids + start.committed_ids
         with self.lock:
@@ -117,7 +116,7 @@ class TargetSessions:
             if parked is not None:
                 v, reserved = parked[0], parked[1]
                 if v.cache.limit >= len(ids) + start.remaining and v.resume(ids, start.remaining, start.params):
-                    self.resumed += 1
+                    log.debug("session %s: taken up from its parked state at %d ids, no prefill", sid, len(ids))
                     with self.lock:
                         self.sessions[sid] = (v, reserved)
                     return v
