@@ -187,6 +187,10 @@ def _model_service_parsers(roles) -> None:
                                 "a port; a DNS name also allows the addresses it resolves to); others are answered "
                                 "PERMISSION_DENIED without a connection (default: any address, with a warning when "
                                 "listening off loopback)")
+            r.add_argument("--no-draft-ahead", action="store_true",
+                           help="do not draft a session's next round while the verifier checks its last one (by "
+                                "default a greedy session does, on the guess that every candidate is accepted; "
+                                "a wrong guess costs this drafter's time, never the output)")
         if role == "verifier":
             r.add_argument("--verdict-key-file", default=None, metavar="FILE",
                            help="seal every verdict with this key (HMAC-SHA256), shared with the gateways and never "

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import replace
-from typing import Optional
+from dataclasses import dataclass, replace
+from typing import Callable, Optional
 
 import torch
 
@@ -79,6 +79,15 @@ class DraftCosts:
             setattr(self, name, x if old is None else old + self.WEIGHT * (x - old))
 
 
+@dataclass
+class _Early:
+    """A draft made ahead (`Drafter.draft_ahead`): the context it guessed (drafter ids) and its rows, the
+    last of which is not in the cache yet; ended: it ended by itself (EOS, an unsure guess)."""
+    ctx: list
+    rows: list
+    ended: bool
+
+
 class Drafter:
     def __init__(self, runner: Runner, vocab: Vocab, target_vocab: Vocab, mode: str,
                  draft_top_k: int = 0, window: int = 4, min_confidence: float = 0.0,
@@ -108,6 +117,8 @@ class Drafter:
         self.kv = DraftKV(runner)
         self._behind_ids: list = []  # committed while another drafter ran (`defer`), not yet observed
         self._behind_text = b""
+        self._drafted: Optional[list] = None  # the last greedy draft's drafter ids (`draft_ahead`)
+        self._early: Optional[_Early] = None  # the draft made ahead (`draft_ahead`), until the next draft
         self.costs = DraftCosts()  # shared with every fork
 
     @property
@@ -124,6 +135,7 @@ class Drafter:
         d = copy.copy(self)
         d.kv = DraftKV(self.runner)
         d._behind_ids, d._behind_text = [], b""
+        d._drafted = d._early = None
         return d
 
     def share_kv(self, other: "Drafter") -> None:
@@ -147,6 +159,7 @@ class Drafter:
         self.kv.cache.truncate(0)
         self.kv_ids = []
         self._behind_ids, self._behind_text = [], b""
+        self._drafted = self._early = None
         if self.mode == "same":
             self.ctx = list(prompt_target_ids)
         else:
@@ -228,9 +241,11 @@ class Drafter:
         return drive(self.runner, self.draft(k))
 
     def draft(self, k: int):
-        """Program: a proposal of at most k drafter tokens (fewer at the drafter's EOS or an unsure guess)."""
+        """Program: a proposal of at most k drafter tokens (fewer at the drafter's EOS or an unsure guess). Its
+        first tokens come from the draft made ahead (`draft_ahead`) when that one guessed this context."""
         t0 = time.perf_counter_ns()
         self._catch_up()
+        early, self._early, self._drafted = self._early, None, None
         greedy = self.params.greedy
         text = self.mode == "slem" or (self.mode == "slrs" and greedy)  # greedy slrs is slem
         k = max(0, min(k, self.room - len(self.ctx) - 1))
@@ -238,45 +253,112 @@ class Drafter:
             return Proposal(seq=self.committed, kind=TEXT if text else TOKENS)
         if self.mode == "slrs" and not greedy:
             return (yield from self._draft_slrs(k, t0))
-        catchup_tokens = len(self.ctx) - self._keep(self.ctx)
-        logits = yield from self._logits_after(self.ctx)
+        rows, ended = self._from_early(early, k)
+        catchup_tokens = 0
+        if not rows:
+            catchup_tokens = len(self.ctx) - self._keep(self.ctx)
+            logits = yield from self._logits_after(self.ctx)
+        elif not ended and len(rows) < k:  # go on from the early draft's last row (not in the cache yet)
+            logits = (yield Step(self.kv.cache, [rows[-1][1]], last=True, rows=self.rows))[0]
+            self.kv_ids.append(rows[-1][1])
         catchup_ns = time.perf_counter_ns() - t0
         self.costs.note("catchup_s", catchup_ns / 1e9, catchup_tokens)
-        rows, q_ids, q_probs = [], [], []
-        eos = False
+        taken = len(rows)
+        if not ended and len(rows) < k:
+            ended = yield from self._chain(rows, logits, k, text)
+        ns = time.perf_counter_ns() - t0
+        if not taken:  # (rows drafted ahead were counted there)
+            self.costs.note("step_s", (ns - catchup_ns) / 1e9, len(rows) - 1)  # the first came with the catch-up
+        eos = rows[-1][1] in self.vocab.eos_ids
+        if greedy and not eos:
+            self._drafted = [r[1] for r in rows]
+        stats = dict(drafted=len(rows), draft_ns=ns, catchup_ns=catchup_ns, catchup_tokens=catchup_tokens,
+                     early=taken)
+        if text:
+            ids = [r[1] for r in (rows[:-1] if eos else rows)]
+            return Proposal(seq=self.committed, kind=TEXT, text=self.vocab.bytes_of(ids), eos=eos, **stats)
         inter = self.inter
-        for i in range(k):
+        tids = [inter.target_list[r[0]] for r in rows] if inter is not None else [r[0] for r in rows]
+        return Proposal(seq=self.committed, kind=TOKENS, target_ids=tids, q_ids=None if greedy else [r[2] for r in rows],
+                        q_probs=None if greedy else [r[3] for r in rows], **stats)
+
+    def _chain(self, rows: list, logits, k: int, text: bool, stop: Optional[Callable] = None):
+        """Program: drafter tokens after `logits` (the drafter's logits after its cache), appended to `rows` as
+        (row, drafter id, q's ids, q's probabilities) until there are k, each but the last stepped into the
+        cache. Returns True where the draft ended by itself (the drafter's EOS, or a guess less sure than
+        `min_confidence`), False at k rows or at stop()."""
+        greedy, inter = self.params.greedy, self.inter
+        while True:
+            q_ids = q_probs = None
             if greedy:
                 r = int(logits.argmax())
                 conf = float(torch.softmax(logits.float(), -1)[r]) if self.min_confidence > 0 else 1.0
             else:
                 q = probs_from_logits(logits[None], self.draft_params)[0]  # [V_D or |∩|]
-                r = sample(q, draft_uniform(self.params.seed, self.committed, i))
+                r = sample(q, draft_uniform(self.params.seed, self.committed, len(rows)))
                 conf = float(q[r])
                 if not text:
                     nz = q.nonzero()[:, 0].cpu()  # sparse q, on the CPU: it is what goes on the wire
-                    q_ids.append(inter.target_ids[nz] if inter is not None else nz)
-                    q_probs.append(q.cpu()[nz])
-            rows.append(r)
+                    q_ids, q_probs = (inter.target_ids[nz] if inter is not None else nz), q.cpu()[nz]
             d_id = int(inter.rows[r]) if inter is not None else r
-            if d_id in self.vocab.eos_ids:
-                eos = True
-                break
-            if conf < self.min_confidence:
-                break
-            if i + 1 < k:
-                logits = (yield Step(self.kv.cache, [d_id], last=True, rows=self.rows))[0]
-                self.kv_ids.append(d_id)
-        drafted = len(rows)
+            rows.append((r, d_id, q_ids, q_probs))
+            if d_id in self.vocab.eos_ids or conf < self.min_confidence:
+                return True
+            if len(rows) >= k or (stop is not None and stop()):
+                return False
+            logits = (yield Step(self.kv.cache, [d_id], last=True, rows=self.rows))[0]
+            self.kv_ids.append(d_id)
+
+    # --- drafting ahead -----------------------------------------------------------------------------
+    def can_draft_ahead(self) -> bool:
+        """Whether `draft_ahead` may run now: the last draft was greedy and did not end at the drafter's EOS."""
+        return self._drafted is not None
+
+    def draft_ahead(self, k: int, stop: Callable):
+        """Program: while the verifier checks the last draft, the next one, on the guess that the verifier
+        accepts every candidate and then commits the drafter's own next token. Its rows are kept for the
+        next `draft`, which uses them if the committed text turns out to be the guessed one, in this
+        drafter's tokens: the same rows a draft there would give. Greedy only (`can_draft_ahead`), so a
+        draft never depends on when the verdict came. Drafts at most k rows; stops at stop(), checked
+        between steps. Touches the session only through its cache: run it while the session waits for the
+        verdict, and let it end before the verdict is observed."""
+        t0 = time.perf_counter_ns()
+        d_ids, self._drafted = self._drafted, None
+        base = self.ctx + d_ids
+        room = self.room - len(base) - 2
+        if len(self.kv_ids) != len(base) - 1 or self.kv_ids != base[:-1] or room < 1 or stop():
+            return
+        logits = (yield Step(self.kv.cache, [d_ids[-1]], last=True, rows=self.rows))[0]
+        self.kv_ids.append(d_ids[-1])
+        r = int(logits.argmax())
+        guess = int(self.inter.rows[r]) if self.inter is not None else r
+        if guess in self.vocab.eos_ids or stop():
+            return
+        logits = (yield Step(self.kv.cache, [guess], last=True, rows=self.rows))[0]
+        self.kv_ids.append(guess)
+        rows: list = []
+        text = self.mode != "same" and self.mode != "tli"
+        ended = yield from self._chain(rows, logits, min(k, room), text, stop)
         ns = time.perf_counter_ns() - t0
-        self.costs.note("step_s", (ns - catchup_ns) / 1e9, drafted - 1)  # the first came with the catch-up
-        stats = dict(drafted=drafted, draft_ns=ns, catchup_ns=catchup_ns, catchup_tokens=catchup_tokens)
-        if text:
-            ids = rows[:-1] if eos else rows
-            return Proposal(seq=self.committed, kind=TEXT, text=self.vocab.bytes_of(ids), eos=eos, **stats)
-        tids = [inter.target_list[r] for r in rows] if inter is not None else rows
-        return Proposal(seq=self.committed, kind=TOKENS, target_ids=tids,
-                        q_ids=None if greedy else q_ids, q_probs=None if greedy else q_probs, **stats)
+        self.costs.note("step_s", ns / 1e9, len(rows) + 1)
+        self._early = _Early(base + [guess], rows, ended)
+
+    def _from_early(self, early: Optional["_Early"], k: int) -> tuple:
+        """(rows, ended): the first k rows of the draft made ahead, where it guessed this context and the
+        cache still holds what it drafted; ([], False) otherwise."""
+        if early is None or self.ctx != early.ctx:
+            return [], False
+        n = len(early.ctx) + len(early.rows) - 1
+        if len(self.kv_ids) != n or self.kv_ids[len(early.ctx):] != [r[1] for r in early.rows[:-1]] \
+                or self.kv_ids[:len(early.ctx)] != early.ctx:
+            return [], False
+        if len(early.rows) > k:  # the cache as a draft of k would leave it
+            keep = len(early.ctx) + k - 1
+            self.kv.cache.truncate(keep)
+            del self.kv_ids[keep:]
+        if len(early.rows) >= k:
+            return early.rows[:k], True
+        return list(early.rows), early.ended
 
     def _tree(self, base: list, tree_ids: list, parents: list):
         """Program: the logits of a token tree after `base` (the cache brought to base first); node by

@@ -37,6 +37,7 @@ class Proposal:
     # drafter-local (not on the wire): of draft_ns, bringing the drafter's cache to the committed text first
     catchup_ns: int = 0
     catchup_tokens: int = 0  # drafter context tokens that took
+    early: int = 0  # drafter-local: of drafted, the tokens drafted ahead, during the last round's verification
     # slrs, drafter-local statistics (not needed by the verifier, not on the wire):
     psi_ns: int = 0  # of draft_ns: computing the proposal distributions r (tree exploration)
     psi_forward_ns: int = 0  # of psi_ns: the drafter forward passes of that exploration

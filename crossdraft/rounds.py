@@ -18,6 +18,12 @@ they differ only in the verifier they talk to and in how a draft is run:
 Pipelining: the loop yields a round's outcome once the next round's proposal has been submitted, so
 what the caller does with it (the drafter service sends it to the gateway, which commits it to Redis)
 overlaps the verifier's work instead of delaying the next draft. The last round is yielded at once.
+Drafting ahead: over a link that allows it (`link.overlaps`: the verifier is another process, and the
+drafter's core is free while it verifies), the loop runs `Drafter.draft_ahead` beside each greedy drafting
+round (`run_beside`, the drafter's scheduler): the next round's draft, on the guess that this one is
+accepted whole and followed by the drafter's own next token. Where the guess holds, the next round's
+proposal is ready when the verdict comes, and its drafting costs the session no time. The verdict waits
+for that program to stop (at its next step), so the drafter is never used by two at once.
 Rounds of the target's own step (the target alone, `auto`'s arm `none`, or a round whose draft length
 the load cap cut to 0) go further over a link that allows it (`link.depth` > 1, the drafter service's
 Verify stream): each commits exactly one token, so the next rounds' positions are known before the
@@ -29,6 +35,8 @@ Never: touches models, the wire or the store; decides nothing about acceptance (
 """
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field, replace
@@ -39,6 +47,8 @@ from .load import SHARED, LoadHint, acceptance, draft_cap
 from .protocol import TOKENS, Proposal, Verdict
 from .scheduler import Scheduler, drive
 from .verifier import Verifier
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -54,6 +64,7 @@ class RoundStats:
     catchup_ns: int = 0  # of draft_ns: bringing the drafter's cache to the committed text first
     verify_ns: int = 0
     bridge_ns: int = 0
+    early: int = 0  # drafted tokens that were drafted ahead (`Drafter.draft_ahead`)
     network_ns: int = 0  # the services only: round trip minus the verifier's time
     psi_ns: int = 0  # slrs: of draft_ns, computing the proposal distributions
     psi_forward_ns: int = 0  # slrs: of psi_ns, the drafter forward passes
@@ -67,6 +78,7 @@ class RoundStats:
             self.draft_ns += proposal.draft_ns
             self.catchup_ns += proposal.catchup_ns
             self.drafted += proposal.drafted
+            self.early += proposal.early
             self.psi_ns += getattr(proposal, "psi_ns", 0)
             self.psi_forward_ns += getattr(proposal, "psi_forward_ns", 0)
             self.slrs_fallbacks += getattr(proposal, "slrs_fallbacks", 0)
@@ -121,7 +133,11 @@ class DraftLength:
     def update(self, candidates: int, accepted: int) -> None:
         if self.fixed is not None or candidates == 0:
             return
-        self.k = min(self.hi, self.k + 2) if accepted == candidates else max(self.lo, self.k - 1)
+        self.k = self.after_all() if accepted == candidates else max(self.lo, self.k - 1)
+
+    def after_all(self) -> int:
+        """The length after a round that accepts every candidate."""
+        return self.fixed if self.fixed is not None else min(self.hi, self.k + 2)
 
 
 @dataclass
@@ -178,11 +194,13 @@ class _Flight:
     k: Optional[DraftLength]
     planned_ns: int  # when the round was planned
     sent_ns: int  # when it was submitted
+    early: Optional[tuple] = None  # (stop Event, Future): the next draft, drafted ahead meanwhile
 
 
 def run_rounds(link, drafters: dict, draft: Callable, committed: int, state=None,
                draft_tokens: Optional[int] = None, resume_k: Optional[int] = None,
-               stop=None, until: Optional[Callable] = None, hand_back: Optional[int] = None) -> Iterator[Round]:
+               stop=None, until: Optional[Callable] = None, hand_back: Optional[int] = None,
+               run_beside: Optional[Callable] = None) -> Iterator[Round]:
     """Run one session's rounds to the end; yields each `Round` (see the module docstring).
 
     drafters: algorithm -> this session's started `Drafter` (empty: the target alone; several: `auto`,
@@ -190,30 +208,21 @@ def run_rounds(link, drafters: dict, draft: Callable, committed: int, state=None
     own step). committed: the committed length (prompt included) the session starts at. stop: an Event;
     set, the loop ends after the round in flight. until(verdict): True ends the session after that round,
     before another is submitted (a stop string, crossdraft/stops.py). hand_back: see the module docstring
-    (None: never)."""
-    loop = _Loop(link, drafters, draft, committed, state, draft_tokens, resume_k, hand_back)
-    pending = None
-    while True:
-        loop.fill()
-        if loop.leaving and not loop.flights:  # handed back: the last round answered is the last
-            if pending is not None:
-                pending.handed_back, pending.come_back_below = True, loop.come_back
-                yield pending
-            return
-        if pending is not None:
-            yield pending
-            pending = None
-        out, finished = loop.answer(until)
-        if finished or (stop is not None and stop.is_set()):
-            yield out
-            return  # (rounds still in flight are target steps past the end: dropped with the link)
-        pending = out
+    (None: never). run_beside(program) -> Future: runs a drafter's program while the session waits for a
+    verdict (drafting ahead, see the module docstring; None: never)."""
+    loop = _Loop(link, drafters, draft, committed, state, draft_tokens, resume_k, hand_back, run_beside)
+    try:
+        yield from loop.rounds(until, stop)
+    finally:
+        for f in loop.flights:  # (a caller that stops reading: no draft made ahead outlives the loop)
+            loop._settle(f)
 
 
 class _Loop:
     """One session's rounds in flight and its counters (`run_rounds` drives it)."""
 
-    def __init__(self, link, drafters, draft, committed, state, draft_tokens, resume_k, hand_back=None):
+    def __init__(self, link, drafters, draft, committed, state, draft_tokens, resume_k, hand_back=None,
+                 run_beside=None):
         self.link, self.drafters, self.draft, self.state = link, drafters, draft, state
         self.draft_tokens, self.resume_k = draft_tokens, resume_k
         self.depth = max(1, getattr(link, "depth", 1))
@@ -229,6 +238,26 @@ class _Loop:
         self.capped = 0  # rounds in a row whose drafting the load cap cut to nothing
         self.leaving = False  # handing back: no more rounds are submitted
         self.come_back = SHARED  # handing back: sequences per pass below which drafting would pay again
+        self.run_beside = run_beside if getattr(link, "overlaps", False) else None
+
+    def rounds(self, until, stop) -> Iterator[Round]:
+        """The rounds (`run_rounds`)."""
+        pending = None
+        while True:
+            self.fill()
+            if self.leaving and not self.flights:  # handed back: the last round answered is the last
+                if pending is not None:
+                    pending.handed_back, pending.come_back_below = True, self.come_back
+                    yield pending
+                return
+            if pending is not None:
+                yield pending
+                pending = None
+            out, finished = self.answer(until)
+            if finished or (stop is not None and stop.is_set()):
+                yield out
+                return  # (rounds still in flight are target steps past the end: dropped with the link)
+            pending = out
 
     def fill(self) -> None:
         """Submit the next round, and more target steps behind it while the link allows (`depth`) and
@@ -250,9 +279,11 @@ class _Loop:
                 return  # drafting waits for the verdicts in flight
             proposal = self.draft(drafter, budget) if budget > 0 else Proposal(seq=self.ahead, kind=TOKENS)
             self.planned = None
-            self.flights.append(_Flight(proposal, arm, drafter if budget > 0 else None, k, planned_ns,
-                                        time.perf_counter_ns()))
+            flight = _Flight(proposal, arm, drafter if budget > 0 else None, k, planned_ns, time.perf_counter_ns())
+            self.flights.append(flight)
             self.link.submit(proposal)
+            if flight.drafter is not None:
+                self._draft_ahead(flight)
             self.ahead += 1
             if self.hand_back and self.capped >= self.hand_back:
                 self.leaving, self.come_back = True, self._come_back(drafter, k)
@@ -274,10 +305,32 @@ class _Loop:
             b -= 0.5
         return SHARED
 
+    def _draft_ahead(self, f: _Flight) -> None:
+        """Run the next round's draft beside this one's verification (see the module docstring)."""
+        if self.run_beside is None or not f.drafter.can_draft_ahead():
+            return
+        stop = threading.Event()
+        f.early = (stop, self.run_beside(f.drafter.draft_ahead(f.k.after_all(), stop.is_set)))
+
+    @staticmethod
+    def _settle(f: _Flight) -> None:
+        """Stop the draft made ahead beside this round, and wait for it: the drafter is the session's again."""
+        if f.early is None:
+            return
+        stop, fut = f.early
+        stop.set()
+        try:
+            fut.result()
+        except Exception:  # noqa: BLE001 - a guess that failed costs only itself: the next draft starts afresh
+            log.debug("a draft made ahead failed", exc_info=True)
+
     def answer(self, until: Optional[Callable] = None) -> tuple:
         """(Round, finished): the verdict on the oldest round in flight, counted and followed."""
         f = self.flights.popleft()
-        verdict = self.link.result()
+        try:
+            verdict = self.link.result()
+        finally:
+            self._settle(f)
         now = time.perf_counter_ns()
         if verdict.seq != self.committed:
             raise Aborted(f"the verifier is at committed length {verdict.seq}, this drafter at {self.committed}")

@@ -20,6 +20,7 @@ from crossdraft.v1 import verifier_pb2
 
 class RemoteVerifier:
     depth = STEPS_IN_FLIGHT  # rounds of the target's own step a session keeps in flight (rounds.run_rounds)
+    overlaps = True  # the verifier works elsewhere: drafting ahead meanwhile may pay (rounds.run_rounds)
 
     def __init__(self, stub, start: wire.SessionStart, context=None, loads: Optional[dict] = None, key: str = ""):
         """Open the stream; `context`: the RunSession call's, whose end cancels the stream too. `loads`:

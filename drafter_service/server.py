@@ -121,8 +121,9 @@ class DrafterSessions:
 class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
     def __init__(self, model: str, limits: Limits = Limits(), metrics: Optional[ServiceMetrics] = None,
                  tls: TLS = PLAINTEXT, max_model_len: Optional[int] = None,
-                 allowed: Optional[AllowedVerifiers] = None):
+                 allowed: Optional[AllowedVerifiers] = None, draft_ahead: bool = True):
         self.model = model
+        self.draft_ahead = draft_ahead  # draft the next round while the verifier checks this one (rounds.py)
         self.tls = tls  # how it calls verifiers: TLS with the CA and its own certificate, or plaintext
         self.limits, self.max_model_len = limits, max_model_len
         self.max_sessions = limits.max_sessions
@@ -248,8 +249,9 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
         t0 = time.perf_counter()
         algo_enum, first, rounds = wire.algorithm_to_proto(start.algorithm), True, 0
         try:
+            beside = self.sessions.model.submit if self.draft_ahead else None
             for r in run_rounds(link, drafters, self.sessions.draft, len(start.prompt_ids) + offset, state,
-                                draft_tokens, resume_k, stop, hand_back=hand_back):
+                                draft_tokens, resume_k, stop, hand_back=hand_back, run_beside=beside):
                 v, c, rounds = r.verdict, r.stats, r.stats.rounds
                 c.network_ns += max(0, r.rtt_ns - v.verify_ns)
                 self.metrics.round(v.candidates, v.accepted, len(v.ids), draft_ns=r.proposal.draft_ns,
@@ -271,8 +273,10 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
                     yield drafter_pb2.RunSessionResponse(token_offset=offset, handed_back=True,
                                                          next_draft_tokens=r.k_next, come_back_below=r.come_back_below)
                     return
-            log.info("session %s: %s, %d rounds, %d new tokens, %.3f s", start.session_id, start.algorithm,
-                     rounds, done.new_tokens, time.perf_counter() - t0)
+            c = r.stats if rounds else None
+            log.info("session %s: %s, %d rounds, %d new tokens, %.3f s, %d of %d tokens drafted ahead",
+                     start.session_id, start.algorithm, rounds, done.new_tokens, time.perf_counter() - t0,
+                     c.early if c else 0, c.drafted if c else 0)
         finally:
             link.close()
 
@@ -297,5 +301,6 @@ def serve(args) -> int:
     if allowed.any and not is_loopback(args.host):
         log.warning("no --allowed-verifiers: whoever can call this drafter can make it dial any address")
     servicer = DrafterServicer(args.model, Limits.from_args(args), tls=TLS.from_args(args),
-                               max_model_len=args.max_model_len or None, allowed=allowed)
+                               max_model_len=args.max_model_len or None, allowed=allowed,
+                               draft_ahead=not args.no_draft_ahead)
     return run_model_service(SERVICE_NAME, drafter_pb2_grpc.add_DrafterServiceServicer_to_server, servicer, args, log)
