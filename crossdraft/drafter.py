@@ -82,10 +82,15 @@ class DraftCosts:
 @dataclass
 class _Early:
     """A draft made ahead (`Drafter.draft_ahead`): the context it guessed (drafter ids) and its rows, the
-    last of which is not in the cache yet; ended: it ended by itself (EOS, an unsure guess)."""
+    last of which is not in the cache yet; ended: it ended by itself (EOS, an unsure guess); whole: it was
+    not stopped short. seq, after: where the guess is one of target ids (same, tli), the committed length
+    and the last committed id it guessed, for a proposal sent before the verdict (`early_proposal`)."""
     ctx: list
     rows: list
     ended: bool
+    whole: bool = False
+    seq: Optional[int] = None
+    after: Optional[int] = None
 
 
 class Drafter:
@@ -337,11 +342,32 @@ class Drafter:
         logits = (yield Step(self.kv.cache, [guess], last=True, rows=self.rows))[0]
         self.kv_ids.append(guess)
         rows: list = []
-        text = self.mode != "same" and self.mode != "tli"
-        ended = yield from self._chain(rows, logits, min(k, room), text, stop)
+        tokens = self.mode in ("same", "tli")  # one drafter token per target token: the length is known
+        ended = yield from self._chain(rows, logits, min(k, room), not tokens, stop)
         ns = time.perf_counter_ns() - t0
         self.costs.note("step_s", ns / 1e9, len(rows) + 1)
-        self._early = _Early(base + [guess], rows, ended)
+        self._early = _Early(base + [guess], rows, ended, ended or len(rows) >= min(k, room))
+        if tokens:
+            self._early.seq = self.committed + len(d_ids) + 1
+            self._early.after = self.inter.target_list[r] if self.inter is not None else r
+
+    def early_proposal(self) -> Optional[Proposal]:
+        """The draft made ahead, whole, as a proposal to send before the verdict it guessed (same and tli: the
+        committed length it guessed is known); None where there is none."""
+        e = self._early
+        if e is None or e.after is None or not e.whole or not e.rows:
+            return None
+        inter = self.inter
+        tids = [inter.target_list[r[0]] for r in e.rows] if inter is not None else [r[0] for r in e.rows]
+        return Proposal(seq=e.seq, kind=TOKENS, target_ids=tids, after=e.after, drafted=len(e.rows),
+                        early=len(e.rows))
+
+    def adopt_early(self) -> None:
+        """The proposal sent ahead (`early_proposal`) guessed right, and its verdict is observed: this drafter
+        stands as after drafting it (the next `draft_ahead` follows it), where its context is the one guessed."""
+        e, self._early = self._early, None
+        if e is not None and self.ctx == e.ctx and e.rows[-1][1] not in self.vocab.eos_ids:
+            self._drafted = [r[1] for r in e.rows]
 
     def _from_early(self, early: Optional["_Early"], k: int) -> tuple:
         """(rows, ended): the first k rows of the draft made ahead, where it guessed this context and the

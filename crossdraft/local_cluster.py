@@ -46,7 +46,8 @@ def free_port() -> int:
 class LocalCluster:
     def __init__(self, target: str, drafters: list, threads: int = 1, redis: bool = True,
                  python: Optional[str] = None, env: Optional[dict] = None, pin: bool = False,
-                 model_args: tuple = (), metrics: bool = False, device: str = "auto", dtype: str = "auto"):
+                 model_args: tuple = (), metrics: bool = False, device: str = "auto", dtype: str = "auto",
+                 drafter_args: tuple = ()):
         """`pin`: on a machine of two or more cores, everything but the verifier (the drafters, the
         gateway, Redis, and the caller once it calls `pin_caller`) runs on the last core, and the
         verifier on any: as on separate machines, the verifier's scheduler never waits on the run queue
@@ -68,6 +69,7 @@ class LocalCluster:
         self.gateway = self.verifier = ""
         self.drafters: dict = {}  # drafter directory name -> address
         self.model_args = ("--device", device or "auto", "--dtype", dtype or "auto", *model_args)
+        self.drafter_args = tuple(drafter_args)  # the drafters' own flags (`serve drafter --help`)
         self.with_metrics = metrics
         self.metrics: dict = {}  # service name -> its /metrics URL (with metrics=True)
 
@@ -94,6 +96,8 @@ class LocalCluster:
 
     def _serve(self, role: str, *args: str, name: str = "") -> list:
         extra = list(self.model_args) if role in ("verifier", "drafter") else []
+        if role == "drafter":
+            extra += self.drafter_args
         if self.with_metrics:
             port = free_port()
             self.metrics[name or role] = f"http://127.0.0.1:{port}/metrics"

@@ -33,6 +33,9 @@ class Proposal:
     text: bytes = b""  # TEXT: the drafted string (bytes; may end inside a character)
     eos: bool = False  # TEXT: the drafter drafted its end-of-sequence after the text
     drafted: int = 0  # drafter tokens drafted (drafter forward passes)
+    # drafted ahead and sent before the last verdict (crossdraft/rounds.py): valid only if the last committed
+    # target id is this one (and seq the committed length); the verifier answers it as stale otherwise
+    after: Optional[int] = None
     draft_ns: int = 0
     # drafter-local (not on the wire): of draft_ns, bringing the drafter's cache to the committed text first
     catchup_ns: int = 0

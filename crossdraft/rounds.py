@@ -65,6 +65,8 @@ class RoundStats:
     verify_ns: int = 0
     bridge_ns: int = 0
     early: int = 0  # drafted tokens that were drafted ahead (`Drafter.draft_ahead`)
+    sent_ahead: int = 0  # rounds sent before the verdict before them, on a guess that held
+    stale_ahead: int = 0  # rounds sent so, on a guess that failed (answered empty, not counted as rounds)
     network_ns: int = 0  # the services only: round trip minus the verifier's time
     psi_ns: int = 0  # slrs: of draft_ns, computing the proposal distributions
     psi_forward_ns: int = 0  # slrs: of psi_ns, the drafter forward passes
@@ -195,6 +197,8 @@ class _Flight:
     planned_ns: int  # when the round was planned
     sent_ns: int  # when it was submitted
     early: Optional[tuple] = None  # (stop Event, Future): the next draft, drafted ahead meanwhile
+    answered: bool = False  # its verdict is in: no proposal is sent ahead of it any more
+    guess: bool = False  # drafted ahead and sent before the verdict before it (see the module docstring)
 
 
 def run_rounds(link, drafters: dict, draft: Callable, committed: int, state=None,
@@ -239,6 +243,9 @@ class _Loop:
         self.leaving = False  # handing back: no more rounds are submitted
         self.come_back = SHARED  # handing back: sequences per pass below which drafting would pay again
         self.run_beside = run_beside if getattr(link, "overlaps", False) else None
+        self.send_ahead = self.run_beside is not None and state is None  # (auto picks each round's arm after the verdict)
+        self.stale = 0  # proposals sent ahead on a guess that failed, whose (empty) verdicts are still to come
+        self.lock = threading.Lock()  # a proposal sent ahead (the drafter's scheduler thread) against its verdict
 
     def rounds(self, until, stop) -> Iterator[Round]:
         """The rounds (`run_rounds`)."""
@@ -288,11 +295,13 @@ class _Loop:
             if self.hand_back and self.capped >= self.hand_back:
                 self.leaving, self.come_back = True, self._come_back(drafter, k)
 
-    def _budget(self, drafter, k: Optional[DraftLength]) -> int:
+    def _budget(self, drafter, k: Optional[DraftLength], length: Optional[int] = None) -> int:
+        """The draft length of a round: `length` (default: the arm's `k`), capped by the verifier's load."""
         if k is None:
             return 0
+        length = k.k if length is None else length
         capped = drafter.exact_match and self.draft_tokens is None  # a length the caller fixed is kept
-        return self.stats.load_cap(self.link.load(), k.k, self.depth > 1, drafter) if capped else k.k
+        return self.stats.load_cap(self.link.load(), length, self.depth > 1, drafter) if capped else length
 
     def _come_back(self, drafter, k: DraftLength) -> float:
         """Handing back: the sequences per pass below which this session's drafting would pay again at the
@@ -309,8 +318,27 @@ class _Loop:
         """Run the next round's draft beside this one's verification (see the module docstring)."""
         if self.run_beside is None or not f.drafter.can_draft_ahead():
             return
+        k = self._budget(f.drafter, f.k, f.k.after_all())  # the next round's length if the guess holds
+        if k <= 0:
+            return
         stop = threading.Event()
-        f.early = (stop, self.run_beside(f.drafter.draft_ahead(f.k.after_all(), stop.is_set)))
+        f.early = (stop, self.run_beside(f.drafter.draft_ahead(k, stop.is_set)))
+        if self.send_ahead:
+            f.early[1].add_done_callback(lambda _, f=f: self._send_early(f))
+
+    def _send_early(self, f: _Flight) -> None:
+        """(The drafter's scheduler thread, as the draft made ahead ends.) Send it before the verdict on `f`
+        comes, where it can be sent (`Drafter.early_proposal`): if the guess holds, the verifier finds it
+        waiting when that round's pass ends."""
+        with self.lock:
+            if f.answered or self.leaving:
+                return
+            proposal = f.drafter.early_proposal()
+            if proposal is None:
+                return
+            now = time.perf_counter_ns()
+            self.flights.append(_Flight(proposal, f.arm, f.drafter, f.k, now, now, guess=True))
+            self.link.submit(proposal)
 
     @staticmethod
     def _settle(f: _Flight) -> None:
@@ -326,10 +354,17 @@ class _Loop:
 
     def answer(self, until: Optional[Callable] = None) -> tuple:
         """(Round, finished): the verdict on the oldest round in flight, counted and followed."""
+        while self.stale:  # the empty verdicts on proposals sent ahead on a guess that failed
+            v = self.link.result()
+            self.stale -= 1
+            if v.ids or v.seq != self.committed:
+                raise Aborted(f"the verifier answered a stale proposal at {v.seq} with {len(v.ids)} tokens")
         f = self.flights.popleft()
         try:
             verdict = self.link.result()
         finally:
+            with self.lock:
+                f.answered = True
             self._settle(f)
         now = time.perf_counter_ns()
         if verdict.seq != self.committed:
@@ -351,7 +386,24 @@ class _Loop:
         finished = verdict.finished or (until is not None and until(verdict))
         if not finished:
             self._follow(verdict, f)
+            self._sent_ahead(verdict)
         return Round(verdict, f.proposal, f.arm, f.k.k if f.k is not None else 0, self.stats, rtt), finished
+
+    def _sent_ahead(self, verdict: Verdict) -> None:
+        """After a verdict: a proposal sent ahead of it is a round like another if it guessed right (the
+        verifier checks it as such, and the next one is drafted ahead beside it), else stale (its verifier
+        answers it with an empty verdict, skipped)."""
+        if not self.flights or not self.flights[0].guess:
+            return
+        g = self.flights[0]
+        if verdict.ids and self.committed == g.proposal.seq and verdict.ids[-1] == g.proposal.after:
+            g.drafter.adopt_early()
+            self._draft_ahead(g)
+            self.stats.sent_ahead += 1
+        else:
+            self.flights.popleft()
+            self.stale += 1
+            self.stats.stale_ahead += 1
 
     def _follow(self, verdict: Verdict, f: _Flight) -> None:
         """The drafters follow the committed text: the one that drafted the round now, the others when

@@ -137,8 +137,8 @@ class Verifier:
     def _candidates(self, proposal) -> tuple:
         if proposal is None:
             return [], 0
-        if proposal.seq != len(self.ids):
-            return [], 0  # stale: drafted after another committed length
+        if proposal.seq != len(self.ids) or (proposal.after is not None and self.ids[-1] != proposal.after):
+            return [], 0  # stale: drafted after another committed length, or another last id (drafted ahead)
         if proposal.kind == TOKENS:
             V = self.runner.vocab_size
             ids = list(proposal.target_ids)

@@ -173,6 +173,8 @@ def validate_proposal(p: Proposal, vocab_size: Optional[int] = None) -> Proposal
     _check_counter(p.seq, "proposal seq")
     _check_counter(p.drafted, "proposal drafted")
     _check_counter(p.draft_ns, "proposal draft_ns")
+    if p.after is not None:
+        _check_ids([p.after], "proposal after_id", 1)
     if (p.q_ids is None) != (p.q_probs is None):
         raise InvalidArgument("proposal: q_ids and q_probs must be both set or both unset")
     n_rows = len(p.q_ids) if p.q_ids is not None else 0
@@ -192,6 +194,8 @@ def proposal_to_proto(p: Proposal) -> verifier_pb2.Proposal:
     validate_proposal(p)
     msg = verifier_pb2.Proposal(seq=p.seq, kind=_KINDS[p.kind], target_ids=p.target_ids, text=bytes(p.text),
                                 eos=bool(p.eos), drafted=p.drafted, draft_ns=p.draft_ns)
+    if p.after is not None:
+        msg.after_id = p.after
     if p.q_ids is not None:
         for ids, probs in zip(p.q_ids, p.q_probs):
             row = msg.q_rows.add()
@@ -223,7 +227,8 @@ def proposal_from_proto(msg: verifier_pb2.Proposal, vocab_size: Optional[int] = 
             q_ids.append(ids)
             q_probs.append(probs)
     return Proposal(seq=msg.seq, kind=kind, target_ids=target_ids, q_ids=q_ids, q_probs=q_probs,
-                    text=bytes(msg.text), eos=msg.eos, drafted=msg.drafted, draft_ns=msg.draft_ns)
+                    text=bytes(msg.text), eos=msg.eos, drafted=msg.drafted, draft_ns=msg.draft_ns,
+                    after=msg.after_id if msg.HasField("after_id") else None)
 
 
 # --- verdict ----------------------------------------------------------------------------------
@@ -283,6 +288,12 @@ def verdict_from_proto(msg: verifier_pb2.Verdict) -> Verdict:
     return Verdict(seq=msg.seq, ids=ids, text=bytes(msg.text), candidates=msg.candidates, accepted=msg.accepted,
                    finished=msg.finished, finish_reason=reason, verify_ns=msg.verify_ns, bridge_ns=msg.bridge_ns,
                    load=load_from_proto(msg.load) if msg.HasField("load") else None)
+
+
+def stale(proposal: Proposal, ids: list) -> bool:
+    """Whether a proposal was drafted after something other than `ids`, the committed ids: another committed
+    length, or (drafted ahead) another last id."""
+    return proposal.seq != len(ids) or (proposal.after is not None and (not ids or ids[-1] != proposal.after))
 
 
 def empty_verdict(seq: int) -> Verdict:

@@ -274,9 +274,10 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
                                                          next_draft_tokens=r.k_next, come_back_below=r.come_back_below)
                     return
             c = r.stats if rounds else None
-            log.info("session %s: %s, %d rounds, %d new tokens, %.3f s, %d of %d tokens drafted ahead",
-                     start.session_id, start.algorithm, rounds, done.new_tokens, time.perf_counter() - t0,
-                     c.early if c else 0, c.drafted if c else 0)
+            log.info("session %s: %s, %d rounds, %d new tokens, %.3f s, %d of %d tokens drafted ahead, "
+                     "%d rounds sent ahead, %d of them stale", start.session_id, start.algorithm, rounds,
+                     done.new_tokens, time.perf_counter() - t0, c.early if c else 0, c.drafted if c else 0,
+                     c.sent_ahead + c.stale_ahead if c else 0, c.stale_ahead if c else 0)
         finally:
             link.close()
 

@@ -147,9 +147,8 @@ class TargetSessions:
         if entry is None or (mine is not None and entry[0] is not mine):
             raise Aborted(f"session {sid!r} was taken over by a newer Verify stream")
         v = entry[0]
-        committed = len(v.ids)
-        if proposal.seq != committed:
-            return wire.empty_verdict(committed)  # stale: no forward pass
+        if wire.stale(proposal, v.ids):
+            return wire.empty_verdict(len(v.ids))  # no forward pass
         verdict = yield from v.round(proposal)
         verdict.load = self.model.cost.hint()
         return verdict

@@ -92,7 +92,7 @@ class SparseDistribution(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ..., probs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class Proposal(_message.Message):
-    __slots__ = ("seq", "kind", "target_ids", "q_rows", "text", "eos", "drafted", "draft_ns")
+    __slots__ = ("seq", "kind", "target_ids", "q_rows", "text", "eos", "drafted", "draft_ns", "after_id")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     TARGET_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -101,6 +101,7 @@ class Proposal(_message.Message):
     EOS_FIELD_NUMBER: _ClassVar[int]
     DRAFTED_FIELD_NUMBER: _ClassVar[int]
     DRAFT_NS_FIELD_NUMBER: _ClassVar[int]
+    AFTER_ID_FIELD_NUMBER: _ClassVar[int]
     seq: int
     kind: ProposalKind
     target_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -109,7 +110,8 @@ class Proposal(_message.Message):
     eos: bool
     drafted: int
     draft_ns: int
-    def __init__(self, seq: _Optional[int] = ..., kind: _Optional[_Union[ProposalKind, str]] = ..., target_ids: _Optional[_Iterable[int]] = ..., q_rows: _Optional[_Iterable[_Union[SparseDistribution, _Mapping]]] = ..., text: _Optional[bytes] = ..., eos: _Optional[bool] = ..., drafted: _Optional[int] = ..., draft_ns: _Optional[int] = ...) -> None: ...
+    after_id: int
+    def __init__(self, seq: _Optional[int] = ..., kind: _Optional[_Union[ProposalKind, str]] = ..., target_ids: _Optional[_Iterable[int]] = ..., q_rows: _Optional[_Iterable[_Union[SparseDistribution, _Mapping]]] = ..., text: _Optional[bytes] = ..., eos: _Optional[bool] = ..., drafted: _Optional[int] = ..., draft_ns: _Optional[int] = ..., after_id: _Optional[int] = ...) -> None: ...
 
 class Verdict(_message.Message):
     __slots__ = ("seq", "ids", "text", "candidates", "accepted", "finished", "finish_reason", "verify_ns", "bridge_ns", "seal", "load")
