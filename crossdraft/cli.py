@@ -187,10 +187,11 @@ def _model_service_parsers(roles) -> None:
                                 "a port; a DNS name also allows the addresses it resolves to); others are answered "
                                 "PERMISSION_DENIED without a connection (default: any address, with a warning when "
                                 "listening off loopback)")
-            r.add_argument("--no-draft-ahead", action="store_true",
-                           help="do not draft a session's next round while the verifier checks its last one (by "
-                                "default a greedy session does, on the guess that every candidate is accepted; "
-                                "a wrong guess costs this drafter's time, never the output)")
+            r.add_argument("--draft-ahead", action="store_true",
+                           help="draft a greedy session's next round while the verifier checks its last one, on the "
+                                "guess that every candidate is accepted, and (same, tli) send it before the verdict; "
+                                "a wrong guess costs time, never the output. Off by default: on the 2-core CPU, "
+                                "with the drafter sharing its core, it did not pay (docs/serving.md)")
         if role == "verifier":
             r.add_argument("--verdict-key-file", default=None, metavar="FILE",
                            help="seal every verdict with this key (HMAC-SHA256), shared with the gateways and never "

@@ -23,7 +23,12 @@ drafter's core is free while it verifies), the loop runs `Drafter.draft_ahead` b
 round (`run_beside`, the drafter's scheduler): the next round's draft, on the guess that this one is
 accepted whole and followed by the drafter's own next token. Where the guess holds, the next round's
 proposal is ready when the verdict comes, and its drafting costs the session no time. The verdict waits
-for that program to stop (at its next step), so the drafter is never used by two at once.
+for that program to stop (at its next step), so the drafter is never used by two at once. A draft ahead
+of target ids (same, tli: the committed length it guesses is known) that is whole before the verdict is
+sent at once, marked with the last id it guessed (`Proposal.after`), by a session of one algorithm (`auto`
+picks each round's arm after the verdict): if the guess holds, the verifier finds it waiting when the
+pass ends and it is a round like any other; if not, the verifier answers it with an empty verdict, which
+the loop skips (`stale`).
 Rounds of the target's own step (the target alone, `auto`'s arm `none`, or a round whose draft length
 the load cap cut to 0) go further over a link that allows it (`link.depth` > 1, the drafter service's
 Verify stream): each commits exactly one token, so the next rounds' positions are known before the

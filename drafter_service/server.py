@@ -121,7 +121,7 @@ class DrafterSessions:
 class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
     def __init__(self, model: str, limits: Limits = Limits(), metrics: Optional[ServiceMetrics] = None,
                  tls: TLS = PLAINTEXT, max_model_len: Optional[int] = None,
-                 allowed: Optional[AllowedVerifiers] = None, draft_ahead: bool = True):
+                 allowed: Optional[AllowedVerifiers] = None, draft_ahead: bool = False):
         self.model = model
         self.draft_ahead = draft_ahead  # draft the next round while the verifier checks this one (rounds.py)
         self.tls = tls  # how it calls verifiers: TLS with the CA and its own certificate, or plaintext
@@ -303,5 +303,5 @@ def serve(args) -> int:
         log.warning("no --allowed-verifiers: whoever can call this drafter can make it dial any address")
     servicer = DrafterServicer(args.model, Limits.from_args(args), tls=TLS.from_args(args),
                                max_model_len=args.max_model_len or None, allowed=allowed,
-                               draft_ahead=not args.no_draft_ahead)
+                               draft_ahead=args.draft_ahead)
     return run_model_service(SERVICE_NAME, drafter_pb2_grpc.add_DrafterServiceServicer_to_server, servicer, args, log)

@@ -9,6 +9,7 @@ empty verdict and keeps interleaved sessions apart (KV cache rebuilt after a mis
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -101,7 +102,8 @@ def save_model(model, tok_name: str, d: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def services(trained_models, tmp_path_factory):
-    """{"dirs": {target, same, spm}, "verifier", "same", "spm": addresses, "servers": Servers}."""
+    """{"dirs": {target, same, spm}, "verifier", "same", "spm", "ahead-same", "ahead-spm": addresses (the last
+    two: drafters with --draft-ahead), "servers": Servers}."""
     root = tmp_path_factory.mktemp("services")
     dirs = {"target": save_model(trained_models["bpe"], "bpe", root / "target"),
             "same": save_model(trained_models["bpe_small"], "bpe", root / "drafter-same"),
@@ -110,7 +112,9 @@ def services(trained_models, tmp_path_factory):
     try:
         addr = {"verifier": servers.start("verifier", "verifier", dirs["target"]),
                 "same": servers.start("same", "drafter", dirs["same"]),
-                "spm": servers.start("spm", "drafter", dirs["spm"])}
+                "spm": servers.start("spm", "drafter", dirs["spm"]),
+                "ahead-same": servers.start("ahead-same", "drafter", dirs["same"], ["--draft-ahead"]),
+                "ahead-spm": servers.start("ahead-spm", "drafter", dirs["spm"], ["--draft-ahead"])}
         servers.wait_serving(addr)
         yield dict(addr, dirs=dirs, servers=servers)
     finally:
@@ -121,8 +125,9 @@ def services(trained_models, tmp_path_factory):
 def engines(services):
     """The in-process engine on the same saved models (float32, as the services load them)."""
     d = services["dirs"]
-    return {"same": Engine.load(str(d["target"]), str(d["same"]), device="cpu"),
-            "spm": Engine.load(str(d["target"]), str(d["spm"]), device="cpu")}
+    same = Engine.load(str(d["target"]), str(d["same"]), device="cpu")
+    spm = Engine.load(str(d["target"]), str(d["spm"]), device="cpu")
+    return {"same": same, "spm": spm, "ahead-same": same, "ahead-spm": spm}
 
 
 def verifier_stub(address):
@@ -215,6 +220,27 @@ def test_greedy_identical_to_in_process(services, engines, algorithm, drafter):
         if algorithm != "none":
             assert ref.accepted_tokens > 0
     assert_same_as_in_process(services, engines, drafter, PROMPTS[0], 24, GREEDY, algorithm, draft_tokens=3)
+
+
+@pytest.mark.parametrize("algorithm,drafter", [("same", "ahead-same"), ("tli", "ahead-spm"), ("slem", "ahead-spm")])
+def test_drafting_ahead_changes_nothing_but_time(services, engines, algorithm, drafter):
+    """`serve drafter --draft-ahead` (crossdraft/rounds.py): the same output as in process, and at a fixed
+    draft length the same rounds, round for round; with same and tli some proposals were sent ahead of the
+    verdict before them (with same, some on a guess that held and some answered stale by the verifier)."""
+    for prompt in PROMPTS:
+        assert_same_as_in_process(services, engines, drafter, prompt, 32, GREEDY, algorithm)
+        assert_same_as_in_process(services, engines, drafter, prompt, 32, GREEDY, algorithm, draft_tokens=3)
+    lines = [ln for ln in services["servers"].log_of(drafter).splitlines() if f": {algorithm}, " in ln]
+    ahead = [[int(w) for w in re.findall(r"(\d+) (?:of \d+ tokens drafted ahead|rounds sent ahead|of them stale)", ln)]
+             for ln in lines]
+    used, sent, stale = (sum(a[i] for a in ahead) for i in range(3))
+    assert len(ahead) >= 4, lines
+    if algorithm == "same":
+        assert used > 0 and sent > stale > 0, lines
+    elif algorithm == "tli":  # (this pair's guesses rarely hold in so few tokens: tests/test_draft_ahead.py)
+        assert sent > 0, lines
+    else:  # slem's guessed text has no known target length: it is drafted ahead, never sent
+        assert sent == 0, lines
 
 
 @pytest.mark.parametrize("params", SAMPLING, ids=list(SAMPLING))
@@ -322,6 +348,11 @@ def test_stale_proposal_gets_an_empty_verdict(services):
         assert (v2.seq, v2.ids, v2.candidates) == (n + 1, [], 0)
         v3 = s.send(Proposal(seq=n + 1, kind=TOKENS))
         assert v3.seq == n + 1 and len(v3.ids) == 1
+        last = v3.ids[0]  # drafted ahead (Proposal.after): stale unless the last committed id is the one guessed
+        v4 = s.send(Proposal(seq=n + 2, kind=TOKENS, target_ids=[1], after=(last + 1) % len(tv)))
+        assert (v4.seq, v4.ids, v4.candidates) == (n + 2, [], 0)
+        v5 = s.send(Proposal(seq=n + 2, kind=TOKENS, target_ids=[1], after=last))
+        assert v5.seq == n + 2 and v5.candidates == 1 and len(v5.ids) >= 1
     finally:
         s.close()
 
