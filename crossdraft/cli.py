@@ -272,6 +272,10 @@ def _gateway_args(r) -> None:
                         "stream cut with RESOURCE_EXHAUSTED, which it gets when it reads again (if it reads nothing "
                         "for 60 s more, its call is cancelled); its session goes on and can be re-attached "
                         "(default: 30)")
+    r.add_argument("--no-hand-back", action="store_true",
+                   help="keep every speculative session on its drafter: by default a drafter whose session's "
+                        "drafting the verifier's load keeps at nothing hands it back, and the gateway runs its "
+                        "target steps itself until the load falls (docs/serving.md, \"Handed back\")")
     r.add_argument("--max-prompt-bytes", type=int, default=256 << 10,
                    help="longest prompt accepted, in UTF-8 bytes (default: 262144)")
     r.add_argument("--grace", type=float, default=10.0,

@@ -242,8 +242,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                  owner: str = "", metrics: Optional[ServiceMetrics] = None, delta_timeout_s: float = DELTA_TIMEOUT_S,
                  failover_s: float = FAILOVER_S, lease_s: float = LEASE_S, store_wait_s: float = STORE_WAIT_S,
                  keys: Optional[ApiKeys] = None, limits: Optional[KeyLimits] = None, sealer: Optional[Sealer] = None,
-                 slow_client_s: float = SLOW_CLIENT_S):
+                 slow_client_s: float = SLOW_CLIENT_S, hand_back: bool = True):
         self.store, self.drafters, self.verifiers = store, drafters, verifiers
+        self.hand_back = hand_back  # drafters may hand a session back (and new ones may start direct): handback.py
         # with a sealer (--verdict-key-file), a drafter's delta is committed only with the verifier's seal
         # on it (crossdraft/seal.py): drafters relay the output, they cannot change it
         self.sealer = sealer
@@ -356,7 +357,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         if resume:
             s = self.store.get(sid, include_output=True)
             r.ids, r.length, r.k_next = list(s.ids), s.length, int(s.resume.get("draft_tokens", 0))
-        elif r.drafter is not None and (below := self.handbacks.start_direct(req)) is not None:
+        elif self.hand_back and r.drafter is not None and (below := self.handbacks.start_direct(req)) is not None:
             # sessions like it were handed back at this verifier's load: start as they go on (handback.py)
             r.steps_left, r.come_back_below, r.handbacks = HAND_BACK_STEPS, below, 1
         if req.get("deadline_unix"):
@@ -386,7 +387,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         try:
             run = wire.session_request(r.req["verifier_address"], r.req["prompt"], r.req["max_new_tokens"],
                                        r.params, r.req["algorithm"], r.req["draft_tokens"] or None, session_id=r.sid,
-                                       committed_ids=r.ids, resume_draft_tokens=r.k_next, may_hand_back=True)
+                                       committed_ids=r.ids, resume_draft_tokens=r.k_next,
+                                       may_hand_back=self.hand_back)
             call = self.drafters.drafter_stub(r.drafter).RunSession(run)
             with self._lock:
                 self._calls[r.sid] = call
@@ -996,7 +998,8 @@ def gateway_service(args, store, drafters: list, verifiers: list, host: str, por
                                failover_s=args.failover_seconds, lease_s=args.session_lease,
                                keys=keys, limits=limits, sealer=sealer,
                                slow_client_s=getattr(args, "slow_client_seconds", SLOW_CLIENT_S),
-                               store_wait_s=getattr(args, "store_wait_seconds", STORE_WAIT_S))
+                               store_wait_s=getattr(args, "store_wait_seconds", STORE_WAIT_S),
+                               hand_back=not getattr(args, "no_hand_back", False))
     svc = Service(SERVICE_NAME, gateway_pb2_grpc.add_GatewayServiceServicer_to_server, servicer, host, port,
                   max_workers=2 * args.max_sessions + 8, grace_s=args.grace, on_error=servicer.metrics.error,
                   tls=tls, client_ca=getattr(args, "tls_client_ca", None) or "")

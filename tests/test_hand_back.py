@@ -28,14 +28,16 @@ def cluster(trained_models, tmp_path_factory, redis_server):
     spm = save_model(trained_models["spm"], "spm", root / "drafter-spm")
     c = Cluster(root)
     try:
-        c.metrics = {n: free_port() for n in ("verifier", "busy", "gateway")}
+        c.metrics = {n: free_port() for n in ("verifier", "busy", "gateway", "keeping")}
         v = c.start("verifier", ["verifier", "--model", str(target), "--threads", "1",
                                  "--metrics-port", str(c.metrics["verifier"])])
         d = c.start("busy", ["--model", str(spm), "--threads", "1"], prefix=BUSY)
         c.wait_serving("verifier", "busy")
         c.start("gateway", ["gateway", "--redis", redis_server, "--drafters", d, "--verifiers", v,
                             "--metrics-port", str(c.metrics["gateway"])])
-        c.wait_serving("gateway")
+        c.start("keeping", ["gateway", "--redis", redis_server, "--drafters", d, "--verifiers", v, "--no-hand-back",
+                            "--metrics-port", str(c.metrics["keeping"])])
+        c.wait_serving("gateway", "keeping")
         c.dirs = {"target": target, "spm": spm}
         yield c
     finally:
@@ -65,3 +67,16 @@ def test_sessions_handed_back_and_forth_give_the_target_alone_s_output(cluster, 
     # pass per committed token, however often the session changed hands
     passes = metric(cluster, "verifier", "crossdraft_batch_sequences_count") - before[("verifier", "crossdraft_batch_sequences_count")]
     assert passes == 1 + len(ref.ids)
+
+
+def test_a_gateway_with_no_hand_back_keeps_its_sessions_on_their_drafter(cluster):
+    """`--no-hand-back`: the same busy drafter is not allowed to hand back (`may_hand_back` unset), so it
+    relays every one of the target's steps itself; the output is the same."""
+    engine = Engine.load(str(cluster.dirs["target"]), str(cluster.dirs["spm"]), device="cpu")
+    ref = engine.generate(PROMPT, N, SamplingParams(), "none")
+    with Client(cluster.address("keeping"), timeout=120) as c:
+        out = c.generate(PROMPT, N, 0.0, 0, "slem")
+    assert out["ids"] == ref.ids
+    assert metric(cluster, "keeping", "crossdraft_handed_back_total") == 0
+    assert "handed back by drafter" not in cluster.log("keeping")
+    assert out["rounds"] == len(ref.ids)  # every token a round of the drafter's: the target's own steps
