@@ -61,6 +61,7 @@ def main() -> int:
                     help="the other services and this process on the last core, the verifier on any (as bench --pin-cpus)")
     ap.add_argument("--repeat", type=int, default=1, help="run the levels this many times in turn (default 1)")
     ap.add_argument("--json-out", default="", help="write the figures here too")
+    ap.add_argument("--drafter-args", default="", help="more flags for the drafter, space-separated (e.g. --draft-ahead)")
     args = ap.parse_args()
     sys.path.insert(0, args.root)
     from crossdraft import loadbench
@@ -76,7 +77,8 @@ def main() -> int:
                                      drafter=args.drafter, max_new_tokens=args.max_new_tokens, temperature=0.0,
                                      seed=0, draft_tokens=None)
     cl = LocalCluster(os.path.join(args.zoo, "target-bpe8k"), [os.path.join(args.zoo, args.drafter)], threads=1,
-                      metrics=True, pin=args.pin_cpus, model_args=("--max-sessions", str(max(16, max(levels))))).start()
+                      metrics=True, pin=args.pin_cpus, model_args=("--max-sessions", str(max(16, max(levels)))),
+                      drafter_args=tuple(args.drafter_args.split())).start()
     cl.pin_caller()
     rows = []
     try:
@@ -94,7 +96,8 @@ def main() -> int:
         cl.stop()
     if args.json_out:
         with open(args.json_out, "w") as fh:
-            json.dump({"root": args.root, "algorithm": args.algorithm, "results": rows}, fh, indent=2)
+            json.dump({"root": args.root, "algorithm": args.algorithm, "drafter": args.drafter,
+                       "drafter_args": args.drafter_args, "results": rows}, fh, indent=2)
     return 0
 
 
