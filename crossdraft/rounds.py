@@ -222,8 +222,12 @@ def run_rounds(link, drafters: dict, draft: Callable, committed: int, state=None
     loop = _Loop(link, drafters, draft, committed, state, draft_tokens, resume_k, hand_back, run_beside)
     try:
         yield from loop.rounds(until, stop)
-    finally:
-        for f in loop.flights:  # (a caller that stops reading: no draft made ahead outlives the loop)
+    finally:  # (a caller that stops reading too: no draft made ahead outlives the loop, none is sent after it)
+        with loop.lock:
+            left = list(loop.flights)
+            for f in left:
+                f.answered = True
+        for f in left:
             loop._settle(f)
 
 
