@@ -363,11 +363,7 @@ class _Loop:
 
     def answer(self, until: Optional[Callable] = None) -> tuple:
         """(Round, finished): the verdict on the oldest round in flight, counted and followed."""
-        while self.stale:  # the empty verdicts on proposals sent ahead on a guess that failed
-            v = self.link.result()
-            self.stale -= 1
-            if v.ids or v.seq != self.committed:
-                raise Aborted(f"the verifier answered a stale proposal at {v.seq} with {len(v.ids)} tokens")
+        self._skip_stale()
         f = self.flights.popleft()
         try:
             verdict = self.link.result()
@@ -397,6 +393,14 @@ class _Loop:
             self._follow(verdict, f)
             self._sent_ahead(verdict)
         return Round(verdict, f.proposal, f.arm, f.k.k if f.k is not None else 0, self.stats, rtt), finished
+
+    def _skip_stale(self) -> None:
+        """Read the empty verdicts on proposals sent ahead on a guess that failed (they come first)."""
+        while self.stale:
+            v = self.link.result()
+            self.stale -= 1
+            if v.ids or v.seq != self.committed:
+                raise Aborted(f"the verifier answered a stale proposal at {v.seq} with {len(v.ids)} tokens")
 
     def _sent_ahead(self, verdict: Verdict) -> None:
         """After a verdict: a proposal sent ahead of it is a round like another if it guessed right (the
