@@ -248,6 +248,7 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
         base = offset = len(start.committed_ids)
         t0 = time.perf_counter()
         algo_enum, first, rounds = wire.algorithm_to_proto(start.algorithm), True, 0
+        ahead = (0, 0, 0)  # drafting ahead: what the metrics have counted of this session
         try:
             beside = self.sessions.model.submit if self.draft_ahead else None
             for r in run_rounds(link, drafters, self.sessions.draft, len(start.prompt_ids) + offset, state,
@@ -256,6 +257,7 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
                 c.network_ns += max(0, r.rtt_ns - v.verify_ns)
                 self.metrics.round(v.candidates, v.accepted, len(v.ids), draft_ns=r.proposal.draft_ns,
                                    network_ns=r.rtt_ns - v.verify_ns, round_ns=r.proposal.draft_ns + r.rtt_ns)
+                ahead = self._ahead_counted(c, ahead)
                 done.new_tokens = offset + len(v.ids) - base
                 done.seconds, done.finished = time.perf_counter() - t0, v.finished
                 if v.ids or v.finished:
@@ -280,6 +282,13 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
                      c.sent_ahead + c.stale_ahead if c else 0, c.stale_ahead if c else 0)
         finally:
             link.close()
+
+    def _ahead_counted(self, c, counted: tuple) -> tuple:
+        """Count in the metrics what this session drafted and sent ahead since `counted`; returns the totals."""
+        now = (c.early, c.sent_ahead, c.stale_ahead)
+        if now != counted:
+            self.metrics.ahead(*(a - b for a, b in zip(now, counted)))
+        return now
 
     @staticmethod
     def _delta(r, offset: int, new_tokens: int, algo_enum: int, why: str, seconds: float):

@@ -109,14 +109,16 @@ def services(trained_models, tmp_path_factory):
             "same": save_model(trained_models["bpe_small"], "bpe", root / "drafter-same"),
             "spm": save_model(trained_models["spm"], "spm", root / "drafter-spm")}
     servers = Servers(root)
+    ahead_metrics = free_port()
     try:
         addr = {"verifier": servers.start("verifier", "verifier", dirs["target"]),
                 "same": servers.start("same", "drafter", dirs["same"]),
                 "spm": servers.start("spm", "drafter", dirs["spm"]),
-                "ahead-same": servers.start("ahead-same", "drafter", dirs["same"], ["--draft-ahead"]),
+                "ahead-same": servers.start("ahead-same", "drafter", dirs["same"],
+                                            ["--draft-ahead", "--metrics-port", str(ahead_metrics)]),
                 "ahead-spm": servers.start("ahead-spm", "drafter", dirs["spm"], ["--draft-ahead"])}
         servers.wait_serving(addr)
-        yield dict(addr, dirs=dirs, servers=servers)
+        yield dict(addr, dirs=dirs, servers=servers, ahead_metrics=f"http://127.0.0.1:{ahead_metrics}/metrics")
     finally:
         servers.stop_all()
 
@@ -230,13 +232,23 @@ def test_drafting_ahead_changes_nothing_but_time(services, engines, algorithm, d
     for prompt in PROMPTS:
         assert_same_as_in_process(services, engines, drafter, prompt, 32, GREEDY, algorithm)
         assert_same_as_in_process(services, engines, drafter, prompt, 32, GREEDY, algorithm, draft_tokens=3)
-    lines = [ln for ln in services["servers"].log_of(drafter).splitlines() if f": {algorithm}, " in ln]
+    log, deadline = services["servers"].log_dir / f"{drafter}.log", time.monotonic() + 10
+    while True:  # (a session's closing line comes just after its last delta)
+        lines = [ln for ln in log.read_text(errors="replace").splitlines() if f": {algorithm}, " in ln]
+        if len(lines) >= 4 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     ahead = [[int(w) for w in re.findall(r"(\d+) (?:of \d+ tokens drafted ahead|rounds sent ahead|of them stale)", ln)]
              for ln in lines]
     used, sent, stale = (sum(a[i] for a in ahead) for i in range(3))
-    assert len(ahead) >= 4, lines
+    assert len(ahead) == 4, lines
     if algorithm == "same":
         assert used > 0 and sent > stale > 0, lines
+        from test_metrics import scrape, value  # (test_metrics imports this module)
+        m = scrape(services["ahead_metrics"])  # the drafter's metrics count the same
+        assert (value(m, "crossdraft_drafted_ahead_tokens_total"),
+                value(m, "crossdraft_sent_ahead_rounds_total", outcome="held"),
+                value(m, "crossdraft_sent_ahead_rounds_total", outcome="stale")) == (used, sent - stale, stale)
     elif algorithm == "tli":  # (this pair's guesses rarely hold in so few tokens: tests/test_draft_ahead.py)
         assert sent > 0, lines
     else:  # slem's guessed text has no known target length: it is drafted ahead, never sent

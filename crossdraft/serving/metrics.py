@@ -94,6 +94,10 @@ def _families(registry: CollectorRegistry) -> dict:
         "handed_back": Counter(p + "handed_back", "Sessions a drafter handed back because drafting did not pay at "
                                "the verifier's load; the gateway stepped them on the verifier (gateway)", ["role"],
                                registry=r),
+        "drafted_ahead": Counter(p + "drafted_ahead_tokens", "Drafted tokens that were drafted ahead, while the "
+                                 "verifier checked the round before (drafter --draft-ahead)", ["role"], registry=r),
+        "sent_ahead": Counter(p + "sent_ahead_rounds", "Rounds sent before the verdict on the round before, by "
+                              "whether their guess held (drafter --draft-ahead)", ["role", "outcome"], registry=r),
         "slow_clients": Counter(p + "slow_clients", "Client streams cut because the client took no message for "
                                 "--slow-client-seconds (gateway)", ["role"], registry=r),
         "failovers": Counter(p + "failovers", "Sessions resumed on another drafter (or the same one again) after "
@@ -135,7 +139,8 @@ class ServiceMetrics:
                if k not in ("accepted_by_position", "errors", "draft_s", "verify_s", "network_s", "round_s",
                             "ttft_s", "session_s", "failovers", "takeovers", "bad_proposals", "unsealed_deltas",
                             "handed_back", "slow_clients", "batch_sequences", "batch_tokens", "forward_s", "queue_wait_s",
-                            "kv_budget", "kv_reserved", "kv_queued", "kv_refused", "store_errors")}
+                            "kv_budget", "kv_reserved", "kv_queued", "kv_refused", "store_errors", "drafted_ahead",
+                            "sent_ahead")}
         self.sessions_started, self.sessions_finished = lab["sessions_started"], lab["sessions_finished"]
         self.sessions_active, self.rounds = lab["sessions_active"], lab["rounds"]
         self.draft_tokens, self.accepted_tokens = lab["draft_tokens"], lab["accepted_tokens"]
@@ -221,6 +226,14 @@ class ServiceMetrics:
 
     def handed_back(self) -> None:
         self._child("handed_back").inc()
+
+    def ahead(self, tokens: int, held: int, stale: int) -> None:
+        """Drafting ahead (drafter): tokens drafted ahead and used; rounds sent ahead whose guess held, failed."""
+        if tokens:
+            self._child("drafted_ahead").inc(tokens)
+        for outcome, n in (("held", held), ("stale", stale)):
+            if n:
+                self._f["sent_ahead"].labels(role=self.role, outcome=outcome).inc(n)
 
     def failover(self) -> None:
         self._child("failovers").inc()
