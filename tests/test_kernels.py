@@ -73,15 +73,17 @@ def test_bad_shapes_are_refused_with_a_message():
         ops.rows_linear(_rand(2, 16), packed, 40, _rand(39))
 
 
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads,kv,d", [(4, 2, 64), (3, 3, 20), (8, 1, 16)])
-def test_decode_attend_equals_torch_and_writes_each_cache(heads, kv, d):
+def test_decode_attend_equals_torch_and_writes_each_cache(heads, kv, d, kv_dtype):
     """Decoding steps' attention (blocks of 1, 3 and 2 rows; GQA; a head size that is not a multiple of
-    the vector width): the same as torch's within float32 rounding, each row's key and value written at
-    its position, and each row the same bits as that token alone, as a one-token step."""
+    the vector width; float32 and bfloat16 caches): the same as torch's within float32 rounding, each
+    row's key and value written at its position (rounded as torch rounds them), and each row the same
+    bits as that token alone, as a one-token step."""
     starts, ns, layer, scale = [0, 5, 29], [1, 3, 2], 1, d ** -0.5
     q, k, v = _rand(6, heads, d, seed=1), _rand(6, kv, d, seed=2), _rand(6, kv, d, seed=3)
-    kcs = [_rand(2, kv, 32, d, seed=10 + i) for i in range(3)]
-    vcs = [_rand(2, kv, 32, d, seed=20 + i) for i in range(3)]
+    kcs = [_rand(2, kv, 32, d, seed=10 + i).to(kv_dtype) for i in range(3)]
+    vcs = [_rand(2, kv, 32, d, seed=20 + i).to(kv_dtype) for i in range(3)]
     ref_k, ref_v = [c.clone() for c in kcs], [c.clone() for c in vcs]
     want = kernels.reference_decode_attend(q, k, v, ref_k, ref_v, layer, starts, ns, scale)
     got = ops.decode_attend(q, k, v, kcs, vcs, layer, starts, ns, scale)
@@ -99,6 +101,10 @@ def test_decode_attend_equals_torch_and_writes_each_cache(heads, kv, d):
         ops.decode_attend(q[:2], k[:2], v[:2], [kcs[0]], [vcs[0]], layer, [31], [2], scale)
     with pytest.raises(RuntimeError, match="in order"):
         ops.decode_attend(q, k, v, kcs, vcs, layer, starts, [1, 1, 1], scale)
+    other = torch.bfloat16 if kv_dtype == torch.float32 else torch.float32
+    with pytest.raises(RuntimeError, match="first cache's dtype"):
+        ops.decode_attend(q, k, v, kcs[:2] + [kcs[2].to(other)], vcs[:2] + [vcs[2].to(other)], layer, starts, ns,
+                          scale)
 
 
 def _float32_runner():

@@ -108,7 +108,7 @@ def reference_rows_linear(x, packed, n, b):
 
 def reference_decode_attend(q, k, v, kcs, vcs, layer, starts, ns, scaling):
     """`decode_attend` in torch: each sequence's ns[b] rows' keys and values written at positions
-    starts[b].., then each row's attention over its cache up to its own position, every head (kv head
+    starts[b].. (rounded to the caches' dtype: float32 or bfloat16), then each row's attention over its cache up to its own position, every head (kv head
     h // (H / KV))."""
     out = torch.empty_like(q)
     g = q.shape[1] // k.shape[1]
@@ -117,8 +117,8 @@ def reference_decode_attend(q, k, v, kcs, vcs, layer, starts, ns, scaling):
         kc[layer, :, start:start + n] = k[row:row + n].transpose(0, 1)
         vc[layer, :, start:start + n] = v[row:row + n].transpose(0, 1)
         for r in range(n):
-            keys = kc[layer, :, : start + r + 1].repeat_interleave(g, 0)  # [H, end, D]
-            vals = vc[layer, :, : start + r + 1].repeat_interleave(g, 0)
+            keys = kc[layer, :, : start + r + 1].float().repeat_interleave(g, 0)  # [H, end, D]
+            vals = vc[layer, :, : start + r + 1].float().repeat_interleave(g, 0)
             p = torch.softmax((keys @ q[row + r].unsqueeze(-1)).squeeze(-1) * scaling, dim=-1)  # [H, end]
             out[row + r] = (p.unsqueeze(1) @ vals).squeeze(1)
         row += n

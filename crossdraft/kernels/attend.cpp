@@ -1,4 +1,5 @@
-// crossdraft's CPU kernel for decoding steps' attention, float32: `decode_attend`.
+// crossdraft's CPU kernel for decoding steps' attention, float32 over float32 or bfloat16 caches:
+// `decode_attend`.
 //
 // Owns: for each sequence b of a pass whose step is a short causal block (one token: a target or drafter
 // step; a few: a verification), writing its ns[b] new keys and values at positions starts[b].. of its
@@ -27,43 +28,123 @@
 
 namespace {
 
-inline float dot(const float* a, const float* b, int64_t D) {
+// A cache holds float32, or bfloat16 (`--kv-dtype bfloat16`): loads widen it to float32 exactly, and
+// everything after a load is the same float32 arithmetic in the same order for both.
+inline vec kv_load(const float* p) { return vload(p); }
+inline vec kv_load(const at::BFloat16* p) { return vload_bf16(reinterpret_cast<const uint16_t*>(p)); }
+inline float kv_float(float x) { return x; }
+inline float kv_float(at::BFloat16 x) { return static_cast<float>(x); }
+
+template <typename T>
+inline float dot(const float* a, const T* b, int64_t D) {
   int64_t d = 0;
   float sum = 0.f;
   if (D >= LANES) {
     vec acc = vzero();
-    for (; d + LANES <= D; d += LANES) acc = vfma(vload(a + d), vload(b + d), acc);
-    float lanes[LANES];
-    vstore(lanes, acc);
-    for (int64_t i = 0; i < LANES; ++i) sum += lanes[i];
+    for (; d + LANES <= D; d += LANES) acc = vfma(vload(a + d), kv_load(b + d), acc);
+    sum = vsum(acc);
   }
-  for (; d < D; ++d) sum += a[d] * b[d];
+  for (; d < D; ++d) sum += a[d] * kv_float(b[d]);
   return sum;
 }
 
-// One head of one sequence: out[0 .. D) from q[0 .. D) over keys/values [0, end) (rows of D floats).
-void head(const float* q, const float* K, const float* V, int64_t end, int64_t D, float scale, float* out,
+// One head of one sequence: out[0 .. D) from q[0 .. D) over keys/values [0, end) (rows of D entries).
+// Scores, their maximum, then e^(score - max) LANES at a time (the last LANES padded with scores of
+// -inf, whose e^ is 0) and their sum; then the weighted values, position by position, in NV vector
+// registers where D = NV x LANES (NV > 0), else in `out`: the same sums in the same order either way.
+template <typename T, int NV>
+void head(const float* q, const T* K, const T* V, int64_t end, int64_t D, float scale, float* out,
           std::vector<float>& s) {
-  s.resize(end);
+  const int64_t padded = (end + LANES - 1) / LANES * LANES;
+  s.resize(padded);
   float m = -std::numeric_limits<float>::infinity();
+  const int64_t row_bytes = D * (int64_t)sizeof(T);
   for (int64_t p = 0; p < end; ++p) {
+    // the value rows on their way to the cache while the keys are read: two streams from memory at once
+    for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(reinterpret_cast<const char*>(V + p * D) + b, _MM_HINT_T1);
     s[p] = dot(q, K + p * D, D) * scale;
     m = std::max(m, s[p]);
   }
-  float total = 0.f;
-  for (int64_t p = 0; p < end; ++p) {
-    s[p] = std::exp(s[p] - m);
-    total += s[p];
+  for (int64_t p = end; p < padded; ++p) s[p] = -std::numeric_limits<float>::infinity();
+  const vec vm = vset(-m);
+  vec sums = vzero();
+  for (int64_t p = 0; p < padded; p += LANES) {
+    const vec e = vexp(vadd(vload(&s[p]), vm));
+    vstore(&s[p], e);
+    sums = vadd(sums, e);
   }
-  for (int64_t d = 0; d < D; ++d) out[d] = 0.f;
-  int64_t vd = D / LANES * LANES;
-  for (int64_t p = 0; p < end; ++p) {
-    const float* v = V + p * D;
-    const vec w = vset(s[p]);
-    for (int64_t d = 0; d < vd; d += LANES) vstore(out + d, vfma(w, vload(v + d), vload(out + d)));
-    for (int64_t d = vd; d < D; ++d) out[d] += s[p] * v[d];
+  const float total = vsum(sums);
+  if constexpr (NV > 0) {
+    vec acc[NV];
+    for (int i = 0; i < NV; ++i) acc[i] = vzero();
+    for (int64_t p = 0; p < end; ++p) {
+      const T* v = V + p * D;
+      const vec w = vset(s[p]);
+      for (int i = 0; i < NV; ++i) acc[i] = vfma(w, kv_load(v + i * LANES), acc[i]);
+    }
+    for (int i = 0; i < NV; ++i) vstore(out + i * LANES, acc[i]);
+  } else {
+    for (int64_t d = 0; d < D; ++d) out[d] = 0.f;
+    const int64_t vd = D / LANES * LANES;
+    for (int64_t p = 0; p < end; ++p) {
+      const T* v = V + p * D;
+      const vec w = vset(s[p]);
+      for (int64_t d = 0; d < vd; d += LANES) vstore(out + d, vfma(w, kv_load(v + d), vload(out + d)));
+      for (int64_t d = vd; d < D; ++d) out[d] += s[p] * kv_float(v[d]);
+    }
   }
   for (int64_t d = 0; d < D; ++d) out[d] /= total;
+}
+
+template <typename T>
+using HeadFn = void (*)(const float*, const T*, const T*, int64_t, int64_t, float, float*, std::vector<float>&);
+
+// head<T, NV> with the output in registers where the head size allows (D = 1, 2, 4 or 8 vectors).
+template <typename T>
+HeadFn<T> head_for(int64_t D) {
+  if (D % LANES == 0) {
+    switch (D / LANES) {
+      case 1: return head<T, 1>;
+      case 2: return head<T, 2>;
+      case 4: return head<T, 4>;
+      case 8: return head<T, 8>;
+      default: break;
+    }
+  }
+  return head<T, 0>;
+}
+
+// Every row's key and value into its cache at its position (rounded to nearest even where the cache is
+// bfloat16), then each row's attention over its cache up to its own position.
+template <typename T>
+void write_and_attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::TensorList kcs,
+                      at::TensorList vcs, int64_t layer, const std::vector<int64_t>& seq_of,
+                      const std::vector<int64_t>& pos_of, int64_t H, int64_t KV, int64_t D, float scale,
+                      at::Tensor& out) {
+  const int64_t N = (int64_t)seq_of.size();
+  for (int64_t i = 0; i < N; ++i) {
+    const int64_t b = seq_of[i], cap = kcs[b].size(2);
+    T* kc = kcs[b].data_ptr<T>() + layer * KV * cap * D;
+    T* vc = vcs[b].data_ptr<T>() + layer * KV * cap * D;
+    const float* ki = k.data_ptr<float>() + i * KV * D;
+    const float* vi = v.data_ptr<float>() + i * KV * D;
+    for (int64_t g = 0; g < KV; ++g)
+      for (int64_t d = 0; d < D; ++d) {
+        kc[(g * cap + pos_of[i]) * D + d] = static_cast<T>(ki[g * D + d]);
+        vc[(g * cap + pos_of[i]) * D + d] = static_cast<T>(vi[g * D + d]);
+      }
+  }
+  const int64_t G = H / KV;
+  const HeadFn<T> attend_head = head_for<T>(D);
+  at::parallel_for(0, N * H, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> s;
+    for (int64_t i = i0; i < i1; ++i) {  // row i / H attends over its cache up to its own position
+      const int64_t row = i / H, h = i % H, b = seq_of[row], g = h / G, cap = kcs[b].size(2);
+      const T* K = kcs[b].data_ptr<T>() + ((layer * KV + g) * cap) * D;
+      const T* V = vcs[b].data_ptr<T>() + ((layer * KV + g) * cap) * D;
+      attend_head(q.data_ptr<float>() + i * D, K, V, pos_of[row] + 1, D, scale, out.data_ptr<float>() + i * D, s);
+    }
+  });
 }
 
 at::Tensor decode_attend(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
@@ -79,40 +160,27 @@ at::Tensor decode_attend(const at::Tensor& q_in, const at::Tensor& k_in, const a
   TORCH_CHECK(KV > 0 && H % KV == 0, "decode_attend: heads must be a multiple of key-value heads");
   TORCH_CHECK((int64_t)kcs.size() == B && (int64_t)vcs.size() == B && (int64_t)ns.size() == B,
               "decode_attend: one cache, one start and one row count per sequence");
+  const auto kv_type = B > 0 ? kcs[0].scalar_type() : at::kFloat;
+  TORCH_CHECK(kv_type == at::kFloat || kv_type == at::kBFloat16, "decode_attend: caches must be float32 or bfloat16");
   std::vector<int64_t> seq_of, pos_of;  // each row's sequence and cache position
   seq_of.reserve(N), pos_of.reserve(N);
   for (int64_t b = 0; b < B; ++b) {
     const auto& kc = kcs[b];
     TORCH_CHECK(kc.dim() == 4 && kc.sizes() == vcs[b].sizes() && kc.is_contiguous() && vcs[b].is_contiguous() &&
-                    kc.scalar_type() == at::kFloat && vcs[b].scalar_type() == at::kFloat && kc.size(1) == KV &&
+                    kc.scalar_type() == kv_type && vcs[b].scalar_type() == kv_type && kc.size(1) == KV &&
                     kc.size(3) == D && layer >= 0 && layer < kc.size(0) && starts[b] >= 0 && ns[b] >= 1 &&
                     starts[b] + ns[b] <= kc.size(2),
-                "decode_attend: a cache must be float32 contiguous [layers, KV, capacity, D] with room for its rows");
+                "decode_attend: a cache must be contiguous [layers, KV, capacity, D], in the first cache's dtype, with room for its rows");
     for (int64_t r = 0; r < ns[b]; ++r) seq_of.push_back(b), pos_of.push_back(starts[b] + r);
   }
   TORCH_CHECK((int64_t)seq_of.size() == N, "decode_attend: the rows of q must be the sequences' rows, in order");
   const auto q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
-  for (int64_t i = 0; i < N; ++i) {  // every row's key and value into its cache, at its position
-    const int64_t b = seq_of[i], cap = kcs[b].size(2);
-    float* kc = kcs[b].data_ptr<float>() + layer * KV * cap * D;
-    float* vc = vcs[b].data_ptr<float>() + layer * KV * cap * D;
-    for (int64_t g = 0; g < KV; ++g) {
-      std::memcpy(kc + (g * cap + pos_of[i]) * D, k.data_ptr<float>() + (i * KV + g) * D, D * sizeof(float));
-      std::memcpy(vc + (g * cap + pos_of[i]) * D, v.data_ptr<float>() + (i * KV + g) * D, D * sizeof(float));
-    }
-  }
   auto out = at::empty({N, H, D}, q.options());
   const float scale = static_cast<float>(scaling);
-  const int64_t G = H / KV;
-  at::parallel_for(0, N * H, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> s;
-    for (int64_t i = i0; i < i1; ++i) {  // row i / H attends over its cache up to its own position
-      const int64_t row = i / H, h = i % H, b = seq_of[row], g = h / G, cap = kcs[b].size(2);
-      const float* K = kcs[b].data_ptr<float>() + ((layer * KV + g) * cap) * D;
-      const float* V = vcs[b].data_ptr<float>() + ((layer * KV + g) * cap) * D;
-      head(q.data_ptr<float>() + i * D, K, V, pos_of[row] + 1, D, scale, out.data_ptr<float>() + i * D, s);
-    }
-  });
+  if (kv_type == at::kBFloat16)
+    write_and_attend<at::BFloat16>(q, k, v, kcs, vcs, layer, seq_of, pos_of, H, KV, D, scale, out);
+  else
+    write_and_attend<float>(q, k, v, kcs, vcs, layer, seq_of, pos_of, H, KV, D, scale, out);
   return out;
 }
 
