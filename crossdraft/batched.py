@@ -114,6 +114,7 @@ class BatchedModel:
     def usage(self, caches=()) -> dict:
         out = self.budget.usage()
         out.update(allocated_bytes=self.allocated(caches), max_model_len=self.runner.max_length,
+                   kv_dtype=str(getattr(self.runner, "kv_dtype", "")).replace("torch.", ""),
                    max_batch_tokens=self.limits.max_batch_tokens, passes=self.scheduler.passes)
         hint = self.cost.hint()
         if hint is not None:

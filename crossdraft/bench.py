@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from .options import check_slrs_args, model_dtype
+from .options import check_slrs_args, kv_dtype, model_dtype
 from .prompts import read_prompts
 from .auto import arm_name
 from .engine import Engine
@@ -194,13 +194,13 @@ def _load(args, algos: list, log) -> tuple:
     log(f"loading target {args.target} and {len(drafters)} drafters ...")
     tv = Vocab.load(args.target)
     tmodel = load_model(args.target, args.device, model_dtype(args))
-    trunner = make_runner(tmodel, fast=not args.hf_runner)
+    trunner = make_runner(tmodel, fast=not args.hf_runner, kv_dtype=kv_dtype(args))
     base = Engine(trunner, tv)
     pairs = []
     for d in drafters:
         dv = Vocab.load(d)
         dmodel = load_model(d, args.device, model_dtype(args))
-        eng = Engine(trunner, tv, make_runner(dmodel, fast=not args.hf_runner), dv,
+        eng = Engine(trunner, tv, make_runner(dmodel, fast=not args.hf_runner, kv_dtype=kv_dtype(args)), dv,
                      slrs_tau=args.slrs_tau, slrs_budget=args.slrs_budget)
         same = dv.same_as(tv)
         applicable = [a for a in algos if a == "auto" or ((a == "same") == same and a != "none")]

@@ -17,7 +17,7 @@ import sys
 
 from .errors import CrossdraftError, InvalidArgument
 from .options import (add_batching_args, add_model_args, add_slrs_args, add_tls_args, check_batching_args,
-                      check_slrs_args, draft_lengths, model_dtype, positive_int, setup_torch)
+                      check_slrs_args, draft_lengths, kv_dtype, model_dtype, positive_int, setup_torch)
 from .prompts import read_prompts, zoo_dir
 from .stops import check_stops
 
@@ -358,7 +358,8 @@ def cmd_generate(args) -> int:
     from .engine import Engine
 
     engine = Engine.load(args.target, args.drafter if algo != "none" else None, device=args.device,
-                         dtype=model_dtype(args), fast=not args.hf_runner, draft_top_k=args.draft_top_k,
+                         dtype=model_dtype(args), fast=not args.hf_runner, kv_dtype=kv_dtype(args),
+                         draft_top_k=args.draft_top_k,
                          slrs_tau=args.slrs_tau, slrs_budget=args.slrs_budget)
     if args.batch_size > 1:
         return _generate_batch(args, engine, prompts, params, algo, stops)

@@ -15,7 +15,7 @@ import os
 from prometheus_client import CollectorRegistry
 
 from crossdraft.batched import Limits
-from crossdraft.options import model_dtype
+from crossdraft.options import kv_dtype, model_dtype
 from crossdraft.seal import Sealer
 from crossdraft.serving.channels import PLAINTEXT
 from crossdraft.serving.metrics import ServiceMetrics
@@ -60,9 +60,9 @@ def serve_all(args) -> int:
     if mport:
         log.info("metrics on http://%s:%d/metrics", args.host, mport)
     log.info("listening on %s, loading %s and %s", gsvc.address, args.target, args.drafter)
-    verifier.load(args.device, fast=not args.hf_runner, dtype=model_dtype(args))
+    verifier.load(args.device, fast=not args.hf_runner, dtype=model_dtype(args), kv_dtype=kv_dtype(args))
     vsvc.set_serving()
-    drafter.load(args.device, fast=not args.hf_runner, dtype=model_dtype(args))
+    drafter.load(args.device, fast=not args.hf_runner, dtype=model_dtype(args), kv_dtype=kv_dtype(args))
     dsvc.set_serving()
     gsvc.set_serving()
     gsvc.wait()

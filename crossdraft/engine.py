@@ -172,13 +172,13 @@ class Engine:
 
     @classmethod
     def load(cls, target: str, drafter: Optional[str] = None, device: Optional[str] = None,
-             dtype=None, fast: bool = True, **kw) -> "Engine":
+             dtype=None, fast: bool = True, kv_dtype=None, **kw) -> "Engine":
         tv = Vocab.load(target)
-        tr = make_runner(load_model(target, device, dtype), fast=fast)
+        tr = make_runner(load_model(target, device, dtype), fast=fast, kv_dtype=kv_dtype)
         dr = dv = None
         if drafter:
             dv = Vocab.load(drafter)
-            dr = make_runner(load_model(drafter, device, dtype), fast=fast)
+            dr = make_runner(load_model(drafter, device, dtype), fast=fast, kv_dtype=kv_dtype)
         return cls(tr, tv, dr, dv, **kw)
 
     @property

@@ -119,7 +119,8 @@ def _attend(li: int, q: Tensor, k: Tensor, v: Tensor, kcs: List[Tensor], vcs: Li
 
 def _attend_one(li: int, q: Tensor, k: Tensor, v: Tensor, kcache: Tensor, vcache: Tensor, off: int, n: int,
                 start: int, mask: Optional[Tensor], scaling: float, out: Tensor) -> None:
-    """One sequence's block (rows off..off+n of q, k, v) into its cache and its attention into `out`."""
+    """One sequence's block (rows off..off+n of q, k, v) into its cache and its attention into `out`, over
+    the cache's entries (its own block's too: rounded to the cache's dtype as every other step sees them)."""
     H, D, KV = q.shape[1], q.shape[2], k.shape[1]
     G = H // KV
     end = start + n
@@ -127,7 +128,8 @@ def _attend_one(li: int, q: Tensor, k: Tensor, v: Tensor, kcache: Tensor, vcache
     kc[:, start:end] = k[off:off + n].transpose(0, 1)
     vc[:, start:end] = v[off:off + n].transpose(0, 1)
     qs = q[off:off + n].transpose(0, 1).reshape(KV, G * n, D)  # head h uses kv head h // G
-    scores = torch.matmul(qs, kc[:, :end].transpose(1, 2)) * scaling
+    keys, vals = kc[:, :end].to(q.dtype), vc[:, :end].to(q.dtype)  # (no copy where the caches hold q's dtype)
+    scores = torch.matmul(qs, keys.transpose(1, 2)) * scaling
     if mask is not None:
         if G > 1:
             mask = mask.repeat(G, 1)
@@ -136,7 +138,7 @@ def _attend_one(li: int, q: Tensor, k: Tensor, v: Tensor, kcache: Tensor, vcache
         p = torch.softmax(scores.float(), dim=-1).to(q.dtype)
     else:
         p = torch.softmax(scores, dim=-1)
-    o = torch.matmul(p, vc[:, :end])  # [KV, G n, D]
+    o = torch.matmul(p, vals)  # [KV, G n, D]
     out[off:off + n] = o.view(H, n, D).transpose(0, 1)
 
 

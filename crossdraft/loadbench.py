@@ -207,7 +207,8 @@ def _start(args, log) -> tuple:
     log(f"starting redis-server, a verifier, {len(args._drafter_dirs)} drafter(s) and a gateway "
         f"({threads} torch thread(s) each) ...")
     cluster = LocalCluster(args.target, list(args._drafter_dirs), threads=threads, pin=args.pin_cpus,
-                           metrics=True, model_args=("--max-sessions", str(max(16, max(args._levels))))).start()
+                           metrics=True, model_args=("--max-sessions", str(max(16, max(args._levels))),
+                                                       "--kv-dtype", getattr(args, "kv_dtype", "auto"))).start()
     cluster.pin_caller()
     return cluster.gateway, cluster.metrics.get("verifier"), cluster
 
@@ -254,7 +255,7 @@ def run_concurrency(args) -> int:
     meta = {"levels": args._levels, "requests_per_client": args.requests_per_client, "max_new_tokens": args.max_new_tokens,
             "temperature": args.temperature, "seed": args.seed, "prompt_chars": args.prompt_chars,
             "threads": args.threads or 1, "target": args.target, "drafters": [str(d) for d in args._drafter_dirs],
-            "pinned": bool(args.pin_cpus), "gateway": args.gateway or None}
+            "pinned": bool(args.pin_cpus), "gateway": args.gateway or None, "kv_dtype": getattr(args, "kv_dtype", "auto")}
     with open(args.json_out, "w") as fh:
         json.dump({"meta": meta, "results": rows}, fh, indent=2)
     print(f"\nwrote {args.json_out}")

@@ -34,6 +34,16 @@ def model_dtype(args):
     return getattr(torch, name)
 
 
+def kv_dtype(args):
+    """--kv-dtype as a torch dtype; None: the caches hold the model's own dtype."""
+    name = getattr(args, "kv_dtype", "auto")
+    if name in (None, "auto"):
+        return None
+    import torch
+
+    return getattr(torch, name)
+
+
 def add_slrs_args(p: argparse.ArgumentParser) -> None:
     from .slrs import DEFAULT_BUDGET, DEFAULT_TAU
 
@@ -55,6 +65,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16", "float64"), default="auto",
                    help="weights and activations (default: float32 on CPU, bfloat16 on CUDA; float64 for tests "
                         "that must rule out rounding)")
+    p.add_argument("--kv-dtype", choices=("auto", "bfloat16"), default="auto",
+                   help="what the KV caches hold (default: the model's dtype). bfloat16 under float32 weights: half "
+                        "the cache memory (a KV budget holds twice the positions) and half what attention reads; "
+                        "the model's numbers change a little, the output stays identical to the target alone served "
+                        "the same way (lean Llama runner only)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: all cores)")
     p.add_argument("--hf-runner", action="store_true",
                    help="run models through Hugging Face's own forward instead of the lean Llama runner")

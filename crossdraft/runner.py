@@ -47,7 +47,7 @@ from typing import Optional
 import torch
 
 from . import fused, kernels
-from .errors import ModelLoadError
+from .errors import InvalidArgument, ModelLoadError
 
 FAST_MODEL_TYPES = {"llama", "qwen2", "mistral"}
 BLOCK = 64  # a KV cache grows in whole blocks of this many positions
@@ -105,15 +105,21 @@ def load_model(name_or_path: str, device: Optional[str] = None, dtype: Optional[
     return model.to(dev).eval()
 
 
-def make_runner(model, max_length: Optional[int] = None, fast: bool = True) -> "Runner":
-    """The fastest runner that is exact for this model."""
+def make_runner(model, max_length: Optional[int] = None, fast: bool = True,
+                kv_dtype: Optional[torch.dtype] = None) -> "Runner":
+    """The fastest runner that is exact for this model. `kv_dtype`: what its KV caches hold, where that is
+    not the model's own dtype (`--kv-dtype bfloat16`: the lean runner only)."""
     limit = context_limit(model.config, max_length)
     if limit < (max_length or _max_positions(model.config)):
         log.info("%s has sliding-window attention (window %d): its context is capped at %d positions, where "
                  "the window masks nothing and the output is exact", getattr(model.config, "model_type", "the model"),
                  sliding_window(model.config), limit)
     if fast and LlamaRunner.supports(model):
-        return LlamaRunner(model, max_length)
+        return LlamaRunner(model, max_length, kv_dtype)
+    if kv_dtype is not None and kv_dtype != next(model.parameters()).dtype:
+        raise InvalidArgument(f"--kv-dtype {str(kv_dtype).replace('torch.', '')} needs the lean Llama runner; "
+                              f"{getattr(model.config, 'model_type', 'this model')} runs through Hugging Face's "
+                              "forward here, whose caches hold the model's own dtype")
     return HFRunner(model, max_length)
 
 
@@ -351,7 +357,11 @@ def _prepack(w: torch.Tensor):
 
 class LlamaRunner(Runner):
     """Lean forward for Llama-family weights: many sequences' blocks in one pass (`forward_batch`), each over
-    its own KV cache [layers, kv_heads, capacity, head_dim] that grows in blocks of `BLOCK` positions."""
+    its own KV cache [layers, kv_heads, capacity, head_dim] that grows in blocks of `BLOCK` positions.
+    The caches hold the model's dtype, or `kv_dtype` (bfloat16 under float32 weights: half the memory and
+    half of what attention reads). Every key and value is rounded to it as it is written, and every
+    attention reads it back from the cache, its own block's included, so a row's result does not depend
+    on the block or the batch it came in, whatever the caches hold."""
 
     @staticmethod
     def supports(model) -> bool:
@@ -371,11 +381,12 @@ class LlamaRunner(Runner):
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         return 2 * inner.rotary_emb.inv_freq.numel() == head_dim  # RoPE over the whole head (no partial rotary)
 
-    def __init__(self, model, max_length: Optional[int] = None):
+    def __init__(self, model, max_length: Optional[int] = None, kv_dtype: Optional[torch.dtype] = None):
         cfg = model.config
         inner = model.model
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
+        self.kv_dtype = kv_dtype or p.dtype
         self.n_heads = cfg.num_attention_heads
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
@@ -410,7 +421,7 @@ class LlamaRunner(Runner):
         self.sin = (emb.sin() * scale).to(self.dtype)
         self.scaling = self.head_dim ** -0.5
         # bytes of keys and values one position takes in a cache (all layers): what KV budgets count
-        self.bytes_per_token = 2 * len(self.layers) * self.n_kv * self.head_dim * self.dtype.itemsize
+        self.bytes_per_token = 2 * len(self.layers) * self.n_kv * self.head_dim * self.kv_dtype.itemsize
         self.pruned_rows = None
         self._heads: dict = {}  # id(rows) -> (rows, pruned head): the pruned LM heads in use
         # the decoder layers (crossdraft/fused.py): compiled to run without the GIL where TorchScript is here
@@ -436,8 +447,8 @@ class LlamaRunner(Runner):
         room = self.max_length if cache.limit is None else min(cache.limit, self.max_length)
         new_cap = min(room, max(-(-end // BLOCK) * BLOCK, 2 * cap))
         shape = (len(self.layers), self.n_kv, new_cap, self.head_dim)
-        k = torch.empty(shape, device=self.device, dtype=self.dtype)
-        v = torch.empty(shape, device=self.device, dtype=self.dtype)
+        k = torch.empty(shape, device=self.device, dtype=self.kv_dtype)
+        v = torch.empty(shape, device=self.device, dtype=self.kv_dtype)
         if data is not None and cache.length:
             k[:, :, :cache.length] = data[0][:, :, :cache.length]
             v[:, :, :cache.length] = data[1][:, :, :cache.length]
@@ -561,6 +572,7 @@ class HFRunner(Runner):
         self.model = model
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
+        self.kv_dtype = self.dtype  # (Hugging Face's caches hold the model's dtype)
         self.max_length = context_limit(model.config, max_length)
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self._cache_cls = DynamicCache

@@ -277,7 +277,7 @@ def cache_usage_to_proto(u: dict) -> common_pb2.CacheUsage:
         budget_bytes=u["budget_bytes"], reserved_bytes=u["reserved_bytes"], allocated_bytes=u["allocated_bytes"],
         queued_sessions=u["queued"], refused_sessions=u["refused"], max_batch_tokens=u["max_batch_tokens"],
         sequences_per_pass=u.get("sequences_per_pass", 0.0), passes=u["passes"], max_model_len=u["max_model_len"],
-        parked_sessions=u.get("parked", 0))
+        parked_sessions=u.get("parked", 0), dtype=u.get("kv_dtype", ""))
 
 
 def verdict_from_proto(msg: verifier_pb2.Verdict) -> Verdict:

@@ -136,8 +136,8 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
         self.drain = Drain("drafter")  # on SIGTERM: no new sessions, running ones handed back (serving/drain.py)
 
     # --- lifecycle ----------------------------------------------------------------------------
-    def load(self, device: Optional[str] = None, fast: bool = True, dtype=None) -> None:
-        vocab, runner = load_warm(self.model, device, fast, dtype, max_length=self.max_model_len)
+    def load(self, device: Optional[str] = None, fast: bool = True, dtype=None, kv_dtype=None) -> None:
+        vocab, runner = load_warm(self.model, device, fast, dtype, max_length=self.max_model_len, kv_dtype=kv_dtype)
         self.vocab, self.runner = vocab, runner
         self.fingerprint = vocab.fingerprint()
         model = BatchedModel(runner, self.limits, "drafter", observer=self.metrics.batch)

@@ -61,6 +61,8 @@ def main() -> int:
                     help="the other services and this process on the last core, the verifier on any (as bench --pin-cpus)")
     ap.add_argument("--repeat", type=int, default=1, help="run the levels this many times in turn (default 1)")
     ap.add_argument("--json-out", default="", help="write the figures here too")
+    ap.add_argument("--model-args", default="",
+                    help="more flags for the verifier and the drafter, space-separated (e.g. --kv-dtype bfloat16)")
     ap.add_argument("--drafter-args", default="", help="more flags for the drafter, space-separated (e.g. --draft-ahead)")
     args = ap.parse_args()
     sys.path.insert(0, args.root)
@@ -77,7 +79,7 @@ def main() -> int:
                                      drafter=args.drafter, max_new_tokens=args.max_new_tokens, temperature=0.0,
                                      seed=0, draft_tokens=None)
     cl = LocalCluster(os.path.join(args.zoo, "target-bpe8k"), [os.path.join(args.zoo, args.drafter)], threads=1,
-                      metrics=True, pin=args.pin_cpus, model_args=("--max-sessions", str(max(16, max(levels)))),
+                      metrics=True, pin=args.pin_cpus, model_args=("--max-sessions", str(max(16, max(levels))), *args.model_args.split()),
                       drafter_args=tuple(args.drafter_args.split())).start()
     cl.pin_caller()
     rows = []
@@ -97,7 +99,8 @@ def main() -> int:
     if args.json_out:
         with open(args.json_out, "w") as fh:
             json.dump({"root": args.root, "algorithm": args.algorithm, "drafter": args.drafter,
-                       "drafter_args": args.drafter_args, "results": rows}, fh, indent=2)
+                       "drafter_args": args.drafter_args, "model_args": args.model_args,
+                       "results": rows}, fh, indent=2)
     return 0
 
 

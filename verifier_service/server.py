@@ -212,8 +212,8 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
         self.drain = Drain("verifier")  # on SIGTERM: no new sessions, running ones handed back (serving/drain.py)
 
     # --- lifecycle ----------------------------------------------------------------------------
-    def load(self, device: Optional[str] = None, fast: bool = True, dtype=None) -> None:
-        vocab, runner = load_warm(self.model, device, fast, dtype, max_length=self.max_model_len)
+    def load(self, device: Optional[str] = None, fast: bool = True, dtype=None, kv_dtype=None) -> None:
+        vocab, runner = load_warm(self.model, device, fast, dtype, max_length=self.max_model_len, kv_dtype=kv_dtype)
         self.vocab, self.runner = vocab, runner
         self.fingerprint = vocab.fingerprint()
         self.tokenizer_files = self._tokenizer_files(vocab)

@@ -11,10 +11,11 @@ log = logging.getLogger("crossdraft.services")
 
 
 
-def load_warm(model: str, device=None, fast: bool = True, dtype=None, max_length=None) -> tuple:
+def load_warm(model: str, device=None, fast: bool = True, dtype=None, max_length=None, kv_dtype=None) -> tuple:
     """(Vocab, Runner) of a model, warmed up by one short forward: what a service loads before SERVING.
     `dtype`: a torch dtype (`--dtype`, `options.model_dtype`); None: the device's default. `max_length`:
-    the context a session may use (--max-model-len; default: the model's own)."""
+    the context a session may use (--max-model-len; default: the model's own). `kv_dtype`: what its KV
+    caches hold (--kv-dtype; None: the model's dtype)."""
     from crossdraft.errors import InvalidArgument
     from crossdraft.runner import load_model, make_runner
     from crossdraft.vocab import Vocab
@@ -24,11 +25,11 @@ def load_warm(model: str, device=None, fast: bool = True, dtype=None, max_length
     own = getattr(loaded.config, "max_position_embeddings", None)
     if max_length is not None and (max_length < 2 or (own and max_length > own)):
         raise InvalidArgument(f"--max-model-len must be in [2, {own}] for {model}, got {max_length}")
-    runner = make_runner(loaded, max_length, fast=fast)
+    runner = make_runner(loaded, max_length, fast=fast, kv_dtype=kv_dtype)
     runner.forward([0], last_only=True)
     runner.reset()
-    log.info("loaded %s: %s on %s, %s, context %d", model_id(model), dtype_name(runner), runner.device,
-             type(runner).__name__, runner.max_length)
+    log.info("loaded %s: %s on %s, KV caches %s, %s, context %d", model_id(model), dtype_name(runner), runner.device,
+             dtype_name(runner, "kv_dtype"), type(runner).__name__, runner.max_length)
     return vocab, runner
 
 
@@ -38,5 +39,5 @@ def model_id(name_or_path: str) -> str:
     return os.path.basename(os.path.normpath(p)) if os.path.isdir(p) else name_or_path
 
 
-def dtype_name(runner) -> str:
-    return str(getattr(runner, "dtype", "")).replace("torch.", "")
+def dtype_name(runner, what: str = "dtype") -> str:
+    return str(getattr(runner, what, "")).replace("torch.", "")

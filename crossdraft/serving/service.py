@@ -24,7 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from crossdraft.errors import CrossdraftError
-from crossdraft.options import model_dtype
+from crossdraft.options import kv_dtype, model_dtype
 
 from .channels import CHANNEL_OPTIONS, PLAINTEXT, TLS, check_plaintext
 from .drain import Drain
@@ -148,7 +148,7 @@ def run_model_service(name: str, add_to_server, servicer, args, log) -> int:
         log.info("metrics on http://%s:%d/metrics", args.host, metrics_port)
     log.info("listening on %s, loading %s", svc.address, args.model)
     try:
-        servicer.load(args.device, fast=not args.hf_runner, dtype=model_dtype(args))
+        servicer.load(args.device, fast=not args.hf_runner, dtype=model_dtype(args), kv_dtype=kv_dtype(args))
         svc.set_serving()
         svc.wait()
     finally:

@@ -78,7 +78,7 @@ class Stats(_message.Message):
     def __init__(self, new_tokens: _Optional[int] = ..., rounds: _Optional[int] = ..., draft_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., drafted: _Optional[int] = ..., accepted_counts_by_position: _Optional[_Iterable[int]] = ..., draft_ns: _Optional[int] = ..., verify_ns: _Optional[int] = ..., bridge_ns: _Optional[int] = ..., network_ns: _Optional[int] = ..., total_ns: _Optional[int] = ...) -> None: ...
 
 class CacheUsage(_message.Message):
-    __slots__ = ("budget_bytes", "reserved_bytes", "allocated_bytes", "queued_sessions", "refused_sessions", "max_batch_tokens", "sequences_per_pass", "passes", "max_model_len", "parked_sessions")
+    __slots__ = ("budget_bytes", "reserved_bytes", "allocated_bytes", "queued_sessions", "refused_sessions", "max_batch_tokens", "sequences_per_pass", "passes", "max_model_len", "parked_sessions", "dtype")
     BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
     RESERVED_BYTES_FIELD_NUMBER: _ClassVar[int]
     ALLOCATED_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -89,6 +89,7 @@ class CacheUsage(_message.Message):
     PASSES_FIELD_NUMBER: _ClassVar[int]
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
     PARKED_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
     budget_bytes: int
     reserved_bytes: int
     allocated_bytes: int
@@ -99,4 +100,5 @@ class CacheUsage(_message.Message):
     passes: int
     max_model_len: int
     parked_sessions: int
-    def __init__(self, budget_bytes: _Optional[int] = ..., reserved_bytes: _Optional[int] = ..., allocated_bytes: _Optional[int] = ..., queued_sessions: _Optional[int] = ..., refused_sessions: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., sequences_per_pass: _Optional[float] = ..., passes: _Optional[int] = ..., max_model_len: _Optional[int] = ..., parked_sessions: _Optional[int] = ...) -> None: ...
+    dtype: str
+    def __init__(self, budget_bytes: _Optional[int] = ..., reserved_bytes: _Optional[int] = ..., allocated_bytes: _Optional[int] = ..., queued_sessions: _Optional[int] = ..., refused_sessions: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., sequences_per_pass: _Optional[float] = ..., passes: _Optional[int] = ..., max_model_len: _Optional[int] = ..., parked_sessions: _Optional[int] = ..., dtype: _Optional[str] = ...) -> None: ...
