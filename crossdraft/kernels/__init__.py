@@ -1,5 +1,6 @@
 """crossdraft's own CPU kernels: y = x W^T + b as fast for 1-8 rows as for one (`rows.cpp`), and the
-attention of decoding steps and verifications (`attend.cpp`), float32.
+attention of decoding steps and verifications (`attend.cpp`), float32 (over float32 or bfloat16 caches:
+`--kv-dtype`).
 
 Owns: building them once per machine with the C++ compiler against this torch (`load()`), and the
 operators they register: `torch.ops.crossdraft.rows_pack(w)` (W [N, K] laid out in panels),
@@ -34,7 +35,8 @@ says why once in the log and returns False, and the runner keeps torch's kernels
 (CROSSDRAFT_DECODE_KERNEL=0 keeps torch's attention alone, to compare). `python -m crossdraft.kernels`
 builds them and checks them against torch (scripts/setup.sh runs it).
 
-Never: changes what a model computes beyond float32 rounding, or runs on anything but a CPU.
+Never: changes what a model computes beyond float32 rounding (and the caches' own, where they hold
+bfloat16), or runs on anything but a CPU.
 """
 from __future__ import annotations
 
