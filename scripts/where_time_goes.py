@@ -59,6 +59,8 @@ def main() -> int:
     ap.add_argument("--requests-per-client", type=int, default=2)
     ap.add_argument("--pin-cpus", action="store_true",
                     help="the other services and this process on the last core, the verifier on any (as bench --pin-cpus)")
+    ap.add_argument("--draft-tokens", type=int, default=None,
+                    help="a fixed draft length for the speculative sessions (default: adaptive, under the load cap)")
     ap.add_argument("--repeat", type=int, default=1, help="run the levels this many times in turn (default 1)")
     ap.add_argument("--json-out", default="", help="write the figures here too")
     ap.add_argument("--model-args", default="",
@@ -77,7 +79,7 @@ def main() -> int:
                            limit=max(levels) * args.requests_per_client, min_chars=2000)
     run_args = types.SimpleNamespace(requests_per_client=args.requests_per_client, algorithm=args.algorithm,
                                      drafter=args.drafter, max_new_tokens=args.max_new_tokens, temperature=0.0,
-                                     seed=0, draft_tokens=None)
+                                     seed=0, draft_tokens=args.draft_tokens)
     cl = LocalCluster(os.path.join(args.zoo, "target-bpe8k"), [os.path.join(args.zoo, args.drafter)], threads=1,
                       metrics=True, pin=args.pin_cpus, model_args=("--max-sessions", str(max(16, max(levels))), *args.model_args.split()),
                       drafter_args=tuple(args.drafter_args.split())).start()
@@ -99,7 +101,7 @@ def main() -> int:
     if args.json_out:
         with open(args.json_out, "w") as fh:
             json.dump({"root": args.root, "algorithm": args.algorithm, "drafter": args.drafter,
-                       "drafter_args": args.drafter_args, "model_args": args.model_args,
+                       "drafter_args": args.drafter_args, "model_args": args.model_args, "draft_tokens": args.draft_tokens,
                        "results": rows}, fh, indent=2)
     return 0
 
