@@ -34,6 +34,7 @@ def main() -> int:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--kv-dtype", choices=("auto", "bfloat16"), default="auto", help="what the KV caches hold")
     ap.add_argument("--json-out")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -43,7 +44,8 @@ def main() -> int:
     from crossdraft.sampling import SamplingParams
 
     prompts = read_prompts(args.prompts_file, chars=800, limit=args.num_prompts)
-    engine = Engine.load(args.target, args.drafter, device="cpu", dtype=torch.float32)
+    engine = Engine.load(args.target, args.drafter, device="cpu", dtype=torch.float32,
+                         kv_dtype=None if args.kv_dtype == "auto" else getattr(torch, args.kv_dtype))
     greedy = SamplingParams()
     t0 = time.perf_counter()
     alone = [engine.generate(p, args.max_new_tokens, greedy, "none") for p in prompts]
@@ -53,8 +55,9 @@ def main() -> int:
         got = engine.generate_batch(prompts, args.max_new_tokens, greedy, algo, concurrency=args.batch_size)
         rows[f"{algo}, batch {args.batch_size}"] = (got, time.perf_counter() - t0)
     out = {"target": args.target, "drafter": args.drafter, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
-           "dtype": "float32", "rows": []}
-    print(f"{len(prompts)} held-out prompts x {args.max_new_tokens} new tokens, greedy, float32, CPU")
+           "dtype": "float32", "kv_dtype": args.kv_dtype, "rows": []}
+    print(f"{len(prompts)} held-out prompts x {args.max_new_tokens} new tokens, greedy, float32, KV caches "
+          f"{'float32' if args.kv_dtype == 'auto' else args.kv_dtype}, CPU")
     print(f"{'configuration':24s} {'identical to batch 1':>20s} {'tok/s':>8s}")
     for name, (results, seconds) in rows.items():
         same = sum(r.text == a.text for r, a in zip(results, alone))
