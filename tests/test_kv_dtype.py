@@ -147,3 +147,20 @@ def test_services_load_it_and_give_the_engine_s_output(dirs, engines):
             assert (ids, text) == (ref.ids, ref.text)
     finally:
         procs.stop_all()
+
+
+def test_cli_generate_compare_with_bfloat16_caches(dirs, engines, capsys):
+    """`crossdraft generate --kv-dtype bfloat16 --compare`: the engine's output, identical to the target
+    alone loaded the same way; with --hf-runner, exit code 2 and the message."""
+    import json
+
+    from crossdraft.cli import main
+
+    args = ["generate", PROMPTS[1], "--target", str(dirs["target"]), "--drafter", str(dirs["spm"]), "--algorithm",
+            "slem", "--max-new-tokens", str(N), "--kv-dtype", "bfloat16", "--threads", "1", "--json"]
+    assert main(args + ["--compare"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["identical_to_target_alone"] is True
+    assert out["text"] == engines["spm"].generate(PROMPTS[1], N, SamplingParams(), "slem").text
+    assert main(args + ["--hf-runner"]) == 2
+    assert "--kv-dtype bfloat16 needs the lean Llama runner" in capsys.readouterr().err
