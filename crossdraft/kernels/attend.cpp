@@ -48,20 +48,26 @@ inline float dot(const float* a, const T* b, int64_t D) {
   return sum;
 }
 
+template <typename T>
+inline void prefetch_row(const T* row, int64_t D) {  // one cache row of D entries on its way to L2
+  for (int64_t b = 0; b < D * (int64_t)sizeof(T); b += 64) _mm_prefetch(reinterpret_cast<const char*>(row) + b, _MM_HINT_T1);
+}
+
 // One head of one sequence: out[0 .. D) from q[0 .. D) over keys/values [0, end) (rows of D entries).
 // Scores, their maximum, then e^(score - max) LANES at a time (the last LANES padded with scores of
 // -inf, whose e^ is 0) and their sum; then the weighted values, position by position, in NV vector
 // registers where D = NV x LANES (NV > 0), else in `out`: the same sums in the same order either way.
+// Memory: while the keys are read, the values are fetched; while the values are summed, the keys of the
+// next head (`next_K`, `next_end`; null for the last) are: a pass reads every cache from memory once,
+// and a stream that waits on one head at a time leaves the memory idle between them.
 template <typename T, int NV>
 void head(const float* q, const T* K, const T* V, int64_t end, int64_t D, float scale, float* out,
-          std::vector<float>& s) {
+          std::vector<float>& s, const T* next_K, int64_t next_end) {
   const int64_t padded = (end + LANES - 1) / LANES * LANES;
   s.resize(padded);
   float m = -std::numeric_limits<float>::infinity();
-  const int64_t row_bytes = D * (int64_t)sizeof(T);
   for (int64_t p = 0; p < end; ++p) {
-    // the value rows on their way to the cache while the keys are read: two streams from memory at once
-    for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(reinterpret_cast<const char*>(V + p * D) + b, _MM_HINT_T1);
+    prefetch_row(V + p * D, D);
     s[p] = dot(q, K + p * D, D) * scale;
     m = std::max(m, s[p]);
   }
@@ -78,6 +84,7 @@ void head(const float* q, const T* K, const T* V, int64_t end, int64_t D, float 
     vec acc[NV];
     for (int i = 0; i < NV; ++i) acc[i] = vzero();
     for (int64_t p = 0; p < end; ++p) {
+      if (next_K != nullptr && p < next_end) prefetch_row(next_K + p * D, D);
       const T* v = V + p * D;
       const vec w = vset(s[p]);
       for (int i = 0; i < NV; ++i) acc[i] = vfma(w, kv_load(v + i * LANES), acc[i]);
@@ -87,17 +94,20 @@ void head(const float* q, const T* K, const T* V, int64_t end, int64_t D, float 
     for (int64_t d = 0; d < D; ++d) out[d] = 0.f;
     const int64_t vd = D / LANES * LANES;
     for (int64_t p = 0; p < end; ++p) {
+      if (next_K != nullptr && p < next_end) prefetch_row(next_K + p * D, D);
       const T* v = V + p * D;
       const vec w = vset(s[p]);
       for (int64_t d = 0; d < vd; d += LANES) vstore(out + d, vfma(w, kv_load(v + d), vload(out + d)));
       for (int64_t d = vd; d < D; ++d) out[d] += s[p] * kv_float(v[d]);
     }
   }
+  for (int64_t p = end; next_K != nullptr && p < next_end; ++p) prefetch_row(next_K + p * D, D);
   for (int64_t d = 0; d < D; ++d) out[d] /= total;
 }
 
 template <typename T>
-using HeadFn = void (*)(const float*, const T*, const T*, int64_t, int64_t, float, float*, std::vector<float>&);
+using HeadFn = void (*)(const float*, const T*, const T*, int64_t, int64_t, float, float*, std::vector<float>&,
+                        const T*, int64_t);
 
 // head<T, NV> with the output in registers where the head size allows (D = 1, 2, 4 or 8 vectors).
 template <typename T>
@@ -138,11 +148,16 @@ void write_and_attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   const HeadFn<T> attend_head = head_for<T>(D);
   at::parallel_for(0, N * H, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> s;
+    const auto keys_of = [&](int64_t i) {  // row i / H's keys (its head's kv head, this layer)
+      const int64_t b = seq_of[i / H];
+      return kcs[b].data_ptr<T>() + ((layer * KV + (i % H) / G) * kcs[b].size(2)) * D;
+    };
     for (int64_t i = i0; i < i1; ++i) {  // row i / H attends over its cache up to its own position
-      const int64_t row = i / H, h = i % H, b = seq_of[row], g = h / G, cap = kcs[b].size(2);
-      const T* K = kcs[b].data_ptr<T>() + ((layer * KV + g) * cap) * D;
+      const int64_t row = i / H, b = seq_of[row], g = (i % H) / G, cap = kcs[b].size(2);
       const T* V = vcs[b].data_ptr<T>() + ((layer * KV + g) * cap) * D;
-      attend_head(q.data_ptr<float>() + i * D, K, V, pos_of[row] + 1, D, scale, out.data_ptr<float>() + i * D, s);
+      const bool last = i + 1 == i1;
+      attend_head(q.data_ptr<float>() + i * D, keys_of(i), V, pos_of[row] + 1, D, scale, out.data_ptr<float>() + i * D,
+                  s, last ? nullptr : keys_of(i + 1), last ? 0 : pos_of[(i + 1) / H] + 1);
     }
   });
 }
