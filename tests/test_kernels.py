@@ -112,10 +112,13 @@ def _float32_runner():
     return model, LlamaRunner(model, 128)
 
 
-def test_the_lean_runner_uses_it_and_a_sequence_s_logits_do_not_depend_on_its_batch():
-    """float32: sequence A's logits are the same bits alone and beside other sequences' steps of any
-    kind, and close to the Hugging Face model's."""
+@pytest.mark.parametrize("kv_dtype,tolerance", [(None, 1e-4), (torch.bfloat16, 0.05)], ids=["float32", "bf16-caches"])
+def test_the_lean_runner_uses_it_and_a_sequence_s_logits_do_not_depend_on_its_batch(kv_dtype, tolerance):
+    """float32 weights, float32 or bfloat16 caches (`--kv-dtype`): sequence A's logits are the same bits
+    alone and beside other sequences' steps of any kind, and close to the Hugging Face model's (within
+    bfloat16's rounding of the keys and values where the caches hold it)."""
     model, runner = _float32_runner()
+    runner = LlamaRunner(model, 128, kv_dtype=kv_dtype)
     assert runner.lm_head.rp is not None and runner.layers[0][1].rp is not None
     a = [int(t) for t in torch.randint(0, 300, (30,), generator=torch.Generator().manual_seed(1))]
     alone = runner.new_cache()
@@ -129,10 +132,10 @@ def test_the_lean_runner_uses_it_and_a_sequence_s_logits_do_not_depend_on_its_ba
     assert torch.equal(got[1], want)
     with torch.no_grad():
         ref = model(input_ids=torch.tensor([a[:25]])).logits[0, 20:25]
-    torch.testing.assert_close(want, ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(want, ref, rtol=tolerance, atol=tolerance)
     pruned = runner.forward_batch([Step(alone, a[25:26], rows=torch.tensor([3, 299, 17]))])[0]
     torch.testing.assert_close(pruned, model(input_ids=torch.tensor([a[:26]])).logits[0, 25:, [3, 299, 17]].detach(),
-                               rtol=1e-4, atol=1e-4)
+                               rtol=tolerance, atol=tolerance)
 
 
 def test_decoding_steps_attend_through_the_kernel_and_stay_the_same_bits_in_any_batch(monkeypatch):

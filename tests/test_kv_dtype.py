@@ -1,8 +1,8 @@
 """`--kv-dtype bfloat16`: KV caches in bfloat16 under float32 weights.
 
 What must hold: the caches take half the bytes a position (what KV budgets count); a sequence's logits
-are still the same bits whichever sequences share its pass, and a verification's rows the same bits as
-its tokens decoded one by one (so speculation stays lossless against the target served the same way);
+are still the same bits whichever sequences share its pass (tests/test_kernels.py runs that case with
+both caches), and a verification's rows the same bits as its tokens decoded one by one (so speculation stays lossless against the target served the same way);
 the kernel and torch's attention agree over bfloat16 caches; the numbers do change (the option is not a
 no-op) but stay close to the float32 caches'; the Hugging Face runner refuses it with a message; and
 the services load it (GetInfo, the start-up log) and give the engine's output."""
@@ -43,25 +43,27 @@ def test_bfloat16_caches_take_half_the_bytes(model):
     assert cache.data[0].dtype == BF16 and cache.data[1].dtype == BF16
 
 
-def test_a_sequence_s_logits_do_not_depend_on_its_batch_or_block(model):
-    """With bfloat16 caches: sequence A's verification block gives the same bits alone and beside other
-    sequences' steps (prompts, steps, a block), and the same bits as its tokens decoded one by one."""
+@pytest.mark.parametrize("kernel", ["1", "0"], ids=["kernel", "torch"])
+def test_a_verification_s_rows_are_its_tokens_decoded_one_by_one(model, kernel, monkeypatch):
+    """With bfloat16 caches, a block of 5 tokens gives the same bits as those tokens one at a time through
+    the kernel; through torch's attention (CROSSDRAFT_DECODE_KERNEL=0), whose matrix products round a
+    block differently from one row, the same within float32 rounding: the block reads its own keys and
+    values back from the cache, rounded as the later steps see them (a block that used its own unrounded
+    ones fails this: 954 of 1500 logits off, by up to 1.7e-4). The batch side: tests/test_kernels.py,
+    `..._do_not_depend_on_its_batch[bf16-caches]`."""
+    monkeypatch.setenv("CROSSDRAFT_DECODE_KERNEL", kernel)
     runner = LlamaRunner(model, 128, kv_dtype=BF16)
-    assert runner.decode_kernel == kernels.available()
-    a = _tokens(30, 2)
-    alone = runner.new_cache()
-    runner.forward_batch([Step(alone, a[:20])])
-    want = runner.forward_batch([Step(alone, a[20:25])])[0]
-    others = [runner.new_cache() for _ in range(3)]
-    runner.forward_batch([Step(c, a[i:i + 10 + i]) for i, c in enumerate(others)])
-    shared = runner.new_cache()
-    runner.forward_batch([Step(shared, a[:20]), Step(others[0], [5] * 17)])
-    got = runner.forward_batch([Step(others[1], [7]), Step(shared, a[20:25]), Step(others[2], [1, 2, 3], last=True)])
-    assert torch.equal(got[1], want)
-    steps = runner.new_cache()
-    runner.forward_batch([Step(steps, a[:20])])
+    assert runner.decode_kernel == (kernel == "1" and kernels.available())
+    a = _tokens(25, 2)
+    block, steps = runner.new_cache(), runner.new_cache()
+    for c in (block, steps):
+        runner.forward_batch([Step(c, a[:20])])
+    as_block = runner.forward_batch([Step(block, a[20:25])])[0]
     one_by_one = torch.cat([runner.forward_batch([Step(steps, [t])])[0] for t in a[20:25]])
-    assert torch.equal(one_by_one, want)
+    if runner.decode_kernel:
+        assert torch.equal(as_block, one_by_one)
+    else:
+        torch.testing.assert_close(as_block, one_by_one, rtol=1e-5, atol=1e-5)
 
 
 def test_the_kernel_and_torch_agree_and_the_numbers_move_only_a_little(model, monkeypatch):
