@@ -278,7 +278,8 @@ def _print(rows: list, args) -> None:
     f = lambda v, fmt: (fmt % v) if isinstance(v, (int, float)) else "-"  # noqa: E731
     print(f"\ncrossdraft bench --concurrency: {args.max_new_tokens} new tokens per request, "
           f"{args.requests_per_client} request(s) per client, {'greedy' if args.temperature <= 0 else 'T=%g' % args.temperature}, "
-          f"{args.threads or 1} torch thread(s) per process")
+          f"{args.threads or 1} torch thread(s) per process"
+          + (f", KV caches {args.kv_dtype}" if getattr(args, "kv_dtype", "auto") != "auto" else ""))
     hdr = (f"{'C':>3s} {'config':26s} {'agg tok/s':>9s} {'sess tok/s':>10s} {'ttft p50':>8s} {'ttft p95':>8s} "
            f"{'itl p50':>7s} {'itl p95':>7s} {'batch':>5s} {'tok/rnd':>7s} {'cand/rnd':>8s} {'vs alone':>8s} "
            f"{'vs HF':>6s}")
