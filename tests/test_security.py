@@ -664,7 +664,7 @@ def test_serve_all_with_tls_api_keys_and_limits_in_memory(trained_models, tmp_pa
             with pytest.raises(grpc.RpcError) as e:
                 c.get_session("all-1")
             assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        log = procs.log_of("all")
+        log = procs.full_log("all")  # (the start-up lines: not in a tail of the log)
         assert "GatewayService: TLS" in log and "plaintext gRPC (no TLS) on loopback" in log
     finally:
         procs.stop_all()

@@ -56,7 +56,11 @@ class Servers:
         return f"127.0.0.1:{port}"
 
     def log_of(self, name: str) -> str:
-        return (self.log_dir / f"{name}.log").read_text(errors="replace")[-3000:]
+        """The end of a process's log, for a failure's message (`full_log` to check what it says)."""
+        return self.full_log(name)[-3000:]
+
+    def full_log(self, name: str) -> str:
+        return (self.log_dir / f"{name}.log").read_text(errors="replace")
 
     def wait_serving(self, addresses: dict) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S
