@@ -8,6 +8,7 @@ Never: runs anything; the commands live in cli.py (and bench.py for `bench`).
 from __future__ import annotations
 
 import argparse
+from typing import Optional
 
 from .errors import InvalidArgument
 
@@ -24,24 +25,22 @@ def positive_int(s: str) -> int:
     return v
 
 
-def model_dtype(args):
-    """--dtype as a torch dtype; None lets the runner pick by device."""
-    name = getattr(args, "dtype", "auto")
+def _torch_dtype(name: Optional[str]):
     if name in (None, "auto"):
         return None
     import torch
 
     return getattr(torch, name)
+
+
+def model_dtype(args):
+    """--dtype as a torch dtype; None lets the runner pick by device."""
+    return _torch_dtype(getattr(args, "dtype", "auto"))
 
 
 def kv_dtype(args):
     """--kv-dtype as a torch dtype; None: the caches hold the model's own dtype."""
-    name = getattr(args, "kv_dtype", "auto")
-    if name in (None, "auto"):
-        return None
-    import torch
-
-    return getattr(torch, name)
+    return _torch_dtype(getattr(args, "kv_dtype", "auto"))
 
 
 def add_slrs_args(p: argparse.ArgumentParser) -> None:
