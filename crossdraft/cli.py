@@ -16,7 +16,8 @@ import os
 import sys
 
 from .errors import CrossdraftError, InvalidArgument
-from .options import (add_batching_args, add_model_args, add_slrs_args, add_tls_args, check_batching_args,
+from .options import (add_alternatives_arg, add_batching_args, add_model_args, add_slrs_args, add_tls_args,
+                      check_batching_args,
                       check_slrs_args, draft_lengths, kv_dtype, model_dtype, positive_int, setup_torch)
 from .prompts import read_prompts, zoo_dir
 from .stops import check_stops
@@ -192,6 +193,7 @@ def _model_service_parsers(roles) -> None:
                                 "guess that every candidate is accepted, and (same, tli) send it before the verdict; "
                                 "a wrong guess costs time, never the output. Off by default: on the 2-core CPU, "
                                 "with the drafter sharing its core, it did not pay (docs/serving.md)")
+            add_alternatives_arg(r)
         if role == "verifier":
             r.add_argument("--verdict-key-file", default=None, metavar="FILE",
                            help="seal every verdict with this key (HMAC-SHA256), shared with the gateways and never "

@@ -40,6 +40,7 @@ from .slrs import DEFAULT_BUDGET, DEFAULT_TAU, Explorer, draw
 from .vocab import Vocab
 
 MODES = ("same", "tli", "slem", "slrs")
+ALTERNATIVES = 2  # the default of `Drafter.alternatives` in process and in the drafter service
 
 
 def _lcp(a: list, b: list) -> int:
@@ -96,7 +97,7 @@ class _Early:
 class Drafter:
     def __init__(self, runner: Runner, vocab: Vocab, target_vocab: Vocab, mode: str,
                  draft_top_k: int = 0, window: int = 4, min_confidence: float = 0.0,
-                 slrs_tau: float = DEFAULT_TAU, slrs_budget: int = DEFAULT_BUDGET):
+                 slrs_tau: float = DEFAULT_TAU, slrs_budget: int = DEFAULT_BUDGET, alternatives: int = 0):
         if mode not in MODES:
             raise ValueError(f"unknown drafting mode {mode!r}")
         self.runner, self.vocab, self.target_vocab, self.mode = runner, vocab, target_vocab, mode
@@ -107,6 +108,10 @@ class Drafter:
         # token after it costs a drafter step and a verified position. Depends only on the drafter's
         # logits, so seeded runs stay reproducible.
         self.min_confidence = min_confidence
+        # With a greedy draft of target ids (same, tli) that stops at such a guess: this many of the
+        # drafter's next guesses there, verified beside it (`Proposal.alternatives`, crossdraft/verifier.py).
+        self.alternatives = alternatives
+        self._alternatives: list = []  # the draft's, while it runs
         self.inter: Optional[Intersection] = None
         if mode == "same":
             if not vocab.same_as(target_vocab):
@@ -251,6 +256,7 @@ class Drafter:
         t0 = time.perf_counter_ns()
         self._catch_up()
         early, self._early, self._drafted = self._early, None, None
+        self._alternatives = []
         greedy = self.params.greedy
         text = self.mode == "slem" or (self.mode == "slrs" and greedy)  # greedy slrs is slem
         k = max(0, min(k, self.room - len(self.ctx) - 1))
@@ -285,7 +291,7 @@ class Drafter:
         inter = self.inter
         tids = [inter.target_list[r[0]] for r in rows] if inter is not None else [r[0] for r in rows]
         return Proposal(seq=self.committed, kind=TOKENS, target_ids=tids, q_ids=None if greedy else [r[2] for r in rows],
-                        q_probs=None if greedy else [r[3] for r in rows], **stats)
+                        q_probs=None if greedy else [r[3] for r in rows], alternatives=self._alternatives, **stats)
 
     def _chain(self, rows: list, logits, k: int, text: bool, stop: Optional[Callable] = None):
         """Program: drafter tokens after `logits` (the drafter's logits after its cache), appended to `rows` as
@@ -308,11 +314,23 @@ class Drafter:
             d_id = int(inter.rows[r]) if inter is not None else r
             rows.append((r, d_id, q_ids, q_probs))
             if d_id in self.vocab.eos_ids or conf < self.min_confidence:
+                if greedy and not text and conf < self.min_confidence:
+                    self._alternatives = self._next_guesses(logits, r)
                 return True
             if len(rows) >= k or (stop is not None and stop()):
                 return False
             logits = (yield Step(self.kv.cache, [d_id], last=True, rows=self.rows))[0]
             self.kv_ids.append(d_id)
+
+    def _next_guesses(self, logits, r: int) -> list:
+        """Target ids of the drafter's next `alternatives` guesses after its first, r (a greedy draft that
+        stops unsure: crossdraft/verifier.py verifies them beside it)."""
+        n = min(self.alternatives, logits.shape[-1] - 1)
+        if n <= 0:
+            return []
+        top = torch.topk(logits, n + 1).indices.tolist()
+        inter = self.inter
+        return [inter.target_list[i] if inter is not None else i for i in top if i != r][:n]
 
     # --- drafting ahead -----------------------------------------------------------------------------
     def can_draft_ahead(self) -> bool:

@@ -20,7 +20,7 @@ from typing import Callable, Optional
 
 from .auto import LENGTHS, AutoMemory, AutoState, arm_name, mode_key
 from .batched import prime_cost
-from .drafter import Drafter
+from .drafter import ALTERNATIVES, Drafter
 from .errors import FailedPrecondition, InvalidArgument, Unimplemented
 from .load import CostModel
 from .rounds import DraftLength, LocalVerifier, RoundStats, run_rounds  # noqa: F401 - DraftLength, RoundStats: re-exported
@@ -53,6 +53,7 @@ class GenerationResult:
     slrs_fallbacks: int = 0  # slrs: candidate positions where the work bound cut the tree (docs/slrs.md)
     slrs_rows: int = 0  # slrs: drafter positions run to compute r (`drafted` counts the passes)
     auto: Optional[dict] = None  # `auto`: what it measured and keeps (auto.AutoState.summary)
+    alternatives: int = 0  # rounds whose last committed candidate was a drafter's alternative (verifier.py)
 
     def as_json(self) -> dict:
         out = {
@@ -61,7 +62,8 @@ class GenerationResult:
             "algorithm": self.algorithm, "rounds": self.rounds, "draft_tokens": self.draft_tokens,
             "accepted_tokens": self.accepted_tokens,
             "acceptance": round(self.accepted_tokens / self.draft_tokens, 4) if self.draft_tokens else None,
-            "drafted": self.drafted, "finish_reason": self.finish_reason, "why": self.why,
+            "drafted": self.drafted, "alternatives": self.alternatives, "finish_reason": self.finish_reason,
+            "why": self.why,
             "profile": {k: round(v, 6) for k, v in self.profile.items()},
         }
         if self.auto is not None:
@@ -161,8 +163,9 @@ class Engine:
     def __init__(self, target_runner: Runner, target_vocab: Vocab,
                  drafter_runner: Optional[Runner] = None, drafter_vocab: Optional[Vocab] = None,
                  window: int = 4, draft_top_k: int = 0, min_confidence: float = 0.4,
-                 slrs_tau: float = DEFAULT_TAU, slrs_budget: int = DEFAULT_BUDGET):
+                 slrs_tau: float = DEFAULT_TAU, slrs_budget: int = DEFAULT_BUDGET, alternatives: int = ALTERNATIVES):
         self.target_vocab = target_vocab
+        self.alternatives = alternatives
         self.slrs_tau, self.slrs_budget = slrs_tau, slrs_budget
         self.verifier = Verifier(target_runner, target_vocab, window)  # one stream's: its cache is reused
         self.drafter_runner, self.drafter_vocab = drafter_runner, drafter_vocab
@@ -191,7 +194,8 @@ class Engine:
         d = self._drafters.get(mode)
         if d is None:
             d = Drafter(self.drafter_runner, self.drafter_vocab, self.target_vocab, mode,
-                        self.draft_top_k, self.window, self.min_confidence, self.slrs_tau, self.slrs_budget)
+                        self.draft_top_k, self.window, self.min_confidence, self.slrs_tau, self.slrs_budget,
+                        self.alternatives)
             if mode != "same":  # tli, slem and slrs draft on one context: one KV cache (Drafter.share_kv)
                 kin = next((o for o in self._drafters.values() if o.mode != "same"), None)
                 if kin is not None:
@@ -323,4 +327,4 @@ class Engine:
             seconds=seconds, algorithm=algo, rounds=stats.rounds, draft_tokens=stats.draft_tokens,
             accepted_tokens=stats.accepted_tokens, drafted=stats.drafted, finish_reason=finish_reason, why=why,
             profile=profile, accepted_by_position=stats.accepted_by_position, slrs_fallbacks=stats.slrs_fallbacks,
-            slrs_rows=stats.slrs_rows, auto=auto)
+            slrs_rows=stats.slrs_rows, auto=auto, alternatives=stats.alternatives)

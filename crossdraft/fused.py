@@ -79,13 +79,14 @@ def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 def _attend(li: int, q: Tensor, k: Tensor, v: Tensor, kcs: List[Tensor], vcs: List[Tensor], offs: List[int],
             ns: List[int], starts: List[int], masks: List[Optional[Tensor]], scaling: float,
-            by_kernel: List[bool]) -> Tensor:
+            by_kernel: List[bool], seens: List[List[int]]) -> Tensor:
     """Attention of every sequence over its own cache, its block's keys and values written there first.
     q [N, H, D], k and v [N, KV, D] -> [N, H*D]. The sequences marked in `by_kernel` (short causal blocks:
     decoding steps and verifications, where crossdraft/kernels is built) go through one call for all of
     them; the others (prompts, trees) through explicit matmuls per sequence, which for short blocks cost
     half what SDPA does on a CPU. A sequence's attention never depends on the others in the batch.
-    `masks[i]`: a block's causal mask, or a tree's (None: one token)."""
+    `masks[i]`: a block's causal mask, or a tree's (None: one token). `seens[i]`: for a block with siblings
+    (runner.Step.depths), the positions before its own each row sees (the kernel's `seen`); empty: causal."""
     N, H, D = q.shape[0], q.shape[1], q.shape[2]
     out = torch.empty(N, H, D, dtype=q.dtype, device=q.device)
     chosen: List[int] = []
@@ -93,7 +94,8 @@ def _attend(li: int, q: Tensor, k: Tensor, v: Tensor, kcs: List[Tensor], vcs: Li
         if by_kernel[i]:
             chosen.append(i)
     if len(chosen) == len(offs):  # all of them: rows in order
-        out = torch.ops.crossdraft.decode_attend(q, k, v, kcs, vcs, li, starts, ns, scaling)
+        out = torch.ops.crossdraft.decode_attend(q, k, v, kcs, vcs, li, starts, ns, scaling,
+                                                 _seen(chosen, starts, ns, seens))
     elif len(chosen) > 0:
         kc1: List[Tensor] = []
         vc1: List[Tensor] = []
@@ -109,12 +111,31 @@ def _attend(li: int, q: Tensor, k: Tensor, v: Tensor, kcs: List[Tensor], vcs: Li
                 rows.append(offs[i] + r)
         idx = torch.tensor(rows, dtype=torch.long, device=q.device)
         got = torch.ops.crossdraft.decode_attend(q.index_select(0, idx), k.index_select(0, idx),
-                                                 v.index_select(0, idx), kc1, vc1, li, st1, n1, scaling)
+                                                 v.index_select(0, idx), kc1, vc1, li, st1, n1, scaling,
+                                                 _seen(chosen, starts, ns, seens))
         out.index_copy_(0, idx, got)
     for i in range(len(offs)):
         if not by_kernel[i]:
             _attend_one(li, q, k, v, kcs[i], vcs[i], offs[i], ns[i], starts[i], masks[i], scaling, out)
     return out.view(N, H * D)
+
+
+def _seen(chosen: List[int], starts: List[int], ns: List[int], seens: List[List[int]]) -> List[int]:
+    """The kernel's `seen` for these sequences' rows: empty where every block is causal."""
+    out: List[int] = []
+    causal = True
+    for i in chosen:
+        if len(seens[i]) > 0:
+            causal = False
+    if causal:
+        return out
+    for i in chosen:
+        if len(seens[i]) > 0:
+            out.extend(seens[i])
+        else:
+            for r in range(ns[i]):
+                out.append(starts[i] + r)
+    return out
 
 
 def _attend_one(li: int, q: Tensor, k: Tensor, v: Tensor, kcache: Tensor, vcache: Tensor, off: int, n: int,
@@ -145,13 +166,13 @@ def _attend_one(li: int, q: Tensor, k: Tensor, v: Tensor, kcache: Tensor, vcache
 def _layers(x: Tensor, cos: Tensor, sin: Tensor, layers: List[List[Optional[Tensor]]], kcs: List[Tensor],
             vcs: List[Tensor], offs: List[int], ns: List[int], starts: List[int], masks: List[Optional[Tensor]],
             keep: Optional[Tensor], n_heads: int, n_kv: int, head_dim: int, scaling: float, eps: float, inter: int,
-            packed_from: int, by_kernel: List[bool]) -> Tensor:
+            packed_from: int, by_kernel: List[bool], seens: List[List[int]]) -> Tensor:
     """x [N, hidden] after every decoder layer; sequence i is rows offs[i]..offs[i]+ns[i] of x, at cache
     positions starts[i].., its caches kcs[i], vcs[i] [layers, kv_heads, capacity, head_dim]. `inter`: the
     MLP's intermediate size. `keep`: the rows whose output is wanted (None: all), in that order; the last
     layer drops the others once their keys and values are in the caches, so a prompt's prefill skips
     that layer's output projection and MLP for every position but its last. `by_kernel[i]`: sequence i
-attends through crossdraft's CPU kernel (see `_attend`)."""
+attends through crossdraft's CPU kernel (see `_attend`); `seens[i]`, what its rows see where it has siblings."""
     N, hidden = x.shape[0], x.shape[1]
     H, KV, D = n_heads, n_kv, head_dim
     for li in range(len(layers)):
@@ -160,7 +181,7 @@ attends through crossdraft's CPU kernel (see `_attend`)."""
         q = _rope(qkv[:, : H * D].view(N, H, D), cos, sin)
         k = _rope(qkv[:, H * D: (H + KV) * D].view(N, KV, D), cos, sin)
         v = qkv[:, (H + KV) * D:].view(N, KV, D)
-        attn = _attend(li, q, k, v, kcs, vcs, offs, ns, starts, masks, scaling, by_kernel)
+        attn = _attend(li, q, k, v, kcs, vcs, offs, ns, starts, masks, scaling, by_kernel, seens)
         if keep is not None and li == len(layers) - 1:
             x, attn = x.index_select(0, keep), attn.index_select(0, keep)
         x = x + _layer_linear(lw, 6, attn, hidden, packed_from)

@@ -52,6 +52,23 @@ def add_slrs_args(p: argparse.ArgumentParser) -> None:
                    help=f"slrs: drafter paths of at least this probability are followed one by one (default: {DEFAULT_TAU})")
 
 
+def add_alternatives_arg(p: argparse.ArgumentParser) -> None:
+    from .drafter import ALTERNATIVES
+
+    p.add_argument("--draft-alternatives", type=_alternatives, default=ALTERNATIVES, metavar="N",
+                   help="same and tli, greedy: where a draft stops at a guess the drafter is unsure of, send its next "
+                        f"N guesses too, verified in the same pass (0-8, default: {ALTERNATIVES}); the verifier then "
+                        "commits one token more where the target's token is one of them. Each costs a row in the "
+                        "verifier's pass: sent only while that pass is not shared (docs/serving.md)")
+
+
+def _alternatives(text: str) -> int:
+    n = int(text)
+    if not 0 <= n <= 8:
+        raise argparse.ArgumentTypeError(f"must be in 0-8, got {n}")
+    return n
+
+
 def check_slrs_args(args) -> None:
     if args.slrs_budget < 0:
         raise InvalidArgument(f"--slrs-budget must be >= 0, got {args.slrs_budget}")

@@ -36,6 +36,8 @@ class Proposal:
     # drafted ahead and sent before the last verdict (crossdraft/rounds.py): valid only if the last committed
     # target id is this one (and seq the committed length); the verifier answers it as stale otherwise
     after: Optional[int] = None
+    # TOKENS, greedy: other target ids likely in the last candidate's place (crossdraft/verifier.py)
+    alternatives: list = field(default_factory=list)
     draft_ns: int = 0
     # drafter-local (not on the wire): of draft_ns, bringing the drafter's cache to the committed text first
     catchup_ns: int = 0
@@ -59,5 +61,6 @@ class Verdict:
     finish_reason: str = ""  # "length" or "eos"
     verify_ns: int = 0
     bridge_ns: int = 0  # of verify_ns: re-tokenization and alignment (SLEM)
+    alternative: bool = False  # the last committed candidate was one of the proposal's alternatives
     load: Optional[object] = None  # the verifier's load (`load.LoadHint`), for load-aware draft lengths
     seal: bytes = b""  # on the wire: the verifier's seal of this verdict for the gateway (crossdraft/seal.py)

@@ -70,6 +70,7 @@ class RoundStats:
     verify_ns: int = 0
     bridge_ns: int = 0
     early: int = 0  # drafted tokens that were drafted ahead (`Drafter.draft_ahead`)
+    alternatives: int = 0  # rounds whose last committed candidate was an alternative (crossdraft/verifier.py)
     sent_ahead: int = 0  # rounds sent before the verdict before them, on a guess that held
     stale_ahead: int = 0  # rounds sent so, on a guess that failed (answered empty, not counted as rounds)
     network_ns: int = 0  # the services only: round trip minus the verifier's time
@@ -94,6 +95,7 @@ class RoundStats:
         self.draft_tokens += verdict.candidates
         self.accepted_tokens += verdict.accepted
         self.short_rounds += int(verdict.accepted < verdict.candidates)
+        self.alternatives += int(verdict.alternative)
         self.verify_ns += verdict.verify_ns
         self.bridge_ns += verdict.bridge_ns
         by_pos = self.accepted_by_position
@@ -294,6 +296,8 @@ class _Loop:
             if budget > 0 and self.flights:
                 return  # drafting waits for the verdicts in flight
             proposal = self.draft(drafter, budget) if budget > 0 else Proposal(seq=self.ahead, kind=TOKENS)
+            if proposal.alternatives and self._shared():
+                proposal.alternatives = []  # rows the verifier's pass would carry for every session in it
             self.planned = None
             flight = _Flight(proposal, arm, drafter if budget > 0 else None, k, planned_ns, time.perf_counter_ns())
             self.flights.append(flight)
@@ -303,6 +307,11 @@ class _Loop:
             self.ahead += 1
             if self.hand_back and self.capped >= self.hand_back:
                 self.leaving, self.come_back = True, self._come_back(drafter, k)
+
+    def _shared(self) -> bool:
+        """Whether the verifier's passes are shared (its load hint): alternatives then cost the others."""
+        hint = self.link.load()
+        return hint is not None and hint.sequences >= SHARED
 
     def _budget(self, drafter, k: Optional[DraftLength], length: Optional[int] = None) -> int:
         """The draft length of a round: `length` (default: the arm's `k`), capped by the verifier's load."""
@@ -427,6 +436,6 @@ class _Loop:
             else:
                 d.defer(verdict)
         if f.drafter is not None:
-            f.k.update(verdict.candidates, verdict.accepted)
+            f.k.update(verdict.candidates, verdict.accepted - int(verdict.alternative))  # (its chain missed there)
         if self.state is not None and len(self.drafters) > 1 and self.state.stage == "decided":
             self.drafters = {a: d for a, d in self.drafters.items() if a == self.state.algorithm}

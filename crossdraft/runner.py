@@ -181,7 +181,11 @@ class Step:
     `parents`: the ids are a token tree hung after the cache instead (node i follows node parents[i],
     -1: the cache's end; slrs): logits of every node, and the cache keeps its length. `chunk`: a long
     step (a prompt's prefill, with `last`) that a scheduler may run in pieces over several passes
-    (`crossdraft.scheduler`); runners ignore it."""
+    (`crossdraft.scheduler`); runners ignore it. `depths`: a causal block with siblings (a verification
+    with alternatives, crossdraft/verifier.py; runners with `siblings` only): row r sees the cache, the
+    block's first depths[r] rows and itself, at position cache.length + depths[r]. Rows 0..c-1 are a
+    chain (depths[r] = r) and every later row a sibling of one of them (1 <= depths[r] <= c); every row is
+    written, the cache grows by n as for a chain, and the caller keeps what it wants (`move`, `truncate`)."""
 
     cache: KVCache
     ids: list
@@ -189,6 +193,7 @@ class Step:
     rows: Optional[torch.Tensor] = None
     parents: Optional[list] = None
     chunk: bool = False
+    depths: Optional[list] = None
 
     @property
     def tokens(self) -> int:
@@ -198,6 +203,16 @@ class Step:
     def end(self) -> int:
         """The cache positions the step writes: a tree's nodes too are written past the end (then forgotten)."""
         return self.cache.length + len(self.ids)
+
+
+def _check_depths(step: Step, supported: bool) -> None:
+    """ValueError unless `step.depths` is a chain followed by siblings of its rows (see `Step`)."""
+    if not supported:
+        raise ValueError("this runner does not run blocks with siblings")
+    d = step.depths
+    chain = next((r for r, x in enumerate(d) if x != r), len(d))
+    if len(d) != len(step.ids) or step.parents is not None or any(not 1 <= x <= chain for x in d[chain:]):
+        raise ValueError("a block with siblings is a chain (depth r at row r), then rows of depth 1..its length")
 
 
 class Runner:
@@ -214,6 +229,7 @@ class Runner:
     device: torch.device
     cache: KVCache
     pruned_rows: Optional[torch.Tensor] = None
+    siblings = False  # whether forward_batch takes steps with `depths`, and `move` exists (LlamaRunner)
 
     # --- the batched contract --------------------------------------------------------------------
     def new_cache(self) -> KVCache:
@@ -231,6 +247,8 @@ class Runner:
         if step.parents is not None:
             if len(step.parents) != len(step.ids) or any(not -1 <= p < i for i, p in enumerate(step.parents)):
                 raise ValueError("forward_tree: every parent must come before its child")
+        if step.depths is not None:
+            _check_depths(step, self.siblings)
 
     def forward_batch(self, steps: list) -> list:
         """Logits of each step (see `Step`), in order. The default runs them one at a time."""
@@ -363,6 +381,8 @@ class LlamaRunner(Runner):
     attention reads it back from the cache, its own block's included, so a row's result does not depend
     on the block or the batch it came in, whatever the caches hold."""
 
+    siblings = True
+
     @staticmethod
     def supports(model) -> bool:
         cfg = model.config
@@ -459,6 +479,17 @@ class LlamaRunner(Runner):
         """Positions allocated in `cache` (its memory is capacity x bytes_per_token)."""
         return 0 if cache.data is None else cache.data[0].shape[2]
 
+    @staticmethod
+    @torch.inference_mode()
+    def move(cache: KVCache, src: int, dst: int) -> None:
+        """Position src's keys and values (every layer) to position dst < cache.length: a sibling that was
+        accepted, to the place of the chain row it replaces (`Step.depths`)."""
+        if not 0 <= dst < cache.length or not 0 <= src < cache.length:
+            raise ValueError(f"cannot move position {src} to {dst} in a cache of {cache.length}")
+        k, v = cache.data
+        k[:, :, dst] = k[:, :, src]
+        v[:, :, dst] = v[:, :, src]
+
     def _head(self, rows):
         if rows is None:
             return self.lm_head
@@ -489,6 +520,13 @@ class LlamaRunner(Runner):
                 pos.extend(start + d for d in depth)
                 mask = torch.ones(n, start + n, dtype=torch.bool, device=self.device)
                 mask[:, start:] = anc.to(self.device)
+            elif s.depths is not None:  # row r at start + depths[r], seeing the block's first depths[r] rows
+                pos.extend(start + d for d in s.depths)
+                mask = torch.zeros(n, start + n, dtype=torch.bool)
+                for r, d in enumerate(s.depths):
+                    mask[r, :start + d] = True
+                    mask[r, start + r] = True
+                mask = mask.to(self.device)
             else:
                 pos.extend(range(start, start + n))
                 if n > 1:  # causal within the block, everything before it visible
@@ -549,7 +587,8 @@ class LlamaRunner(Runner):
                             None if keep is None else keep.to(self.device), self.n_heads, self.n_kv,
                             self.head_dim, self.scaling, self.eps, self.inter, _Linear.PACKED_FROM,
                             [self.decode_kernel and s.parents is None and len(s.ids) <= DECODE_ROWS
-                             for s, *_ in plan])
+                             for s, *_ in plan],
+                            [[p[3] + d for d in p[0].depths] if p[0].depths is not None else [] for p in plan])
         for s, _, n, _, _ in plan:
             if s.parents is None:  # (a tree's entries are stale from now on)
                 s.cache.length += n

@@ -4,6 +4,15 @@ Owns: the committed target ids of a session, its KV cache, and turning a `Propos
 with one target forward pass over [last committed token] + candidates. It is the trust boundary: a
 proposal can only make a round commit fewer tokens, never different ones.
 
+Alternatives (greedy TOKENS proposals, a runner with `siblings`): other ids the drafter found likely in
+the last candidate's place ride in the same pass as siblings of that candidate (`runner.Step.depths`),
+each seeing exactly what it sees, so their logits are the bits a chain ending in them would give. Where
+every candidate but the last is accepted and the target's own token there is an alternative, that token
+is committed as always, its keys and values moved into the chain's place, and the target's token after
+it too: one token more than the chain gives, and the same tokens the target alone would produce. Where
+the drafter is unsure (its draft stops there) the target's token is one of its next three guesses about
+two times in three on the zoo's pairs, against one in three for its first.
+
 The forward passes are steps of programs (`crossdraft.scheduler`): `prefill()` and `round(proposal)`
 yield their `runner.Step`s, so a scheduler can put many sessions' rounds into one batched pass;
 `start` and `verify` run them alone (one stream in process). Either way the verdict depends only on
@@ -26,6 +35,7 @@ from .scheduler import drive
 from .vocab import Vocab
 
 MAX_CANDIDATES = 64  # per round; more is never useful and bounds the work a proposal can ask for
+MAX_ALTERNATIVES = 8  # to the last candidate
 
 
 class Verifier:
@@ -113,14 +123,42 @@ class Verifier:
         seq = len(self.ids)
         cands, bridge_ns = self._candidates(proposal)
         cands = cands[: min(MAX_CANDIDATES, self.remaining - 1)]
-        logits = yield Step(self.cache, [self.ids[-1]] + cands)  # [n+1, V]
+        alts = self._alternatives(proposal, cands)
+        block = [self.ids[-1]] + cands
+        if alts:
+            logits = yield Step(self.cache, block + alts, depths=list(range(len(block))) + [len(cands)] * len(alts))
+        else:
+            logits = yield Step(self.cache, block)  # [n+1, V]
         a, y = self._decide(logits, cands, proposal, seq)
+        took = bool(alts) and a == len(cands) - 1 and y in alts
+        if took:  # the target's token in the last candidate's place is an alternative: its row goes on
+            row = len(block) + alts.index(y)
+            self.runner.move(self.cache, seq - 1 + row, seq - 1 + len(cands))
+            cands = cands[:-1] + [y]
+            a, y = len(cands), int(logits[row].argmax())
         # keep the KV of the last committed token and of the accepted candidates
         self.cache.truncate(seq + a)
         new = self._commit(cands[:a] + [y])
         return Verdict(seq=seq, ids=new, text=self.vocab.bytes_of(new), candidates=len(cands), accepted=a,
-                       finished=self.finished, finish_reason=self.finish_reason,
+                       finished=self.finished, finish_reason=self.finish_reason, alternative=took,
                        verify_ns=time.perf_counter_ns() - t0, bridge_ns=bridge_ns)
+
+    def _alternatives(self, proposal, cands: list) -> list:
+        """The proposal's alternatives to its last candidate that this round can verify (module docstring):
+        greedy, candidates all kept, a runner that runs siblings; in the vocabulary, distinct, not the
+        candidate itself."""
+        alts = getattr(proposal, "alternatives", None)
+        if not alts or not cands or not self.params.greedy or not self.runner.siblings \
+                or proposal.kind != TOKENS or len(cands) != len(proposal.target_ids):
+            return []
+        V = self.runner.vocab_size
+        limit = self.runner.max_length if self.cache.limit is None else min(self.cache.limit, self.runner.max_length)
+        room = min(MAX_ALTERNATIVES, limit - self.cache.length - 1 - len(cands))  # (under the session's reservation)
+        out = []
+        for t in alts[:max(0, room)]:
+            if isinstance(t, int) and 0 <= t < V and t != cands[-1] and t not in out:
+                out.append(t)
+        return out
 
     def _decide(self, logits, cands: list, proposal, seq: int) -> tuple:
         """(candidates accepted, the target's own token) by the rule that fits the proposal."""

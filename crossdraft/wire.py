@@ -33,6 +33,7 @@ from .sampling import SamplingParams
 from .v1 import common_pb2, drafter_pb2, verifier_pb2
 
 MAX_TARGET_IDS = 64  # candidates per proposal (the verifier's MAX_CANDIDATES)
+MAX_ALTERNATIVES = 8  # alternatives to a proposal's last candidate (the verifier's MAX_ALTERNATIVES)
 MAX_Q_ENTRIES = 4096  # non-zero entries of one q row; a drafter with a larger support needs draft_top_k
 MAX_TEXT_BYTES = 4096  # drafted text per TEXT proposal
 MAX_VERDICT_IDS = MAX_TARGET_IDS + 1  # accepted candidates + the target's own token
@@ -184,16 +185,23 @@ def validate_proposal(p: Proposal, vocab_size: Optional[int] = None) -> Proposal
         raise InvalidArgument(f"proposal: text must be bytes, got {type(p.text).__name__}")
     _check_shape(p.kind, len(p.target_ids), n_rows, len(p.text), bool(p.eos))
     _check_ids(p.target_ids, "proposal target ids", MAX_TARGET_IDS)
+    _check_alternatives(p.alternatives, p.kind, len(p.target_ids), n_rows)
     for i in range(n_rows):
         _check_row(torch.as_tensor(p.q_ids[i]), torch.as_tensor(p.q_probs[i]), i, vocab_size)
     return p
+
+
+def _check_alternatives(alternatives, kind: str, n_ids: int, n_rows: int) -> None:
+    _check_ids(alternatives, "proposal alternatives", MAX_ALTERNATIVES)
+    if alternatives and (kind != TOKENS or not n_ids or n_rows):
+        raise InvalidArgument("proposal: alternatives go with greedy TOKENS candidates only")
 
 
 def proposal_to_proto(p: Proposal) -> verifier_pb2.Proposal:
     """Proposal -> message (validated: a drafter bug shows up on the drafter's side)."""
     validate_proposal(p)
     msg = verifier_pb2.Proposal(seq=p.seq, kind=_KINDS[p.kind], target_ids=p.target_ids, text=bytes(p.text),
-                                eos=bool(p.eos), drafted=p.drafted, draft_ns=p.draft_ns)
+                                eos=bool(p.eos), drafted=p.drafted, draft_ns=p.draft_ns, alternatives=p.alternatives)
     if p.after is not None:
         msg.after_id = p.after
     if p.q_ids is not None:
@@ -214,6 +222,7 @@ def proposal_from_proto(msg: verifier_pb2.Proposal, vocab_size: Optional[int] = 
     _check_shape(kind, len(msg.target_ids), len(msg.q_rows), len(msg.text), msg.eos)  # before building anything
     target_ids = list(msg.target_ids)
     _check_ids(target_ids, "proposal target ids", MAX_TARGET_IDS)
+    _check_alternatives(msg.alternatives, kind, len(target_ids), len(msg.q_rows))
     q_ids = q_probs = None
     if msg.q_rows:
         q_ids, q_probs = [], []
@@ -228,7 +237,7 @@ def proposal_from_proto(msg: verifier_pb2.Proposal, vocab_size: Optional[int] = 
             q_probs.append(probs)
     return Proposal(seq=msg.seq, kind=kind, target_ids=target_ids, q_ids=q_ids, q_probs=q_probs,
                     text=bytes(msg.text), eos=msg.eos, drafted=msg.drafted, draft_ns=msg.draft_ns,
-                    after=msg.after_id if msg.HasField("after_id") else None)
+                    after=msg.after_id if msg.HasField("after_id") else None, alternatives=list(msg.alternatives))
 
 
 # --- verdict ----------------------------------------------------------------------------------
@@ -252,7 +261,7 @@ def verdict_to_proto(v: Verdict) -> verifier_pb2.Verdict:
     _check_verdict(v.seq, v.ids, len(v.text), v.candidates, v.accepted, v.finished, v.finish_reason)
     msg = verifier_pb2.Verdict(seq=v.seq, ids=v.ids, text=bytes(v.text), candidates=v.candidates,
                                accepted=v.accepted, finished=bool(v.finished), finish_reason=reason,
-                               verify_ns=v.verify_ns, bridge_ns=v.bridge_ns)
+                               verify_ns=v.verify_ns, bridge_ns=v.bridge_ns, alternative=bool(v.alternative))
     if v.load is not None:
         msg.load.CopyFrom(load_to_proto(v.load))
     return msg
@@ -287,7 +296,7 @@ def verdict_from_proto(msg: verifier_pb2.Verdict) -> Verdict:
     _check_verdict(msg.seq, ids, len(msg.text), msg.candidates, msg.accepted, msg.finished, reason)
     return Verdict(seq=msg.seq, ids=ids, text=bytes(msg.text), candidates=msg.candidates, accepted=msg.accepted,
                    finished=msg.finished, finish_reason=reason, verify_ns=msg.verify_ns, bridge_ns=msg.bridge_ns,
-                   load=load_from_proto(msg.load) if msg.HasField("load") else None)
+                   alternative=msg.alternative, load=load_from_proto(msg.load) if msg.HasField("load") else None)
 
 
 def stale(proposal: Proposal, ids: list) -> bool:

@@ -36,7 +36,7 @@ from typing import Optional
 from crossdraft import wire
 from crossdraft.auto import LENGTHS, AutoMemory, mode_key
 from crossdraft.batched import BatchedModel, Limits
-from crossdraft.drafter import Drafter
+from crossdraft.drafter import ALTERNATIVES, Drafter
 from crossdraft.engine import auto_algorithms, resolve_algorithm
 from crossdraft.errors import InvalidArgument, ResourceExhausted, Unavailable
 from crossdraft.protocol import Proposal
@@ -121,9 +121,11 @@ class DrafterSessions:
 class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
     def __init__(self, model: str, limits: Limits = Limits(), metrics: Optional[ServiceMetrics] = None,
                  tls: TLS = PLAINTEXT, max_model_len: Optional[int] = None,
-                 allowed: Optional[AllowedVerifiers] = None, draft_ahead: bool = False):
+                 allowed: Optional[AllowedVerifiers] = None, draft_ahead: bool = False,
+                 alternatives: int = ALTERNATIVES):
         self.model = model
         self.draft_ahead = draft_ahead  # draft the next round while the verifier checks this one (rounds.py)
+        self.alternatives = alternatives  # next guesses sent beside an unsure last candidate (verifier.py)
         self.tls = tls  # how it calls verifiers: TLS with the CA and its own certificate, or plaintext
         self.limits, self.max_model_len = limits, max_model_len
         self.max_sessions = limits.max_sessions
@@ -151,7 +153,8 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
 
     def _make_drafter(self, target_vocab, mode: str) -> Drafter:
         """A template drafter for this target tokenizer and mode (`Targets` keeps it; sessions fork it)."""
-        return Drafter(self.runner, self.vocab, target_vocab, mode, DRAFT_TOP_K, WINDOW, MIN_CONFIDENCE)
+        return Drafter(self.runner, self.vocab, target_vocab, mode, DRAFT_TOP_K, WINDOW, MIN_CONFIDENCE,
+                       alternatives=self.alternatives)
 
     # --- RPCs ---------------------------------------------------------------------------------
     def GetInfo(self, request, context):
@@ -312,5 +315,5 @@ def serve(args) -> int:
         log.warning("no --allowed-verifiers: whoever can call this drafter can make it dial any address")
     servicer = DrafterServicer(args.model, Limits.from_args(args), tls=TLS.from_args(args),
                                max_model_len=args.max_model_len or None, allowed=allowed,
-                               draft_ahead=args.draft_ahead)
+                               draft_ahead=args.draft_ahead, alternatives=args.draft_alternatives)
     return run_model_service(SERVICE_NAME, drafter_pb2_grpc.add_DrafterServiceServicer_to_server, servicer, args, log)

@@ -39,11 +39,33 @@ def level(cl, loadbench, prompts, args, n: int, algorithm: str) -> dict:
     before = {name: cpu_seconds(p.pid) for name, p, _ in cl.procs}
     me = sum(os.times()[:2])
     f0 = histogram(cl.metrics["verifier"], "crossdraft_forward_seconds")
+    d0 = drafter_rounds(cl)
     r = loadbench.run_level(cl.gateway, prompts, args, algorithm, args.drafter, n, cl.metrics["verifier"])
     f1 = histogram(cl.metrics["verifier"], "crossdraft_forward_seconds")
+    d1 = drafter_rounds(cl)
     cpu = {name: round(cpu_seconds(p.pid) - before[name], 2) for name, p, _ in cl.procs}
     cpu["client"] = round(sum(os.times()[:2]) - me, 2)
-    return dict(r, forward_s=round(f1[0] - f0[0], 3), passes=int(f1[1] - f0[1]), cpu_s=cpu)
+    rounds = d1["rounds"] - d0["rounds"]
+    per_round = {k: round((d1[k] - d0[k]) / rounds * 1e3, 3) for k in ROUND_PARTS} if rounds else {}
+    return dict(r, forward_s=round(f1[0] - f0[0], 3), passes=int(f1[1] - f0[1]), cpu_s=cpu,
+                drafter_rounds=int(rounds), drafter_round_ms=per_round)
+
+
+ROUND_PARTS = {"draft": "crossdraft_round_draft_seconds", "verify": "crossdraft_round_verify_seconds",
+               "network": "crossdraft_round_network_seconds", "round": "crossdraft_round_seconds"}
+
+
+def drafter_rounds(cl) -> dict:
+    """The drafters' round histograms (their /metrics), summed: seconds per part, and the rounds."""
+    out = dict.fromkeys(ROUND_PARTS, 0.0)
+    out["rounds"] = 0.0
+    for name, url in cl.metrics.items():
+        if name.startswith("drafter"):
+            for part, metric in ROUND_PARTS.items():
+                total, count = histogram(url, metric)
+                out[part] += total
+                out["rounds"] += count if part == "round" else 0
+    return out
 
 
 def main() -> int:
@@ -96,6 +118,9 @@ def main() -> int:
                   f"{r['itl_p50_ms']}/{r['itl_p95_ms']} ms, batch {r['verifier_batch']}, tok/rnd {r['tokens_per_round']}")
             print(f"    verifier forward {r['forward_s']} s in {r['passes']} passes; CPU s: "
                   + ", ".join(f"{k} {v}" for k, v in r["cpu_s"].items()), flush=True)
+            if r["drafter_rounds"]:
+                print(f"    drafter: {r['drafter_rounds']} rounds, ms per round: "
+                      + ", ".join(f"{k} {v}" for k, v in r["drafter_round_ms"].items()), flush=True)
     finally:
         cl.stop()
     if args.json_out:

@@ -107,6 +107,34 @@ def test_decode_attend_equals_torch_and_writes_each_cache(heads, kv, d, kv_dtype
                           scale)
 
 
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
+def test_decode_attend_a_sibling_row_gives_the_bits_of_that_token_in_a_causal_block(kv_dtype):
+    """`seen`: a block [root, c1, c2, s] whose last row s sees the cache and rows 0..1 only (a sibling of
+    c2, as a verification with alternatives runs it): s gives the same bits as the block [root, c1, s],
+    and the chain's rows the bits they give without it; the reference agrees within float32 rounding."""
+    heads, kv, d, start, layer, scale = 4, 2, 16, 9, 0, 16 ** -0.5
+    q, k, v = _rand(4, heads, d, seed=1), _rand(4, kv, d, seed=2), _rand(4, kv, d, seed=3)
+    cache = lambda seed: _rand(1, kv, 32, d, seed=seed).to(kv_dtype)  # noqa: E731
+    kc, vc = cache(10), cache(11)
+    seen = [start, start + 1, start + 2, start + 2]
+    got = ops.decode_attend(q, k, v, [kc], [vc], layer, [start], [4], scale, seen)
+    kc2, vc2 = cache(10), cache(11)
+    chain = ops.decode_attend(q[:3], k[:3], v[:3], [kc2], [vc2], layer, [start], [3], scale)
+    assert torch.equal(got[:3], chain)
+    kc3, vc3 = cache(10), cache(11)
+    pick = torch.tensor([0, 1, 3])
+    alt = ops.decode_attend(q[pick], k[pick], v[pick], [kc3], [vc3], layer, [start], [3], scale)
+    assert torch.equal(got[3], alt[2])
+    ref = kernels.reference_decode_attend(q, k, v, [cache(10)], [cache(11)], layer, [start], [4], scale, seen)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    wrong = ops.decode_attend(q, k, v, [cache(10)], [cache(11)], layer, [start], [4], scale)  # (negative control)
+    assert not torch.equal(wrong[3], alt[2])
+    with pytest.raises(RuntimeError, match="before its own"):
+        ops.decode_attend(q, k, v, [cache(10)], [cache(11)], layer, [start], [4], scale, [start, start + 2, 0, 0])
+    with pytest.raises(RuntimeError, match="one entry per row"):
+        ops.decode_attend(q, k, v, [cache(10)], [cache(11)], layer, [start], [4], scale, [start])
+
+
 def _float32_runner():
     model = tiny_llama(300, seed=11, hidden=96, kv_heads=2, bias=True).float()  # qkv and o biases
     return model, LlamaRunner(model, 128)

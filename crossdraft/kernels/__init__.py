@@ -108,10 +108,11 @@ def reference_rows_linear(x, packed, n, b):
     return torch.nn.functional.linear(x, w, b)
 
 
-def reference_decode_attend(q, k, v, kcs, vcs, layer, starts, ns, scaling):
+def reference_decode_attend(q, k, v, kcs, vcs, layer, starts, ns, scaling, seen=()):
     """`decode_attend` in torch: each sequence's ns[b] rows' keys and values written at positions
-    starts[b].. (rounded to the caches' dtype: float32 or bfloat16), then each row's attention over its cache up to its own position, every head (kv head
-    h // (H / KV))."""
+    starts[b].. (rounded to the caches' dtype: float32 or bfloat16), then each row's attention over its
+    cache up to its own position, every head (kv head h // (H / KV)). `seen` (empty, or one per row): the
+    positions before its own a row sees instead (its block's first rows: a sibling of an earlier row)."""
     out = torch.empty_like(q)
     g = q.shape[1] // k.shape[1]
     row = 0
@@ -119,8 +120,9 @@ def reference_decode_attend(q, k, v, kcs, vcs, layer, starts, ns, scaling):
         kc[layer, :, start:start + n] = k[row:row + n].transpose(0, 1)
         vc[layer, :, start:start + n] = v[row:row + n].transpose(0, 1)
         for r in range(n):
-            keys = kc[layer, :, : start + r + 1].float().repeat_interleave(g, 0)  # [H, end, D]
-            vals = vc[layer, :, : start + r + 1].float().repeat_interleave(g, 0)
+            sees = list(range(seen[row + r] if seen else start + r)) + [start + r]
+            keys = kc[layer, :, sees].float().repeat_interleave(g, 0)  # [H, end, D]
+            vals = vc[layer, :, sees].float().repeat_interleave(g, 0)
             p = torch.softmax((keys @ q[row + r].unsqueeze(-1)).squeeze(-1) * scaling, dim=-1)  # [H, end]
             out[row + r] = (p.unsqueeze(1) @ vals).squeeze(1)
         row += n
@@ -135,7 +137,7 @@ def _define_reference() -> None:
     lib.define("rows_pack(Tensor w) -> Tensor")
     lib.define("rows_linear(Tensor x, Tensor packed, int n, Tensor? b) -> Tensor")
     lib.define("decode_attend(Tensor q, Tensor k, Tensor v, Tensor(a!)[] kcs, Tensor(b!)[] vcs, int layer, "
-               "int[] starts, int[] ns, float scaling) -> Tensor")
+               "int[] starts, int[] ns, float scaling, int[] seen=[]) -> Tensor")
     lib.impl("rows_pack", reference_rows_pack, "CompositeExplicitAutograd")
     lib.impl("rows_linear", reference_rows_linear, "CompositeExplicitAutograd")
     lib.impl("decode_attend", reference_decode_attend, "CompositeExplicitAutograd")

@@ -53,7 +53,9 @@ inline void prefetch_row(const T* row, int64_t D) {  // one cache row of D entri
   for (int64_t b = 0; b < D * (int64_t)sizeof(T); b += 64) _mm_prefetch(reinterpret_cast<const char*>(row) + b, _MM_HINT_T1);
 }
 
-// One head of one sequence: out[0 .. D) from q[0 .. D) over keys/values [0, end) (rows of D entries).
+// One head of one sequence: out[0 .. D) from q[0 .. D) over keys/values [0, end) (rows of D entries), the
+// last of them (the row's own) at `own_k`, `own_v` (in a causal block, K + (end - 1) D: the same sums in
+// the same order, so a row that sees its block's first rows and itself gives the bits it would give there).
 // Scores, their maximum, then e^(score - max) LANES at a time (the last LANES padded with scores of
 // -inf, whose e^ is 0) and their sum; then the weighted values, position by position, in NV vector
 // registers where D = NV x LANES (NV > 0), else in `out`: the same sums in the same order either way.
@@ -62,13 +64,15 @@ inline void prefetch_row(const T* row, int64_t D) {  // one cache row of D entri
 // and a stream that waits on one head at a time leaves the memory idle between them.
 template <typename T, int NV>
 void head(const float* q, const T* K, const T* V, int64_t end, int64_t D, float scale, float* out,
-          std::vector<float>& s, const T* next_K, int64_t next_end) {
+          std::vector<float>& s, const T* next_K, int64_t next_end, const T* own_k, const T* own_v) {
   const int64_t padded = (end + LANES - 1) / LANES * LANES;
+  const auto key = [&](int64_t p) { return p + 1 == end ? own_k : K + p * D; };
+  const auto value = [&](int64_t p) { return p + 1 == end ? own_v : V + p * D; };
   s.resize(padded);
   float m = -std::numeric_limits<float>::infinity();
   for (int64_t p = 0; p < end; ++p) {
-    prefetch_row(V + p * D, D);
-    s[p] = dot(q, K + p * D, D) * scale;
+    prefetch_row(value(p), D);
+    s[p] = dot(q, key(p), D) * scale;
     m = std::max(m, s[p]);
   }
   for (int64_t p = end; p < padded; ++p) s[p] = -std::numeric_limits<float>::infinity();
@@ -85,7 +89,7 @@ void head(const float* q, const T* K, const T* V, int64_t end, int64_t D, float 
     for (int i = 0; i < NV; ++i) acc[i] = vzero();
     for (int64_t p = 0; p < end; ++p) {
       if (next_K != nullptr && p < next_end) prefetch_row(next_K + p * D, D);
-      const T* v = V + p * D;
+      const T* v = value(p);
       const vec w = vset(s[p]);
       for (int i = 0; i < NV; ++i) acc[i] = vfma(w, kv_load(v + i * LANES), acc[i]);
     }
@@ -95,7 +99,7 @@ void head(const float* q, const T* K, const T* V, int64_t end, int64_t D, float 
     const int64_t vd = D / LANES * LANES;
     for (int64_t p = 0; p < end; ++p) {
       if (next_K != nullptr && p < next_end) prefetch_row(next_K + p * D, D);
-      const T* v = V + p * D;
+      const T* v = value(p);
       const vec w = vset(s[p]);
       for (int64_t d = 0; d < vd; d += LANES) vstore(out + d, vfma(w, kv_load(v + d), vload(out + d)));
       for (int64_t d = vd; d < D; ++d) out[d] += s[p] * kv_float(v[d]);
@@ -107,7 +111,7 @@ void head(const float* q, const T* K, const T* V, int64_t end, int64_t D, float 
 
 template <typename T>
 using HeadFn = void (*)(const float*, const T*, const T*, int64_t, int64_t, float, float*, std::vector<float>&,
-                        const T*, int64_t);
+                        const T*, int64_t, const T*, const T*);
 
 // head<T, NV> with the output in registers where the head size allows (D = 1, 2, 4 or 8 vectors).
 template <typename T>
@@ -125,12 +129,12 @@ HeadFn<T> head_for(int64_t D) {
 }
 
 // Every row's key and value into its cache at its position (rounded to nearest even where the cache is
-// bfloat16), then each row's attention over its cache up to its own position.
+// bfloat16), then each row's attention over its cache's first seen_of[row] positions and its own.
 template <typename T>
 void write_and_attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::TensorList kcs,
                       at::TensorList vcs, int64_t layer, const std::vector<int64_t>& seq_of,
-                      const std::vector<int64_t>& pos_of, int64_t H, int64_t KV, int64_t D, float scale,
-                      at::Tensor& out) {
+                      const std::vector<int64_t>& pos_of, const std::vector<int64_t>& seen_of, int64_t H,
+                      int64_t KV, int64_t D, float scale, at::Tensor& out) {
   const int64_t N = (int64_t)seq_of.size();
   for (int64_t i = 0; i < N; ++i) {
     const int64_t b = seq_of[i], cap = kcs[b].size(2);
@@ -152,19 +156,21 @@ void write_and_attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor
       const int64_t b = seq_of[i / H];
       return kcs[b].data_ptr<T>() + ((layer * KV + (i % H) / G) * kcs[b].size(2)) * D;
     };
-    for (int64_t i = i0; i < i1; ++i) {  // row i / H attends over its cache up to its own position
+    for (int64_t i = i0; i < i1; ++i) {  // row i / H attends over the positions it sees, then its own
       const int64_t row = i / H, b = seq_of[row], g = (i % H) / G, cap = kcs[b].size(2);
+      const T* K = keys_of(i);
       const T* V = vcs[b].data_ptr<T>() + ((layer * KV + g) * cap) * D;
       const bool last = i + 1 == i1;
-      attend_head(q.data_ptr<float>() + i * D, keys_of(i), V, pos_of[row] + 1, D, scale, out.data_ptr<float>() + i * D,
-                  s, last ? nullptr : keys_of(i + 1), last ? 0 : pos_of[(i + 1) / H] + 1);
+      attend_head(q.data_ptr<float>() + i * D, K, V, seen_of[row] + 1, D, scale, out.data_ptr<float>() + i * D,
+                  s, last ? nullptr : keys_of(i + 1), last ? 0 : seen_of[(i + 1) / H] + 1, K + pos_of[row] * D,
+                  V + pos_of[row] * D);
     }
   });
 }
 
 at::Tensor decode_attend(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                          at::TensorList kcs, at::TensorList vcs, int64_t layer, at::IntArrayRef starts,
-                         at::IntArrayRef ns, double scaling) {
+                         at::IntArrayRef ns, double scaling, at::IntArrayRef seen) {
   TORCH_CHECK(q_in.dim() == 3 && q_in.scalar_type() == at::kFloat && q_in.device().is_cpu(),
               "decode_attend: q must be float32 CPU [N, H, D]");
   const int64_t N = q_in.size(0), H = q_in.size(1), D = q_in.size(2), B = (int64_t)starts.size();
@@ -189,13 +195,19 @@ at::Tensor decode_attend(const at::Tensor& q_in, const at::Tensor& k_in, const a
     for (int64_t r = 0; r < ns[b]; ++r) seq_of.push_back(b), pos_of.push_back(starts[b] + r);
   }
   TORCH_CHECK((int64_t)seq_of.size() == N, "decode_attend: the rows of q must be the sequences' rows, in order");
+  std::vector<int64_t> seen_of(pos_of);  // positions before its own that a row sees (a causal block: all)
+  TORCH_CHECK(seen.empty() || (int64_t)seen.size() == N, "decode_attend: `seen` must be empty or one entry per row");
+  for (int64_t i = 0; i < (int64_t)seen.size(); ++i) {
+    TORCH_CHECK(seen[i] >= 0 && seen[i] <= pos_of[i], "decode_attend: a row sees at most the positions before its own");
+    seen_of[i] = seen[i];
+  }
   const auto q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
   auto out = at::empty({N, H, D}, q.options());
   const float scale = static_cast<float>(scaling);
   if (kv_type == at::kBFloat16)
-    write_and_attend<at::BFloat16>(q, k, v, kcs, vcs, layer, seq_of, pos_of, H, KV, D, scale, out);
+    write_and_attend<at::BFloat16>(q, k, v, kcs, vcs, layer, seq_of, pos_of, seen_of, H, KV, D, scale, out);
   else
-    write_and_attend<float>(q, k, v, kcs, vcs, layer, seq_of, pos_of, H, KV, D, scale, out);
+    write_and_attend<float>(q, k, v, kcs, vcs, layer, seq_of, pos_of, seen_of, H, KV, D, scale, out);
   return out;
 }
 
@@ -203,7 +215,7 @@ at::Tensor decode_attend(const at::Tensor& q_in, const at::Tensor& k_in, const a
 
 TORCH_LIBRARY_FRAGMENT(crossdraft, m) {
   m.def("decode_attend(Tensor q, Tensor k, Tensor v, Tensor(a!)[] kcs, Tensor(b!)[] vcs, int layer, int[] starts, "
-        "int[] ns, float scaling) -> Tensor");
+        "int[] ns, float scaling, int[] seen=[]) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(crossdraft, CPU, m) { m.impl("decode_attend", decode_attend); }

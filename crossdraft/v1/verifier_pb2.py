@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from crossdraft.v1 import common_pb2 as crossdraft_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63rossdraft/v1/verifier.proto\x12\rcrossdraft.v1\x1a\x1a\x63rossdraft/v1/common.proto\"\x1f\n\x1dVerifierServiceGetInfoRequest\"\xb1\x02\n\x1eVerifierServiceGetInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x1d\n\x15tokenizer_fingerprint\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12,\n\nalgorithms\x18\x04 \x03(\x0e\x32\x18.crossdraft.v1.Algorithm\x12\x13\n\x0bmax_context\x18\x05 \x01(\r\x12\x0f\n\x07\x65os_ids\x18\x06 \x03(\x05\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x17\n\x0f\x61\x63tive_sessions\x18\t \x01(\r\x12\x14\n\x0cmax_sessions\x18\n \x01(\r\x12(\n\x05\x63\x61\x63he\x18\x0b \x01(\x0b\x32\x19.crossdraft.v1.CacheUsage\"\x15\n\x13GetTokenizerRequest\"t\n\x14GetTokenizerResponse\x12\x11\n\tfile_name\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0c\n\x04size\x18\x04 \x01(\x04\x12\x1d\n\x15tokenizer_fingerprint\x18\x05 \x01(\t\"\xd0\x01\n\x0bVerifyStart\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\x05\x12\x15\n\rcommitted_ids\x18\x03 \x03(\x05\x12-\n\x06params\x18\x04 \x01(\x0b\x32\x1d.crossdraft.v1.SamplingParams\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\r\x12+\n\talgorithm\x18\x06 \x01(\x0e\x32\x18.crossdraft.v1.Algorithm\x12\x0e\n\x06prompt\x18\x07 \x01(\t\"0\n\x12SparseDistribution\x12\x0b\n\x03ids\x18\x01 \x03(\x05\x12\r\n\x05probs\x18\x02 \x03(\x01\"\xeb\x01\n\x08Proposal\x12\x0b\n\x03seq\x18\x01 \x01(\r\x12)\n\x04kind\x18\x02 \x01(\x0e\x32\x1b.crossdraft.v1.ProposalKind\x12\x12\n\ntarget_ids\x18\x03 \x03(\x05\x12\x31\n\x06q_rows\x18\x04 \x03(\x0b\x32!.crossdraft.v1.SparseDistribution\x12\x0c\n\x04text\x18\x05 \x01(\x0c\x12\x0b\n\x03\x65os\x18\x06 \x01(\x08\x12\x0f\n\x07\x64rafted\x18\x07 \x01(\r\x12\x10\n\x08\x64raft_ns\x18\x08 \x01(\x04\x12\x15\n\x08\x61\x66ter_id\x18\t \x01(\rH\x00\x88\x01\x01\x42\x0b\n\t_after_id\"\xf8\x01\n\x07Verdict\x12\x0b\n\x03seq\x18\x01 \x01(\r\x12\x0b\n\x03ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\x0c\x12\x12\n\ncandidates\x18\x04 \x01(\r\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x05 \x01(\r\x12\x10\n\x08\x66inished\x18\x06 \x01(\x08\x12\x32\n\rfinish_reason\x18\x07 \x01(\x0e\x32\x1b.crossdraft.v1.FinishReason\x12\x11\n\tverify_ns\x18\x08 \x01(\x04\x12\x11\n\tbridge_ns\x18\t \x01(\x04\x12\x0c\n\x04seal\x18\n \x01(\x0c\x12%\n\x04load\x18\x0b \x01(\x0b\x32\x17.crossdraft.v1.LoadHint\"T\n\x08LoadHint\x12\x1a\n\x12sequences_per_pass\x18\x01 \x01(\x01\x12\x15\n\rpass_fixed_ns\x18\x02 \x01(\x04\x12\x15\n\rpass_token_ns\x18\x03 \x01(\x04\"t\n\rVerifyRequest\x12+\n\x05start\x18\x01 \x01(\x0b\x32\x1a.crossdraft.v1.VerifyStartH\x00\x12+\n\x08proposal\x18\x02 \x01(\x0b\x32\x17.crossdraft.v1.ProposalH\x00\x42\t\n\x07message\"9\n\x0eVerifyResponse\x12\'\n\x07verdict\x18\x01 \x01(\x0b\x32\x16.crossdraft.v1.Verdict*_\n\x0cProposalKind\x12\x1d\n\x19PROPOSAL_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14PROPOSAL_KIND_TOKENS\x10\x01\x12\x16\n\x12PROPOSAL_KIND_TEXT\x10\x02\x32\x9f\x02\n\x0fVerifierService\x12\x66\n\x07GetInfo\x12,.crossdraft.v1.VerifierServiceGetInfoRequest\x1a-.crossdraft.v1.VerifierServiceGetInfoResponse\x12Y\n\x0cGetTokenizer\x12\".crossdraft.v1.GetTokenizerRequest\x1a#.crossdraft.v1.GetTokenizerResponse0\x01\x12I\n\x06Verify\x12\x1c.crossdraft.v1.VerifyRequest\x1a\x1d.crossdraft.v1.VerifyResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63rossdraft/v1/verifier.proto\x12\rcrossdraft.v1\x1a\x1a\x63rossdraft/v1/common.proto\"\x1f\n\x1dVerifierServiceGetInfoRequest\"\xb1\x02\n\x1eVerifierServiceGetInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x1d\n\x15tokenizer_fingerprint\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12,\n\nalgorithms\x18\x04 \x03(\x0e\x32\x18.crossdraft.v1.Algorithm\x12\x13\n\x0bmax_context\x18\x05 \x01(\r\x12\x0f\n\x07\x65os_ids\x18\x06 \x03(\x05\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x17\n\x0f\x61\x63tive_sessions\x18\t \x01(\r\x12\x14\n\x0cmax_sessions\x18\n \x01(\r\x12(\n\x05\x63\x61\x63he\x18\x0b \x01(\x0b\x32\x19.crossdraft.v1.CacheUsage\"\x15\n\x13GetTokenizerRequest\"t\n\x14GetTokenizerResponse\x12\x11\n\tfile_name\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0c\n\x04size\x18\x04 \x01(\x04\x12\x1d\n\x15tokenizer_fingerprint\x18\x05 \x01(\t\"\xd0\x01\n\x0bVerifyStart\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\x05\x12\x15\n\rcommitted_ids\x18\x03 \x03(\x05\x12-\n\x06params\x18\x04 \x01(\x0b\x32\x1d.crossdraft.v1.SamplingParams\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\r\x12+\n\talgorithm\x18\x06 \x01(\x0e\x32\x18.crossdraft.v1.Algorithm\x12\x0e\n\x06prompt\x18\x07 \x01(\t\"0\n\x12SparseDistribution\x12\x0b\n\x03ids\x18\x01 \x03(\x05\x12\r\n\x05probs\x18\x02 \x03(\x01\"\x81\x02\n\x08Proposal\x12\x0b\n\x03seq\x18\x01 \x01(\r\x12)\n\x04kind\x18\x02 \x01(\x0e\x32\x1b.crossdraft.v1.ProposalKind\x12\x12\n\ntarget_ids\x18\x03 \x03(\x05\x12\x31\n\x06q_rows\x18\x04 \x03(\x0b\x32!.crossdraft.v1.SparseDistribution\x12\x0c\n\x04text\x18\x05 \x01(\x0c\x12\x0b\n\x03\x65os\x18\x06 \x01(\x08\x12\x0f\n\x07\x64rafted\x18\x07 \x01(\r\x12\x10\n\x08\x64raft_ns\x18\x08 \x01(\x04\x12\x15\n\x08\x61\x66ter_id\x18\t \x01(\rH\x00\x88\x01\x01\x12\x14\n\x0c\x61lternatives\x18\n \x03(\x05\x42\x0b\n\t_after_id\"\x8d\x02\n\x07Verdict\x12\x0b\n\x03seq\x18\x01 \x01(\r\x12\x0b\n\x03ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\x0c\x12\x12\n\ncandidates\x18\x04 \x01(\r\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x05 \x01(\r\x12\x10\n\x08\x66inished\x18\x06 \x01(\x08\x12\x32\n\rfinish_reason\x18\x07 \x01(\x0e\x32\x1b.crossdraft.v1.FinishReason\x12\x11\n\tverify_ns\x18\x08 \x01(\x04\x12\x11\n\tbridge_ns\x18\t \x01(\x04\x12\x0c\n\x04seal\x18\n \x01(\x0c\x12%\n\x04load\x18\x0b \x01(\x0b\x32\x17.crossdraft.v1.LoadHint\x12\x13\n\x0b\x61lternative\x18\x0c \x01(\x08\"T\n\x08LoadHint\x12\x1a\n\x12sequences_per_pass\x18\x01 \x01(\x01\x12\x15\n\rpass_fixed_ns\x18\x02 \x01(\x04\x12\x15\n\rpass_token_ns\x18\x03 \x01(\x04\"t\n\rVerifyRequest\x12+\n\x05start\x18\x01 \x01(\x0b\x32\x1a.crossdraft.v1.VerifyStartH\x00\x12+\n\x08proposal\x18\x02 \x01(\x0b\x32\x17.crossdraft.v1.ProposalH\x00\x42\t\n\x07message\"9\n\x0eVerifyResponse\x12\'\n\x07verdict\x18\x01 \x01(\x0b\x32\x16.crossdraft.v1.Verdict*_\n\x0cProposalKind\x12\x1d\n\x19PROPOSAL_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14PROPOSAL_KIND_TOKENS\x10\x01\x12\x16\n\x12PROPOSAL_KIND_TEXT\x10\x02\x32\x9f\x02\n\x0fVerifierService\x12\x66\n\x07GetInfo\x12,.crossdraft.v1.VerifierServiceGetInfoRequest\x1a-.crossdraft.v1.VerifierServiceGetInfoResponse\x12Y\n\x0cGetTokenizer\x12\".crossdraft.v1.GetTokenizerRequest\x1a#.crossdraft.v1.GetTokenizerResponse0\x01\x12I\n\x06Verify\x12\x1c.crossdraft.v1.VerifyRequest\x1a\x1d.crossdraft.v1.VerifyResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'crossdraft.v1.verifier_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PROPOSALKIND']._serialized_start=1570
-  _globals['_PROPOSALKIND']._serialized_end=1665
+  _globals['_PROPOSALKIND']._serialized_start=1613
+  _globals['_PROPOSALKIND']._serialized_end=1708
   _globals['_VERIFIERSERVICEGETINFOREQUEST']._serialized_start=75
   _globals['_VERIFIERSERVICEGETINFOREQUEST']._serialized_end=106
   _globals['_VERIFIERSERVICEGETINFORESPONSE']._serialized_start=109
@@ -47,15 +47,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SPARSEDISTRIBUTION']._serialized_start=768
   _globals['_SPARSEDISTRIBUTION']._serialized_end=816
   _globals['_PROPOSAL']._serialized_start=819
-  _globals['_PROPOSAL']._serialized_end=1054
-  _globals['_VERDICT']._serialized_start=1057
-  _globals['_VERDICT']._serialized_end=1305
-  _globals['_LOADHINT']._serialized_start=1307
-  _globals['_LOADHINT']._serialized_end=1391
-  _globals['_VERIFYREQUEST']._serialized_start=1393
-  _globals['_VERIFYREQUEST']._serialized_end=1509
-  _globals['_VERIFYRESPONSE']._serialized_start=1511
-  _globals['_VERIFYRESPONSE']._serialized_end=1568
-  _globals['_VERIFIERSERVICE']._serialized_start=1668
-  _globals['_VERIFIERSERVICE']._serialized_end=1955
+  _globals['_PROPOSAL']._serialized_end=1076
+  _globals['_VERDICT']._serialized_start=1079
+  _globals['_VERDICT']._serialized_end=1348
+  _globals['_LOADHINT']._serialized_start=1350
+  _globals['_LOADHINT']._serialized_end=1434
+  _globals['_VERIFYREQUEST']._serialized_start=1436
+  _globals['_VERIFYREQUEST']._serialized_end=1552
+  _globals['_VERIFYRESPONSE']._serialized_start=1554
+  _globals['_VERIFYRESPONSE']._serialized_end=1611
+  _globals['_VERIFIERSERVICE']._serialized_start=1711
+  _globals['_VERIFIERSERVICE']._serialized_end=1998
 # @@protoc_insertion_point(module_scope)

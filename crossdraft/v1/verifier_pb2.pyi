@@ -92,7 +92,7 @@ class SparseDistribution(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ..., probs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class Proposal(_message.Message):
-    __slots__ = ("seq", "kind", "target_ids", "q_rows", "text", "eos", "drafted", "draft_ns", "after_id")
+    __slots__ = ("seq", "kind", "target_ids", "q_rows", "text", "eos", "drafted", "draft_ns", "after_id", "alternatives")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     TARGET_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -102,6 +102,7 @@ class Proposal(_message.Message):
     DRAFTED_FIELD_NUMBER: _ClassVar[int]
     DRAFT_NS_FIELD_NUMBER: _ClassVar[int]
     AFTER_ID_FIELD_NUMBER: _ClassVar[int]
+    ALTERNATIVES_FIELD_NUMBER: _ClassVar[int]
     seq: int
     kind: ProposalKind
     target_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -111,10 +112,11 @@ class Proposal(_message.Message):
     drafted: int
     draft_ns: int
     after_id: int
-    def __init__(self, seq: _Optional[int] = ..., kind: _Optional[_Union[ProposalKind, str]] = ..., target_ids: _Optional[_Iterable[int]] = ..., q_rows: _Optional[_Iterable[_Union[SparseDistribution, _Mapping]]] = ..., text: _Optional[bytes] = ..., eos: _Optional[bool] = ..., drafted: _Optional[int] = ..., draft_ns: _Optional[int] = ..., after_id: _Optional[int] = ...) -> None: ...
+    alternatives: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, seq: _Optional[int] = ..., kind: _Optional[_Union[ProposalKind, str]] = ..., target_ids: _Optional[_Iterable[int]] = ..., q_rows: _Optional[_Iterable[_Union[SparseDistribution, _Mapping]]] = ..., text: _Optional[bytes] = ..., eos: _Optional[bool] = ..., drafted: _Optional[int] = ..., draft_ns: _Optional[int] = ..., after_id: _Optional[int] = ..., alternatives: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Verdict(_message.Message):
-    __slots__ = ("seq", "ids", "text", "candidates", "accepted", "finished", "finish_reason", "verify_ns", "bridge_ns", "seal", "load")
+    __slots__ = ("seq", "ids", "text", "candidates", "accepted", "finished", "finish_reason", "verify_ns", "bridge_ns", "seal", "load", "alternative")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -126,6 +128,7 @@ class Verdict(_message.Message):
     BRIDGE_NS_FIELD_NUMBER: _ClassVar[int]
     SEAL_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
+    ALTERNATIVE_FIELD_NUMBER: _ClassVar[int]
     seq: int
     ids: _containers.RepeatedScalarFieldContainer[int]
     text: bytes
@@ -137,7 +140,8 @@ class Verdict(_message.Message):
     bridge_ns: int
     seal: bytes
     load: LoadHint
-    def __init__(self, seq: _Optional[int] = ..., ids: _Optional[_Iterable[int]] = ..., text: _Optional[bytes] = ..., candidates: _Optional[int] = ..., accepted: _Optional[int] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., verify_ns: _Optional[int] = ..., bridge_ns: _Optional[int] = ..., seal: _Optional[bytes] = ..., load: _Optional[_Union[LoadHint, _Mapping]] = ...) -> None: ...
+    alternative: bool
+    def __init__(self, seq: _Optional[int] = ..., ids: _Optional[_Iterable[int]] = ..., text: _Optional[bytes] = ..., candidates: _Optional[int] = ..., accepted: _Optional[int] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., verify_ns: _Optional[int] = ..., bridge_ns: _Optional[int] = ..., seal: _Optional[bytes] = ..., load: _Optional[_Union[LoadHint, _Mapping]] = ..., alternative: _Optional[bool] = ...) -> None: ...
 
 class LoadHint(_message.Message):
     __slots__ = ("sequences_per_pass", "pass_fixed_ns", "pass_token_ns")
