@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 import torch
@@ -92,6 +92,7 @@ class _Early:
     whole: bool = False
     seq: Optional[int] = None
     after: Optional[int] = None
+    alternatives: list = field(default_factory=list)  # to its last row, where it ended unsure
 
 
 class Drafter:
@@ -265,6 +266,8 @@ class Drafter:
         if self.mode == "slrs" and not greedy:
             return (yield from self._draft_slrs(k, t0))
         rows, ended = self._from_early(early, k)
+        if rows and early.ended and len(rows) == len(early.rows):  # it ended where the draft ahead ended
+            self._alternatives = early.alternatives
         catchup_tokens = 0
         if not rows:
             catchup_tokens = len(self.ctx) - self._keep(self.ctx)
@@ -365,6 +368,7 @@ class Drafter:
         ns = time.perf_counter_ns() - t0
         self.costs.note("step_s", ns / 1e9, len(rows) + 1)
         self._early = _Early(base + [guess], rows, ended, ended or len(rows) >= min(k, room))
+        self._early.alternatives, self._alternatives = self._alternatives, []
         if tokens:
             self._early.seq = self.committed + len(d_ids) + 1
             self._early.after = self.inter.target_list[r] if self.inter is not None else r
@@ -378,7 +382,7 @@ class Drafter:
         inter = self.inter
         tids = [inter.target_list[r[0]] for r in e.rows] if inter is not None else [r[0] for r in e.rows]
         return Proposal(seq=e.seq, kind=TOKENS, target_ids=tids, after=e.after, drafted=len(e.rows),
-                        early=len(e.rows))
+                        early=len(e.rows), alternatives=e.alternatives)
 
     def adopt_early(self) -> None:
         """The proposal sent ahead (`early_proposal`) guessed right, and its verdict is observed: this drafter

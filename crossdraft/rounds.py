@@ -349,8 +349,8 @@ class _Loop:
         comes, where it can be sent (`Drafter.early_proposal`): if the guess holds, the verifier finds it
         waiting when that round's pass ends."""
         with self.lock:
-            if f.answered or self.leaving:
-                return
+            if f.answered or self.leaving or f.proposal.alternatives:
+                return  # (after a round with alternatives, a verdict of its length need not be the guessed text)
             proposal = f.drafter.early_proposal()
             if proposal is None:
                 return
