@@ -69,15 +69,18 @@ class BatchedModel:
     """A runner, its scheduler, the cost model of its passes and the KV budget of its sessions."""
 
     def __init__(self, runner: Runner, limits: Limits = Limits(), name: str = "model",
-                 observer: Optional[Callable] = None, expected: Optional[Callable[[], int]] = None):
-        """`expected`: how many sessions will submit again (the scheduler's gathering wait), or None."""
+                 observer: Optional[Callable] = None, expected: Optional[Callable[[], int]] = None,
+                 inline: Optional[Callable[[], bool]] = None):
+        """`expected`: how many sessions will submit again (the scheduler's gathering wait), or None.
+        `inline`: when `run` may drive a program in the caller's thread (Scheduler), or None: never."""
         self.runner, self.limits, self.name = runner, limits, name
         self.cost = CostModel()
         self.budget = KVBudget(default_budget(runner.bytes_per_token, runner.max_length, limits.max_sessions,
                                               limits.kv_budget_mb),
                                runner.bytes_per_token, runner.max_length, limits.kv_wait_s, what=f"{name} KV cache")
         self._observer = observer
-        self.scheduler = Scheduler(runner, limits.max_batch_tokens, name, observer=self._observe, expected=expected)
+        self.scheduler = Scheduler(runner, limits.max_batch_tokens, name, observer=self._observe, expected=expected,
+                                   inline=inline)
 
     def _observe(self, sequences: int, tokens: int, seconds: float, waits: list) -> None:
         self.cost.observe(sequences, tokens, seconds)

@@ -62,8 +62,7 @@ class GenerationResult:
             "algorithm": self.algorithm, "rounds": self.rounds, "draft_tokens": self.draft_tokens,
             "accepted_tokens": self.accepted_tokens,
             "acceptance": round(self.accepted_tokens / self.draft_tokens, 4) if self.draft_tokens else None,
-            "drafted": self.drafted, "alternatives": self.alternatives, "finish_reason": self.finish_reason,
-            "why": self.why,
+            "drafted": self.drafted, "finish_reason": self.finish_reason, "why": self.why,
             "profile": {k: round(v, 6) for k, v in self.profile.items()},
         }
         if self.auto is not None:

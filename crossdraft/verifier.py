@@ -10,8 +10,8 @@ each seeing exactly what it sees, so their logits are the bits a chain ending in
 every candidate but the last is accepted and the target's own token there is an alternative, that token
 is committed as always, its keys and values moved into the chain's place, and the target's token after
 it too: one token more than the chain gives, and the same tokens the target alone would produce. Where
-the drafter is unsure (its draft stops there) the target's token is one of its next three guesses about
-two times in three on the zoo's pairs, against one in three for its first.
+the drafter is unsure (its draft stops there) the target's token is its first guess about a third of
+the time, and one of its next two another quarter (drafter-bpe8k, the zoo's held-out prompts).
 
 The forward passes are steps of programs (`crossdraft.scheduler`): `prefill()` and `round(proposal)`
 yield their `runner.Step`s, so a scheduler can put many sessions' rounds into one batched pass;

@@ -142,7 +142,9 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
         vocab, runner = load_warm(self.model, device, fast, dtype, max_length=self.max_model_len, kv_dtype=kv_dtype)
         self.vocab, self.runner = vocab, runner
         self.fingerprint = vocab.fingerprint()
-        model = BatchedModel(runner, self.limits, "drafter", observer=self.metrics.batch)
+        # one session alone drafts in its own thread (Scheduler's `inline`: two thread hand-offs fewer a draft)
+        model = BatchedModel(runner, self.limits, "drafter", observer=self.metrics.batch,
+                             inline=lambda: self.sessions is not None and self.sessions.active <= 1)
         self.metrics.kv_budget(model.budget.budget)
         self.sessions = DrafterSessions(model)
 
@@ -260,6 +262,8 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
                 c.network_ns += max(0, r.rtt_ns - v.verify_ns)
                 self.metrics.round(v.candidates, v.accepted, len(v.ids), draft_ns=r.proposal.draft_ns,
                                    network_ns=r.rtt_ns - v.verify_ns, round_ns=r.proposal.draft_ns + r.rtt_ns)
+                if v.alternative:
+                    self.metrics.alternative()
                 ahead = self._ahead_counted(c, ahead)
                 done.new_tokens = offset + len(v.ids) - base
                 done.seconds, done.finished = time.perf_counter() - t0, v.finished

@@ -199,3 +199,78 @@ def test_wake_ups_wait_until_every_program_of_the_pass_has_advanced(runner):
         assert events[-1] == "from the test's thread"
     finally:
         sched.close()
+
+
+class OneAtATime:
+    """A runner wrapper that records which thread ran each pass, and fails if two passes overlap."""
+
+    def __init__(self, runner, slow_s: float = 0.0):
+        self.runner, self.slow_s = runner, slow_s
+        self.threads, self.busy = [], threading.Lock()
+
+    def __getattr__(self, name):
+        return getattr(self.runner, name)
+
+    def forward_batch(self, steps):
+        assert self.busy.acquire(blocking=False), "two passes at once"
+        try:
+            self.threads.append(threading.current_thread())
+            if self.slow_s:
+                threading.Event().wait(self.slow_s)
+            return self.runner.forward_batch(steps)
+        finally:
+            self.busy.release()
+
+
+def test_a_program_alone_runs_inline_in_the_caller_s_thread(runner):
+    """`inline`: with the loop idle, `run` drives the program in the caller's thread, chunking a long
+    prefill under the budget and counting every pass; the result is what `drive` gives. When `inline()`
+    says no, or a program is in the loop, it goes through the loop's thread as before."""
+    p = prompts(1, n=40)[0]
+    alone = drive(runner, greedy(runner, p, 6))
+    allow, passes = [True], Passes()
+    wrapped = OneAtATime(runner)
+    sched = Scheduler(wrapped, max_batch_tokens=16, observer=passes, inline=lambda: allow[0])
+    try:
+        assert sched.run(greedy(runner, p, 6)) == alone
+        assert set(wrapped.threads) == {threading.current_thread()}
+        assert passes.seen == [(1, 16), (1, 16), (1, 8)] + [(1, 1)] * 6  # 40 prompt tokens in chunks of 16
+        allow[0], wrapped.threads = False, []
+        assert sched.run(greedy(runner, p, 6)) == alone
+        assert threading.current_thread() not in wrapped.threads
+    finally:
+        sched.close()
+
+
+def test_a_program_run_inline_and_one_in_the_loop_never_share_the_model(runner):
+    """Programs submitted while another runs inline wait for the model, never run beside it, and every
+    result is what the program gives alone; a program submitted to a busy loop is not run inline."""
+    ps = prompts(4, n=10)
+    alone = [drive(runner, greedy(runner, p, 8)) for p in ps]
+    wrapped = OneAtATime(runner, slow_s=0.002)
+    sched = Scheduler(wrapped, max_batch_tokens=512, inline=lambda: True)
+    got = [None] * 4
+    try:
+        def go(i):
+            got[i] = sched.run(greedy(runner, ps[i], 8))
+        threads = [threading.Thread(target=go, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert got == alone
+        assert sched._thread is not None and sched._thread in wrapped.threads  # (some went through the loop)
+    finally:
+        sched.close()
+
+
+def test_a_step_that_cannot_run_fails_the_inline_program_with_its_error(runner):
+    sched = Scheduler(runner, inline=lambda: True)
+
+    def too_long():
+        yield Step(runner.new_cache(), [1] * (runner.max_length + 1))
+
+    with pytest.raises(ValueError, match="context full"):
+        sched.run(too_long())
+    assert sched.run(greedy(runner, [1, 2, 3], 2)) == drive(runner, greedy(runner, [1, 2, 3], 2))
+    sched.close()

@@ -107,22 +107,26 @@ def save_model(model, tok_name: str, d: Path) -> Path:
 @pytest.fixture(scope="module")
 def services(trained_models, tmp_path_factory):
     """{"dirs": {target, same, spm}, "verifier", "same", "spm", "ahead-same", "ahead-spm": addresses (the last
-    two: drafters with --draft-ahead), "servers": Servers}."""
+    two: drafters with --draft-ahead, without alternatives: a round with them sends nothing ahead), "servers":
+    Servers}."""
     root = tmp_path_factory.mktemp("services")
     dirs = {"target": save_model(trained_models["bpe"], "bpe", root / "target"),
             "same": save_model(trained_models["bpe_small"], "bpe", root / "drafter-same"),
             "spm": save_model(trained_models["spm"], "spm", root / "drafter-spm")}
     servers = Servers(root)
-    ahead_metrics = free_port()
+    ahead_metrics, same_metrics = free_port(), free_port()
     try:
         addr = {"verifier": servers.start("verifier", "verifier", dirs["target"]),
-                "same": servers.start("same", "drafter", dirs["same"]),
+                "same": servers.start("same", "drafter", dirs["same"], ["--metrics-port", str(same_metrics)]),
                 "spm": servers.start("spm", "drafter", dirs["spm"]),
                 "ahead-same": servers.start("ahead-same", "drafter", dirs["same"],
-                                            ["--draft-ahead", "--metrics-port", str(ahead_metrics)]),
-                "ahead-spm": servers.start("ahead-spm", "drafter", dirs["spm"], ["--draft-ahead"])}
+                                            ["--draft-ahead", "--draft-alternatives", "0", "--metrics-port",
+                                             str(ahead_metrics)]),
+                "ahead-spm": servers.start("ahead-spm", "drafter", dirs["spm"],
+                                           ["--draft-ahead", "--draft-alternatives", "0"])}
         servers.wait_serving(addr)
-        yield dict(addr, dirs=dirs, servers=servers, ahead_metrics=f"http://127.0.0.1:{ahead_metrics}/metrics")
+        yield dict(addr, dirs=dirs, servers=servers, ahead_metrics=f"http://127.0.0.1:{ahead_metrics}/metrics",
+                   same_metrics=f"http://127.0.0.1:{same_metrics}/metrics")
     finally:
         servers.stop_all()
 
@@ -133,7 +137,8 @@ def engines(services):
     d = services["dirs"]
     same = Engine.load(str(d["target"]), str(d["same"]), device="cpu")
     spm = Engine.load(str(d["target"]), str(d["spm"]), device="cpu")
-    return {"same": same, "spm": spm, "ahead-same": same, "ahead-spm": spm}
+    without = {k: Engine.load(str(d["target"]), str(d[k]), device="cpu", alternatives=0) for k in ("same", "spm")}
+    return {"same": same, "spm": spm, "ahead-same": without["same"], "ahead-spm": without["spm"]}
 
 
 def verifier_stub(address):
@@ -226,6 +231,19 @@ def test_greedy_identical_to_in_process(services, engines, algorithm, drafter):
         if algorithm != "none":
             assert ref.accepted_tokens > 0
     assert_same_as_in_process(services, engines, drafter, PROMPTS[0], 24, GREEDY, algorithm, draft_tokens=3)
+
+
+def test_alternatives_go_over_the_wire(services, engines):
+    """`--draft-alternatives` (the default, 2): at a fixed draft length the same rounds as in process, the
+    rounds that took an alternative among them, counted by the drafter as in process."""
+    from test_metrics import scrape, value  # (test_metrics imports this module)
+    before = value(scrape(services["same_metrics"]), "crossdraft_alternative_rounds_total")
+    taken = 0
+    for prompt in PROMPTS + ["x = 1", "import os\n\n\nclass Cache:\n    def __init__(self):\n        self."]:
+        for k in (1, 3):
+            taken += assert_same_as_in_process(services, engines, "same", prompt, 32, GREEDY, "same", k).alternatives
+    assert taken > 0
+    assert value(scrape(services["same_metrics"]), "crossdraft_alternative_rounds_total") - before == taken
 
 
 @pytest.mark.parametrize("algorithm,drafter", [("same", "ahead-same"), ("tli", "ahead-spm"), ("slem", "ahead-spm")])

@@ -304,6 +304,8 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
                     return
                 rounds += 1
                 m.round(verdict.candidates, verdict.accepted, len(verdict.ids), verify_ns=verdict.verify_ns)
+                if verdict.alternative:
+                    m.alternative()
                 msg = wire.verdict_to_proto(verdict)
                 if self.sealer is not None:
                     msg.seal = self.sealer.seal(start.session_id, verdict.seq - len(start.prompt_ids), verdict.ids,

@@ -98,6 +98,8 @@ def _families(registry: CollectorRegistry) -> dict:
                                  "verifier checked the round before (drafter --draft-ahead)", ["role"], registry=r),
         "sent_ahead": Counter(p + "sent_ahead_rounds", "Rounds sent before the verdict on the round before, by "
                               "whether their guess held (drafter --draft-ahead)", ["role", "outcome"], registry=r),
+        "alternatives": Counter(p + "alternative_rounds", "Rounds whose last committed candidate was one of the "
+                                "drafter's alternatives (--draft-alternatives; verifier and drafter)", ["role"], registry=r),
         "slow_clients": Counter(p + "slow_clients", "Client streams cut because the client took no message for "
                                 "--slow-client-seconds (gateway)", ["role"], registry=r),
         "failovers": Counter(p + "failovers", "Sessions resumed on another drafter (or the same one again) after "
@@ -140,7 +142,7 @@ class ServiceMetrics:
                             "ttft_s", "session_s", "failovers", "takeovers", "bad_proposals", "unsealed_deltas",
                             "handed_back", "slow_clients", "batch_sequences", "batch_tokens", "forward_s", "queue_wait_s",
                             "kv_budget", "kv_reserved", "kv_queued", "kv_refused", "store_errors", "drafted_ahead",
-                            "sent_ahead")}
+                            "sent_ahead", "alternatives")}
         self.sessions_started, self.sessions_finished = lab["sessions_started"], lab["sessions_finished"]
         self.sessions_active, self.rounds = lab["sessions_active"], lab["rounds"]
         self.draft_tokens, self.accepted_tokens = lab["draft_tokens"], lab["accepted_tokens"]
@@ -223,6 +225,9 @@ class ServiceMetrics:
 
     def unsealed_delta(self) -> None:
         self._child("unsealed_deltas").inc()
+
+    def alternative(self) -> None:
+        self._child("alternatives").inc()
 
     def handed_back(self) -> None:
         self._child("handed_back").inc()
