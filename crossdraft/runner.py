@@ -479,6 +479,10 @@ class LlamaRunner(Runner):
         """Positions allocated in `cache` (its memory is capacity x bytes_per_token)."""
         return 0 if cache.data is None else cache.data[0].shape[2]
 
+    def _by_kernel(self, s: Step) -> bool:
+        """Whether a step's attention goes through the decode kernel: a short block, not a tree."""
+        return self.decode_kernel and s.parents is None and len(s.ids) <= DECODE_ROWS
+
     @staticmethod
     @torch.inference_mode()
     def move(cache: KVCache, src: int, dst: int) -> None:
@@ -522,11 +526,12 @@ class LlamaRunner(Runner):
                 mask[:, start:] = anc.to(self.device)
             elif s.depths is not None:  # row r at start + depths[r], seeing the block's first depths[r] rows
                 pos.extend(start + d for d in s.depths)
-                mask = torch.zeros(n, start + n, dtype=torch.bool)
-                for r, d in enumerate(s.depths):
-                    mask[r, :start + d] = True
-                    mask[r, start + r] = True
-                mask = mask.to(self.device)
+                if not self._by_kernel(s):  # (the kernel takes what each row sees as `seen` instead)
+                    mask = torch.zeros(n, start + n, dtype=torch.bool)
+                    for r, d in enumerate(s.depths):
+                        mask[r, :start + d] = True
+                        mask[r, start + r] = True
+                    mask = mask.to(self.device)
             else:
                 pos.extend(range(start, start + n))
                 if n > 1:  # causal within the block, everything before it visible
@@ -586,8 +591,7 @@ class LlamaRunner(Runner):
                             [p[1] for p in plan], [p[2] for p in plan], [p[3] for p in plan], [p[4] for p in plan],
                             None if keep is None else keep.to(self.device), self.n_heads, self.n_kv,
                             self.head_dim, self.scaling, self.eps, self.inter, _Linear.PACKED_FROM,
-                            [self.decode_kernel and s.parents is None and len(s.ids) <= DECODE_ROWS
-                             for s, *_ in plan],
+                            [self._by_kernel(s) for s, *_ in plan],
                             [[p[3] + d for d in p[0].depths] if p[0].depths is not None else [] for p in plan])
         for s, _, n, _, _ in plan:
             if s.parents is None:  # (a tree's entries are stale from now on)
