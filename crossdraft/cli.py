@@ -60,6 +60,7 @@ def _generate_parser(sub) -> None:
     g.add_argument("--draft-top-k", type=int, default=0,
                    help="same/tli under sampling: the drafter samples from its top-k renormalised distribution, "
                         "which it then sends exactly (sparse); 0: its whole distribution (default)")
+    add_alternatives_arg(g)
     g.add_argument("--stop", action="append", default=None, metavar="TEXT",
                    help="stop string (repeatable, at most 16): the output ends right before the first one the "
                         "target writes, with finish reason stop")
@@ -361,7 +362,7 @@ def cmd_generate(args) -> int:
 
     engine = Engine.load(args.target, args.drafter if algo != "none" else None, device=args.device,
                          dtype=model_dtype(args), fast=not args.hf_runner, kv_dtype=kv_dtype(args),
-                         draft_top_k=args.draft_top_k,
+                         draft_top_k=args.draft_top_k, alternatives=args.draft_alternatives,
                          slrs_tau=args.slrs_tau, slrs_budget=args.slrs_budget)
     if args.batch_size > 1:
         return _generate_batch(args, engine, prompts, params, algo, stops)

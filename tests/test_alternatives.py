@@ -184,3 +184,23 @@ def test_generations_with_alternatives_are_the_target_alone_s(trained_models, al
             taken += r.alternatives
             assert n or not r.alternatives
     assert taken > 0  # (some rounds took an alternative: the path was exercised)
+
+
+def test_cli_generate_takes_draft_alternatives(trained_models, tmp_path, capsys):
+    """`crossdraft generate --draft-alternatives N`: output identical to the target alone with 0 and 3; a
+    count past 8 is refused by the argument parser (exit code 2)."""
+    import json
+
+    from test_services import save_model
+
+    from crossdraft.cli import main
+    t = save_model(trained_models["bpe"], "bpe", tmp_path / "target")
+    d = save_model(trained_models["bpe_small"], "bpe", tmp_path / "drafter")
+    args = ["generate", PROMPTS[0], "--target", str(t), "--drafter", str(d), "--algorithm", "same",
+            "--max-new-tokens", "24", "--threads", "1", "--json", "--compare", "--draft-alternatives"]
+    for n in ("0", "3"):
+        assert main(args + [n]) == 0
+        assert json.loads(capsys.readouterr().out)["identical_to_target_alone"] is True
+    with pytest.raises(SystemExit) as e:
+        main(args + ["9"])
+    assert e.value.code == 2 and "must be in 0-8" in capsys.readouterr().err
