@@ -54,18 +54,22 @@ def add_slrs_args(p: argparse.ArgumentParser) -> None:
 
 def add_alternatives_arg(p: argparse.ArgumentParser) -> None:
     from .drafter import ALTERNATIVES
+    from .protocol import MAX_ALTERNATIVES
 
     p.add_argument("--draft-alternatives", type=_alternatives, default=ALTERNATIVES, metavar="N",
                    help="same and tli, greedy: where a draft stops at a guess the drafter is unsure of, send its next "
-                        f"N guesses too, verified in the same pass (0-8, default: {ALTERNATIVES}); the verifier then "
+                        f"N guesses too, verified in the same pass (0-{MAX_ALTERNATIVES}, default: {ALTERNATIVES}); "
+                        "the verifier then "
                         "commits one token more where the target's token is one of them. Each costs a row in the "
                         "verifier's pass: sent only while that pass is not shared (docs/serving.md)")
 
 
 def _alternatives(text: str) -> int:
+    from .protocol import MAX_ALTERNATIVES  # (what a proposal may carry)
+
     n = int(text)
-    if not 0 <= n <= 8:
-        raise argparse.ArgumentTypeError(f"must be in 0-8, got {n}")
+    if not 0 <= n <= MAX_ALTERNATIVES:
+        raise argparse.ArgumentTypeError(f"must be in 0-{MAX_ALTERNATIVES}, got {n}")
     return n
 
 

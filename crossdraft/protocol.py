@@ -21,6 +21,7 @@ TEXT = "text"  # slem: candidates are a string the verifier re-tokenizes
 # took longer than a pass, so the verifier waited for them; 4 gave 1.11-1.23x the throughput. The verifier
 # takes up to 8 proposals of a stream off the wire ahead of its verdicts (verifier_service/server.py).
 STEPS_IN_FLIGHT = 4
+MAX_ALTERNATIVES = 8  # alternatives a proposal may carry to its last candidate (`Proposal.alternatives`)
 
 
 @dataclass

@@ -28,14 +28,13 @@ from typing import Optional
 from .algorithms import verify_greedy, verify_match, verify_rejection
 from .bridge import slem_candidates
 from .errors import InvalidArgument
-from .protocol import TEXT, TOKENS, Proposal, Verdict
+from .protocol import MAX_ALTERNATIVES, TEXT, TOKENS, Proposal, Verdict
 from .runner import KVCache, Runner, Step
 from .sampling import TARGET, SamplingParams, probs_from_logits, sample, uniform
 from .scheduler import drive
 from .vocab import Vocab
 
 MAX_CANDIDATES = 64  # per round; more is never useful and bounds the work a proposal can ask for
-MAX_ALTERNATIVES = 8  # to the last candidate
 
 
 class Verifier:

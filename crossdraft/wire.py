@@ -28,12 +28,11 @@ import torch
 
 from .errors import InvalidArgument
 from .load import LoadHint
-from .protocol import TEXT, TOKENS, Proposal, Verdict
+from .protocol import MAX_ALTERNATIVES, TEXT, TOKENS, Proposal, Verdict
 from .sampling import SamplingParams
 from .v1 import common_pb2, drafter_pb2, verifier_pb2
 
 MAX_TARGET_IDS = 64  # candidates per proposal (the verifier's MAX_CANDIDATES)
-MAX_ALTERNATIVES = 8  # alternatives to a proposal's last candidate (the verifier's MAX_ALTERNATIVES)
 MAX_Q_ENTRIES = 4096  # non-zero entries of one q row; a drafter with a larger support needs draft_top_k
 MAX_TEXT_BYTES = 4096  # drafted text per TEXT proposal
 MAX_VERDICT_IDS = MAX_TARGET_IDS + 1  # accepted candidates + the target's own token
