@@ -53,6 +53,38 @@ inline void prefetch_row(const T* row, int64_t D) {  // one cache row of D entri
   for (int64_t b = 0; b < D * (int64_t)sizeof(T); b += 64) _mm_prefetch(reinterpret_cast<const char*>(row) + b, _MM_HINT_T1);
 }
 
+// The scores of the first positions of a head, LANES at a time (D = NV x LANES): s[p] = dot(q, key(p))
+// x scale, bit for bit, and m their maximum. Each position's sum is the same FMA chain as `dot`'s and
+// the same sum of its lanes as `vsum`'s (`vsum_lanes`), so only the speed differs: one shuffle tree for
+// LANES positions instead of a store and LANES - 1 scalar additions each, which made a key's score cost
+// more than reading it. Returns where it stopped (the last end % LANES positions are the caller's).
+template <typename T, int NV, typename Key, typename Value>
+inline const float* scores(const float* q, const Key& key, const Value& value, int64_t end, float scale, float* s,
+                           float& m) {
+  constexpr int64_t D = NV * LANES;
+  vec qv[NV], acc[LANES];
+  for (int i = 0; i < NV; ++i) qv[i] = vload(q + i * LANES);
+  vec vm = vset(m);
+  const vec vscale = vset(scale);
+  int64_t p = 0;
+  for (; p + LANES <= end; p += LANES) {
+    for (int j = 0; j < LANES; ++j) {
+      prefetch_row(value(p + j), D);
+      const T* k = key(p + j);
+      vec a = vzero();
+      for (int i = 0; i < NV; ++i) a = vfma(qv[i], kv_load(k + i * LANES), a);
+      acc[j] = a;
+    }
+    const vec sc = vmul(vsum_lanes(acc), vscale);
+    vstore(s + p, sc);
+    vm = vmax(vm, sc);
+  }
+  float lanes[LANES];
+  vstore(lanes, vm);
+  for (int64_t j = 0; j < LANES; ++j) m = std::max(m, lanes[j]);
+  return s + p;
+}
+
 // One head of one sequence: out[0 .. D) from q[0 .. D) over keys/values [0, end) (rows of D entries), the
 // last of them (the row's own) at `own_k`, `own_v` (in a causal block, K + (end - 1) D: the same sums in
 // the same order, so a row that sees its block's first rows and itself gives the bits it would give there).
@@ -70,7 +102,12 @@ void head(const float* q, const T* K, const T* V, int64_t end, int64_t D, float 
   const auto value = [&](int64_t p) { return p + 1 == end ? own_v : V + p * D; };
   s.resize(padded);
   float m = -std::numeric_limits<float>::infinity();
-  for (int64_t p = 0; p < end; ++p) {
+  int64_t p = 0;
+  if constexpr (NV > 0) {
+    const float* const pre = scores<T, NV>(q, key, value, end, scale, s.data(), m);
+    p = pre - s.data();
+  }
+  for (; p < end; ++p) {
     prefetch_row(value(p), D);
     s[p] = dot(q, key(p), D) * scale;
     m = std::max(m, s[p]);

@@ -64,6 +64,38 @@ inline float vsum(vec v) {
   return lanes[0];
 }
 
+// vsum of LANES vectors at once: lane j of the result is vsum(v[j]), bit for bit. The same additions of
+// the same pairs (lane i + lane i + w, for w = LANES / 2 down to 1), each step adding two vectors' halves
+// in one instruction; the lanes come out transposed and one permutation puts them in order.
+inline vec vsum_lanes(const vec* v) {
+#if defined(__AVX512F__)
+  vec c[8], e[4], f[2];
+  for (int m = 0; m < 8; ++m)  // w = 8: lanes 0-7 are v[2m]'s sums, 8-15 v[2m + 1]'s
+    c[m] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * m], v[2 * m + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_f32x4(v[2 * m], v[2 * m + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  for (int m = 0; m < 4; ++m)  // w = 4: quarter j is v[4m + j]'s
+    e[m] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * m], c[2 * m + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(c[2 * m], c[2 * m + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  for (int m = 0; m < 2; ++m)  // w = 2: quarter j holds v[8m + j]'s two, then v[8m + 4 + j]'s
+    f[m] = _mm512_add_ps(_mm512_shuffle_ps(e[2 * m], e[2 * m + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(e[2 * m], e[2 * m + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  const vec r = _mm512_add_ps(_mm512_shuffle_ps(f[0], f[1], _MM_SHUFFLE(2, 0, 2, 0)),  // w = 1: lane 4j + t
+                              _mm512_shuffle_ps(f[0], f[1], _MM_SHUFFLE(3, 1, 3, 1)));  // is v[j + 4t]'s
+  return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), r);
+#else
+  vec c[4], e[2];
+  for (int m = 0; m < 4; ++m)  // w = 4: lanes 0-3 are v[2m]'s sums, 4-7 v[2m + 1]'s
+    c[m] = _mm256_add_ps(_mm256_permute2f128_ps(v[2 * m], v[2 * m + 1], 0x20),
+                         _mm256_permute2f128_ps(v[2 * m], v[2 * m + 1], 0x31));
+  for (int m = 0; m < 2; ++m)  // w = 2: half h holds v[4m + h]'s two, then v[4m + 2 + h]'s
+    e[m] = _mm256_add_ps(_mm256_shuffle_ps(c[2 * m], c[2 * m + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm256_shuffle_ps(c[2 * m], c[2 * m + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  const vec r = _mm256_add_ps(_mm256_shuffle_ps(e[0], e[1], _MM_SHUFFLE(2, 0, 2, 0)),  // w = 1: lanes
+                              _mm256_shuffle_ps(e[0], e[1], _MM_SHUFFLE(3, 1, 3, 1)));  // v[0, 2, 4, 6, 1, 3, 5, 7]'s
+  return _mm256_permutevar8x32_ps(r, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+#endif
+}
+
 // e^x lane by lane (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial in r, times 2^n;
 // within 2 ulp of e^x), 0 below -87 where e^x is under float32's smallest normal, x <= 88.
 inline vec vexp(vec x) {
