@@ -39,8 +39,13 @@ class Rounds:
         self.submitted += 1
         return self.scheduler.submit(program)
 
+    def stale_verdict(self, sid, proposal, mine):  # (as TargetSessions': negative proposals are stale)
+        return types.SimpleNamespace(proposal=proposal, finished=False) if proposal < 0 else None
+
     def round(self, sid, proposal, mine):
         self.gate.wait(10)
+        if proposal < 0:
+            return types.SimpleNamespace(proposal=proposal, finished=False)  # stale: no pass
         if proposal == self.fail_at:
             raise Aborted(f"session {sid!r} was taken over by a newer Verify stream")
         yield Step(self.cache, [proposal % V], last=True)
@@ -117,4 +122,26 @@ def test_at_most_limit_proposals_wait_unsent_and_stop_frees_the_reader(runner):
     assert q.get().proposal == 1  # room for one more
     assert q.put(3, threading.Event())
     assert [q.get().proposal, q.get().proposal] == [2, 3]
+    s.scheduler.close()
+
+
+def test_a_stale_proposal_of_an_idle_stream_is_answered_at_once_and_one_behind_a_round_in_order(runner):
+    """A stale proposal put while none of its stream's rounds is in the scheduler gets its empty verdict
+    from `put` itself, while another stream's round holds the model (before, it waited for that pass: the
+    gateway's first steps wait for this verdict, so under load each new session lost a pass). One put
+    behind a round of its own stream goes through the program, after that round's verdict."""
+    s = Rounds(runner)
+    other = StreamRounds(s, "other", None, limit=8)
+    stop = threading.Event()
+    assert other.put(1, stop)  # its round holds the scheduler's thread at the gate
+    q = StreamRounds(s, "sid", None, limit=8)
+    assert q.put(-1, stop)
+    assert q._out.get(timeout=5)[0].proposal == -1  # answered while the model is busy
+    q._room.release()
+    assert s.submitted == 1  # no program for it
+    assert q.put(2, stop) and q.put(-2, stop)  # 2's program is queued behind the held round
+    s.gate.set()
+    assert other.get().proposal == 1
+    assert [q.get().proposal, q.get().proposal] == [2, -2]
+    assert s.submitted == 2 and s.ran == [1, 2]
     s.scheduler.close()

@@ -153,6 +153,16 @@ class TargetSessions:
         verdict.load = self.model.cost.hint()
         return verdict
 
+    def stale_verdict(self, sid: str, proposal, mine: Verifier):
+        """The empty verdict of a stale proposal of `sid`, answered without a program (`StreamRounds.put`,
+        while none of this stream's rounds runs, so its committed ids cannot move); None if the proposal is
+        not stale or the stream is no longer the session's (its round then says so, as `round` does)."""
+        with self.lock:
+            entry = self.sessions.get(sid)
+        if entry is None or entry[0] is not mine or not wire.stale(proposal, mine.ids):
+            return None
+        return wire.empty_verdict(len(mine.ids))
+
     def close(self, sid: str, mine: Optional[Verifier] = None) -> None:
         """A stream of `sid` ended (after its last round): a finished session's cache goes, an unfinished
         one's is parked for the next stream of it (`park_s`)."""
