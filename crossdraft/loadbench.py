@@ -86,7 +86,7 @@ def _session(client, prompt: str, args, algorithm: str, drafter: str) -> dict:
     end = time.perf_counter()
     itl = (last - first) / (tokens - first_tokens) if first is not None and tokens > first_tokens else None
     return {"tokens": tokens, "seconds": end - t0, "ttft": (first - t0) if first else None, "itl": itl,
-            "rounds": rounds, "candidates": candidates}
+            "rounds": rounds, "candidates": candidates, "t0": t0}
 
 
 def run_level(address: str, prompts: list, args, algorithm: str, drafter: str, clients: int,
@@ -134,7 +134,16 @@ def run_level(address: str, prompts: list, args, algorithm: str, drafter: str, c
             # speculation as it ran: tokens committed and candidates verified per round (1 and 0: the
             # target's own steps, where the load cap or auto's arm `none` stopped drafting)
             "tokens_per_round": round(tokens / rounds, 2) if rounds else None,
-            "candidates_per_round": round(sum(s["candidates"] for s in sessions) / rounds, 2) if rounds else None}
+            "candidates_per_round": round(sum(s["candidates"] for s in sessions) / rounds, 2) if rounds else None,
+            "per_session": _per_session(sessions, t0)}
+
+
+def _per_session(sessions: list, t0: float) -> list:
+    """Each session's start (ms after the level's), time to first token, inter-token latency and tokens,
+    in the order they started: where a latency percentile comes from (a session whose first token comes
+    before other sessions' prefills carries them in its inter-token latency; docs/benchmarks.md)."""
+    return [{"start_ms": _ms(s["t0"] - t0), "ttft_ms": _ms(s["ttft"]), "itl_ms": _ms(s["itl"]), "tokens": s["tokens"]}
+            for s in sorted(sessions, key=lambda s: s["t0"])]
 
 
 def _ms(x: Optional[float]) -> Optional[float]:

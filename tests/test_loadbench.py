@@ -34,6 +34,10 @@ def test_the_concurrency_bench_runs_and_accounts_for_every_token(tmp_path):
         ("target alone", 1), ("slem drafter-spm4k", 1), ("target alone", 2), ("slem drafter-spm4k", 2)]
     for r in rows:
         assert r["errors"] == [] and r["sessions"] == r["clients"]
+        each = r["per_session"]  # every session, in the order they started, its figures the level's
+        assert len(each) == r["sessions"] and sum(x["tokens"] for x in each) == r["tokens"]
+        assert [x["start_ms"] for x in each] == sorted(x["start_ms"] for x in each) and each[0]["start_ms"] >= 0
+        assert max(x["ttft_ms"] for x in each) >= r["ttft_p50_ms"] >= min(x["ttft_ms"] for x in each) > 0
         assert 0 < r["tokens"] <= NEW * r["clients"] and r["tokens_per_second"] > 0
         assert r["tokens_per_round"] >= 1.0 and r["verifier_batch"] >= 1.0
         if r["config"] == "target alone":
