@@ -10,6 +10,9 @@ Never: knows what a session is for (verification or drafting), imports grpc or m
 """
 from __future__ import annotations
 
+import json
+import logging
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -19,6 +22,8 @@ from .kvbudget import KVBudget, default_budget
 from .load import MIN_PASSES, CostModel
 from .runner import KVCache, Runner, Step
 from .scheduler import DEFAULT_MAX_BATCH_TOKENS, Scheduler
+
+log = logging.getLogger("crossdraft.batched")
 
 PRIME_SIZES = (2, 3, 4, 6, 8, 12, 16, 24)  # tokens of the passes `prime_cost` times: a spread, MIN_PASSES of them
 assert len(PRIME_SIZES) >= MIN_PASSES
@@ -46,6 +51,7 @@ class Limits:
     kv_budget_mb: float = 0.0  # KV cache memory of all sessions; 0: max_sessions x max_model_len
     kv_wait_s: float = 10.0  # how long a session waits for KV room before RESOURCE_EXHAUSTED
     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS  # tokens in one forward pass (prefill is chunked to fit)
+    pass_log: str = ""  # not a limit, a diagnostic: a file for one JSON line per pass (`PassLog`); "": none
 
     def check(self) -> "Limits":
         if not 1 <= self.max_sessions <= 4096:
@@ -62,7 +68,46 @@ class Limits:
     def from_args(cls, args) -> "Limits":
         return cls(max_sessions=args.max_sessions, kv_budget_mb=getattr(args, "kv_budget_mb", 0.0) or 0.0,
                    kv_wait_s=getattr(args, "kv_wait_seconds", 10.0),
-                   max_batch_tokens=getattr(args, "max_batch_tokens", DEFAULT_MAX_BATCH_TOKENS)).check()
+                   max_batch_tokens=getattr(args, "max_batch_tokens", DEFAULT_MAX_BATCH_TOKENS),
+                   pass_log=getattr(args, "pass_log", "") or "").check()
+
+
+class PassLog:
+    """`--pass-log FILE`: one JSON line per forward pass of a model service (the Scheduler's `trace`):
+    `model` "verifier" or "drafter" (`serve all` logs both to one file), `t` when it started (wall clock, seconds), `steps` the tokens of each whole step in it (1: a target
+    or drafter step; 1 + k: a verification), `chunks` those of each piece of a prefill, `forward_ms` and
+    `after_ms` (the programs run on to their next steps, and the wake-ups), `inline` for a pass run in a
+    session's own thread. What a timeline of passes shows and the metrics' histograms do not: when each
+    session's steps come back (docs/benchmarks.md read a wave of new sessions from one). Appends; stops
+    writing, once said in the log, at `max_bytes`."""
+
+    MAX_BYTES = 64 << 20
+
+    def __init__(self, path: str, max_bytes: int = MAX_BYTES):
+        try:
+            self._fh = open(path, "a", buffering=1, encoding="utf-8")
+        except OSError as e:
+            raise InvalidArgument(f"--pass-log: cannot write {path}: {e.strerror or e}") from e
+        self.path, self.max_bytes, self._left, self._lock = path, max_bytes, max_bytes, threading.Lock()
+
+    def __call__(self, record: dict) -> None:
+        line = json.dumps(record, separators=(",", ":")) + "\n"
+        with self._lock:
+            if self._fh is None:
+                return
+            if len(line) > self._left:
+                log.warning("--pass-log %s: %d bytes written, no more passes logged", self.path, self.max_bytes)
+                self._fh.close()
+                self._fh = None
+                return
+            self._fh.write(line)
+            self._left -= len(line)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fh is not None:
+                self._fh.close()
+                self._fh = None
 
 
 class BatchedModel:
@@ -79,8 +124,9 @@ class BatchedModel:
                                               limits.kv_budget_mb),
                                runner.bytes_per_token, runner.max_length, limits.kv_wait_s, what=f"{name} KV cache")
         self._observer = observer
+        self.pass_log = PassLog(limits.pass_log) if limits.pass_log else None
         self.scheduler = Scheduler(runner, limits.max_batch_tokens, name, observer=self._observe, expected=expected,
-                                   inline=inline)
+                                   inline=inline, trace=self.pass_log)
 
     def _observe(self, sequences: int, tokens: int, seconds: float, waits: list) -> None:
         self.cost.observe(sequences, tokens, seconds)
@@ -127,4 +173,6 @@ class BatchedModel:
 
     def close(self) -> None:
         self.scheduler.close()
+        if self.pass_log is not None:
+            self.pass_log.close()
 

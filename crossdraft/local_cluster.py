@@ -47,13 +47,14 @@ class LocalCluster:
     def __init__(self, target: str, drafters: list, threads: int = 1, redis: bool = True,
                  python: Optional[str] = None, env: Optional[dict] = None, pin: bool = False,
                  model_args: tuple = (), metrics: bool = False, device: str = "auto", dtype: str = "auto",
-                 drafter_args: tuple = ()):
+                 drafter_args: tuple = (), verifier_args: tuple = ()):
         """`pin`: on a machine of two or more cores, everything but the verifier (the drafters, the
         gateway, Redis, and the caller once it calls `pin_caller`) runs on the last core, and the
         verifier on any: as on separate machines, the verifier's scheduler never waits on the run queue
         behind them (see docs/benchmarks.md, "Many users at once"). `device`, `dtype`: the model services'
         --device and --dtype (as the in-process side of a comparison loads its models). `model_args`:
-        more flags for the verifier and the drafters (--max-sessions, --max-batch-tokens, ...).
+        more flags for the verifier and the drafters (--max-sessions, --max-batch-tokens, ...);
+        `verifier_args`, `drafter_args`: for one of them only (--pass-log, --draft-ahead, ...).
         `metrics`: each service serves /metrics (`self.metrics`: name -> URL)."""
         self.target, self.drafter_dirs, self.threads, self.use_redis = target, list(drafters), threads, redis
         cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
@@ -70,6 +71,7 @@ class LocalCluster:
         self.drafters: dict = {}  # drafter directory name -> address
         self.model_args = ("--device", device or "auto", "--dtype", dtype or "auto", *model_args)
         self.drafter_args = tuple(drafter_args)  # the drafters' own flags (`serve drafter --help`)
+        self.verifier_args = tuple(verifier_args)  # and the verifier's
         self.with_metrics = metrics
         self.metrics: dict = {}  # service name -> its /metrics URL (with metrics=True)
 
@@ -98,6 +100,8 @@ class LocalCluster:
         extra = list(self.model_args) if role in ("verifier", "drafter") else []
         if role == "drafter":
             extra += self.drafter_args
+        if role == "verifier":
+            extra += self.verifier_args
         if self.with_metrics:
             port = free_port()
             self.metrics[name or role] = f"http://127.0.0.1:{port}/metrics"

@@ -161,6 +161,10 @@ def add_batching_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch-tokens", type=int, default=512,
                    help="tokens in one batched forward pass; a longer prompt's prefill runs in chunks of what "
                         "is left after the running sessions' rounds (default: 512)")
+    p.add_argument("--pass-log", default="", metavar="FILE",
+                   help="a diagnostic: append one JSON line per forward pass to FILE (when it started, the tokens "
+                        "of each step and prefill chunk in it, milliseconds of the forward and of the bookkeeping "
+                        "after it), at most 64 MB; see docs/serving.md")
 
 
 def check_batching_args(args) -> None:

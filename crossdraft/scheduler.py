@@ -93,13 +93,14 @@ class Scheduler:
 
     def __init__(self, runner: Runner, max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, name: str = "model",
                  observer: Optional[Callable] = None, expected: Optional[Callable[[], int]] = None,
-                 inline: Optional[Callable[[], bool]] = None):
+                 inline: Optional[Callable[[], bool]] = None, trace: Optional[Callable[[dict], None]] = None):
         """`inline`: whether `run` may drive a program in the caller's thread when the loop is idle (see
-        the module docstring); None: never."""
+        the module docstring); None: never. `trace`: called after each pass with what it ran and what it
+        cost (`_traced`; `--pass-log`, crossdraft/batched.py), or None."""
         if max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
         self.runner, self.max_batch_tokens, self.name = runner, max_batch_tokens, name
-        self.observer, self.expected, self.inline = observer, expected, inline
+        self.observer, self.expected, self.inline, self.trace = observer, expected, inline, trace
         self._model = threading.Lock()  # the runner: taken by each pass, and by a program run inline
         self._holding = 0  # programs the loop holds (under _cond)
         self._pass_s = 0.0  # recent pass time (exponential mean): bounds the gathering wait
@@ -152,7 +153,11 @@ class Scheduler:
                 for piece in pieces:
                     t0 = time.perf_counter()
                     logits = self.runner.forward_batch([piece])[0]
-                    self._observed(1, len(piece.ids), time.perf_counter() - t0, [0.0])
+                    t1 = time.perf_counter()
+                    self._observed(1, len(piece.ids), t1 - t0, [0.0])
+                    if self.trace is not None:
+                        n = [len(piece.ids)]
+                        self._traced(([], n) if step.chunk else (n, []), t0, t1, t1, inline=True)
                 step = program.send(logits)
         except StopIteration as done:
             return done.value
@@ -269,8 +274,23 @@ class Scheduler:
             except Exception:  # noqa: BLE001 - counting must never stop the model
                 log.exception("%s: the pass observer failed", self.name)
 
+    def _traced(self, shape: tuple, t0: float, t1: float, t2: float, inline: bool = False) -> None:
+        """`trace` a pass: the model's name, its start (wall clock), the tokens of its whole steps and of its
+        chunks (pieces of prefills), the forward's milliseconds and the bookkeeping's after it (each program
+        run on to its next step, the wake-ups; a pass run inline: 0, its program runs on in the caller's thread)."""
+        rec = {"model": self.name, "t": round(time.time() - (time.perf_counter() - t0), 4), "steps": shape[0],
+               "chunks": shape[1], "forward_ms": round((t1 - t0) * 1e3, 3), "after_ms": round((t2 - t1) * 1e3, 3)}
+        if inline:
+            rec["inline"] = True
+        try:
+            self.trace(rec)
+        except Exception:  # noqa: BLE001 - a diagnostic must never stop the model
+            log.exception("%s: the pass trace failed", self.name)
+
     def _pass(self, active: list) -> None:
         chosen = self._select(active)
+        shape = None if self.trace is None else ([len(p.ids) for e, p in chosen if not e.step.chunk],
+                                                 [len(p.ids) for e, p in chosen if e.step.chunk])
         t0 = time.perf_counter()
         waits = [t0 - e.since for e, _ in chosen]
         try:
@@ -282,7 +302,8 @@ class Scheduler:
                 e.program.close()
                 e.future.set_exception(exc)
             return
-        self._observed(len(chosen), sum(len(s.ids) for _, s in chosen), time.perf_counter() - t0, waits)
+        t1 = time.perf_counter()
+        self._observed(len(chosen), sum(len(s.ids) for _, s in chosen), t1 - t0, waits)
         self._later = []
         try:
             for (e, piece), logits in zip(chosen, results):
@@ -298,3 +319,5 @@ class Scheduler:
                     fn(*args)
                 except Exception:  # noqa: BLE001 - one wake-up's failure must not stop the model
                     log.exception("%s: a wake-up after a pass failed", self.name)
+        if shape is not None:
+            self._traced(shape, t0, t1, time.perf_counter())

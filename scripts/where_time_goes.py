@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import types
 import urllib.request
@@ -68,6 +69,27 @@ def drafter_rounds(cl) -> dict:
     return out
 
 
+def pass_shapes(path: str) -> list:
+    """The verifier's --pass-log by shape: passes of n whole steps of the same size and no prefill chunk
+    ("8 x 1": eight target steps), and those with prefill chunks ("with prefill") apart; medians."""
+    groups: dict = {}
+    with open(path) as fh:
+        for line in fh:
+            p = json.loads(line)
+            if p.get("model") != "verifier":
+                continue
+            if p["chunks"]:
+                key = "with prefill"
+            elif len(set(p["steps"])) == 1:
+                key = f"{len(p['steps'])} x {p['steps'][0]}"
+            else:
+                key = "mixed steps"
+            groups.setdefault(key, []).append(p)
+    return [{"shape": k, "passes": len(v), "forward_ms": round(statistics.median(p["forward_ms"] for p in v), 2),
+             "after_ms": round(statistics.median(p["after_ms"] for p in v), 2)}
+            for k, v in sorted(groups.items(), key=lambda kv: -len(kv[1]))]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--root", default=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -88,6 +110,8 @@ def main() -> int:
     ap.add_argument("--model-args", default="",
                     help="more flags for the verifier and the drafter, space-separated (e.g. --kv-dtype bfloat16)")
     ap.add_argument("--drafter-args", default="", help="more flags for the drafter, space-separated (e.g. --draft-ahead)")
+    ap.add_argument("--pass-log", default="", metavar="FILE",
+                    help="the verifier's --pass-log (one JSON line per pass), summarised at the end by pass shape")
     args = ap.parse_args()
     sys.path.insert(0, args.root)
     from crossdraft import loadbench
@@ -104,7 +128,8 @@ def main() -> int:
                                      seed=0, draft_tokens=args.draft_tokens)
     cl = LocalCluster(os.path.join(args.zoo, "target-bpe8k"), [os.path.join(args.zoo, args.drafter)], threads=1,
                       metrics=True, pin=args.pin_cpus, model_args=("--max-sessions", str(max(16, max(levels))), *args.model_args.split()),
-                      drafter_args=tuple(args.drafter_args.split())).start()
+                      drafter_args=tuple(args.drafter_args.split()),
+                      verifier_args=("--pass-log", args.pass_log) if args.pass_log else ()).start()
     cl.pin_caller()
     rows = []
     try:
@@ -123,11 +148,15 @@ def main() -> int:
                       + ", ".join(f"{k} {v}" for k, v in r["drafter_round_ms"].items()), flush=True)
     finally:
         cl.stop()
+    shapes = pass_shapes(args.pass_log) if args.pass_log else []
+    for r in shapes:
+        print(f"passes {r['shape']}: {r['passes']}, forward {r['forward_ms']} ms, after it {r['after_ms']} ms "
+              f"(medians)")
     if args.json_out:
         with open(args.json_out, "w") as fh:
             json.dump({"root": args.root, "algorithm": args.algorithm, "drafter": args.drafter,
                        "drafter_args": args.drafter_args, "model_args": args.model_args, "draft_tokens": args.draft_tokens,
-                       "results": rows}, fh, indent=2)
+                       "results": rows, "pass_shapes": shapes}, fh, indent=2)
     return 0
 
 

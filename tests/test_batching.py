@@ -10,6 +10,7 @@ given back; a prompt longer than the per-pass token budget is prefilled while ot
 timing thresholds: speed lives in the benchmark (`crossdraft bench --concurrency`)."""
 from __future__ import annotations
 
+import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -92,13 +93,15 @@ def batched_services(trained_models, tmp_path_factory):
     servers = Servers(root)
     f64 = ("--dtype", "float64")
     try:
-        addr = {"verifier": servers.start("verifier", "verifier", target, extra=f64 + ("--max-batch-tokens", "24")),
+        pass_log = root / "verifier-passes.jsonl"
+        addr = {"verifier": servers.start("verifier", "verifier", target,
+                                          extra=f64 + ("--max-batch-tokens", "24", "--pass-log", str(pass_log))),
                 "drafter": servers.start("drafter", "drafter", spm, extra=f64),
                 "small": servers.start("small", "verifier", target,
                                        extra=f64 + ("--max-model-len", "64", "--kv-wait-seconds", "1",
                                                     "--kv-budget-mb", "0.06"))}
         servers.wait_serving(addr)
-        yield dict(addr, dirs={"target": target, "spm": spm}, servers=servers)
+        yield dict(addr, dirs={"target": target, "spm": spm}, servers=servers, pass_log=pass_log)
     finally:
         servers.stop_all()
 
@@ -211,3 +214,24 @@ def test_a_prompt_longer_than_the_pass_budget_is_prefilled_beside_running_sessio
     from crossdraft.vocab import Vocab
 
     assert len(Vocab.load(str(s["dirs"]["target"])).encode_prompt(long_prompt)) > 2 * 24
+    # the verifier's --pass-log: every pass within the budget, and prefill chunks beside sessions' rounds
+    passes = [json.loads(line) for line in s["pass_log"].read_text().splitlines()]
+    assert passes and all(sum(p["steps"]) + sum(p["chunks"]) <= 24 or len(p["steps"]) + len(p["chunks"]) == 1
+                          for p in passes)
+    assert any(p["steps"] and p["chunks"] for p in passes)
+    assert all(p["forward_ms"] > 0 and p["after_ms"] >= 0 and p["model"] == "verifier" for p in passes)
+
+
+def test_the_pass_log_stops_at_its_size_and_refuses_a_path_it_cannot_write(tmp_path):
+    from crossdraft.batched import PassLog
+    from crossdraft.errors import InvalidArgument
+
+    rec = {"model": "verifier", "t": 1.0, "steps": [1, 3], "chunks": [], "forward_ms": 5.0, "after_ms": 0.2}
+    line = len(json.dumps(rec, separators=(",", ":"))) + 1
+    log = PassLog(str(tmp_path / "p.jsonl"), max_bytes=3 * line + 5)
+    for _ in range(10):
+        log(rec)
+    log.close()
+    assert [json.loads(x) for x in (tmp_path / "p.jsonl").read_text().splitlines()] == [rec] * 3
+    with pytest.raises(InvalidArgument, match="--pass-log: cannot write"):
+        PassLog(str(tmp_path / "no-such-dir" / "p.jsonl"))

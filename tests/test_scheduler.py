@@ -73,8 +73,8 @@ def test_a_long_prefill_is_chunked_and_the_running_sequences_go_on(runner):
     """A 200-token prompt arriving while another sequence decodes, under a budget of 32 tokens a pass:
     no pass takes more than 32 tokens, the prompt's prefill spans several passes, and the running
     sequence takes a step in each of them instead of waiting for the prefill to end."""
-    passes = Passes()
-    sched = Scheduler(runner, max_batch_tokens=32, observer=passes)
+    passes, traced = Passes(), []
+    sched = Scheduler(runner, max_batch_tokens=32, observer=passes, trace=traced.append)
     started = threading.Event()
 
     def running():
@@ -94,6 +94,12 @@ def test_a_long_prefill_is_chunked_and_the_running_sequences_go_on(runner):
     assert max(t for _, t in passes.seen) <= 32
     shared = [p for p in passes.seen if p[0] == 2]
     assert len(shared) >= 5  # the prefill's chunks ran beside the other sequence's steps
+    # the trace (--pass-log): every pass, its whole steps and its prefill chunks apart, in order
+    assert [(len(r["steps"]) + len(r["chunks"]), sum(r["steps"]) + sum(r["chunks"])) for r in traced] == passes.seen
+    assert sum(sum(r["chunks"]) for r in traced) == len(prompts(1)[0]) + 200 + 8
+    assert len([r for r in traced if r["steps"] == [1] and r["chunks"]]) >= 5
+    assert all(r["forward_ms"] >= 0 and r["after_ms"] >= 0 and "inline" not in r for r in traced)
+    assert [r["t"] for r in traced] == sorted(r["t"] for r in traced)
 
 
 def test_one_program_fails_alone(runner):
@@ -228,13 +234,15 @@ def test_a_program_alone_runs_inline_in_the_caller_s_thread(runner):
     says no, or a program is in the loop, it goes through the loop's thread as before."""
     p = prompts(1, n=40)[0]
     alone = drive(runner, greedy(runner, p, 6))
-    allow, passes = [True], Passes()
+    allow, passes, traced = [True], Passes(), []
     wrapped = OneAtATime(runner)
-    sched = Scheduler(wrapped, max_batch_tokens=16, observer=passes, inline=lambda: allow[0])
+    sched = Scheduler(wrapped, max_batch_tokens=16, observer=passes, inline=lambda: allow[0], trace=traced.append)
     try:
         assert sched.run(greedy(runner, p, 6)) == alone
         assert set(wrapped.threads) == {threading.current_thread()}
         assert passes.seen == [(1, 16), (1, 16), (1, 8)] + [(1, 1)] * 6  # 40 prompt tokens in chunks of 16
+        assert [(r["steps"], r["chunks"], r["inline"]) for r in traced] == \
+            [([], [16], True), ([], [16], True), ([], [8], True)] + [([1], [], True)] * 6
         allow[0], wrapped.threads = False, []
         assert sched.run(greedy(runner, p, 6)) == alone
         assert threading.current_thread() not in wrapped.threads
