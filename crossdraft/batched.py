@@ -3,7 +3,8 @@
 Owns: a model's runner with the `Scheduler` that batches its sessions' steps (continuous batching,
 crossdraft/scheduler.py), the `CostModel` of its passes (the load a verifier reports for load-aware
 speculation, crossdraft/load.py), the `KVBudget` its sessions are admitted under
-(crossdraft/kvbudget.py), and the limits an operator sets for all of them (`Limits`).
+(crossdraft/kvbudget.py), the limits an operator sets for all of them (`Limits`), and the pass log
+an operator may ask for (`PassLog`, `--pass-log`).
 
 Never: knows what a session is for (verification or drafting), imports grpc or metrics libraries
 (a service passes an `observer` for each pass and reads `usage()`).
@@ -74,12 +75,13 @@ class Limits:
 
 class PassLog:
     """`--pass-log FILE`: one JSON line per forward pass of a model service (the Scheduler's `trace`):
-    `model` "verifier" or "drafter" (`serve all` logs both to one file), `t` when it started (wall clock, seconds), `steps` the tokens of each whole step in it (1: a target
-    or drafter step; 1 + k: a verification), `chunks` those of each piece of a prefill, `forward_ms` and
-    `after_ms` (the programs run on to their next steps, and the wake-ups), `inline` for a pass run in a
-    session's own thread. What a timeline of passes shows and the metrics' histograms do not: when each
-    session's steps come back (docs/benchmarks.md read a wave of new sessions from one). Appends; stops
-    writing, once said in the log, at `max_bytes`."""
+    `model` "verifier" or "drafter" (`serve all` logs both to one file), `t` when it started (wall
+    clock, seconds), `steps` the tokens of each whole step in it (1: a target or drafter step; 1 + k: a
+    verification), `chunks` those of each piece of a prefill, `forward_ms` and `after_ms` (the programs
+    run on to their next steps, and the wake-ups), `inline` for a pass run in a session's own thread.
+    What a timeline of passes shows and the metrics' histograms do not: when each session's steps come
+    back (docs/benchmarks.md read a wave of new sessions from one). Appends; each model stops writing,
+    once said in the log, at `max_bytes` of its own."""
 
     MAX_BYTES = 64 << 20
 

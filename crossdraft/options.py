@@ -164,7 +164,7 @@ def add_batching_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pass-log", default="", metavar="FILE",
                    help="a diagnostic: append one JSON line per forward pass to FILE (when it started, the tokens "
                         "of each step and prefill chunk in it, milliseconds of the forward and of the bookkeeping "
-                        "after it), at most 64 MB; see docs/serving.md")
+                        "after it), at most 64 MB a model; see docs/serving.md")
 
 
 def check_batching_args(args) -> None:
