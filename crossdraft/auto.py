@@ -16,9 +16,9 @@ the arm a fixed rule would pick, and challengers:
 Turns come in cycles: the incumbent's, a challenger's (the one with the fewest turns), the incumbent's
 again, `BLOCK` measured rounds each, then `REST` rounds that are no turn, so that the search takes
 about a seventh of the rounds and its turns spread over more text. A rest runs the incumbent, or the
-challenger furthest ahead of it so far (by more than `MIN_GAIN`): the rest's arm changes what the search
-costs, not what it decides. The first round after a switch of
-drafter is not measured: that drafter first catches up on what was committed meanwhile (drafters of
+challenger furthest ahead of it so far (by more than `MIN_GAIN` and one standard error): the rest's arm
+changes what the search costs, not what it decides. The first round after a switch of drafter is not
+measured: that drafter first catches up on what was committed meanwhile (drafters of
 one model share one KV cache, so that is the new text only; first in a session, the prompt).
 A challenger is judged on paired differences: each of its turns against the incumbent's turns right
 before and after it, which saw the same stretch of text. That matters: how much a round accepts
@@ -35,8 +35,10 @@ rate, makes it the incumbent (the old one becomes a challenger), but only on tur
 faster also depends on the text (on the zoo's drafter-bpe2k, tli beats slem by up to 13% on some
 prompts and loses by up to 16% on others), and a decision taken inside the first prompt kept the
 wrong arm for the rest of the process. At `ALGO_TURNS`/`LENGTH_TURNS` a challenger stops, and when the
-stage ends the best of those that meet the same test replaces the incumbent. A clearly worse arm costs
-two or three turns; one too close to tell leaves the rule's pick in place, where a wrong guess costs little.
+stage ends the best of those that meet the same test replaces the incumbent, or, if none does, the best
+of those ahead by `MIN_GAIN` and one standard error on spread text (`_likely`: the stage is over, and
+keeping the incumbent is then the less likely choice). A clearly worse arm costs two or three turns; one
+too close to tell leaves the rule's pick in place, where a wrong guess costs little.
 (Taking over needs more turns and more text than being dropped: a wrong take-over costs for the rest
 of the process, a wrong drop only the difference between two arms that looked alike.)
 A caller that fixes the draft length skips stage 2; a pair with one applicable algorithm skips stage 1.
@@ -64,6 +66,7 @@ MIN_TURNS = 4  # turns before a challenger can be dropped by the t test
 PROMOTE_TURNS = 6  # turns before a challenger can take over
 FAR = ((2, 0.30), (3, 0.15))  # (turns, behind): after so many turns, a challenger this much slower is dropped
 AHEAD = (3, 0.30)  # (turns, ahead): a challenger this much faster on average, and ahead on each turn, takes over
+LEAD_TURNS = 2  # paired turns before a challenger ahead may run the rests (`AutoState._leader`)
 MIN_GAIN = 0.03  # a challenger replaces the incumbent only when at least this much faster
 BLOCK = 4  # measured rounds in a turn
 REST = 16  # rounds of rest (no turn) after each challenger turn and its two incumbent turns
@@ -204,6 +207,15 @@ class AutoState:
         m, se, n, rel = self._diff(c)
         return n >= self.min_turns and m > t95(n - 1) * se and rel > MIN_GAIN and self._spread(c)
 
+    def _likely(self, c) -> bool:
+        """At the end of a stage, for a challenger that ran its turns without convincing: ahead by more
+        than `MIN_GAIN` and one standard error, after `min_turns`, on spread text. The stage is over, so
+        keeping the incumbent is a choice too, and not the likelier one; the simulation that led to this
+        (docs/benchmarks.md, "auto's search at temperature 1") kept the target's own step 14% ahead of tli
+        in more runs with it, and lost nothing where tli was ahead."""
+        m, se, n, rel = self._diff(c)
+        return n >= self.min_turns and rel > MIN_GAIN and m > se and self._spread(c)
+
     def _far_ahead(self, c) -> bool:
         """`AHEAD`: faster by far on every paired turn, beyond what the text alone moves (on the zoo,
         up to 16% between two arms), so that take-over needs no spread of sessions."""
@@ -215,10 +227,15 @@ class AutoState:
 
     def _leader(self) -> tuple:
         """The arm a rest runs: the challenger furthest ahead of the incumbent on its paired turns so
-        far, by more than `MIN_GAIN`, else the incumbent. Rest rounds are no turn (they spread the turns
-        over more text), so which arm runs them changes the search's cost, not its decisions: while a
-        challenger far ahead waits for the turns that let it take over, most rounds already run it."""
-        ahead = [(rel, c) for c in self.challengers for _, _, n, rel in [self._diff(c)] if n and rel > MIN_GAIN]
+        far, by more than `MIN_GAIN` and by more than one standard error (so at least `LEAD_TURNS`
+        turns), else the incumbent. Rest rounds are no turn (they spread the turns over more text), so
+        which arm runs them changes the search's cost, not its decisions: while a challenger far ahead
+        waits for the turns that let it take over, most rounds already run it. (Without the standard
+        error, a challenger ahead by chance ran the rests: at temperature 1 a turn of 4 rounds commits
+        about 5 tokens, and on drafter-spm4k `tli k=3`, 6.6% ahead on 3 turns with an error of 16%,
+        ran 108 rounds at 0.78x the incumbent's rate.)"""
+        ahead = [(rel, c) for c in self.challengers for m, se, n, rel in [self._diff(c)]
+                 if n >= LEAD_TURNS and rel > MIN_GAIN and m > se]
         return max(ahead, key=lambda a: a[0])[1] if ahead else self.incumbent
 
     def _judge(self) -> None:
@@ -252,6 +269,8 @@ class AutoState:
 
     def _finish_stage(self) -> None:
         better = [c for c in self.capped if self._convincing(c)]
+        if not better:  # none convincing: the best guess, if it is one (see `_likely`)
+            better = [c for c in self.capped if self._likely(c)]
         if better:
             self.incumbent = max(better, key=lambda c: self._diff(c)[0])
         if self.stage == "algorithm":

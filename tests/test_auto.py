@@ -8,6 +8,10 @@
 """
 from __future__ import annotations
 
+import importlib.util
+import json
+from pathlib import Path
+
 import pytest
 
 from crossdraft.auto import AutoState, mode_key
@@ -75,6 +79,30 @@ def test_a_close_challenger_leaves_the_incumbent_in_place():
     assert st.stage == "decided" and st.choice == ("tli", None) and not st.dropped
 
 
+def test_at_the_cap_the_likelier_arm_is_kept():
+    """A challenger that ran its turns ahead by more than MIN_GAIN and one standard error, short of the t
+    test, replaces the incumbent when the stage ends (keeping the incumbent would be the less likely
+    choice); the same mean with twice the scatter keeps the incumbent (the negative control). Six pairs,
+    differences 10 +/- s: the standard error is about 0.45 s, the t test's margin 2.57 of it."""
+    T, N = ("tli", None), ("none", None)
+
+    def run(scatter):
+        st = AutoState(["tli", "none"], (None,), algo_turns=6, min_turns=3, promote_turns=99, block=1, rest=0,
+                       promote_span=0)
+        turns = [0]
+
+        def speed(arm, i):
+            if arm != N:
+                return 100.0
+            turns[0] += 1
+            return 110.0 + (scatter if turns[0] % 2 else -scatter)
+        feed(st, speed, 13)
+        assert st.stage == "decided", st.summary()
+        return st.choice
+    assert run(scatter=15.0) == N
+    assert run(scatter=30.0) == T
+
+
 def test_switch_rounds_do_not_count():
     st = AutoState(["tli", "slem", "slrs"], (None,), min_turns=2, promote_turns=2, block=2, rest=0, promote_span=0)
     order = []
@@ -121,7 +149,7 @@ def test_a_challenger_ahead_in_the_first_sessions_only_does_not_take_over():
 
 def test_a_challenger_faster_on_every_text_takes_over_within_a_few_sessions():
     """The same defaults find a challenger 10% faster everywhere, with noisy rounds, in a few sessions."""
-    S, T = ("slem", None), ("tli", None)
+    T = ("tli", None)
     st = AutoState(["slem", "tli"], (None,))
     noise = [1.0, 0.8, 1.25, 0.9, 1.1]
     feed(st, lambda arm, i: 100 * (1.1 if arm == T else 1.0) * noise[i * 7 % 5], 64 * 6, session_rounds=64)
@@ -147,16 +175,37 @@ def test_a_challenger_far_ahead_on_every_turn_takes_over_inside_the_first_sessio
 
 
 def test_a_rest_runs_the_challenger_ahead_so_far():
-    """Rests are no turn: once a challenger is ahead on its paired turns (by more than MIN_GAIN), the
-    rests run it, so that a search whose challenger will take over costs less meanwhile; its turns
-    and its judgement are as before."""
+    """Rests are no turn: once a challenger is ahead on its paired turns (on two turns at least, by
+    more than MIN_GAIN and by more than a standard error), the rests run it, so that a search whose
+    challenger will take over costs less meanwhile; its turns and its judgement are as before."""
     S, N = ("slem", None), ("none", None)
     st = AutoState(["slem", "none"], (None,), block=2, rest=5)
-    used = feed(st, {S: 100, N: 140}, 22)
-    assert used == [S] * 2 + [N] * 2 + [S] * 2 + [N] * 5 + [S] * 2 + [N] * 2 + [S] * 2 + [N] * 5
-    assert [t[0] for t in st.turns] == [S, N, S, S, N, S]  # the rests' rounds are still no turn
+    used = feed(st, {S: 100, N: 120}, 33)  # (20% ahead: short of `AHEAD`, no take-over yet)
+    cycle = [S] * 2 + [N] * 2 + [S] * 2
+    assert used == cycle + [S] * 5 + cycle + [N] * 5 + cycle + [N] * 5  # one turn is no evidence yet
+    assert [t[0] for t in st.turns] == [S, N, S] * 3  # the rests' rounds are still no turn
     st = AutoState(["slem", "none"], (None,), block=2, rest=5)
-    assert feed(st, {S: 100, N: 102}, 11)[-5:] == [S] * 5  # within MIN_GAIN: the incumbent rests
+    assert feed(st, {S: 100, N: 102}, 22)[-5:] == [S] * 5  # within MIN_GAIN: the incumbent rests
+
+
+def test_a_challenger_ahead_by_chance_does_not_run_the_rests():
+    """A challenger whose paired turns scatter around the incumbent's (ahead on average by more than
+    MIN_GAIN, but by less than a standard error) leaves the rests to the incumbent; the same mean with
+    a small scatter hands them over (the positive control)."""
+    S, N = ("slem", None), ("none", None)
+
+    def run(scatter):
+        st = AutoState(["slem", "none"], (None,), block=1, rest=4, min_turns=99, algo_turns=99)
+        n_turns = [0]
+
+        def speed(arm, i):
+            if arm != N or st.turn != N:
+                return 100.0
+            n_turns[0] += 1
+            return 110.0 + (scatter if n_turns[0] % 2 else -scatter)  # +10% on average
+        return feed(st, speed, 3 * 7)[-4:]
+    assert run(scatter=60.0) == [S] * 4
+    assert run(scatter=2.0) == [N] * 4
 
 
 def test_arms_picked_one_round_ahead_keep_each_turn_to_its_block():
@@ -409,3 +458,19 @@ def test_auto_sampling_search_runs_every_algorithm(trained_models):
         assert r.new_tokens == GREEDY_NEW or r.finish_reason == "eos"
     assert seen == {"tli", "slem", "slrs", "none"}
     assert engine.auto_memory.get((mode_key(T1), None), [], ()).stage == "decided"
+
+
+def test_the_search_simulation_runs_and_compares_against_the_best_fixed_arm(tmp_path):
+    """scripts/auto_sim.py (the tool behind the search's rules): a few seeds per scenario, rows written."""
+    path = Path(__file__).resolve().parent.parent / "scripts" / "auto_sim.py"
+    spec = importlib.util.spec_from_file_location("auto_sim", path)
+    sim = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sim)
+    out = tmp_path / "sim.json"
+    assert sim.main(["--seeds", "3", "--json-out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["scenario"] for r in rows] == list(sim.SCENARIOS)
+    for r in rows:  # auto pays for its search, so it is below the best fixed arm, and not by half
+        assert 0.5 < r["p10"] <= r["median"] and r["mean"] < 1.02 and 0.0 <= r["kept_best"] <= 1.0
+    with pytest.raises(SystemExit):
+        sim.main(["--scenarios", "nosuch"])
