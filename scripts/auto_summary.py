@@ -13,8 +13,13 @@ bootstrap interval for the pooled ratio: prompts (of every run) are drawn with r
 draw the pooled ratio is computed again, best fixed configuration re-chosen included. The interval says
 how far the ratio could move with other texts of the same kind; it is not a correction of the bias above.
 
+The target alone counts as a configuration (`none` is one of auto's arms, and issue 13's goal is auto
+against the better of the target alone and the best fixed algorithm); `--fixed-only` leaves it out, as the
+summaries written before `none` was an arm did (docs/bench/cpu-auto-summary.txt).
+
     python3 scripts/auto_summary.py docs/bench/cpu-auto-greedy-run*.json docs/bench/cpu-auto-t1-run*.json
 """
+import argparse
 import json
 import random
 import sys
@@ -39,20 +44,44 @@ def _vs_best(rate: dict) -> tuple:
     return best, (rate["auto"] / rate[best] if "auto" in rate and best else float("nan"))
 
 
-def main(paths) -> int:
-    runs = defaultdict(list)  # (mode, drafter) -> [(seed, {config: (tokens, seconds)}, [per prompt units] or None)]
-    for p in paths:
-        with open(p) as f:
+def _read(path: str) -> dict:
+    try:
+        with open(path) as f:
             doc = json.load(f)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"auto_summary: cannot read {path}: {e}")
+    if not isinstance(doc, dict) or "meta" not in doc or "results" not in doc:
+        raise SystemExit(f"auto_summary: {path} is not a `crossdraft bench --json-out` file")
+    return doc
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("files", nargs="+", help="`crossdraft bench --json-out` files (runs of scripts/bench_auto.sh)")
+    ap.add_argument("--fixed-only", action="store_true",
+                    help="compare auto with the fixed algorithms only, not with the target alone")
+    args = ap.parse_args(argv)
+    runs = defaultdict(list)  # (mode, drafter) -> [(seed, {config: (tokens, seconds)}, [per prompt units] or None)]
+    alone = {}  # file -> the target alone's row, a configuration of every drafter in that file
+    for p in args.files:
+        doc = _read(p)
         mode = "greedy" if not doc["meta"]["temperature"] else f"T={doc['meta']['temperature']:g}"
         per = defaultdict(dict)
         prompts = defaultdict(dict)  # drafter -> config -> [[tokens, seconds] per prompt]
-        for r in doc["results"]:
-            if r.get("error") or not r.get("seconds") or r["config"] == "target alone":
+        rows = [r for r in doc["results"] if not r.get("error") and r.get("seconds")]
+        alone[p] = next((r for r in rows if r["config"] == "target alone"), None)
+        for r in rows:
+            if r["config"] == "target alone":
                 continue
             per[r["drafter"]][r["config"]] = (r["new_tokens"], r["seconds"])
             if r.get("per_prompt"):
                 prompts[r["drafter"]][r["config"]] = r["per_prompt"]
+        if alone[p] is not None and not args.fixed_only:
+            for drafter in per:
+                per[drafter]["target alone"] = (alone[p]["new_tokens"], alone[p]["seconds"])
+                if alone[p].get("per_prompt") and drafter in prompts:
+                    prompts[drafter]["target alone"] = alone[p]["per_prompt"]
         for drafter, configs in per.items():
             pp = prompts.get(drafter)
             units = None
@@ -75,10 +104,10 @@ def main(paths) -> int:
         if all(us for _, _, us in rs) and len(units) >= 2:
             draws = sorted(_vs_best(_rates([rng.choice(units) for _ in units]))[1] for _ in range(DRAWS))
             interval = f"[{draws[int(0.025 * DRAWS)]:.2f}, {draws[int(0.975 * DRAWS) - 1]:.2f}]"
-        print(f"{mode:7s} {drafter:18s} {' '.join(ratios):42s} {ratio:.2f}    {interval:27s}  "
+        print(f"{mode:7s} {drafter:18s} {' '.join(ratios):42s} {ratio:.3f}   {interval:27s}  "
               f"({best} {rate[best]:.1f} tok/s, auto {rate.get('auto', 0):.1f})")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())

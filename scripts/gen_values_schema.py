@@ -6,6 +6,7 @@ that it has the same keys as values.yaml. Run it after changing values.yaml:
 
     python3 scripts/gen_values_schema.py
 """
+import argparse
 import copy
 import json
 import sys
@@ -194,7 +195,17 @@ def render() -> str:
     return json.dumps(schema, indent=2) + "\n"
 
 
-if __name__ == "__main__":
-    path = Path(sys.argv[1]) if len(sys.argv) > 1 else OUT
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("out", nargs="?", default=str(OUT), help=f"where to write the schema (default: {OUT})")
+    args = ap.parse_args(argv)
+    path = Path(args.out)
+    if not path.parent.is_dir():
+        ap.error(f"no such directory: {path.parent}")
     path.write_text(render())
     print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -462,10 +462,7 @@ def test_auto_sampling_search_runs_every_algorithm(trained_models):
 
 def test_the_search_simulation_runs_and_compares_against_the_best_fixed_arm(tmp_path):
     """scripts/auto_sim.py (the tool behind the search's rules): a few seeds per scenario, rows written."""
-    path = Path(__file__).resolve().parent.parent / "scripts" / "auto_sim.py"
-    spec = importlib.util.spec_from_file_location("auto_sim", path)
-    sim = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sim)
+    sim = _script("auto_sim")
     out = tmp_path / "sim.json"
     assert sim.main(["--seeds", "3", "--json-out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
@@ -474,3 +471,35 @@ def test_the_search_simulation_runs_and_compares_against_the_best_fixed_arm(tmp_
         assert 0.5 < r["p10"] <= r["median"] and r["mean"] < 1.02 and 0.0 <= r["kept_best"] <= 1.0
     with pytest.raises(SystemExit):
         sim.main(["--scenarios", "nosuch"])
+
+
+def _script(name):
+    path = Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_auto_summary_counts_the_target_alone_unless_told_not_to(tmp_path, capsys):
+    """scripts/auto_summary.py pools bench runs: auto against the best configuration, the target alone
+    among them (issue 13's goal), or against the fixed algorithms only with --fixed-only."""
+    def run_file(i, alone_s):
+        rows = [{"config": "target alone", "drafter": "-", "new_tokens": 100, "seconds": alone_s},
+                {"config": "tli", "drafter": "d", "new_tokens": 100, "seconds": 1.0},
+                {"config": "auto", "drafter": "d", "new_tokens": 100, "seconds": 0.9}]
+        p = tmp_path / f"run{i}.json"
+        p.write_text(json.dumps({"meta": {"temperature": 1.0, "seed": i}, "results": rows}))
+        return str(p)
+    files = [run_file(0, 0.8), run_file(1, 0.8)]
+    summary = _script("auto_summary")
+    assert summary.main(files) == 0
+    out = capsys.readouterr().out
+    assert "(target alone 125.0 tok/s, auto 111.1)" in out and " 0.889 " in out
+    assert summary.main(files + ["--fixed-only"]) == 0
+    out = capsys.readouterr().out
+    assert "(tli 100.0 tok/s, auto 111.1)" in out and " 1.111 " in out
+    with pytest.raises(SystemExit, match="not a `crossdraft bench"):
+        bad = tmp_path / "bad.json"
+        bad.write_text("[]")
+        summary.main([str(bad)])
