@@ -308,6 +308,25 @@ class Runner:
         return torch.stack(out)
 
 
+def _bf16_values(w: torch.Tensor) -> bool:
+    """Whether every float32 of `w` is a bfloat16 value (its lower 16 bits zero)."""
+    return bool(w.view(torch.int32).bitwise_and(0xFFFF).eq(0).all())
+
+
+def _pack(w: torch.Tensor) -> torch.Tensor:
+    """W's panels for crossdraft's kernel: bfloat16 where W holds bfloat16 values (and the loaded kernel
+    packs them; CROSSDRAFT_BF16_PANELS=0: never), else float32."""
+    if (os.environ.get("CROSSDRAFT_BF16_PANELS", "1") != "0" and hasattr(torch.ops.crossdraft, "rows_pack_bf16")
+            and _bf16_values(w)):
+        return torch.ops.crossdraft.rows_pack_bf16(w)
+    return torch.ops.crossdraft.rows_pack(w)
+
+
+def _bf16_columns(cols: int) -> torch.Tensor:
+    """The column each word of a bfloat16 panel row holds (rows.cpp's `bf16_column`, LANES = cols / 2)."""
+    return torch.tensor([(cols // 2 if p % 2 else 0) + p // 2 for p in range(cols)])
+
+
 class _Linear:
     """y = x W^T + b with the kernel that is fastest for the number of rows on a CPU.
 
@@ -322,7 +341,11 @@ class _Linear:
         crossdraft's kernel       3.7   3.5   3.7   4.3   29.6
 
     and its rounding does not depend on the other rows (a session's logits are the same whichever
-    sessions share its pass). Where that kernel cannot be built (crossdraft.kernels says why), one or
+    sessions share its pass). A layer whose float32 weights are all bfloat16 values (a checkpoint stored
+    in bfloat16, as the zoo's) keeps its panels in bfloat16 (`_pack`): the same outputs bit for bit, half
+    the memory, and one row about 2.5 times as fast (the weights stream from memory); 6-8 rows cost up to
+    10% more (two more vector operations per weight where the FMAs are the limit; docs/benchmarks.md,
+    "bfloat16 panels"). CROSSDRAFT_BF16_PANELS=0 keeps float32 panels. Where that kernel cannot be built (crossdraft.kernels says why), one or
     two rows multiply by W^T stored contiguous [in, out] and more by the weights prepacked for oneDNN
     (`torch.ops.mkldnn._linear_pointwise`), as before: those round differently for different numbers
     of rows. Elsewhere (CUDA, float64, bfloat16) it is plain `F.linear`. A CPU layer holds its weights
@@ -336,7 +359,7 @@ class _Linear:
         self.n, self.b = w.shape[0], b
         self.w = self.wt = self.packed = self.rp = None
         if cpu32 and kernels.load():
-            self.rp = torch.ops.crossdraft.rows_pack(w.contiguous())
+            self.rp = _pack(w.contiguous())
             self.b = None if b is None else b.float().contiguous()
         elif w.device.type == "cpu":
             self.wt = w.t().contiguous()
@@ -347,7 +370,10 @@ class _Linear:
     def weight(self) -> torch.Tensor:
         """W [out, in], from whichever layout the layer holds."""
         if self.rp is not None:
-            return self.rp.transpose(1, 2).reshape(-1, self.rp.shape[1])[: self.n]
+            rp = self.rp
+            if rp.dtype == torch.bfloat16:  # each panel row's columns in the kernel's order (`_bf16_columns`)
+                rp = torch.empty(rp.shape, dtype=torch.float32).index_copy_(2, _bf16_columns(rp.shape[2]), rp.float())
+            return rp.transpose(1, 2).reshape(-1, rp.shape[1])[: self.n]
         return self.w if self.w is not None else self.wt.t()
 
     def rows(self, rows: torch.Tensor) -> "_Linear":

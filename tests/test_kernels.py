@@ -73,6 +73,50 @@ def test_bad_shapes_are_refused_with_a_message():
         ops.rows_linear(_rand(2, 16), packed, 40, _rand(39))
 
 
+@pytest.mark.parametrize("n,k", [(32, 64), (45, 37), (300, 96), (1, 3)])
+def test_bfloat16_panels_give_the_float32_panels_bits(n, k):
+    """Weights that are bfloat16 values packed in bfloat16 (rows_pack_bf16, each panel row's columns in the
+    order the kernel unpacks them): every output equals the float32 panels' bitwise, any rows, with or
+    without bias. Weights that are not bfloat16 values are refused."""
+    w, b = _rand(n, k, seed=7).to(torch.bfloat16).float(), _rand(n, seed=8)
+    f32, bf16 = ops.rows_pack(w), ops.rows_pack_bf16(w)
+    assert bf16.dtype == torch.bfloat16 and bf16.shape == f32.shape
+    assert torch.equal(bf16.float().sort(dim=2).values, f32.sort(dim=2).values)  # each row's weights, reordered
+    assert n == 1 or not torch.equal(bf16.float(), f32)
+    for m in (1, 2, 3, 5, 8, 9, 17, 40):
+        x = _rand(m, k, seed=m)
+        for bias in (None, b):
+            assert torch.equal(ops.rows_linear(x, bf16, n, bias), ops.rows_linear(x, f32, n, bias)), (m, bias is None)
+    with pytest.raises(RuntimeError, match="not all bfloat16 values"):
+        ops.rows_pack_bf16(_rand(n, k, seed=9))
+    with pytest.raises(RuntimeError, match="float32 .rows_pack. or bfloat16"):
+        ops.rows_linear(_rand(2, k), f32.half(), n, None)
+
+
+def test_the_runner_with_bfloat16_panels_gives_the_same_logits(monkeypatch):
+    """CROSSDRAFT_BF16_PANELS=1: a model whose weights are bfloat16 values (as a bfloat16 checkpoint loads)
+    keeps its panels in bfloat16 and gives the float32 panels' logits bitwise (prefill, steps, a batch, a
+    pruned head); a model whose weights are not keeps float32 panels (the negative control)."""
+    model = tiny_llama(300, seed=12, hidden=96, kv_heads=2, bias=True).to(torch.bfloat16).float()
+    a = [int(t) for t in torch.randint(0, 300, (30,), generator=torch.Generator().manual_seed(2))]
+
+    def logits(runner):
+        c, d = runner.new_cache(), runner.new_cache()
+        out = runner.forward_batch([Step(c, a[:20]), Step(d, a[5:9])])
+        out += runner.forward_batch([Step(c, a[20:21]), Step(d, a[9:14])])
+        out += runner.forward_batch([Step(c, a[21:22], rows=torch.tensor([3, 299, 17]))])
+        return out
+    monkeypatch.setenv("CROSSDRAFT_BF16_PANELS", "0")
+    want = logits(LlamaRunner(model, 128))
+    monkeypatch.setenv("CROSSDRAFT_BF16_PANELS", "1")
+    runner = LlamaRunner(model, 128)
+    assert runner.lm_head.rp.dtype == torch.bfloat16 and runner.layers[0][1].rp.dtype == torch.bfloat16
+    got = logits(runner)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    plain = LlamaRunner(tiny_llama(300, seed=12, hidden=96, kv_heads=2, bias=True).float(), 128)
+    assert plain.lm_head.rp.dtype == torch.float32  # (random float32 weights are not bfloat16 values)
+
+
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads,kv,d", [(4, 2, 64), (3, 3, 20), (8, 1, 16)])
 def test_decode_attend_equals_torch_and_writes_each_cache(heads, kv, d, kv_dtype):

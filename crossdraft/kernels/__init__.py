@@ -4,7 +4,8 @@ attention of decoding steps and verifications (`attend.cpp`), float32 (over floa
 
 Owns: building them once per machine with the C++ compiler against this torch (`load()`), and the
 operators they register: `torch.ops.crossdraft.rows_pack(w)` (W [N, K] laid out in panels),
-`rows_linear(x, packed, n, b)`, and `decode_attend(q, k, v, kcaches, vcaches, layer, starts, ns, scaling)`.
+`rows_pack_bf16(w)` (the same in bfloat16, for weights that are bfloat16 values: the same outputs bit
+for bit, half the bytes a step reads), `rows_linear(x, packed, n, b)`, and `decode_attend(q, k, v, kcaches, vcaches, layer, starts, ns, scaling)`.
 `LlamaRunner` uses them on a CPU in float32: every linear layer for every number of rows (runner._Linear),
 and the attention of every short causal block (a step, a verification: runner.DECODE_ROWS;
 fused._attend). The reference functions here compute the same in torch; where the kernels are not built,
@@ -272,6 +273,10 @@ def _check() -> None:
         y = torch.ops.crossdraft.rows_linear(x, torch.ops.crossdraft.rows_pack(w), n, b)
         if not torch.allclose(y, x @ w.t() + b, rtol=1e-4, atol=1e-4):
             raise RuntimeError(f"the built kernel disagrees with torch on [{m}x{k}] x [{n}x{k}]^T")
+        wb = w.to(torch.bfloat16).float()
+        f32, bf16 = torch.ops.crossdraft.rows_pack(wb), torch.ops.crossdraft.rows_pack_bf16(wb)
+        if not torch.equal(torch.ops.crossdraft.rows_linear(x, bf16, n, b), torch.ops.crossdraft.rows_linear(x, f32, n, b)):
+            raise RuntimeError(f"the built kernel's bfloat16 panels differ from its float32 ones on [{m}x{k}]")
     q, k, v = torch.randn(2, 4, 24, generator=g), torch.randn(2, 2, 24, generator=g), torch.randn(2, 2, 24, generator=g)
     caches = [torch.randn(2, 2, 2, 9, 24, generator=g) for _ in range(2)]  # [k or v][layers, KV, capacity, D]
     q, k, v = torch.cat([q, q[:1]]), torch.cat([k, k[:1]]), torch.cat([v, v[:1]])  # 1 row, then 2
