@@ -309,8 +309,11 @@ class Runner:
 
 
 def _bf16_values(w: torch.Tensor) -> bool:
-    """Whether every float32 of `w` is a bfloat16 value (its lower 16 bits zero)."""
-    return bool(w.view(torch.int32).bitwise_and(0xFFFF).eq(0).all())
+    """Whether every float32 of `w` is a bfloat16 value (its lower 16 bits zero); in slices of about 16 MB,
+    so that a large matrix needs no temporary of its size."""
+    rows = max(1, (1 << 22) // max(1, w.shape[1]))
+    bits = w.view(torch.int32)
+    return all(bool(bits[i:i + rows].bitwise_and(0xFFFF).eq(0).all()) for i in range(0, w.shape[0], rows))
 
 
 def _pack(w: torch.Tensor) -> torch.Tensor:

@@ -99,16 +99,27 @@ at::Tensor rows_pack(const at::Tensor& w) {
 }
 
 // W's panels in bfloat16, each row's columns in `bf16_column`'s order; W must hold bfloat16 values.
-at::Tensor rows_pack_bf16(const at::Tensor& w) {
-  const auto f = rows_pack(w);
-  const auto bits = f.view(at::kInt);
-  TORCH_CHECK(bits.bitwise_and(0xFFFF).eq(0).all().item<bool>(),
-              "rows_pack_bf16: the weights are not all bfloat16 values (pack them with rows_pack)");
-  std::array<int64_t, COLS> order;
-  for (int64_t p = 0; p < COLS; ++p) order[p] = bf16_column(p);
-  const auto idx = at::tensor(at::IntArrayRef(order.data(), COLS), at::kLong);
-  // the upper 16 bits of each float32, as a bfloat16: its value, exactly
-  return f.index_select(2, idx).to(at::kBFloat16).contiguous();
+// Written straight from W (no float32 panels on the way): the upper 16 bits of each float32 are its value.
+at::Tensor rows_pack_bf16(const at::Tensor& w_in) {
+  TORCH_CHECK(w_in.dim() == 2 && w_in.scalar_type() == at::kFloat && w_in.device().is_cpu(),
+              "rows_pack_bf16: a float32 CPU matrix [N, K]");
+  const auto w = w_in.contiguous();
+  const int64_t N = w.size(0), K = w.size(1), panels = (N + COLS - 1) / COLS;
+  auto out = at::zeros({panels, K, COLS}, w.options().dtype(at::kBFloat16));
+  const auto* src = reinterpret_cast<const uint32_t*>(w.data_ptr<float>());
+  auto* dst = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  std::array<int64_t, COLS> word;  // the word of a panel row that holds column c
+  for (int64_t p = 0; p < COLS; ++p) word[bf16_column(p)] = p;
+  for (int64_t n = 0; n < N; ++n) {
+    uint16_t* panel = dst + (n / COLS) * K * COLS + word[n % COLS];
+    for (int64_t k = 0; k < K; ++k) {
+      const uint32_t bits = src[n * K + k];
+      TORCH_CHECK((bits & 0xFFFFu) == 0,
+                  "rows_pack_bf16: the weights are not all bfloat16 values (pack them with rows_pack)");
+      panel[k * COLS] = static_cast<uint16_t>(bits >> 16);
+    }
+  }
+  return out;
 }
 
 // One panel for every row of x, ROWS rows at a time; a last partial panel goes through a scratch tile.
