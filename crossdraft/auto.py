@@ -13,7 +13,8 @@ the arm a fixed rule would pick, and challengers:
 2. "length": for stage 1's winner, the adaptive length is the incumbent, the lengths of `LENGTHS`
    the challengers (the adaptive arm keeps its stage-1 rounds).
 3. "decided": every round uses the winner; it keeps measuring it.
-Turns come in cycles: the incumbent's, a challenger's (the one with the fewest turns), the incumbent's
+Turns come in cycles: the incumbent's, a challenger's (the one with the fewest turns; the target's own
+step first, until it has the turns that can settle it: `_next_challenger`), the incumbent's
 again, `BLOCK` measured rounds each, then `REST` rounds that are no turn, so that the search takes
 about a seventh of the rounds and its turns spread over more text. A rest runs the incumbent, or the
 challenger furthest ahead of it so far (by more than `MIN_GAIN` and one standard error): the rest's arm
@@ -24,10 +25,12 @@ A challenger is judged on paired differences: each of its turns against the incu
 before and after it, which saw the same stretch of text. That matters: how much a round accepts
 depends on the text far more than on the arm (a repetitive stretch accepts whole drafts, a new
 identifier nothing), so unpaired averages over a few dozen rounds cannot tell arms 10% apart, and
-paired ones can. A challenger far behind is dropped without a test (`FAR`: 30% slower after 2 turns,
-15% after 3; at temperature 1 slrs is 25-40% slower than tli on the zoo, and each of its turns costs),
-and one far ahead takes over without one (`AHEAD`: 30% faster over 3 turns and ahead on each: the
-target's own step against a drafter that cannot pay on this machine, 0.70x on the zoo's CPU); after
+paired ones can. A challenger far behind is dropped without a test (`FAR`: 40% slower after one turn,
+30% after 2, 15% after 3; at temperature 1 slrs is 25-40% slower than tli on the zoo, and 60% slower than
+the target's own step with bfloat16 panels, and each of its turns costs a drafter's catch-up),
+and one far ahead takes over without one (`AHEAD`: 20% faster over 3 turns and ahead on each, more than
+the text alone moves two arms apart: the target's own step against a drafter that cannot pay on this
+machine, 0.63x-0.93x on the zoo's CPU with bfloat16 panels); after
 `MIN_TURNS` (4) a mean difference more than t95 standard errors below zero drops it; after
 `PROMOTE_TURNS` (6) one more than t95 standard errors above zero, and at least `MIN_GAIN` (3%) of the
 rate, makes it the incumbent (the old one becomes a challenger), but only on turns from
@@ -64,8 +67,8 @@ ALGO_TURNS = 8  # at most, turns per challenger in stage 1
 LENGTH_TURNS = 5  # at most, turns per challenger in stage 2
 MIN_TURNS = 4  # turns before a challenger can be dropped by the t test
 PROMOTE_TURNS = 6  # turns before a challenger can take over
-FAR = ((2, 0.30), (3, 0.15))  # (turns, behind): after so many turns, a challenger this much slower is dropped
-AHEAD = (3, 0.30)  # (turns, ahead): a challenger this much faster on average, and ahead on each turn, takes over
+FAR = ((1, 0.40), (2, 0.30), (3, 0.15))  # (turns, behind): after so many turns, a challenger this much slower is dropped
+AHEAD = (3, 0.20)  # (turns, ahead): a challenger this much faster on average, and ahead on each turn, takes over
 LEAD_TURNS = 2  # paired turns before a challenger ahead may run the rests (`AutoState._leader`)
 MIN_GAIN = 0.03  # a challenger replaces the incumbent only when at least this much faster
 BLOCK = 4  # measured rounds in a turn
@@ -238,6 +241,17 @@ class AutoState:
                  if n >= LEAD_TURNS and rel > MIN_GAIN and m > se]
         return max(ahead, key=lambda a: a[0])[1] if ahead else self.incumbent
 
+    def _next_challenger(self) -> tuple:
+        """The challenger whose turn is next: the first of those with the fewest turns, but the target's
+        own step (`none`) first until it has the `AHEAD` turns that can settle it. It needs no drafter
+        (no catch-up), and it is the arm that says whether drafting pays on this machine at all: where
+        a verification costs several steps (the zoo's CPU with bfloat16 panels), `none` leads every
+        drafter, and the rounds before it takes over were most of what the search cost (by
+        `scripts/auto_sim.py`, 300 seeds: 0.892 -> 0.929 of the best fixed arm on such arms, no
+        change where a drafter pays)."""
+        first = [c for c in self.challengers if c[0] == "none" and self._turns_of(c) < AHEAD[0]]
+        return first[0] if first else min(self.challengers, key=self._turns_of)
+
     def _judge(self) -> None:
         changed = True
         while changed and self.challengers:
@@ -294,7 +308,7 @@ class AutoState:
                 self.phase = 1  # no rest: incumbent and challengers alternate, each incumbent turn
                 # serving as the turn after one challenger's and before the next one's
             if self.phase == 1:
-                self.turn = min(self.challengers, key=self._turns_of)  # first of the fewest turns
+                self.turn = self._next_challenger()
             elif self.phase == 3:
                 self.turn = None
             else:

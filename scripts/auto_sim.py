@@ -5,10 +5,12 @@ What it models, per round of an arm: a wall time (the arm's round time, times th
 times lognormal noise of `--time-noise`), and the tokens committed (1, plus drafted tokens accepted one
 after another with the arm's acceptance, times the prompt's text factor for that arm). The first round of
 a drafter after another arm pays a catch-up (1 ms + 0.05 ms per token it missed) and is not measured, as
-in `rounds.run_rounds`. Each scenario sets the arms' rates as measured on the zoo's CPU at temperature 1
-(docs/benchmarks.md, "auto's search at temperature 1"): the target's own step 3.85 ms a token, tli rounds
-5.7 ms. The figure printed is auto's tokens/s over the best fixed arm's on the same seeds (prompts x
-tokens, as `crossdraft bench --num-prompts 6 --max-new-tokens 128`).
+in `rounds.run_rounds`. Each scenario sets the arms' rates as measured on the zoo's CPU (docs/benchmarks.md,
+"auto's search at temperature 1"): with float32 panels at T=1 (the target's own step 3.85 ms a token, tli
+rounds 5.7 ms: `none_best`, `close`, `tli_best`), and with bfloat16 panels, where no drafter pays (the step
+2.33-2.42 ms: `bf16_*`, at T=1 and greedy, the greedy rule's order, and a same-tokenizer pair). The
+figure printed is auto's tokens/s over the best fixed arm's on the same seeds (prompts x tokens, as
+`crossdraft bench --num-prompts 6 --max-new-tokens 128`).
 
 What it is for: a rule of the search can be judged on 100 seeds in seconds, where one real bench run takes
 30 s and moves by 10% on this machine. What it is not: a measurement of crossdraft. A rule it favours
@@ -30,20 +32,35 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-# arm -> (round ms, drafted tokens, acceptance of each); the target's own step drafts nothing
+# arm -> (round ms, drafted tokens, acceptance of each); the target's own step drafts nothing. "none_ms":
+# the target's own step; "order": the algorithms auto is given, the rule's pick first (the T=1 rule's).
 _DRAFTERS = ("tli", "slem", "slrs")
+_T1 = ["tli", "none", "slem", "slrs"]
 SCENARIOS = {
+    # float32 panels, drafter-spm4k and drafter-bpe2k at T=1 (2026-12-08)
     "none_best": {"tli": (5.7, 2, 0.24), "slem": (5.9, 2, 0.18), "slrs": (7.0, 2, 0.20), "k3": 0.22, "k6": 0.22},
     "close": {"tli": (5.7, 2, 0.33), "slem": (5.9, 2, 0.25), "slrs": (7.0, 2, 0.20), "k3": 0.30, "k6": 0.30},
     "tli_best": {"tli": (5.7, 3, 0.45), "slem": (5.9, 3, 0.35), "slrs": (7.0, 2, 0.20), "k3": 0.45, "k6": 0.45},
+    # bfloat16 panels (the main table of 2026-12-08, T=1): the target's step 2.42 ms; drafter-spm4k's tli
+    # 0.70x and slem 0.63x of it, drafter-bpe6k-alt's 0.74x and 0.70x
+    "bf16_spm4k": {"none_ms": 2.42, "tli": (4.56, 2, 0.26), "slem": (4.33, 2, 0.12), "slrs": (6.5, 2, 0.25),
+                   "k3": 0.26, "k6": 0.26},
+    "bf16_bpe6k": {"none_ms": 2.42, "tli": (5.29, 2, 0.42), "slem": (4.21, 2, 0.19), "slrs": (7.0, 2, 0.40),
+                   "k3": 0.42, "k6": 0.42},
+    # bfloat16 panels, greedy: drafter-bpe2k's slem 0.88x and tli 0.83x; drafter-bpe8k's same 0.93x
+    "bf16_greedy": {"none_ms": 2.33, "order": ["slem", "none", "tli"], "slem": (4.9, 2, 0.55),
+                    "tli": (5.47, 2, 0.59), "k3": 0.59, "k6": 0.59},
+    "bf16_same": {"none_ms": 2.33, "order": ["same", "none"], "same": (6.29, 3, 0.7), "k3": 0.7, "k6": 0.7},
 }
-NONE_MS = 3.85
+NONE_MS = 3.85  # the target's own step where a scenario does not say (float32 panels)
 
 
 def arms_of(scenario: str) -> dict:
     s = SCENARIOS[scenario]
-    arms = {("none", None): (NONE_MS, 0, 0.0)}
-    for a in _DRAFTERS:
+    arms = {("none", None): (s.get("none_ms", NONE_MS), 0, 0.0)}
+    for a in s.get("order", _T1):
+        if a == "none":
+            continue
         arms[(a, None)] = s[a]
         ms, _, acc = s[a]
         arms[(a, 3)] = (ms + 0.6, 3, s["k3"] if a == "tli" else acc)
@@ -108,7 +125,7 @@ def compare(auto, scenario: str, seeds: int, prompts: int, new: int, time_noise:
     for seed in range(seeds):
         fixed = {a: run(arms, seed, prompts, new, time_noise, Fixed(a)) for a in arms}
         best = max(fixed, key=fixed.get)
-        state = auto.AutoState(["tli", "none", "slem", "slrs"], auto.LENGTHS)  # the T=1 rule's order
+        state = auto.AutoState(SCENARIOS[scenario].get("order", _T1), auto.LENGTHS)
         ratios.append(run(arms, seed, prompts, new, time_noise, state) / fixed[best])
         kept_best += state.best() == best
     ratios.sort()
