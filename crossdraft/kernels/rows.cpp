@@ -14,8 +14,7 @@
 // Why: a decoding step reads every weight once per pass. A panel (COLS outputs x all of K) streams
 // from memory once and stays in L2 while every tile of up to ROWS rows multiplies it, ROWS x 2 vector
 // accumulators in registers. One row runs at the memory's speed, eight at about the core's FMA peak.
-// No software prefetch over float32 panels: the hardware prefetcher follows the panel's one stream better
-// (measured); over bfloat16 panels it does not keep up (`PREFETCH`).
+// No software prefetch: the hardware prefetcher follows the panel's one stream better (measured).
 //
 // Never: allocates more than its output, or keeps state between calls.
 #include <ATen/ATen.h>
@@ -25,7 +24,6 @@
 #include <algorithm>
 #include <array>
 #include <cstring>
-#include <type_traits>
 #include <utility>
 
 #include "vec.h"
@@ -39,15 +37,6 @@ constexpr int ROWS = 6;  // 2 x 6 accumulators of 16 registers
 #endif
 
 constexpr int64_t COLS = 2 * LANES;  // outputs per panel
-
-// bfloat16 panels: each k's weights are one 64-byte line (AVX-512; half of one with AVX2), fetched this many k ahead. Over
-// float32 panels the hardware prefetcher keeps up (one row is memory-bound, software prefetch measured
-// slower); over bfloat16 ones, tiles of 2-8 rows ran at about the sum of the memory's time and the FMAs'
-// instead of the larger of the two: 2 rows 1.8-2.0 -> 1.5 ms, 4 rows 2.8-2.9 -> 1.9-2.0, 8 rows 3.9-4.1
-// -> 3.1-3.4 on the target's decoder matrices, one row and prefill unchanged (docs/benchmarks.md,
-// "Prefetching bfloat16 panels"). Past a panel's end it fetches the next panel's
-// first lines (a prefetch never faults).
-constexpr int64_t PREFETCH = 128;
 
 // A panel's k-th row of weights as float32 vectors: columns 0 .. LANES-1 and LANES .. COLS-1.
 inline void wload(const float* p, vec& w0, vec& w1) { w0 = vload(p); w1 = vload(p + LANES); }
@@ -76,9 +65,6 @@ void tile(const float* x, int64_t K, const T* panel, const float* bias, float* o
   for (int r = 0; r < R; ++r) lo[r] = hi[r] = vzero();
   for (int64_t k = 0; k < K; ++k) {
     vec w0, w1;
-    if constexpr (std::is_same_v<T, uint16_t>) {  // see PREFETCH
-      _mm_prefetch(reinterpret_cast<const char*>(panel + (k + PREFETCH) * COLS), _MM_HINT_T0);
-    }
     wload(panel + k * COLS, w0, w1);
     for (int r = 0; r < R; ++r) {
       const vec xv = vset(x[r * K + k]);
