@@ -64,17 +64,26 @@ def _layer_linear(lw: List[Optional[Tensor]], at: int, x: Tensor, n: int, packed
 
 
 def rms_norm(x: Tensor, w: Optional[Tensor], eps: float) -> Tensor:
-    """RMSNorm as Llama computes it (in float32, then back to x's dtype); also the runner's final norm."""
+    """RMSNorm as Llama computes it (in float32, then back to x's dtype); also the runner's final norm.
+    (torch's own `rms_norm` gives the same bits for float32 but costs more compiled: 25 against 19.5 us.)"""
     assert w is not None
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return w * xf.to(x.dtype)
 
 
-def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rot * sin
+def _rope(x: Tensor, cos: Tensor, sin_rot: Tensor) -> Tensor:
+    """Llama's rotary embedding, x * cos + rotate_half(x) * sin, with rotate_half(x) = cat(-x2, x1) taken
+    as roll(x) = cat(x2, x1) times `sin_rot`, sin with its first half negated (`rope_sin_rot`): the same
+    products bit for bit ((-a) b = a (-b) exactly), in two operators fewer (compiled, one token: 14.4 against
+    19.5 us a call, 12 calls a step)."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin_rot
+
+
+def rope_sin_rot(sin: Tensor) -> Tensor:
+    """The sine table as `_rope` takes it: [positions, head_dim], its first half negated."""
+    half = sin.shape[-1] // 2
+    return torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
 
 
 def _attend(li: int, q: Tensor, k: Tensor, v: Tensor, kcs: List[Tensor], vcs: List[Tensor], offs: List[int],

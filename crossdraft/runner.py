@@ -467,7 +467,7 @@ class LlamaRunner(Runner):
         emb = torch.cat([freqs, freqs], dim=-1)
         scale = getattr(rot, "attention_scaling", 1.0)
         self.cos = (emb.cos() * scale).to(self.dtype)  # [max_len, head_dim]
-        self.sin = (emb.sin() * scale).to(self.dtype)
+        self.sin = fused.rope_sin_rot((emb.sin() * scale).to(self.dtype))  # (as fused._rope takes it)
         self.scaling = self.head_dim ** -0.5
         # bytes of keys and values one position takes in a cache (all layers): what KV budgets count
         self.bytes_per_token = 2 * len(self.layers) * self.n_kv * self.head_dim * self.kv_dtype.itemsize

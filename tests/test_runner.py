@@ -375,3 +375,17 @@ def test_sliding_window_models_are_capped_below_the_window_and_exact(name, kind)
 def test_qwen2_without_use_sliding_window_keeps_its_whole_context():
     model = tiny_llama(V, seed=13, model_type="qwen2", use_sliding_window=False, sliding_window=WINDOW)
     assert isinstance(make_runner(model, 64), LlamaRunner) and make_runner(model, 64).max_length == 64
+
+
+def test_rope_by_roll_equals_rotate_half_bit_for_bit():
+    """fused._rope takes rotate_half(x) * sin as roll(x) * (sin with its first half negated): the same
+    products exactly, for float32 and bfloat16. The plain sine table there would be wrong (the control)."""
+    from crossdraft import fused
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(5, 3, 16, generator=g).to(dtype)
+        cos, sin = torch.randn(5, 1, 16, generator=g).to(dtype), torch.randn(5, 1, 16, generator=g).to(dtype)
+        textbook = x * cos + torch.cat((-x[..., 8:], x[..., :8]), dim=-1) * sin
+        sin_rot = fused.rope_sin_rot(sin.view(5, 16)).view(5, 1, 16)
+        assert torch.equal(fused._rope(x, cos, sin_rot), textbook)
+        assert not torch.allclose(fused._rope(x, cos, sin).float(), textbook.float())
